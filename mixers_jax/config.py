@@ -1,0 +1,128 @@
+"""The configuration schema shared by every experiment family.
+
+Every file in ``configs/`` starts from :func:`base_config` and overrides fields; presets are
+selected with ``--config=configs/NAME.py:PRESET``. The ConfigDicts are *locked*, so an unknown key
+given on the command line (``--config.model.d_modle=3``) fails loudly instead of being ignored.
+
+Field reference (defaults follow REFERENCE.md §1):
+
+model.kind              'mixer' | 'transformer'
+model.vocab_size        tokenizer and embedding size (the tokenizer is trained to this size)
+model.n_ctx             context length; a masked mixer's mixing matrices are n_ctx x n_ctx
+model.d_model, n_layers width and depth
+model.mlp_ratio         channel-MLP expansion (4 in every published model)
+model.dtype             compute dtype: 'float32' or 'bfloat16' (params stay float32; logits fp32)
+model.reference         True: published numerics (LayerNorm eps 1e-5, exact-erf GELU, PyTorch init)
+                        False: tanh-approximate GELU and N(0, 0.02) init, a faster variant
+model.mixing            'flat' (one n x n matrix) | 'toeplitz' (W_ij = v_{i-j})   [mixer only]
+model.heads             0: one matrix shared by all features; H >= 1: per-head projections (§2.1)
+model.mixing_impl       'dense' (masked matmul; Toeplitz materialised) | 'fft' (Toeplitz only)
+model.expanded          mix -> GELU -> mix (§2.1, factor 1)
+model.layer_norm        False: LayerNorm-free ablation
+model.residual          False: residual-free ablation
+model.tie_embeddings    share the input embedding with the LM head
+model.mask_grad         'masked' (default) | 'straight_through' (§1.1)
+model.n_heads           attention heads of the transformer
+model.rope_theta        RoPE base of the transformer (1e4)
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "run"
+    c.seed = 42
+
+    c.model = ml_collections.ConfigDict(
+        dict(
+            kind="mixer",
+            vocab_size=4096,
+            n_ctx=512,
+            d_model=512,
+            n_layers=8,
+            mlp_ratio=4,
+            dtype="float32",
+            reference=True,
+            # masked-mixer fields
+            mixing="flat",
+            heads=0,
+            mixing_impl="dense",
+            expanded=False,
+            layer_norm=True,
+            residual=True,
+            tie_embeddings=False,
+            mask_grad="masked",
+            # transformer fields
+            n_heads=4,
+            rope_theta=10000.0,
+        )
+    )
+
+    c.data = ml_collections.ConfigDict(
+        dict(
+            # 'embedded' (prose shipped with the Python installation) or paths: a file, a folder,
+            # a glob, or several of those separated by commas.
+            source="embedded",
+            format="auto",  # auto | text | jsonl | parquet
+            text_field="text",  # JSONL / Parquet column holding the text
+            val_fraction=0.05,  # share of documents (chosen by a hash of the text) held out
+            packing="concat",  # concat (stream + EOS, cut windows) | pad (one document per row)
+            tokenizer_model="",  # existing sentencepiece .model; empty: train one in the workdir
+            tokenizer_max_chars=20_000_000,  # training text cap for the tokenizer trainer
+            max_documents=0,  # 0: all
+        )
+    )
+
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=1000,
+            batch_size=16,  # global batch, in sequences, per optimizer step
+            grad_accum=1,  # micro-batches per step (batch_size must divide by it)
+            lr=5e-4,
+            warmup_steps=500,
+            schedule="linear",  # linear | cosine (decay to 0 at the final step)
+            clip_norm=1.0,
+            weight_decay=0.0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            log_every=50,
+            eval_every=500,
+            eval_batches=8,
+            checkpoint_every=500,
+            keep_checkpoints=3,
+        )
+    )
+
+    # Mesh axes ('data', 'fsdp', 'tensor'); -1 takes the remaining devices.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    return c
+
+
+def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Locks a config so that unknown keys raise; returns it for chaining."""
+    config.lock()
+    return config
+
+
+def apply_preset(
+    config: ml_collections.ConfigDict, presets: dict, arg: str | None
+) -> ml_collections.ConfigDict:
+    """Applies ``presets[arg]`` (a dict of dotted keys) to ``config``.
+
+    An empty ``arg`` keeps the defaults. An unknown preset raises ``ValueError`` naming the choices.
+    """
+    if arg:
+        if arg not in presets:
+            raise ValueError(f"unknown preset {arg!r}; choose one of: {', '.join(sorted(presets))}")
+        for dotted, value in presets[arg].items():
+            node = config
+            *parents, leaf = dotted.split(".")
+            for p in parents:
+                node = node[p]
+            if leaf not in node:
+                raise KeyError(f"preset {arg!r} sets unknown key {dotted!r}")
+            node[leaf] = value
+    return finalize(config)

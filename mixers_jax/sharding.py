@@ -1,0 +1,146 @@
+"""Meshes, logical-axis rules and shardings. The only module that touches ``jax.sharding``.
+
+Parameters carry logical axis names (``nn.with_logical_partitioning``); this module maps them to the
+physical mesh axes ``('data', 'fsdp', 'tensor')``:
+
+* batch           -> ('data', 'fsdp')   activations and data are split over both
+* embed           -> 'fsdp'             FSDP: parameters and optimizer state split on the width
+* mlp, heads      -> 'tensor'           tensor parallel channel MLP and headed mixing
+* vocab           -> 'tensor'
+* seq_out, seq_in -> replicated          the n x n token-mixing matrices stay whole
+
+A dimension that a mesh axis does not divide is replicated instead of failing, so one rule set
+serves every model size; the n x n mixing matrices are replicated or split by head.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mixers_jax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("seq_out", None),
+    ("seq_in", None),
+    ("norm", None),
+    ("length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+)
+
+
+def mesh_shape(mesh_cfg, device_count: int) -> tuple[int, int, int]:
+    """Resolves the configured ('data', 'fsdp', 'tensor') sizes; one -1 takes the rest."""
+    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise UserError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise UserError(f"mesh: axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+    fixed = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if device_count % fixed:
+            raise UserError(f"mesh: {device_count} devices do not divide by the fixed axes ({fixed})")
+        sizes[sizes.index(-1)] = device_count // fixed
+    if int(np.prod(sizes)) != device_count:
+        raise UserError(
+            f"mesh: {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+            f"but {device_count} are available"
+        )
+    return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh over ``devices`` (default: all); one device is 1x1x1."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = mesh_shape(mesh_cfg, len(devices))
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def _mesh_axes_for(name: str | None, rules) -> tuple[str, ...]:
+    if name is None:
+        return ()
+    for logical, physical in rules:
+        if logical == name:
+            if physical is None:
+                return ()
+            return (physical,) if isinstance(physical, str) else tuple(physical)
+    raise ValueError(f"no sharding rule for logical axis {name!r}")
+
+
+def spec_for(shape: Sequence[int], logical: Sequence[str | None], mesh: Mesh, rules=DEFAULT_RULES):
+    """Physical PartitionSpec for an array of ``shape`` with logical axis names ``logical``.
+
+    Mesh axes that do not divide a dimension, or that an earlier dimension already uses, are dropped.
+    """
+    used: set[str] = set()
+    out = []
+    for dim, name in zip(shape, logical):
+        axes = tuple(a for a in _mesh_axes_for(name, rules) if a not in used)
+        while axes and dim % int(np.prod([mesh.shape[a] for a in axes])):
+            axes = axes[:-1]
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    while out and out[-1] is None:
+        out.pop()
+    return PartitionSpec(*out)
+
+
+def tree_shardings(abstract_boxed: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+    """NamedShardings for an (abstract) tree whose leaves may be logically partitioned boxes.
+
+    Returns a tree with the structure of ``nn.meta.unbox(abstract_boxed)``.
+    """
+
+    def leaf_sharding(leaf):
+        if isinstance(leaf, nn.LogicallyPartitioned):
+            value = leaf.value
+            return NamedSharding(mesh, spec_for(value.shape, leaf.names, mesh, rules))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(
+        leaf_sharding, abstract_boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+    )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batch rows split over ('data', 'fsdp'); every other dimension whole."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_divisor(mesh: Mesh) -> int:
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles each process's rows into one global array sharded over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def bytes_per_device(tree: Any) -> dict[str, int]:
+    """Bytes of ``tree`` resident on each device (for checking FSDP)."""
+    out: dict[str, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            key = str(shard.device)
+            out[key] = out.get(key, 0) + shard.data.nbytes
+    return out

@@ -1,0 +1,84 @@
+"""Command line: ``python -m mixers_jax.train --config=configs/NAME.py[:preset] [--workdir=DIR]``.
+
+Config values are overridden with ``--config.section.key=value``; an unknown key or preset stops
+with a one-line message. Without ``--workdir`` the run goes to ``workdirs/<config name>``.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from mixers_jax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, optionally with ':preset'.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory (checkpoints, logs, tokenizer); default workdirs/<config name>."
+)
+
+
+def _one_line(e: BaseException) -> str:
+    """The gist of an absl / ml_collections parsing error, in one line."""
+    text = str(e.args[0]) if e.args else str(e)
+    wrapped_key = isinstance(e, KeyError) or text[:1] in "'\""
+    for _ in range(3):  # ml_collections wraps KeyError reprs in quotes, sometimes twice
+        if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+            try:
+                text = str(ast.literal_eval(text))
+            except (ValueError, SyntaxError):
+                break
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    if any("No such file" in ln for ln in lines):
+        missing = next(ln for ln in lines if "No such file" in ln)
+        return "config file not found: " + missing.rsplit(":", 1)[-1].strip().strip("'")
+    if wrapped_key or any(ln.startswith("Did you mean") for ln in lines):
+        key = lines[0].strip("'\"") if lines else "?"
+        hint = next((f" ({ln[0].lower()}{ln[1:]})" for ln in lines if ln.startswith("Did you mean")), "")
+        return f"unknown config key {key!r}{hint}"
+    last = lines[-1] if lines else type(e).__name__
+    return last.split(": ", 1)[1] if last.startswith(("ValueError: ", "KeyError: ")) else last
+
+
+def _parse(argv: list[str]) -> list[str]:
+    """absl flag parsing that reports a bad flag, config key or preset in one line, exit 2."""
+    try:
+        rest = flags.FLAGS(argv)
+        if _CONFIG.value is not None:
+            _ = _CONFIG.value.name  # config files load lazily; surface their errors here
+        return rest
+    except Exception as e:  # noqa: BLE001 - every parsing problem becomes one line
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = _CONFIG.value
+    if config is None:
+        print("error: --config=configs/NAME.py[:preset] is required", file=sys.stderr)
+        raise SystemExit(2)
+    workdir = _WORKDIR.value or os.path.join("workdirs", config.name)
+    from mixers_jax import trainer  # imported after flags so --help stays fast
+
+    try:
+        summary = trainer.run(config, workdir)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if summary.get("preempted"):
+        return
+    ev = summary["eval"]
+    print(
+        f"done: {summary['final_step']} steps; eval loss {ev['loss']:.4f}, "
+        f"accuracy {ev['accuracy']:.4f}, bits/byte {ev['bpb']:.4f}; workdir {summary['workdir']}"
+    )
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse)

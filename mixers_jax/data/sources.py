@@ -1,0 +1,540 @@
+"""Text sources: files, folders, globs (plain text, JSONL, Parquet) and the embedded corpus.
+
+Everything here returns plain Python strings, one per document, in a deterministic order, so that the
+hash split (:func:`split_documents`), the tokenizer and the packer downstream are reproducible.
+
+Decisions worth knowing:
+
+* **Bytes that are not UTF-8** (in text and JSONL files) are decoded with ``errors='replace'``: each
+  invalid byte becomes U+FFFD. This is lossy, but it never fails on a stray Latin-1 byte and what the
+  model sees is exactly what bits per byte are measured on (the UTF-8 of the decoded text). A UTF-8
+  byte-order mark at the start of a file is dropped.
+* **Plain-text files** are one document each, except that a file larger than 8 KB is cut at blank-line
+  paragraph boundaries into pieces of roughly 4 KB (2-8 KB), so that the hash split can hold out part of
+  a single-file corpus such as tinyshakespeare.txt. Paragraphs longer than 8 KB are cut at line breaks,
+  and lines longer than 8 KB at whitespace.
+* **Ordering**: the comma-separated entries of ``data.source`` in the order given; inside an entry (a
+  folder or a glob) files sorted by path; inside a file, file order. ``data.max_documents > 0`` keeps the
+  first N non-empty documents in that order (later files are not read at all).
+* **Documents that are empty or whitespace-only are dropped.**
+* **The embedded corpus** is the standard library's own docstrings (module, class and function, via
+  ``ast``; no module is imported) plus the prose of ``pydoc_data/topics.py`` (the language reference
+  shipped for ``help()``), grouped per module into ~4 KB documents. It is cached under
+  ``$MIXERS_JAX_CACHE`` (or ``~/.cache/mixers_jax``); the cache is verified by a checksum and rebuilt
+  when missing, stale or corrupt, so results never depend on it.
+"""
+from __future__ import annotations
+
+import ast
+import glob as _glob
+import hashlib
+import json
+import os
+import re
+import sys
+import sysconfig
+import tempfile
+from typing import Iterable, Iterator
+
+from mixers_jax.errors import UserError
+
+FORMATS = ("auto", "text", "jsonl", "parquet")
+_TEXT_EXT = (".txt", ".md")
+_JSONL_EXT = (".jsonl", ".json")
+_PARQUET_EXT = (".parquet",)
+_EXTENSIONS = {
+    "auto": _TEXT_EXT + _JSONL_EXT + _PARQUET_EXT,
+    "text": _TEXT_EXT,
+    "jsonl": _JSONL_EXT,
+    "parquet": _PARQUET_EXT,
+}
+
+# Plain-text files above _SPLIT_LIMIT characters are cut into ~_SPLIT_TARGET-character documents.
+_SPLIT_TARGET = 4096
+_SPLIT_LIMIT = 8192
+
+
+class _Enough(Exception):
+    """Internal: max_documents reached; stop reading further files."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Files, folders, globs
+
+
+def load_documents(data_cfg) -> list[str]:
+    """Loads the documents named by ``data_cfg`` (``config.data``): see the module docstring.
+
+    Raises:
+        UserError: a path that does not exist or a glob that matches nothing, data that is all empty,
+            a JSONL line that is not JSON or lacks the text field, a Parquet file without the column,
+            an unknown format.
+    """
+    source = str(getattr(data_cfg, "source", "embedded") or "").strip()
+    fmt = str(getattr(data_cfg, "format", "auto") or "auto").strip().lower()
+    field = str(getattr(data_cfg, "text_field", "text") or "text")
+    max_docs = int(getattr(data_cfg, "max_documents", 0) or 0)
+    if fmt not in FORMATS:
+        raise UserError(f"unknown data format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    if not source:
+        raise UserError("config.data.source is empty; give 'embedded' or a file, folder or glob")
+
+    if source == "embedded":
+        docs = embedded_corpus()
+        return docs[:max_docs] if max_docs > 0 else docs
+
+    docs: list[str] = []
+
+    def add(doc: str) -> None:
+        if doc.strip():
+            docs.append(doc)
+            if 0 < max_docs <= len(docs):
+                raise _Enough
+
+    try:
+        for path in _resolve_paths(source, fmt):
+            kind = fmt if fmt != "auto" else _format_of(path)
+            if kind == "text":
+                for doc in _read_text_file(path):
+                    add(doc)
+            elif kind == "jsonl":
+                for doc in _read_jsonl_file(path, field):
+                    add(doc)
+            else:
+                for doc in _read_parquet_file(path, field):
+                    add(doc)
+    except _Enough:
+        pass
+    if not docs:
+        raise UserError(f"data at {source} is empty (no non-blank documents)")
+    return docs
+
+
+def _format_of(path: str) -> str:
+    low = path.lower()
+    if low.endswith(_JSONL_EXT):
+        return "jsonl"
+    if low.endswith(_PARQUET_EXT):
+        return "parquet"
+    return "text"
+
+
+def _has_magic(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def _walk_folder(folder: str, fmt: str) -> list[str]:
+    exts = _EXTENSIONS[fmt]
+    found = []
+    visited: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:  # a symlink loop, or the same folder linked twice
+            dirnames[:] = []
+            continue
+        visited.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if not name.startswith(".") and name.lower().endswith(exts):
+                found.append(os.path.join(dirpath, name))
+    return sorted(found)
+
+
+def _resolve_paths(source: str, fmt: str) -> list[str]:
+    """Expands the comma-separated ``source`` into an ordered, de-duplicated list of files."""
+    paths: list[str] = []
+    seen: set[str] = set()
+    for entry in (e.strip() for e in source.split(",")):
+        if not entry:
+            continue
+        expanded = os.path.expanduser(entry)
+        if _has_magic(expanded):
+            matches = sorted(_glob.glob(expanded, recursive=True))
+            if not matches:
+                raise UserError(f"no data found at {entry} (the glob matches nothing)")
+        elif not os.path.exists(expanded):
+            raise UserError(f"no data found at {entry} (no such file or folder)")
+        else:
+            matches = [expanded]
+        files: list[str] = []
+        for m in matches:
+            if os.path.isdir(m):
+                files.extend(_walk_folder(m, fmt))
+            elif os.path.isfile(m):
+                files.append(m)
+        if not files:
+            exts = ", ".join("*" + e for e in _EXTENSIONS[fmt])
+            raise UserError(f"no data found at {entry} (no {exts} files)")
+        for f in files:
+            key = os.path.realpath(f)
+            if key not in seen:
+                seen.add(key)
+                paths.append(f)
+    if not paths:
+        raise UserError(f"no data found at {source!r}")
+    return paths
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _decode(data: bytes) -> str:
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    return data.decode("utf-8", errors="replace")
+
+
+def _read_text_file(path: str) -> list[str]:
+    return chunk_text(_decode(_read_bytes(path)))
+
+
+_PARAGRAPH_BREAK = re.compile(r"(\n[ \t\r\f\v]*\n\s*)")
+
+
+def _cut_long(text: str, limit: int, target: int) -> list[str]:
+    """Cuts text longer than ``limit`` at line breaks, then at whitespace, then anywhere."""
+    if len(text) <= limit:
+        return [text]
+    out: list[str] = []
+    for line in text.splitlines(keepends=True):
+        while len(line) > limit:
+            cut = max(line.rfind(" ", target // 2, target), line.rfind("\t", target // 2, target))
+            cut = cut + 1 if cut > 0 else target
+            out.append(line[:cut])
+            line = line[cut:]
+        out.append(line)
+    return out
+
+
+def chunk_text(text: str, target: int = _SPLIT_TARGET, limit: int = _SPLIT_LIMIT) -> list[str]:
+    """Splits ``text`` longer than ``limit`` characters into ~``target``-character documents.
+
+    Cuts fall on blank-line paragraph boundaries (the blank lines at a cut are dropped; those inside a
+    piece are kept as they are). Text of at most ``limit`` characters is returned whole.
+    """
+    if len(text) <= limit:
+        return [text]
+    parts = _PARAGRAPH_BREAK.split(text)  # [para, sep, para, sep, ..., para]
+    units: list[tuple[str, str]] = []  # (piece, separator that follows it)
+    for i in range(0, len(parts), 2):
+        sep = parts[i + 1] if i + 1 < len(parts) else ""
+        pieces = _cut_long(parts[i], limit, target)
+        for j, piece in enumerate(pieces):
+            units.append((piece, sep if j == len(pieces) - 1 else ""))
+    chunks: list[str] = []
+    cur: list[tuple[str, str]] = []
+    size = 0
+    for piece, sep in units:
+        if cur and (size >= target or size + len(piece) > limit):
+            chunks.append("".join(p + s for p, s in cur[:-1]) + cur[-1][0])
+            cur, size = [], 0
+        cur.append((piece, sep))
+        size += len(piece) + len(sep)
+    if cur:
+        chunks.append("".join(p + s for p, s in cur[:-1]) + cur[-1][0])
+    return chunks
+
+
+def _text_of(obj, field: str, where: str) -> str | None:
+    if isinstance(obj, str):
+        return obj
+    if not isinstance(obj, dict):
+        raise UserError(
+            f"{where}: expected a JSON object with field {field!r}, got {type(obj).__name__}"
+        )
+    if field not in obj:
+        keys = ", ".join(list(obj)[:10])
+        raise UserError(f"{where}: no field {field!r} (fields: {keys}); set config.data.text_field")
+    value = obj[field]
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise UserError(f"{where}: field {field!r} is a {type(value).__name__}, not a string")
+    return value
+
+
+def _read_jsonl_file(path: str, field: str) -> Iterator[str]:
+    """Texts of a JSONL file, read line by line; a file that starts with '[' is one JSON array."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    with f:
+        head = f.read(1 << 16)
+        if head.startswith(b"\xef\xbb\xbf"):
+            head = head[3:]
+        if head.lstrip()[:1] == b"[":  # a .json file holding one array of objects (or strings)
+            try:
+                items = json.loads(_decode(head + f.read()))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(items, list):
+                raise UserError(f"{path}: expected a JSON array or JSON lines")
+            for i, obj in enumerate(items):
+                text = _text_of(obj, field, f"{path}: item {i}")
+                if text:
+                    yield text
+            return
+        f.seek(0)
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8", errors="replace"))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            text = _text_of(obj, field, f"{path}:{lineno}")
+            if text:
+                yield text
+
+
+def _read_parquet_file(path: str, field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq  # imported lazily: only Parquet sources need it
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError with a long message
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: not a readable Parquet file ({msg})") from None
+    names = pf.schema_arrow.names
+    if field not in names:
+        raise UserError(
+            f"{path}: no column {field!r} (columns: {', '.join(names[:20])}); set config.data.text_field"
+        )
+    for batch in pf.iter_batches(columns=[field], batch_size=4096):
+        for value in batch.column(0).to_pylist():
+            if value is None:
+                continue
+            if isinstance(value, bytes):
+                value = _decode(value)
+            if not isinstance(value, str):
+                raise UserError(f"{path}: column {field!r} holds {type(value).__name__}, not text")
+            yield value
+
+
+# --------------------------------------------------------------------------------------------------
+# Deterministic split
+
+
+def _doc_hash(doc: str) -> int:
+    digest = hashlib.blake2b(doc.encode("utf-8", errors="surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """Splits documents into (train, validation) by a stable hash of each document's text.
+
+    A document goes to validation when ``blake2b(text) / 2**64 < val_fraction``. Identical texts hash
+    alike, so the same text never lands on both sides. Order is preserved within each split.
+
+    Small corpora: if ``val_fraction > 0`` and validation came out empty while there are at least two
+    distinct texts, the text with the smallest hash (all its copies) moves to validation; symmetrically,
+    if training came out empty, the text with the largest hash moves to training.
+    """
+    val_fraction = float(val_fraction)
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"config.data.val_fraction must be in [0, 1), got {val_fraction}")
+    hashes = [_doc_hash(d) for d in docs]
+    threshold = val_fraction * 2.0**64
+    is_val = [h < threshold for h in hashes]
+    if val_fraction > 0 and len(set(hashes)) >= 2:
+        if not any(is_val):
+            lo = min(hashes)
+            is_val = [h == lo for h in hashes]
+        elif all(is_val):
+            hi = max(hashes)
+            is_val = [h != hi for h in hashes]
+    train = [d for d, v in zip(docs, is_val) if not v]
+    val = [d for d, v in zip(docs, is_val) if v]
+    return train, val
+
+
+# --------------------------------------------------------------------------------------------------
+# The embedded corpus
+
+_EMBEDDED_VERSION = 1  # bump when the extraction below changes: it invalidates old caches
+_SKIP_DIRS = {
+    "test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "_bundled",
+    "lib-dynload",
+}  # fmt: skip
+_DOC_NODES = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+_memo: dict[str, list[str]] = {}
+
+
+def _stdlib_dir() -> str:
+    return sysconfig.get_paths()["stdlib"]
+
+
+def _stdlib_files(root: str) -> list[str]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
+        rel = os.path.relpath(dirpath, root)
+        for name in sorted(filenames):
+            if name.endswith(".py") and not (rel == "pydoc_data" and name == "topics.py"):
+                files.append(os.path.join(dirpath, name))
+    return sorted(files, key=lambda p: os.path.relpath(p, root))
+
+
+def _docstrings(tree: ast.AST) -> Iterator[str]:
+    """Module, class and function docstrings in source order."""
+
+    def visit(node: ast.AST) -> Iterator[str]:
+        doc = ast.get_docstring(node, clean=True)  # type: ignore[arg-type]  # cleandoc'ed
+        if doc:
+            yield doc
+        for child in ast.iter_child_nodes(node):
+            yield from _visit_children(child)
+
+    def _visit_children(node: ast.AST) -> Iterator[str]:
+        if isinstance(node, _DOC_NODES):
+            yield from visit(node)
+        else:
+            for child in ast.iter_child_nodes(node):
+                yield from _visit_children(child)
+
+    yield from visit(tree)
+
+
+def _topics_texts(root: str) -> list[str]:
+    """The prose of pydoc_data/topics.py: the values of its ``topics`` dict literal."""
+    path = os.path.join(root, "pydoc_data", "topics.py")
+    try:
+        tree = ast.parse(_read_source(path), filename=path)
+    except (OSError, SyntaxError, ValueError):
+        return []
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Dict):
+            for value in node.values:
+                if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                    out.append(value.value)
+    return out
+
+
+def _read_source(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _group(texts: Iterable[str], target: int = _SPLIT_TARGET) -> list[str]:
+    """Joins texts with blank lines into documents of about ``target`` characters."""
+    docs: list[str] = []
+    cur: list[str] = []
+    size = 0
+    for text in texts:
+        for piece in chunk_text(text, target, 2 * target):
+            if cur and size + len(piece) > target:
+                docs.append("\n\n".join(cur))
+                cur, size = [], 0
+            cur.append(piece)
+            size += len(piece) + 2
+    if cur:
+        docs.append("\n\n".join(cur))
+    return docs
+
+
+def build_embedded_corpus() -> list[str]:
+    """Builds the embedded corpus from the standard library's sources (no cache)."""
+    root = _stdlib_dir()
+    seen: set[str] = set()
+    docs: list[str] = []
+    for path in _stdlib_files(root):
+        try:
+            tree = ast.parse(_read_source(path), filename=path)
+        except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
+            continue  # e.g. lib2to3 test data written in Python 2
+        texts = []
+        for doc in _docstrings(tree):
+            if doc.strip() and doc not in seen:  # drop repeats such as "Return self."
+                seen.add(doc)
+                texts.append(doc)
+        docs.extend(_group(texts))
+    for text in _topics_texts(root):
+        text = text.strip("\n")
+        if text.strip() and text not in seen:
+            seen.add(text)
+            docs.extend(_group([text]))
+    return [d for d in docs if d.strip()]
+
+
+def _cache_path() -> str:
+    base = os.environ.get("MIXERS_JAX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "mixers_jax"
+    )
+    ver = ".".join(str(v) for v in sys.version_info[:3])
+    key = hashlib.blake2b(
+        f"{_EMBEDDED_VERSION}|{sys.version}|{_stdlib_dir()}".encode(), digest_size=4
+    ).hexdigest()
+    return os.path.join(base, f"embedded_corpus-{ver}-{key}.txt")
+
+
+def _read_cache(path: str) -> list[str] | None:
+    """Reads a cache file; None if it is missing or fails its checksum."""
+    try:
+        with open(path, "rb") as f:
+            header, _, body = f.read().partition(b"\n")
+        meta = json.loads(header)
+        if (
+            meta.get("version") != _EMBEDDED_VERSION
+            or hashlib.blake2b(body).hexdigest() != meta.get("blake2b")
+        ):
+            return None
+        docs = [json.loads(line) for line in body.decode("utf-8").splitlines()]
+        return docs if len(docs) == meta.get("documents") else None
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return None
+
+
+def _write_cache(path: str, docs: list[str]) -> None:
+    """Writes the cache atomically (temp file + os.replace); failures only lose the cache."""
+    body = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs).encode("utf-8")
+    header = json.dumps(
+        {
+            "version": _EMBEDDED_VERSION,
+            "documents": len(docs),
+            "blake2b": hashlib.blake2b(body).hexdigest(),
+        }
+    ).encode()
+    tmp = None
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".embedded_corpus.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(header + b"\n" + body)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError:
+        pass
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def embedded_corpus() -> list[str]:
+    """The embedded corpus (about 2 MB of English prose from the standard library), cached.
+
+    Returns a new list each call. See the module docstring for what it contains.
+    """
+    path = _cache_path()
+    docs = _memo.get(path)
+    if docs is None:
+        docs = _read_cache(path)
+        if docs is None:
+            docs = build_embedded_corpus()
+            _write_cache(path, docs)
+        _memo[path] = docs
+    if not docs:
+        raise UserError(f"the embedded corpus is empty: no docstrings found under {_stdlib_dir()}")
+    return list(docs)

@@ -1,0 +1,109 @@
+"""Analytic FLOPs per token and model FLOPs utilisation (MFU).
+
+Convention: 2 FLOPs per multiply-add, matmul-like work only (elementwise ops, norms, softmax, loss
+and the optimizer are ignored; they are a few percent at sizes where matmuls dominate). Embedding
+lookups count 0. Training = forward × 3 (the backward pass of a matmul costs two matmuls: input
+gradient and weight gradient).
+
+What is counted is what the implementation computes, not the causal minimum:
+
+* dense masked mixing ``einsum('ij,bjd->bid', W⊙M, x)`` is a full n×n product: n·d multiply-adds
+  per token per matrix (the zero upper triangle is multiplied too; the causal minimum would be half).
+  Toeplitz 'dense' is the same after materialisation. Headed: H heads × n × d/H = n·d as well.
+* FFT Toeplitz: per sequence and feature, one real FFT of length 2n of the input and one inverse,
+  ≈ 2.5·(2n)·log2(2n) FLOPs each (the usual 5·N·log2 N estimate for a complex FFT of length N, halved
+  for a real one), plus the complex pointwise product, 6 FLOPs per frequency (n+1 of them). Per token
+  that is ≈ d·(10·log2(2n) + 6) FLOPs per mixing op (the kernel's own FFT is negligible: once per
+  sequence, not per feature). The backward pass is again two FFT convolutions, so ×3 holds too.
+  XLA's cost model charges more, 8·N·log2 N per FFT of length N, real or complex (about 3× this
+  estimate); either way the FFT is a few percent of a block next to the FFN's 16·d² per token.
+* attention QKᵀ and AV: the full n×n scores (what ``jax.nn.dot_product_attention`` computes with the
+  XLA implementation, i.e. on CPU and by default): 2·n·d multiply-adds per token per layer. ``n`` is
+  n_ctx (the length the model is trained at).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    try:
+        return cfg[key]
+    except (KeyError, AttributeError, TypeError):
+        return getattr(cfg, key, default)
+
+
+def _fft_mix_flops(n: int, d: int) -> float:
+    """Forward FLOPs per token of one FFT causal convolution over d features (see module docstring)."""
+    return d * (10.0 * math.log2(2 * n) + 6.0)
+
+
+def mixer_forward_flops(cfg: Any) -> float:
+    """Forward FLOPs per token of the masked mixer LM (REFERENCE §2)."""
+    n, d, L, V = _get(cfg, "n_ctx"), _get(cfg, "d_model"), _get(cfg, "n_layers"), _get(cfg, "vocab_size")
+    r, heads = _get(cfg, "mlp_ratio", 4), _get(cfg, "heads", 0)
+    n_mix = 2 if _get(cfg, "expanded", False) else 1
+    fft = _get(cfg, "mixing_impl", "dense") == "fft"
+    mix = n_mix * (_fft_mix_flops(n, d) if fft else 2.0 * n * d)
+    proj = 2.0 * (2 * d * d) if heads else 0.0  # in-projection d->d, out-projection d->d
+    ffn = 2.0 * (2 * r * d * d)
+    head = 2.0 * d * V
+    return L * (mix + proj + ffn) + head
+
+
+def transformer_forward_flops(cfg: Any) -> float:
+    """Forward FLOPs per token of the Llama-style baseline (REFERENCE §3)."""
+    n, d, L, V = _get(cfg, "n_ctx"), _get(cfg, "d_model"), _get(cfg, "n_layers"), _get(cfg, "vocab_size")
+    r = _get(cfg, "mlp_ratio", 4)
+    qkvo = 2.0 * 4 * d * d
+    attn = 2.0 * 2 * n * d  # QK^T and AV, full n x n
+    mlp = 2.0 * 3 * r * d * d  # gate, up, down
+    head = 2.0 * d * V
+    return L * (qkvo + attn + mlp) + head
+
+
+_FORWARD = {"mixer": mixer_forward_flops, "transformer": transformer_forward_flops}
+
+
+def flops_per_token(model_cfg: Any, training: bool = True) -> float:
+    """Analytic matmul FLOPs per token: forward, ×3 when ``training`` (forward + backward)."""
+    kind = _get(model_cfg, "kind", "mixer")
+    if kind not in _FORWARD:
+        raise ValueError(f"no FLOPs model for model.kind {kind!r}")
+    fwd = _FORWARD[kind](model_cfg)
+    return 3.0 * fwd if training else fwd
+
+
+# bf16 dense peak FLOP/s by device_kind (no sparsity).
+_PEAKS = (
+    ("h100 pcie", 756e12),
+    ("h100", 989e12),
+    ("h200", 989e12),
+    ("a100", 312e12),
+    ("tpu v4", 275e12),
+    ("tpu v5 lite", 197e12),
+    ("tpu v5e", 197e12),
+    ("tpu v5p", 459e12),
+    ("tpu v5", 459e12),  # v5p reports device_kind 'TPU v5'
+    ("tpu v6 lite", 918e12),
+    ("tpu v6e", 918e12),
+)
+
+
+def peak_flops_per_second(device: Any) -> float | None:
+    """bf16 dense peak of a known accelerator (by ``device.device_kind``); None on CPU/unknown."""
+    if getattr(device, "platform", "") == "cpu":
+        return None
+    kind = str(getattr(device, "device_kind", "")).lower()
+    for key, peak in _PEAKS:
+        if key in kind:
+            return peak
+    return None
+
+
+def mfu(flops_per_token: float, tokens_per_second: float, peak: float | None) -> float | None:
+    """Model FLOPs utilisation = achieved FLOP/s / peak; None when the peak is unknown."""
+    if not peak:
+        return None
+    return flops_per_token * tokens_per_second / peak

@@ -1,0 +1,127 @@
+"""Model registry: ``build_model(config.model) -> flax.linen.Module``.
+
+Every model maps tokens [B, n] int32 to logits [B, n, V] float32:
+``model.init(rng, tokens)``, ``model.apply({'params': params}, tokens)``.
+Params are float32; compute runs in ``model_cfg.dtype``. Kinds: 'mixer' (REFERENCE §2; n must equal
+n_ctx) and 'transformer' (REFERENCE §3; n ≤ n_ctx). Bad combinations raise ``UserError``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+
+from mixers_jax.errors import UserError
+from mixers_jax.models import layers
+from mixers_jax.models.mixer import MaskedMixerLM, MixerBlock
+from mixers_jax.models.mixing import IMPLS, MASK_GRADS, MIXINGS, TokenMixing
+from mixers_jax.models.transformer import TransformerLM
+
+__all__ = [
+    "build_model",
+    "register",
+    "MODEL_KINDS",
+    "MaskedMixerLM",
+    "MixerBlock",
+    "TokenMixing",
+    "TransformerLM",
+]
+
+DTYPES = ("float32", "bfloat16")
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    try:
+        return cfg[key]
+    except (KeyError, AttributeError, TypeError):
+        return getattr(cfg, key, default)
+
+
+def _check_common(cfg: Any) -> None:
+    for key in ("vocab_size", "n_ctx", "d_model", "n_layers", "mlp_ratio"):
+        value = _get(cfg, key)
+        if not isinstance(value, int) or value < 1:
+            raise UserError(f"model.{key} must be a positive integer, got {value!r}")
+    if _get(cfg, "dtype") not in DTYPES:
+        raise UserError(f"model.dtype must be one of {DTYPES}, got {_get(cfg, 'dtype')!r}")
+
+
+def _build_mixer(cfg: Any) -> nn.Module:
+    _check_common(cfg)
+    mixing, impl, mask_grad = _get(cfg, "mixing"), _get(cfg, "mixing_impl"), _get(cfg, "mask_grad")
+    heads, d = _get(cfg, "heads"), _get(cfg, "d_model")
+    if mixing not in MIXINGS:
+        raise UserError(f"model.mixing must be one of {MIXINGS}, got {mixing!r}")
+    if impl not in IMPLS:
+        raise UserError(f"model.mixing_impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "fft" and mixing != "toeplitz":
+        raise UserError(f"model.mixing_impl='fft' needs model.mixing='toeplitz' (got {mixing!r})")
+    if mask_grad not in MASK_GRADS:
+        raise UserError(f"model.mask_grad must be one of {MASK_GRADS}, got {mask_grad!r}")
+    if mask_grad == "straight_through" and mixing != "flat":
+        raise UserError(
+            "model.mask_grad='straight_through' applies to flat mixing only (a Toeplitz matrix has "
+            "no upper-triangle parameters); use mask_grad='masked'"
+        )
+    if not isinstance(heads, int) or heads < 0:
+        raise UserError(f"model.heads must be an integer >= 0, got {heads!r}")
+    if heads and d % heads:
+        raise UserError(f"model.d_model={d} must be divisible by model.heads={heads}")
+    return MaskedMixerLM(
+        vocab_size=_get(cfg, "vocab_size"),
+        n_ctx=_get(cfg, "n_ctx"),
+        d_model=d,
+        n_layers=_get(cfg, "n_layers"),
+        mlp_ratio=_get(cfg, "mlp_ratio"),
+        mixing=mixing,
+        heads=heads,
+        impl=impl,
+        expanded=bool(_get(cfg, "expanded")),
+        mask_grad=mask_grad,
+        reference=bool(_get(cfg, "reference")),
+        layer_norm=bool(_get(cfg, "layer_norm")),
+        residual=bool(_get(cfg, "residual")),
+        tie_embeddings=bool(_get(cfg, "tie_embeddings")),
+        dtype=layers.dtype_of(_get(cfg, "dtype")),
+    )
+
+
+def _build_transformer(cfg: Any) -> nn.Module:
+    _check_common(cfg)
+    d, h = _get(cfg, "d_model"), _get(cfg, "n_heads")
+    if not isinstance(h, int) or h < 1:
+        raise UserError(f"model.n_heads must be a positive integer, got {h!r}")
+    if d % h:
+        raise UserError(f"model.d_model={d} must be divisible by model.n_heads={h}")
+    if (d // h) % 2:
+        raise UserError(f"RoPE needs an even head width; d_model/n_heads = {d // h}")
+    return TransformerLM(
+        vocab_size=_get(cfg, "vocab_size"),
+        n_ctx=_get(cfg, "n_ctx"),
+        d_model=d,
+        n_layers=_get(cfg, "n_layers"),
+        n_heads=h,
+        mlp_ratio=_get(cfg, "mlp_ratio"),
+        rope_theta=float(_get(cfg, "rope_theta")),
+        tie_embeddings=bool(_get(cfg, "tie_embeddings")),
+        dtype=layers.dtype_of(_get(cfg, "dtype")),
+    )
+
+
+MODEL_KINDS: dict[str, Callable[[Any], nn.Module]] = {
+    "mixer": _build_mixer,
+    "transformer": _build_transformer,
+}
+
+
+def register(kind: str, builder: Callable[[Any], nn.Module]) -> None:
+    """Adds a model kind (later: 'autoencoder', 'memory', 'srm', ...)."""
+    MODEL_KINDS[kind] = builder
+
+
+def build_model(model_cfg: Any) -> nn.Module:
+    """``config.model`` -> an un-initialised Flax module (tokens [B, n] -> fp32 logits [B, n, V])."""
+    kind = _get(model_cfg, "kind")
+    if kind not in MODEL_KINDS:
+        raise UserError(f"unknown model.kind {kind!r}; choose one of: {', '.join(sorted(MODEL_KINDS))}")
+    return MODEL_KINDS[kind](model_cfg)

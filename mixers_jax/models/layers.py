@@ -1,0 +1,222 @@
+"""Building blocks shared by every model: initializers, linears, embeddings, norms, MLPs.
+
+Every parameter is created through ``nn.with_logical_partitioning(init, names)`` with names from
+``LOGICAL_AXES``; the sharding rules (``mixers_jax/sharding.py``) map them onto mesh axes.
+
+Numerics (REFERENCE §1): with ``reference=True`` the layers reproduce the published PyTorch models
+(LayerNorm eps 1e-5, exact-erf GELU, PyTorch-default inits); with ``reference=False`` GELU is the
+tanh approximation and linears/embeddings are drawn from N(0, 0.02²) with zero biases.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+Init = Callable[..., Array]
+
+# The only logical axis names a parameter may carry.
+LOGICAL_AXES = ("vocab", "embed", "mlp", "heads", "head_dim", "seq_out", "seq_in", "norm")
+
+LAYER_NORM_EPS = 1e-5  # REFERENCE §1 (PyTorch default; Flax's default is 1e-6)
+RMS_NORM_EPS = 1e-6  # Llama (REFERENCE §3)
+
+
+def dtype_of(name: str | Dtype) -> Dtype:
+    """'float32' | 'bfloat16' (or a dtype) -> jnp dtype."""
+    if isinstance(name, str):
+        return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# Initializers
+# ---------------------------------------------------------------------------------------------
+
+
+def uniform_fan_in(fan_in: int) -> Init:
+    """PyTorch's Linear/Conv default: U(-1/sqrt(fan_in), +1/sqrt(fan_in)) (REFERENCE §1)."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def normal(std: float) -> Init:
+    def init(key, shape, dtype=jnp.float32):
+        return std * jax.random.normal(key, shape, dtype)
+
+    return init
+
+
+zeros = nn.initializers.zeros_init()
+ones = nn.initializers.ones_init()
+
+
+def linear_inits(reference: bool, fan_in: int) -> tuple[Init, Init]:
+    """(kernel_init, bias_init): PyTorch defaults if ``reference`` else N(0, 0.02²) and zeros."""
+    if reference:
+        return uniform_fan_in(fan_in), uniform_fan_in(fan_in)
+    return normal(0.02), zeros
+
+
+def gelu(x: Array, reference: bool) -> Array:
+    """Exact erf GELU for the reference numerics, the tanh approximation otherwise."""
+    return nn.gelu(x, approximate=not reference)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------
+
+
+class Linear(nn.Module):
+    """y = x·K (+ b), contracting the last ``n_in`` axes of x with the first ``n_in`` of K.
+
+    The kernel has shape ``x.shape[-n_in:] + out_shape`` and logical names ``kernel_axes``; the
+    bias has shape ``out_shape`` and the trailing ``len(out_shape)`` names (or ``bias_axes``).
+    E.g. a headed projection d -> (H, d/H) has kernel ('embed', 'heads', 'head_dim').
+    """
+
+    out_shape: Sequence[int]
+    kernel_axes: Sequence[str]
+    use_bias: bool = True
+    n_in: int = 1
+    kernel_init: Init = normal(0.02)
+    bias_init: Init = zeros
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    bias_axes: Sequence[str] | None = None
+    out_dtype: Dtype | None = None  # e.g. float32 for logits computed from bf16 operands
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        out_shape = tuple(self.out_shape)
+        in_shape = x.shape[x.ndim - self.n_in :]
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(self.kernel_init, tuple(self.kernel_axes)),
+            in_shape + out_shape,
+            self.param_dtype,
+        )
+        x = x.astype(self.dtype)
+        kernel = kernel.astype(self.dtype)
+        contract_x = tuple(range(x.ndim - self.n_in, x.ndim))
+        contract_k = tuple(range(self.n_in))
+        y = jax.lax.dot_general(
+            x,
+            kernel,
+            ((contract_x, contract_k), ((), ())),
+            preferred_element_type=self.out_dtype,
+        )
+        if self.out_dtype is None:
+            y = y.astype(self.dtype)
+        if self.use_bias:
+            bias_axes = self.bias_axes or tuple(self.kernel_axes)[self.n_in :]
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(self.bias_init, tuple(bias_axes)),
+                out_shape,
+                self.param_dtype,
+            )
+            y = y + bias.astype(y.dtype)
+        return y
+
+
+class Embed(nn.Module):
+    """Token embedding table E [V, d] ('vocab', 'embed'); ``attend`` gives tied-head logits."""
+
+    vocab_size: int
+    features: int
+    embedding_init: Init = normal(1.0)
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(self.embedding_init, ("vocab", "embed")),
+            (self.vocab_size, self.features),
+            self.param_dtype,
+        )
+
+    def __call__(self, tokens_BxN: Array) -> Array:
+        return jnp.take(self.embedding, tokens_BxN, axis=0).astype(self.dtype)
+
+    def attend(self, x_BxNxD: Array) -> Array:
+        """x·Eᵀ in float32 (the tied LM head)."""
+        e_VxD = self.embedding.astype(self.dtype)
+        return jnp.einsum(
+            "bnd,vd->bnv", x_BxNxD.astype(self.dtype), e_VxD, preferred_element_type=jnp.float32
+        )
+
+
+def layer_norm(dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+    """LayerNorm over features, eps 1e-5, affine (γ=1, β=0), exact two-pass variance (REFERENCE §1)."""
+    return nn.LayerNorm(
+        epsilon=LAYER_NORM_EPS,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        use_fast_variance=False,
+        scale_init=nn.with_logical_partitioning(ones, ("norm",)),
+        bias_init=nn.with_logical_partitioning(zeros, ("norm",)),
+        name=name,
+    )
+
+
+def rms_norm(dtype: Dtype, name: str | None = None) -> nn.RMSNorm:
+    """Llama RMSNorm, eps 1e-6, weight 1 (REFERENCE §3)."""
+    return nn.RMSNorm(
+        epsilon=RMS_NORM_EPS,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        scale_init=nn.with_logical_partitioning(ones, ("norm",)),
+        name=name,
+    )
+
+
+class MLP(nn.Module):
+    """Mixer channel MLP: FFN(z) = GELU(z A + a) C + a′ with A: d -> r·d, C: r·d -> d (REFERENCE §2.2)."""
+
+    d_model: int
+    mlp_ratio: int = 4
+    reference: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxNxD: Array) -> Array:
+        d, f = self.d_model, self.mlp_ratio * self.d_model
+        k1, b1 = linear_inits(self.reference, d)
+        k2, b2 = linear_inits(self.reference, f)
+        fc1 = Linear((f,), ("embed", "mlp"), kernel_init=k1, bias_init=b1, dtype=self.dtype, name="fc1")
+        fc2 = Linear((d,), ("mlp", "embed"), kernel_init=k2, bias_init=b2, dtype=self.dtype, name="fc2")
+        h_BxNxF = fc1(x_BxNxD)
+        h_BxNxF = nn.with_logical_constraint(h_BxNxF, ("batch", "length", "act_mlp"))
+        h_BxNxF = gelu(h_BxNxF, self.reference)
+        return fc2(h_BxNxF)
+
+
+class SwiGLU(nn.Module):
+    """Llama MLP: down(silu(gate x) ⊙ up x), no biases, N(0, 0.02²) init (REFERENCE §3)."""
+
+    d_model: int
+    hidden: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxNxD: Array) -> Array:
+        init = normal(0.02)
+        kw = dict(use_bias=False, kernel_init=init, dtype=self.dtype)
+        gate = Linear((self.hidden,), ("embed", "mlp"), name="gate", **kw)
+        up = Linear((self.hidden,), ("embed", "mlp"), name="up", **kw)
+        down = Linear((self.d_model,), ("mlp", "embed"), name="down", **kw)
+        h_BxNxF = nn.silu(gate(x_BxNxD)) * up(x_BxNxD)
+        h_BxNxF = nn.with_logical_constraint(h_BxNxF, ("batch", "length", "act_mlp"))
+        return down(h_BxNxF)

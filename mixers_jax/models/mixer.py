@@ -1,0 +1,176 @@
+"""Masked mixer language model (REFERENCE §2): embedding -> L mixer blocks -> LM head, no final norm.
+
+Block (pre-norm, token mixing first; REFERENCE §2.2):
+    x <- x + Mix(LN1 x);   x <- x + FFN(LN2 x),   FFN(z) = GELU(z A + a) C + a'
+``layer_norm=False`` drops both LNs, ``residual=False`` drops both residual additions (ablations).
+No positional encoding: positions live in the rows of the mixing matrices, so the context length is
+fixed at n_ctx and inputs must be exactly n_ctx tokens long.
+
+Parameter tree (Flax paths; shapes for d = d_model, n = n_ctx, V = vocab, H = heads, F = mlp_ratio·d)
+and the corresponding entries of the published PyTorch masked mixer's state dict:
+
+    Flax path                          shape        PyTorch state-dict entry
+    embed/embedding                    [V, d]       wte.weight                 [V, d]  (as is)
+    block_{i}/ln_mix/scale, bias       [d]          mixerblocks.{i}.seq_layernorm.weight, .bias
+    block_{i}/mix/w                    [n, n]       mixerblocks.{i}.conv.weight [n, n, 1] -> [:, :, 0]
+    block_{i}/mix/c                    [n]          mixerblocks.{i}.conv.bias   [n]
+    block_{i}/ln_ffn/scale, bias       [d]          mixerblocks.{i}.patch_layernorm.weight, .bias
+    block_{i}/ffn/fc1/kernel, bias     [d, F], [F]  mixerblocks.{i}.patch_ff.0.weight [F, d] -> .T, .bias
+    block_{i}/ffn/fc2/kernel, bias     [F, d], [d]  mixerblocks.{i}.patch_ff.2.weight [d, F] -> .T, .bias
+    head/kernel                        [d, V]       lm_head.weight [V, d] -> .T   (absent if tied)
+
+The token-mixing "conv" is ``Conv1d(n, n, 1)`` applied with positions as channels: its weight is
+[out_channels = output position i, in_channels = input position j, tap], which is exactly our
+``w[i, j]``, so only the trailing tap axis is dropped, no transpose. PyTorch ``Linear.weight`` is
+[out, in] while a Flax kernel is [in, out], so every linear is transposed.
+
+Variants:
+* expanded mixing (``ConvForward``, ``conv.0`` / ``conv.2``): ``mix/w1, c1`` <- ``conv.0.weight[:, :, 0],
+  conv.0.bias``; ``mix/w2, c2`` <- ``conv.2``.
+* headed mixing (per-head ``proj_head.{h}``, ``convs.{h}``, ``out_proj`` of the mixer head):
+  ``mix/proj/kernel[:, h, :]`` <- ``proj_head.{h}.weight.T`` [d, d/H]; ``mix/proj/bias[h]`` <-
+  ``proj_head.{h}.bias``; ``mix/w[h]`` <- ``convs.{h}.weight[:, :, 0]``; ``mix/c[h]`` <- ``convs.{h}.bias``;
+  ``mix/out/kernel`` [H, d/H, d] <- ``out_proj.weight.T.reshape(H, d/H, d)`` (the concatenated
+  features are head-major, feature h·d/H + k); ``mix/out/bias`` <- ``out_proj.bias``.
+* Toeplitz mixing: ``mix/v`` [n] (v_0 weights the current token) and ``mix/c`` [n] (``v1, c1, v2, c2``
+  when expanded; a leading [H] axis when headed).
+
+**Re-mask on load (REFERENCE §1.1).** The reference trained with the straight-through mask and
+overwrote its stored weights with the masked value only at the start of each forward, so its
+checkpoints (and our own ``mask_grad='straight_through'`` parameters) hold non-zero, drifting entries
+above the diagonal. They never affect our forward pass (the mask is applied functionally), but
+importers and anything reading ``w`` directly must apply ``w = tril(w)`` (``mixing.mask_weight``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mixers_jax.errors import UserError
+from mixers_jax.models import layers
+from mixers_jax.models.mixing import TokenMixing
+
+Array = jax.Array
+Dtype = Any
+
+
+class MixerBlock(nn.Module):
+    """x <- x + Mix(LN1 x); x <- x + FFN(LN2 x) (REFERENCE §2.2)."""
+
+    n_ctx: int
+    d_model: int
+    mlp_ratio: int = 4
+    mixing: str = "flat"
+    heads: int = 0
+    impl: str = "dense"
+    expanded: bool = False
+    mask_grad: str = "masked"
+    reference: bool = True
+    layer_norm: bool = True
+    residual: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxNxD: Array) -> Array:
+        h = layers.layer_norm(self.dtype, name="ln_mix")(x_BxNxD) if self.layer_norm else x_BxNxD
+        h = TokenMixing(
+            n_ctx=self.n_ctx,
+            d_model=self.d_model,
+            mixing=self.mixing,
+            heads=self.heads,
+            impl=self.impl,
+            expanded=self.expanded,
+            mask_grad=self.mask_grad,
+            reference=self.reference,
+            dtype=self.dtype,
+            name="mix",
+        )(h)
+        x_BxNxD = x_BxNxD + h if self.residual else h
+        x_BxNxD = nn.with_logical_constraint(x_BxNxD, ("batch", "length", "act_embed"))
+        h = layers.layer_norm(self.dtype, name="ln_ffn")(x_BxNxD) if self.layer_norm else x_BxNxD
+        h = layers.MLP(self.d_model, self.mlp_ratio, self.reference, self.dtype, name="ffn")(h)
+        x_BxNxD = x_BxNxD + h if self.residual else h
+        return nn.with_logical_constraint(x_BxNxD, ("batch", "length", "act_embed"))
+
+
+class MaskedMixerLM(nn.Module):
+    """Masked mixer LM: tokens [B, n_ctx] int32 -> logits [B, n_ctx, V] float32 (REFERENCE §2.2).
+
+    Methods usable with ``model.apply(..., method=...)``: ``embed_tokens`` (tokens -> x),
+    ``hidden`` (x -> last block output), ``logits`` (hidden -> fp32 logits).
+    """
+
+    vocab_size: int
+    n_ctx: int
+    d_model: int
+    n_layers: int
+    mlp_ratio: int = 4
+    mixing: str = "flat"
+    heads: int = 0
+    impl: str = "dense"
+    expanded: bool = False
+    mask_grad: str = "masked"
+    reference: bool = True
+    layer_norm: bool = True
+    residual: bool = True
+    tie_embeddings: bool = False
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        d = self.d_model
+        emb_init = layers.normal(1.0) if self.reference else layers.normal(0.02)
+        self.embed = layers.Embed(self.vocab_size, d, emb_init, self.dtype)
+        self.blocks = tuple(
+            MixerBlock(
+                n_ctx=self.n_ctx,
+                d_model=d,
+                mlp_ratio=self.mlp_ratio,
+                mixing=self.mixing,
+                heads=self.heads,
+                impl=self.impl,
+                expanded=self.expanded,
+                mask_grad=self.mask_grad,
+                reference=self.reference,
+                layer_norm=self.layer_norm,
+                residual=self.residual,
+                dtype=self.dtype,
+                name=f"block_{i}",
+            )
+            for i in range(self.n_layers)
+        )
+        if not self.tie_embeddings:
+            head_init = layers.uniform_fan_in(d) if self.reference else layers.normal(0.02)
+            self.head = layers.Linear(
+                (self.vocab_size,),
+                ("embed", "vocab"),
+                use_bias=False,
+                kernel_init=head_init,
+                dtype=self.dtype,
+                out_dtype=jnp.float32,
+            )
+
+    def embed_tokens(self, tokens_BxN: Array) -> Array:
+        if tokens_BxN.ndim != 2 or tokens_BxN.shape[1] != self.n_ctx:
+            raise UserError(
+                f"a masked mixer takes exactly n_ctx={self.n_ctx} tokens per row (its mixing "
+                f"matrices are n_ctx x n_ctx); got input of shape {tuple(tokens_BxN.shape)}; "
+                "pad or truncate to n_ctx"
+            )
+        x_BxNxD = self.embed(tokens_BxN)
+        return nn.with_logical_constraint(x_BxNxD, ("batch", "length", "act_embed"))
+
+    def hidden(self, x_BxNxD: Array) -> Array:
+        for block in self.blocks:
+            x_BxNxD = block(x_BxNxD)
+        return x_BxNxD
+
+    def logits(self, h_BxNxD: Array) -> Array:
+        if self.tie_embeddings:
+            return self.embed.attend(h_BxNxD)
+        return self.head(h_BxNxD)
+
+    def __call__(self, tokens_BxN: Array) -> Array:
+        return self.logits(self.hidden(self.embed_tokens(tokens_BxN)))

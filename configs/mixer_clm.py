@@ -7,7 +7,9 @@ byte well below gzip -9 on the same text — see the README's results table), ti
 n512 V4096, unpacked rows), fineweb (d1024 L16 n512 V8000), gpu_mfu (d1024 L16 n1024 bf16).
 Variants: --config.model.heads=4, --config.model.mixing=toeplitz, --config.model.expanded=True, ...
 """
-from mixers_jax.config import clm_config
+from mixers_jax.config import clm_config, clm_presets
+
+PRESETS = tuple(clm_presets("mixer"))
 
 
 def get_config(arg=None):

@@ -187,3 +187,24 @@ def clm_config(kind: str, family: str, arg: str | None) -> ml_collections.Config
         c.train.lr = 2e-4
     c.name = f"{family}-{arg}" if arg else family
     return apply_preset(c, clm_presets(kind), arg)
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Loads ``path/to/config.py[:preset]`` the way ``--config=`` does (for tools and tests)."""
+    import importlib.util
+    import os
+
+    from mixers_jax.errors import UserError
+
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}")
+    module_spec = importlib.util.spec_from_file_location(
+        "mixers_jax_config_" + os.path.splitext(os.path.basename(path))[0], path
+    )
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    try:
+        return module.get_config(arg or None)
+    except ValueError as e:
+        raise UserError(str(e)) from None

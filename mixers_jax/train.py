@@ -9,7 +9,7 @@ import ast
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mixers_jax.errors import UserError
@@ -59,6 +59,7 @@ def _parse(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)  # orbax reports every file it writes at INFO
     config = _CONFIG.value
     if config is None:
         print("error: --config=configs/NAME.py[:preset] is required", file=sys.stderr)

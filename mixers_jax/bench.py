@@ -1,0 +1,257 @@
+"""Benchmarks: ``python -m mixers_jax.bench --suite=train|mixing [--out=FILE.json]``.
+
+Each suite prints a table and writes JSON holding the device, the library versions, the settings
+and one record per case. Compare figures as ratios *within one run*: the machines are shared and
+noisy. Timings are medians over ``--steps`` repetitions after one warm-up call; compile time is
+the ``lower().compile()`` wall time.
+
+* ``train``: one optimizer step (forward, backward, AdamW) of the flat, headed and Toeplitz mixers
+  and the transformer at equal width, depth and context: step time, tokens/s, compile time, the
+  compiled step's memory (XLA memory analysis; the allocator's peak on accelerators), analytic
+  FLOPs per token next to XLA's cost analysis, and MFU where the device's peak is known.
+* ``mixing``: one token-mixing op (forward + backward) for each implementation (dense masked
+  matmul, Toeplitz materialised, Toeplitz by FFT) over contexts 256 ... 4096.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+from absl import app, flags
+
+_SUITE = flags.DEFINE_enum("suite", "train", ["train", "mixing"], "Which benchmark to run.")
+_OUT = flags.DEFINE_string("out", None, "Write the results as JSON to this file.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed repetitions per case (median reported).")
+_D = flags.DEFINE_integer("d_model", 256, "Width (train suite; mixing suite uses it as features).")
+_L = flags.DEFINE_integer("n_layers", 4, "Depth (train suite).")
+_N = flags.DEFINE_integer("n_ctx", 512, "Context length (train suite).")
+_B = flags.DEFINE_integer("batch", 8, "Global batch (rows).")
+_V = flags.DEFINE_integer("vocab", 4096, "Vocabulary (train suite).")
+_HEADS = flags.DEFINE_integer("heads", 4, "Heads for the headed mixer and the transformer.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_CASES = flags.DEFINE_list("cases", None, "Subset of cases to run (default: all of the suite).")
+_CONTEXTS = flags.DEFINE_list("contexts", ["256", "512", "1024", "2048", "4096"], "Mixing suite n.")
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    import jax
+
+    jax.block_until_ready(fn())  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def environment() -> dict:
+    import flax
+    import jax
+    import optax
+
+    dev = jax.devices()[0]
+    return {
+        "device": f"{dev.platform}:{dev.device_kind}",
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def _memory_bytes(compiled) -> int | None:
+    try:
+        m = compiled.memory_analysis()
+        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                   - m.alias_size_in_bytes)
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return None
+
+
+def _cost_flops(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+        if isinstance(cost, (list, tuple)):
+            cost = cost[0]
+        return float(cost["flops"])
+    except Exception:  # noqa: BLE001
+        return None
+
+
+TRAIN_CASES = {
+    "mixer_flat": dict(kind="mixer", mixing="flat", heads=0),
+    "mixer_headed": dict(kind="mixer", mixing="flat", heads=-1),  # -1: --heads
+    "mixer_toeplitz": dict(kind="mixer", mixing="toeplitz", heads=0, mixing_impl="dense"),
+    "mixer_toeplitz_fft": dict(kind="mixer", mixing="toeplitz", heads=0, mixing_impl="fft"),
+    "transformer": dict(kind="transformer"),
+}
+
+
+def bench_train(cases: list[str]) -> list[dict]:
+    import jax
+    import numpy as np
+
+    from mixers_jax import flops as flops_lib
+    from mixers_jax import sharding, trainer
+    from mixers_jax.config import base_config
+
+    records = []
+    peak = flops_lib.peak_flops_per_second(jax.devices()[0])
+    for name in cases:
+        spec = dict(TRAIN_CASES[name])
+        if spec.get("heads") == -1:
+            spec["heads"] = _HEADS.value
+        config = base_config()
+        config.model.update(
+            dict(d_model=_D.value, n_layers=_L.value, n_ctx=_N.value, vocab_size=_V.value,
+                 n_heads=_HEADS.value, dtype=_DTYPE.value, **spec)
+        )
+        config.train.update(dict(batch_size=_B.value, steps=10**6, warmup_steps=10))
+        config.mesh.update(dict(data=-1, fsdp=1, tensor=1))
+        mesh = sharding.make_mesh(config.mesh)
+        steps = trainer.build_steps(config, mesh)
+        state = steps.init(jax.random.key(0))
+        rng = np.random.default_rng(0)
+        local = {
+            "tokens": rng.integers(0, _V.value, (_B.value, _N.value), dtype=np.int32),
+            "loss_mask": np.ones((_B.value, _N.value), np.float32),
+            "token_bytes": np.full((_B.value, _N.value), 4, np.int32),
+        }
+        batch = sharding.global_batch(local, mesh)
+        t0 = time.perf_counter()
+        compiled = steps.train_step.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t0
+        holder = {"state": state}
+
+        def one_step():
+            holder["state"], stats = compiled(holder["state"], batch)
+            return stats["loss"]
+
+        step_s = _median_time(one_step, _STEPS.value)
+        tokens = _B.value * _N.value
+        analytic = flops_lib.flops_per_token(config.model, training=True)
+        xla = _cost_flops(compiled)
+        rec = {
+            "case": name,
+            "step_s": step_s,
+            "tokens_per_s": tokens / step_s,
+            "compile_s": compile_s,
+            "memory_bytes": _memory_bytes(compiled),
+            "flops_per_token": analytic,
+            "xla_flops_per_token": xla / tokens if xla else None,
+            "params": int(sum(x.size for x in jax.tree.leaves(holder["state"].params))),
+        }
+        stats = jax.devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            rec["peak_bytes_in_use"] = int(stats["peak_bytes_in_use"])
+        if peak:
+            rec["mfu"] = flops_lib.mfu(analytic, rec["tokens_per_s"], peak * jax.device_count())
+        records.append(rec)
+        _print_row(rec, ["case", "step_s", "tokens_per_s", "compile_s", "memory_bytes",
+                         "flops_per_token", "xla_flops_per_token", "mfu"])
+        del holder, state, compiled
+    base = {r["case"]: r for r in records}
+    if "mixer_flat" in base and "transformer" in base:
+        ratio = base["transformer"]["step_s"] / base["mixer_flat"]["step_s"]
+        print(f"transformer step time / flat mixer step time = {ratio:.2f}")
+    return records
+
+
+def bench_mixing(contexts: list[int]) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+
+    from mixers_jax.models import mixing
+
+    b, d = _B.value, _D.value
+    records = []
+    impls = {
+        "flat_dense": lambda p, x: mixing.dense_causal_mix(p, x),
+        "toeplitz_dense": lambda p, x: mixing.toeplitz_mix_dense(p, x),
+        "toeplitz_fft": lambda p, x: mixing.toeplitz_mix_fft(p, x),
+    }
+    for n in contexts:
+        key = jax.random.key(n)
+        x = jax.random.normal(key, (b, n, d), jnp.dtype(_DTYPE.value))
+        for name, fn in impls.items():
+            if _CASES.value and name not in _CASES.value:
+                continue
+            p = (jax.random.normal(key, (n, n)) if name == "flat_dense" else jax.random.normal(key, (n,)))
+            p = p.astype(x.dtype)
+
+            def loss(p, x, fn=fn):
+                return jnp.sum(fn(p, x).astype(jnp.float32) ** 2)
+
+            step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+            t0 = time.perf_counter()
+            compiled = step.lower(p, x).compile()
+            compile_s = time.perf_counter() - t0
+            rec = {
+                "case": name, "n_ctx": n, "batch": b, "features": d,
+                "fwd_bwd_s": _median_time(lambda: compiled(p, x), _STEPS.value),
+                "compile_s": compile_s,
+                "memory_bytes": _memory_bytes(compiled),
+                "xla_flops": _cost_flops(compiled),
+            }
+            records.append(rec)
+            _print_row(rec, ["case", "n_ctx", "fwd_bwd_s", "compile_s", "memory_bytes", "xla_flops"])
+    return records
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+_printed_header = set()
+
+
+def _print_row(rec: dict, cols: list[str]) -> None:
+    key = tuple(cols)
+    if key not in _printed_header:
+        print(" | ".join(f"{c:>20}" for c in cols))
+        _printed_header.add(key)
+    print(" | ".join(f"{_fmt(rec.get(c)):>20}" for c in cols), flush=True)
+
+
+def main(argv):
+    del argv
+    env = environment()
+    print(f"# {env['device']} x{env['device_count']}, jax {env['jax']}, python {env['python']}")
+    if _SUITE.value == "train":
+        cases = _CASES.value or list(TRAIN_CASES)
+        unknown = [c for c in cases if c not in TRAIN_CASES]
+        if unknown:
+            print(f"error: unknown case(s) {unknown}; choose from {list(TRAIN_CASES)}", file=sys.stderr)
+            raise SystemExit(2)
+        records = bench_train(cases)
+        settings = dict(d_model=_D.value, n_layers=_L.value, n_ctx=_N.value, batch=_B.value,
+                        vocab=_V.value, heads=_HEADS.value, dtype=_DTYPE.value, steps=_STEPS.value)
+    else:
+        contexts = [int(c) for c in _CONTEXTS.value]
+        records = bench_mixing(contexts)
+        settings = dict(batch=_B.value, features=_D.value, dtype=_DTYPE.value, steps=_STEPS.value,
+                        contexts=contexts)
+    if _OUT.value:
+        out = {"suite": _SUITE.value, "environment": env, "settings": settings, "records": records}
+        tmp = _OUT.value + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=2)
+        os.replace(tmp, _OUT.value)
+        print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -148,7 +148,7 @@ def clm_presets(kind: str) -> dict[str, dict]:
         "cpu": {
             "model.n_ctx": 128, "model.d_model": 256, "model.n_layers": 4, "model.vocab_size": 2048,
             "model.n_heads": 4,
-            "train.steps": 1500, "train.batch_size": 16, "train.warmup_steps": 100,
+            "train.steps": 1100, "train.batch_size": 16, "train.warmup_steps": 100,
             "train.lr": 1e-3 if mixer else 5e-4,
             "train.log_every": 50, "train.eval_every": 500, "train.eval_batches": 16,
             "train.checkpoint_every": 500,

@@ -24,6 +24,9 @@ model.tie_embeddings    share the input embedding with the LM head
 model.mask_grad         'masked' (default) | 'straight_through' (§1.1)
 model.n_heads           attention heads of the transformer
 model.rope_theta        RoPE base of the transformer (1e4)
+train.profile_steps     'a:b' captures a jax.profiler trace of steps a..b-1 into <workdir>/profile
+mesh.data|fsdp|tensor   mesh axis sizes (-1 takes the remaining devices)
+sharding                '3d' | 'dp' | 'fsdp' | 'tp' | 'fsdp_tp' (see README "Sharding strategies")
 """
 from __future__ import annotations
 
@@ -93,11 +96,15 @@ def base_config() -> ml_collections.ConfigDict:
             eval_batches=8,
             checkpoint_every=500,
             keep_checkpoints=3,
+            profile_steps="",  # 'a:b': jax.profiler trace of steps a..b-1 into <workdir>/profile
         )
     )
 
     # Mesh axes ('data', 'fsdp', 'tensor'); -1 takes the remaining devices.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Sharding preset (mixers_jax/sharding.py PRESETS): '3d' (all rules, sizes from c.mesh),
+    # 'dp', 'fsdp', 'tp', 'fsdp_tp' (tp degree from c.mesh.tensor).
+    c.sharding = "3d"
     return c
 
 

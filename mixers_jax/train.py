@@ -21,6 +21,31 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (checkpoints, logs, tokenizer); default workdirs/<config name>."
 )
 
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Multi-host: 'on' calls jax.distributed.initialize (TPU pods, SLURM and Open MPI need no other "
+    "flag); 'auto' does so when a coordinator flag is given or SLURM/TPU-pod/MPI variables show "
+    "several processes; 'off' never.",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (GPU clusters without SLURM)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
+
+
+def _maybe_initialize_distributed() -> None:
+    """jax.distributed.initialize before anything touches devices (see --distributed)."""
+    from mixers_jax import sharding
+
+    explicit = _COORDINATOR.value or _NUM_PROCESSES.value is not None or _PROCESS_ID.value is not None
+    mode = _DISTRIBUTED.value
+    if mode == "off" or (mode == "auto" and not explicit and sharding.detect_multiprocess() is None):
+        return
+    if explicit and not (_COORDINATOR.value and _NUM_PROCESSES.value and _PROCESS_ID.value is not None):
+        raise UserError("--coordinator_address, --num_processes and --process_id go together")
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+
 
 def _one_line(e: BaseException) -> str:
     """The gist of an absl / ml_collections parsing error, in one line."""
@@ -68,11 +93,12 @@ def main(argv: list[str]) -> None:
     from mixers_jax import trainer  # imported after flags so --help stays fast
 
     try:
+        _maybe_initialize_distributed()
         summary = trainer.run(config, workdir)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    if summary.get("preempted"):
+    if summary.get("preempted") or trainer.jax.process_index() != 0:
         return
     ev = summary["eval"]
     print(

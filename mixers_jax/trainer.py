@@ -112,10 +112,39 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"data.packing must be 'concat' or 'pad', got {config.data.packing!r}")
     if config.model.dtype not in ("float32", "bfloat16"):
         raise UserError(f"model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}")
+    profile_window(config)
+    sharding.resolve(config)
 
 
-def build_steps(config, mesh, objective: str = "clm") -> Steps:
-    """Builds the model and the jit-compiled init/train/eval functions with explicit shardings."""
+def profile_window(config) -> tuple[int, int] | None:
+    """``train.profile_steps='a:b'`` -> (a, b): trace the steps a, ..., b-1 (0-based); '' -> None."""
+    text = str(config.train.get("profile_steps", "") or "").strip()
+    if not text:
+        return None
+    a, sep, b = text.partition(":")
+    try:
+        start, stop = int(a), int(b)
+    except ValueError:
+        start, stop = -1, -1
+    if not sep or start < 0 or stop <= start:
+        raise UserError(f"train.profile_steps must look like 'a:b' with 0 <= a < b, got {text!r}")
+    return start, stop
+
+
+def activation_dims(model_cfg) -> dict[str, int]:
+    """Sizes of the activation axes the models constrain (to replicate what a mesh cannot split)."""
+    heads = model_cfg.heads if model_cfg.kind == "mixer" else model_cfg.n_heads
+    return {"act_heads": int(heads or 1), "act_mlp": int(model_cfg.mlp_ratio * model_cfg.d_model)}
+
+
+def build_steps(config, mesh, objective: str = "clm", rules=None) -> Steps:
+    """Builds the model and the jit-compiled init/train/eval functions with explicit shardings.
+
+    ``rules`` are the logical-axis rules (default: those of the config's sharding preset).
+    """
+    if rules is None:
+        rules = sharding.resolve(config)[1]
+    act_rules = sharding.activation_rules(rules, mesh, activation_dims(config.model))
     model = build_model(config.model)
     tx = make_optimizer(config.train)
     loss_fn = objectives.get_objective(objective)
@@ -135,16 +164,18 @@ def build_steps(config, mesh, objective: str = "clm") -> Steps:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(0))
-    state_shardings = sharding.tree_shardings(abstract_boxed, mesh)
+    state_shardings = sharding.tree_shardings(abstract_boxed, mesh, rules)
     abstract_state = ckpt_lib.abstract_like(nn.meta.unbox(abstract_boxed), state_shardings)
     batch_sh = sharding.batch_sharding(mesh)
     repl = sharding.replicated(mesh)
 
     def apply_fn(params, tokens):
-        return model.apply({"params": params}, tokens)
+        with sharding.activation_context(mesh, act_rules):
+            return model.apply({"params": params}, tokens)
 
     def init(rng):
-        return nn.meta.unbox(init_boxed(rng))
+        with sharding.activation_context(mesh, act_rules):
+            return nn.meta.unbox(init_boxed(rng))
 
     def train_step(state: TrainState, batch):
         grad_fn = jax.value_and_grad(lambda p, b: loss_fn(apply_fn, p, b), has_aux=True)
@@ -292,8 +323,9 @@ def run(
     process_index, process_count = jax.process_index(), jax.process_count()
     is_main = process_index == 0
 
-    mesh = sharding.make_mesh(config.mesh)
-    steps = build_steps(config, mesh)  # validates the model config before anything is written
+    mesh_sizes, rules = sharding.resolve(config)
+    mesh = sharding.make_mesh(mesh_sizes)
+    steps = build_steps(config, mesh, rules=rules)  # validates the model config before anything is written
 
     data = pipeline.build_data(
         config,
@@ -376,9 +408,17 @@ def _loop(config, workdir, steps: Steps, data, checkpointer, writer, log, meta, 
         pending = []
         return out
 
+    window = profile_window(config)
+    tracing = False
+
     with ckpt_lib.PreemptionGuard() as guard:
         step = start_step
         while step < total_steps:
+            if window and step == window[0] and not tracing:
+                trace_dir = os.path.join(workdir, "profile")
+                jax.profiler.start_trace(trace_dir)
+                tracing = True
+                log(f"profiling steps {window[0]}..{window[1] - 1} into {trace_dir}")
             local = next(data.train_iter)
             if record_batches:
                 summary["batch_digests"].append((step, _digest(local)))
@@ -386,6 +426,10 @@ def _loop(config, workdir, steps: Steps, data, checkpointer, writer, log, meta, 
             state, stats = steps.train_step(state, sharding.global_batch(local, steps.mesh))
             step += 1
             pending.append((step, stats))
+            if tracing and (step >= window[1] or step == total_steps):
+                jax.block_until_ready(stats["loss"])
+                jax.profiler.stop_trace()
+                tracing = False
             if compile_s is None:
                 jax.block_until_ready(stats["loss"])
                 compile_s = time.time() - t0
@@ -435,6 +479,8 @@ def _loop(config, workdir, steps: Steps, data, checkpointer, writer, log, meta, 
                 save(step)
                 window_start, window_steps = time.time(), 0
             if guard.requested or stop:
+                if tracing:
+                    jax.profiler.stop_trace()
                 why = guard.requested or f"stop_at_step={stop_at_step}"
                 log(f"{why}: saved step {step} in {checkpointer.directory}; exiting")
                 summary.update(preempted=True, final_step=step)

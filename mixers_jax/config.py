@@ -14,7 +14,14 @@ model.mlp_ratio         channel-MLP expansion (4 in every published model)
 model.dtype             compute dtype: 'float32' or 'bfloat16' (params stay float32; logits fp32)
 model.reference         True: published numerics (LayerNorm eps 1e-5, exact-erf GELU, PyTorch init)
                         False: tanh-approximate GELU and N(0, 0.02) init, a faster variant
-model.mixing            'flat' (one n x n matrix) | 'toeplitz' (W_ij = v_{i-j})   [mixer only]
+model.mixing            'flat' (one n x n matrix) | 'toeplitz' (W_ij = v_{i-j}) | structured recurrent
+                        (§8): 'col' (A_ij = v_i d^(i-j)) | 'row' (A_ij = v_j d^(i-j)) | 'mixed'
+                        (heads 0..H/2-1 column-repeat, the rest row-repeat; needs heads >= 2)
+                        [mixer only]
+model.block             'mixer' (mix first, GELU FFN; §2.2) | 'srm' (FFN first, SiLU, Kaiming init,
+                        N(0,1) embedding; §8)
+model.decay             structured mixing: learnable decay d = clip(lam, 0.9, 1)^(512/n), lam
+                        starting at 1 (gradient 1 on [0.9, 1]); False: d = 1
 model.heads             0: one matrix shared by all features; H >= 1: per-head projections (§2.1)
 model.mixing_impl       'dense' (masked matmul; Toeplitz materialised) | 'fft' (Toeplitz only)
 model.expanded          mix -> GELU -> mix (§2.1, factor 1)
@@ -57,6 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
             residual=True,
             tie_embeddings=False,
             mask_grad="masked",
+            block="mixer",
+            decay=True,
             # transformer fields
             n_heads=4,
             rope_theta=10000.0,

@@ -10,6 +10,9 @@ What is counted is what the implementation computes, not the causal minimum:
 * dense masked mixing ``einsum('ij,bjd->bid', W⊙M, x)`` is a full n×n product: n·d multiply-adds
   per token per matrix (the zero upper triangle is multiplied too; the causal minimum would be half).
   Toeplitz 'dense' is the same after materialisation. Headed: H heads × n × d/H = n·d as well.
+  Structured recurrent mixing (row / col / mixed, REFERENCE §8) is materialised as a dense n×n
+  matrix for training, so it counts n·d too (the O(1) recurrence used for generation costs ~2·d
+  multiply-adds per token, not counted here).
 * FFT Toeplitz: per sequence and feature, one real FFT of length 2n of the input and one inverse,
   ≈ 2.5·(2n)·log2(2n) FLOPs each (the usual 5·N·log2 N estimate for a complex FFT of length N, halved
   for a real one), plus the complex pointwise product, 6 FLOPs per frequency (n+1 of them). Per token

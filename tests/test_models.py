@@ -33,6 +33,8 @@ VARIANTS = {
     "no_residual": dict(residual=False),
     "straight_through": dict(mask_grad="straight_through"),
     "not_reference_tied": dict(reference=False, tie_embeddings=True),
+    "srm_row": dict(mixing="row", block="srm"),
+    "srm_mixed": dict(mixing="mixed", heads=2, block="srm"),
     "transformer": dict(kind="transformer", n_heads=4),
 }
 

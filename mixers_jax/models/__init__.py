@@ -3,7 +3,13 @@
 Every model maps tokens [B, n] int32 to logits [B, n, V] float32:
 ``model.init(rng, tokens)``, ``model.apply({'params': params}, tokens)``.
 Params are float32; compute runs in ``model_cfg.dtype``. Kinds: 'mixer' (REFERENCE §2; n must equal
-n_ctx) and 'transformer' (REFERENCE §3; n ≤ n_ctx). Bad combinations raise ``UserError``.
+n_ctx; with ``mixing`` row/col/mixed and ``block='srm'`` the structured recurrent mixer of §8) and
+'transformer' (REFERENCE §3; n ≤ n_ctx). Bad combinations raise ``UserError``.
+
+Step forms (generation, compression): ``cache = model.init_cache(batch, mode)`` with mode 'cached'
+(every model: mixing-input caches, KV cache) or 'recurrent' (structured mixing: O(d) state per layer),
+then ``logits_BxV, cache = model.apply({'params': p}, tokens_B, pos, cache, method='step')`` for
+pos = 0, 1, ...; the logits equal the parallel forward's at that position.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import flax.linen as nn
 from mixers_jax.errors import UserError
 from mixers_jax.models import layers
 from mixers_jax.models.mixer import MaskedMixerLM, MixerBlock
-from mixers_jax.models.mixing import IMPLS, MASK_GRADS, MIXINGS, TokenMixing
+from mixers_jax.models.mixing import IMPLS, MASK_GRADS, MIXINGS, SRM_MIXINGS, TokenMixing
 from mixers_jax.models.transformer import TransformerLM
 
 __all__ = [
@@ -28,6 +34,7 @@ __all__ = [
 ]
 
 DTYPES = ("float32", "bfloat16")
+BLOCKS = ("mixer", "srm")
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -65,6 +72,13 @@ def _build_mixer(cfg: Any) -> nn.Module:
         )
     if not isinstance(heads, int) or heads < 0:
         raise UserError(f"model.heads must be an integer >= 0, got {heads!r}")
+    block = _get(cfg, "block", "mixer")
+    if block not in BLOCKS:
+        raise UserError(f"model.block must be one of {BLOCKS}, got {block!r}")
+    if mixing in SRM_MIXINGS and impl != "dense":
+        raise UserError(f"model.mixing={mixing!r} has only mixing_impl='dense' (got {impl!r})")
+    if mixing == "mixed" and heads < 2:
+        raise UserError("model.mixing='mixed' needs model.heads >= 2 (half column-, half row-repeat)")
     if heads and d % heads:
         raise UserError(f"model.d_model={d} must be divisible by model.heads={heads}")
     return MaskedMixerLM(
@@ -82,6 +96,8 @@ def _build_mixer(cfg: Any) -> nn.Module:
         layer_norm=bool(_get(cfg, "layer_norm")),
         residual=bool(_get(cfg, "residual")),
         tie_embeddings=bool(_get(cfg, "tie_embeddings")),
+        block=block,
+        decay=bool(_get(cfg, "decay", True)),
         dtype=layers.dtype_of(_get(cfg, "dtype")),
     )
 

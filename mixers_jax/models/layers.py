@@ -60,8 +60,11 @@ zeros = nn.initializers.zeros_init()
 ones = nn.initializers.ones_init()
 
 
-def linear_inits(reference: bool, fan_in: int) -> tuple[Init, Init]:
-    """(kernel_init, bias_init): PyTorch defaults if ``reference`` else N(0, 0.02²) and zeros."""
+def linear_inits(reference: bool, fan_in: int, kaiming: bool = False) -> tuple[Init, Init]:
+    """(kernel_init, bias_init): PyTorch defaults if ``reference`` else N(0, 0.02²) and zeros;
+    ``kaiming`` (SRM models, REFERENCE §1): N(0, 2/fan_in) and zeros."""
+    if kaiming:
+        return normal(math.sqrt(2.0 / fan_in)), zeros
     if reference:
         return uniform_fan_in(fan_in), uniform_fan_in(fan_in)
     return normal(0.02), zeros
@@ -154,7 +157,7 @@ class Embed(nn.Module):
         """x·Eᵀ in float32 (the tied LM head)."""
         e_VxD = self.embedding.astype(self.dtype)
         return jnp.einsum(
-            "bnd,vd->bnv", x_BxNxD.astype(self.dtype), e_VxD, preferred_element_type=jnp.float32
+            "...d,vd->...v", x_BxNxD.astype(self.dtype), e_VxD, preferred_element_type=jnp.float32
         )
 
 
@@ -183,23 +186,30 @@ def rms_norm(dtype: Dtype, name: str | None = None) -> nn.RMSNorm:
 
 
 class MLP(nn.Module):
-    """Mixer channel MLP: FFN(z) = GELU(z A + a) C + a′ with A: d -> r·d, C: r·d -> d (REFERENCE §2.2)."""
+    """Mixer channel MLP: FFN(z) = GELU(z A + a) C + a′ with A: d -> r·d, C: r·d -> d (REFERENCE §2.2).
+
+    ``activation='silu'`` and ``kaiming=True`` give the SRM block's FFN (REFERENCE §8). Works on any
+    leading shape ([B, N, d] or one position [B, d]).
+    """
 
     d_model: int
     mlp_ratio: int = 4
     reference: bool = True
     dtype: Dtype = jnp.float32
+    activation: str = "gelu"
+    kaiming: bool = False
 
     @nn.compact
     def __call__(self, x_BxNxD: Array) -> Array:
         d, f = self.d_model, self.mlp_ratio * self.d_model
-        k1, b1 = linear_inits(self.reference, d)
-        k2, b2 = linear_inits(self.reference, f)
+        k1, b1 = linear_inits(self.reference, d, self.kaiming)
+        k2, b2 = linear_inits(self.reference, f, self.kaiming)
         fc1 = Linear((f,), ("embed", "mlp"), kernel_init=k1, bias_init=b1, dtype=self.dtype, name="fc1")
         fc2 = Linear((d,), ("mlp", "embed"), kernel_init=k2, bias_init=b2, dtype=self.dtype, name="fc2")
         h_BxNxF = fc1(x_BxNxD)
-        h_BxNxF = nn.with_logical_constraint(h_BxNxF, ("batch", "length", "act_mlp"))
-        h_BxNxF = gelu(h_BxNxF, self.reference)
+        if h_BxNxF.ndim == 3:
+            h_BxNxF = nn.with_logical_constraint(h_BxNxF, ("batch", "length", "act_mlp"))
+        h_BxNxF = nn.silu(h_BxNxF) if self.activation == "silu" else gelu(h_BxNxF, self.reference)
         return fc2(h_BxNxF)
 
 
@@ -218,5 +228,6 @@ class SwiGLU(nn.Module):
         up = Linear((self.hidden,), ("embed", "mlp"), name="up", **kw)
         down = Linear((self.d_model,), ("mlp", "embed"), name="down", **kw)
         h_BxNxF = nn.silu(gate(x_BxNxD)) * up(x_BxNxD)
-        h_BxNxF = nn.with_logical_constraint(h_BxNxF, ("batch", "length", "act_mlp"))
+        if h_BxNxF.ndim == 3:
+            h_BxNxF = nn.with_logical_constraint(h_BxNxF, ("batch", "length", "act_mlp"))
         return down(h_BxNxF)

@@ -58,7 +58,12 @@ Dtype = Any
 
 
 class MixerBlock(nn.Module):
-    """x <- x + Mix(LN1 x); x <- x + FFN(LN2 x) (REFERENCE §2.2)."""
+    """block='mixer': x <- x + Mix(LN1 x); x <- x + FFN(LN2 x) (REFERENCE §2.2).
+    block='srm':   x <- x + FFN(LN2 x); x <- x + Mix(LN1 x), FFN with SiLU, Kaiming init (§8).
+
+    ``block(x_BxNxD)`` is the parallel form; ``block(x_BxD, pos, cache)`` -> (x_BxD, cache) the step
+    form at position ``pos`` (the FFN and norms are position-wise, so only the mixing has a cache).
+    """
 
     n_ctx: int
     d_model: int
@@ -71,12 +76,14 @@ class MixerBlock(nn.Module):
     reference: bool = True
     layer_norm: bool = True
     residual: bool = True
+    block: str = "mixer"
+    decay: bool = True
     dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x_BxNxD: Array) -> Array:
-        h = layers.layer_norm(self.dtype, name="ln_mix")(x_BxNxD) if self.layer_norm else x_BxNxD
-        h = TokenMixing(
+    @nn.nowrap
+    def _mixing(self, **kw) -> TokenMixing:
+        return TokenMixing(
+            **kw,
             n_ctx=self.n_ctx,
             d_model=self.d_model,
             mixing=self.mixing,
@@ -85,22 +92,56 @@ class MixerBlock(nn.Module):
             expanded=self.expanded,
             mask_grad=self.mask_grad,
             reference=self.reference,
+            decay=self.decay,
+            kaiming=self.block == "srm",
             dtype=self.dtype,
             name="mix",
-        )(h)
-        x_BxNxD = x_BxNxD + h if self.residual else h
-        x_BxNxD = nn.with_logical_constraint(x_BxNxD, ("batch", "length", "act_embed"))
-        h = layers.layer_norm(self.dtype, name="ln_ffn")(x_BxNxD) if self.layer_norm else x_BxNxD
-        h = layers.MLP(self.d_model, self.mlp_ratio, self.reference, self.dtype, name="ffn")(h)
-        x_BxNxD = x_BxNxD + h if self.residual else h
-        return nn.with_logical_constraint(x_BxNxD, ("batch", "length", "act_embed"))
+        )
+
+    @nn.nowrap
+    def init_cache(self, batch: int, mode: str = "cached") -> dict:
+        return self._mixing(parent=None).init_cache(batch, mode)
+
+    @nn.compact
+    def __call__(self, x: Array, pos: Array | None = None, cache: dict | None = None):
+        step = cache is not None
+        names = ("batch", "length", "act_embed")
+
+        def constrain(y):
+            return y if step else nn.with_logical_constraint(y, names)
+
+        def mix_part(x, cache):
+            h = layers.layer_norm(self.dtype, name="ln_mix")(x) if self.layer_norm else x
+            if step:
+                h, cache = self._mixing()(h, pos, cache)
+            else:
+                h = self._mixing()(h)
+            return constrain(x + h if self.residual else h), cache
+
+        def ffn_part(x):
+            h = layers.layer_norm(self.dtype, name="ln_ffn")(x) if self.layer_norm else x
+            srm = self.block == "srm"
+            h = layers.MLP(self.d_model, self.mlp_ratio, self.reference, self.dtype,
+                           activation="silu" if srm else "gelu", kaiming=srm, name="ffn")(h)
+            return constrain(x + h if self.residual else h)
+
+        if self.block == "srm":
+            x = ffn_part(x)
+            x, cache = mix_part(x, cache)
+        else:
+            x, cache = mix_part(x, cache)
+            x = ffn_part(x)
+        return (x, cache) if step else x
 
 
 class MaskedMixerLM(nn.Module):
     """Masked mixer LM: tokens [B, n_ctx] int32 -> logits [B, n_ctx, V] float32 (REFERENCE §2.2).
 
     Methods usable with ``model.apply(..., method=...)``: ``embed_tokens`` (tokens -> x),
-    ``hidden`` (x -> last block output), ``logits`` (hidden -> fp32 logits).
+    ``hidden`` (x -> last block output), ``logits`` (hidden -> fp32 logits), ``step`` (one token at
+    one position with a carried cache; ``model.init_cache(batch, mode)`` makes the cache).
+    ``block='srm'`` with ``mixing`` in ('row', 'col', 'mixed') is the structured recurrent mixer
+    (REFERENCE §8): FFN-first SiLU blocks, Kaiming init, N(0, 1) embedding.
     """
 
     vocab_size: int
@@ -117,11 +158,14 @@ class MaskedMixerLM(nn.Module):
     layer_norm: bool = True
     residual: bool = True
     tie_embeddings: bool = False
+    block: str = "mixer"
+    decay: bool = True
     dtype: Dtype = jnp.float32
 
     def setup(self):
         d = self.d_model
-        emb_init = layers.normal(1.0) if self.reference else layers.normal(0.02)
+        srm = self.block == "srm"
+        emb_init = layers.normal(1.0) if (self.reference or srm) else layers.normal(0.02)
         self.embed = layers.Embed(self.vocab_size, d, emb_init, self.dtype)
         self.blocks = tuple(
             MixerBlock(
@@ -136,13 +180,15 @@ class MaskedMixerLM(nn.Module):
                 reference=self.reference,
                 layer_norm=self.layer_norm,
                 residual=self.residual,
+                block=self.block,
+                decay=self.decay,
                 dtype=self.dtype,
                 name=f"block_{i}",
             )
             for i in range(self.n_layers)
         )
         if not self.tie_embeddings:
-            head_init = layers.uniform_fan_in(d) if self.reference else layers.normal(0.02)
+            head_init = layers.linear_inits(self.reference, d, srm)[0]
             self.head = layers.Linear(
                 (self.vocab_size,),
                 ("embed", "vocab"),
@@ -174,3 +220,25 @@ class MaskedMixerLM(nn.Module):
 
     def __call__(self, tokens_BxN: Array) -> Array:
         return self.logits(self.hidden(self.embed_tokens(tokens_BxN)))
+
+    @nn.nowrap
+    def init_cache(self, batch: int, mode: str = "cached") -> tuple:
+        """Per-layer caches for :meth:`step`: 'cached' (mixing inputs, O(n·d) per layer) or
+        'recurrent' (structured mixing only: O(d) per layer, independent of n)."""
+        proto = MixerBlock(
+            n_ctx=self.n_ctx, d_model=self.d_model, mixing=self.mixing, heads=self.heads,
+            expanded=self.expanded, block=self.block, dtype=self.dtype, parent=None,
+        )
+        return tuple(proto.init_cache(batch, mode) for _ in range(self.n_layers))
+
+    def step(self, tokens_B: Array, pos: Array, cache: tuple) -> tuple[Array, tuple]:
+        """Token ``tokens_B`` [B] at position ``pos`` (scalar, 0 ≤ pos < n_ctx) -> (logits [B, V]
+        float32 for the next token, new cache). Equals ``self(tokens)[:, pos]`` when the earlier
+        positions were fed in order."""
+        x = self.embed(tokens_B)
+        pos = jnp.asarray(pos, jnp.int32)
+        new = []
+        for block, c in zip(self.blocks, cache):
+            x, c = block(x, pos, c)
+            new.append(c)
+        return self.logits(x), tuple(new)

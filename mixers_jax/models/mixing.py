@@ -8,10 +8,12 @@ The file has two layers:
 
 * pure functions of the math (``causal_mask``, ``mask_weight``, ``dense_causal_mix``,
   ``toeplitz_matrix``, ``toeplitz_mix_fft``, the ``headed_*`` variants, ``add_position_bias``);
-  each is the **parallel form** (whole sequence at once). A **step form** (one new position i given
-  a cache of the inputs x_{≤i}; DESIGN "Token mixing") belongs next to each parallel form:
-  ``dense_causal_mix_step(w_row_N, cache_BxNxD, i)`` = Σ_{j≤i} W_ij cache_j, and for Toeplitz the
-  dot of v[:i+1] reversed with the cache. They are not written yet.
+  each is the **parallel form** (whole sequence at once). The **step forms** (one new position i;
+  DESIGN "Token mixing") sit next to them: ``flat_matrix_row`` / ``toeplitz_matrix_row`` /
+  ``srm_matrix_row`` give row i of the matrix and ``cached_mix_step`` dots it with a cache of the
+  inputs x_{≤i} (O(n·d) state); structured mixing also has the O(1) recurrence ``srm_step``.
+  Structured recurrent mixing (``srm_matrix``, REFERENCE §8): column-repeat A_ij = v_i δ^(i−j),
+  row-repeat A_ij = v_j δ^(i−j), δ = clip(λ, 0.9, 1)^(1/κ), κ = n/512, materialised as dense.
 * ``TokenMixing``: the Flax module owning the parameters (W or v, bias c, optional per-head
   projections) and choosing the implementation (``impl``: 'dense' | 'fft').
 
@@ -47,7 +49,10 @@ from mixers_jax.models import layers
 Array = jax.Array
 Dtype = Any
 
-MIXINGS = ("flat", "toeplitz")
+SRM_MIXINGS = ("row", "col", "mixed")  # structured recurrent mixers (REFERENCE §8)
+MIXINGS = ("flat", "toeplitz") + SRM_MIXINGS
+CACHE_MODES = ("cached", "recurrent")
+DECAY_MIN, DECAY_MAX = 0.9, 1.0
 IMPLS = ("dense", "fft")
 MASK_GRADS = ("masked", "straight_through")
 
@@ -155,6 +160,134 @@ def toeplitz_mix_dense(v_N: Array, x_BxNxD: Array) -> Array:
 def headed_toeplitz_mix_dense(v_HxN: Array, x_BxNxHxK: Array) -> Array:
     return headed_dense_mix(toeplitz_matrix(v_HxN), x_BxNxHxK)
 
+# ---------------------------------------------------------------------------------------------
+# Structured recurrent mixing (REFERENCE §8): row- / column-repeat with a clipped decay
+# ---------------------------------------------------------------------------------------------
+
+
+def clip_decay(lam: Array) -> Array:
+    """clip(λ, 0.9, 1) whose gradient is 1 on the closed interval [0.9, 1] and 0 outside.
+
+    REFERENCE §1 "Clipped decay": λ starts at exactly 1.0, so a clip with gradient 1/2 at a tie
+    (``jnp.clip``'s) would change the dynamics.
+    """
+    inside = (lam >= DECAY_MIN) & (lam <= DECAY_MAX)
+    return jnp.where(inside, lam, jax.lax.stop_gradient(jnp.clip(lam, DECAY_MIN, DECAY_MAX)))
+
+
+def srm_kappa(n: int) -> float:
+    """κ = n/512 for headed (and head-less) structured mixing (REFERENCE §8)."""
+    return n / 512.0
+
+
+def srm_delta(lam: Array, n: int, decay: bool = True) -> Array:
+    """δ = clip(λ, 0.9, 1)^(1/κ) in float32; 1 without decay."""
+    lam = lam.astype(jnp.float32)
+    if not decay:
+        return jnp.ones_like(lam)
+    return clip_decay(lam) ** (1.0 / srm_kappa(n))
+
+
+def _lags(n: int) -> tuple[Array, Array]:
+    i = jnp.arange(n)[:, None]
+    j = jnp.arange(n)[None, :]
+    return i >= j, jnp.clip(i - j, 0, n - 1).astype(jnp.float32)
+
+
+def srm_is_col(mixing: str, heads: int) -> Array:
+    """bool [H] (or [] head-less): which heads are column-repeat. 'mixed': heads 0..H/2−1 column,
+    the rest row (REFERENCE §8 "Mixed heads")."""
+    if mixing == "col":
+        return jnp.ones((heads,) if heads else (), bool)
+    if mixing == "row":
+        return jnp.zeros((heads,) if heads else (), bool)
+    if mixing == "mixed":
+        return jnp.arange(heads) < heads // 2
+    raise ValueError(f"not a structured mixing: {mixing!r}")
+
+
+def srm_matrix(v_xN: Array, delta_x: Array, is_col_x: Array) -> Array:
+    """The structured matrix A [..., n, n] (j ≤ i, else 0; REFERENCE §8 table):
+
+    column-repeat A_ij = v_i δ^(i−j),  row-repeat A_ij = v_j δ^(i−j).
+    Leading axes of v (heads) match those of δ and is_col.
+    """
+    n = v_xN.shape[-1]
+    mask, lag = _lags(n)
+    d = delta_x[..., None, None]
+    decay_xNxN = jnp.where(mask, d ** lag, jnp.zeros_like(d * lag))
+    v = v_xN.astype(jnp.float32)
+    col = v[..., :, None] * decay_xNxN
+    row = decay_xNxN * v[..., None, :]
+    return jnp.where(is_col_x[..., None, None], col, row)
+
+
+def srm_matrix_row(v_xN: Array, delta_x: Array, is_col_x: Array, pos: Array) -> Array:
+    """Row ``pos`` of :func:`srm_matrix` ([..., n]) computed with the very same formula."""
+    n = v_xN.shape[-1]
+    j = jnp.arange(n)
+    mask = j <= pos
+    lag = jnp.clip(pos - j, 0, n - 1).astype(jnp.float32)
+    d = delta_x[..., None]
+    decay_xN = jnp.where(mask, d ** lag, jnp.zeros_like(d * lag))
+    v = v_xN.astype(jnp.float32)
+    v_i = jax.lax.dynamic_index_in_dim(v, pos, axis=-1, keepdims=True)
+    col = v_i * decay_xN
+    row = decay_xN * v
+    return jnp.where(is_col_x[..., None], col, row)
+
+
+def srm_step(s: Array, z: Array, v_xN: Array, delta_x: Array, is_col_x: Array, pos: Array):
+    """One step of the O(1) recurrence at absolute position ``pos`` (REFERENCE §8 table):
+
+    column-repeat  s_i = x_i + δ s_{i−1},     y_i = v_i s_i
+    row-repeat     s_i = v_i x_i + δ s_{i−1},  y_i = s_i
+    (the bias is added by the caller). s, z: [B, d] head-less or [B, H, K]; the state is float32
+    and stored directly (no division by v_i). Returns (y, new s).
+    """
+    v_i = jax.lax.dynamic_index_in_dim(v_xN.astype(jnp.float32), pos, axis=-1, keepdims=False)
+    if z.ndim == 3:  # [B, H, K]: per-head scalars broadcast over batch and head width
+        v_i, delta, is_col = v_i[None, :, None], delta_x[None, :, None], is_col_x[None, :, None]
+    else:
+        delta, is_col = delta_x, is_col_x
+    z = z.astype(jnp.float32)
+    s = delta * s + jnp.where(is_col, z, v_i * z)
+    y = jnp.where(is_col, v_i * s, s)
+    return y, s
+
+
+# ---------------------------------------------------------------------------------------------
+# Step forms of the matrix mixers: one position from a cache of the mixing inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def flat_matrix_row(w_xNxN: Array, pos: Array, mask_grad: str = "masked") -> Array:
+    """Row ``pos`` of W ⊙ M: [..., n] (entries j > pos are zero)."""
+    row = jax.lax.dynamic_index_in_dim(w_xNxN, pos, axis=-2, keepdims=False)
+    return jnp.where(jnp.arange(w_xNxN.shape[-1]) <= pos, row, jnp.zeros_like(row))
+
+
+def toeplitz_matrix_row(v_xN: Array, pos: Array) -> Array:
+    """Row ``pos`` of the causal Toeplitz matrix: T_pos,j = v_{pos−j} (j ≤ pos), [..., n]."""
+    n = v_xN.shape[-1]
+    j = jnp.arange(n)
+    t = jnp.take(v_xN, jnp.clip(pos - j, 0, n - 1), axis=-1)
+    return jnp.where(j <= pos, t, jnp.zeros_like(t))
+
+
+def cached_mix_step(row_xN: Array, cache: Array) -> Array:
+    """Σ_j row_j cache_j: cache [B, n, d] with row [n], or cache [B, n, H, K] with row [H, n]."""
+    row = row_xN.astype(cache.dtype)
+    if cache.ndim == 3:
+        return jnp.einsum("j,bjd->bd", row, cache)
+    return jnp.einsum("hj,bjhk->bhk", row, cache)
+
+
+def position_bias_at(c: Array, pos: Array) -> Array:
+    """c[..., pos] shaped to add to a step output: [] -> broadcast over [B, d]; [H] -> [1, H, 1]."""
+    c_i = jax.lax.dynamic_index_in_dim(c, pos, axis=-1, keepdims=False)
+    return c_i[None, :, None] if c.ndim == 2 else c_i
+
 
 def causal_mix(
     x: Array,
@@ -163,11 +296,14 @@ def causal_mix(
     c: Array,
     w: Array | None = None,
     v: Array | None = None,
+    lam: Array | None = None,
+    decay: bool = True,
     impl: str = "dense",
     mask_grad: str = "masked",
 ) -> Array:
     """One causal mixing matrix applied to x [B,N,D] (w_NxN / v_N) or x [B,N,H,K] (w_HxNxN / v_HxN),
-    plus the per-position bias c. Dispatches on ``mixing`` and ``impl``."""
+    plus the per-position bias c. Dispatches on ``mixing`` and ``impl``. Structured (row / col /
+    mixed) mixing materialises A from (v, λ) and runs as dense (the 'dense' impl)."""
     headed = x.ndim == 4
     if mixing == "flat":
         if impl != "dense":
@@ -180,6 +316,12 @@ def causal_mix(
             y = (headed_toeplitz_mix_fft if headed else toeplitz_mix_fft)(v, x)
         else:
             raise ValueError(f"mixing_impl must be one of {IMPLS}, got {impl!r}")
+    elif mixing in SRM_MIXINGS:
+        if impl != "dense":
+            raise ValueError(f"{mixing!r} mixing has only the 'dense' implementation, got {impl!r}")
+        n = x.shape[1]
+        a = srm_matrix(v, srm_delta(lam, n, decay), srm_is_col(mixing, v.shape[0] if headed else 0))
+        y = (headed_dense_mix if headed else dense_mix)(a, x)
     else:
         raise ValueError(f"mixing must be one of {MIXINGS}, got {mixing!r}")
     return add_position_bias(y, c)
@@ -197,8 +339,14 @@ def row_scaled_normal(key, shape, dtype=jnp.float32):
     return jax.random.normal(key, shape, dtype) * scale_N[:, None]
 
 
-def mixing_inits(mixing: str, reference: bool, n: int):
-    """(weight_init, bias_init) for one mixing matrix (see the module docstring)."""
+def mixing_inits(mixing: str, reference: bool, n: int, kaiming: bool = False):
+    """(weight_init, bias_init) for one mixing matrix (see the module docstring).
+
+    Structured (row/col/mixed) vectors, and every vector when ``kaiming`` (the SRM block, REFERENCE
+    §1 "Init (SRM)"), are Kaiming-normal with fan_in = n: v ~ N(0, 2/n), c = 0.
+    """
+    if kaiming or mixing in SRM_MIXINGS:
+        return layers.normal(math.sqrt(2.0 / n)), layers.zeros
     if mixing == "flat":
         if reference:
             return layers.uniform_fan_in(n), layers.uniform_fan_in(n)
@@ -214,7 +362,7 @@ def mixing_inits(mixing: str, reference: bool, n: int):
 
 
 class TokenMixing(nn.Module):
-    """Causal token mixing x [B, n, d] -> [B, n, d] (REFERENCE §2.1, §2.3).
+    """Causal token mixing x [B, n, d] -> [B, n, d] (REFERENCE §2.1, §2.3, §8).
 
     heads == 0: one matrix shared by all d features, no projections.
     heads == H ≥ 1: per-head projection d -> d/H (bias), a per-head matrix and bias, concatenation
@@ -224,9 +372,19 @@ class TokenMixing(nn.Module):
     Parameters (leading 'heads' axis only when headed):
       flat:      w [H?, n, n] ('heads', 'seq_out', 'seq_in'), c [H?, n] ('heads', 'seq_out')
       toeplitz:  v [H?, n]    ('heads', 'seq_in'),            c [H?, n]
-      expanded:  w1/v1, c1, w2/v2, c2 instead of w/v, c
+      row / col / mixed (structured recurrent, §8):
+                 v [H?, n] ('heads', 'seq_in'), c [H?, n], lam [H?] ('heads') — the decay λ,
+                 initialised to 1 and used as clip(λ, 0.9, 1)^(1/κ) (``decay=False``: δ = 1)
+      expanded:  w1/v1, c1, w2/v2, c2 instead of w/v, c (lam1, lam2 for structured mixing)
       headed:    proj/kernel [d, H, d/H] ('embed', 'heads', 'head_dim'), proj/bias [H, d/H],
                  out/kernel [H, d/H, d] ('heads', 'head_dim', 'embed'), out/bias [d]
+
+    Call forms:
+      ``mix(x_BxNxD)`` -> y_BxNxD, the parallel form;
+      ``mix(x_BxD, pos=i, cache=cache)`` -> (y_BxD, new cache), the step form at position i (a
+      scalar, the same for every row). ``cache`` comes from :meth:`init_cache`: mode 'cached' keeps
+      the mixing inputs of every position (``x<suffix>`` [B, n, d] or [B, n, H, d/H]; O(n·d));
+      mode 'recurrent' (structured mixing only) keeps the O(d) state ``s<suffix>`` (float32).
     """
 
     n_ctx: int
@@ -237,34 +395,60 @@ class TokenMixing(nn.Module):
     expanded: bool = False
     mask_grad: str = "masked"
     reference: bool = True
+    decay: bool = True
+    kaiming: bool = False
     dtype: Dtype = jnp.float32
+
+    @nn.nowrap
+    def init_cache(self, batch: int, mode: str = "cached") -> dict:
+        """Zero cache/state for :meth:`__call__`'s step form."""
+        n, d, h = self.n_ctx, self.d_model, self.heads
+        feat = (h, d // h) if h else (d,)
+        suffixes = ("1", "2") if self.expanded else ("",)
+        if mode == "cached":
+            return {"x" + s: jnp.zeros((batch, n) + feat, self.dtype) for s in suffixes}
+        if mode == "recurrent":
+            if self.mixing not in SRM_MIXINGS:
+                raise ValueError(
+                    f"'recurrent' needs structured mixing {SRM_MIXINGS}; {self.mixing!r} has no "
+                    "O(1) recurrence (use mode 'cached')"
+                )
+            return {"s" + s: jnp.zeros((batch,) + feat, jnp.float32) for s in suffixes}
+        raise ValueError(f"cache mode must be one of {CACHE_MODES}, got {mode!r}")
 
     def _matrix(self, suffix: str) -> dict:
         n, h = self.n_ctx, self.heads
         head_shape, head_axes = ((h,), ("heads",)) if h else ((), ())
-        w_init, c_init = mixing_inits(self.mixing, self.reference, n)
+        w_init, c_init = mixing_inits(self.mixing, self.reference, n, self.kaiming)
+        out = {}
         if self.mixing == "flat":
-            weight = self.param(
+            out["w"] = self.param(
                 "w" + suffix,
                 nn.with_logical_partitioning(w_init, head_axes + ("seq_out", "seq_in")),
                 head_shape + (n, n),
                 jnp.float32,
             )
         else:
-            weight = self.param(
+            out["v"] = self.param(
                 "v" + suffix,
                 nn.with_logical_partitioning(w_init, head_axes + ("seq_in",)),
                 head_shape + (n,),
                 jnp.float32,
             )
-        c = self.param(
+        out["c"] = self.param(
             "c" + suffix,
             nn.with_logical_partitioning(c_init, head_axes + ("seq_out",)),
             head_shape + (n,),
             jnp.float32,
         )
-        key = "w" if self.mixing == "flat" else "v"
-        return {key: weight, "c": c}
+        if self.mixing in SRM_MIXINGS:
+            out["lam"] = self.param(
+                "lam" + suffix,
+                nn.with_logical_partitioning(layers.ones, head_axes),
+                head_shape,
+                jnp.float32,
+            )
+        return out
 
     def _mix(self, z: Array, suffix: str) -> Array:
         return causal_mix(
@@ -272,17 +456,45 @@ class TokenMixing(nn.Module):
             mixing=self.mixing,
             impl=self.impl,
             mask_grad=self.mask_grad,
+            decay=self.decay,
             **self._matrix(suffix),
         )
 
+    def _mix_step(self, z: Array, suffix: str, pos: Array, cache: dict) -> tuple[Array, dict]:
+        """Step form of :meth:`_mix` for z [B, d] or [B, H, K] at position ``pos``."""
+        p = self._matrix(suffix)
+        cache = dict(cache)
+        srm = self.mixing in SRM_MIXINGS
+        if srm:
+            delta = srm_delta(p["lam"], self.n_ctx, self.decay)
+            is_col = srm_is_col(self.mixing, self.heads)
+        if "s" + suffix in cache:  # O(1) recurrence
+            y, cache["s" + suffix] = srm_step(cache["s" + suffix], z, p["v"], delta, is_col, pos)
+            y = y.astype(z.dtype)
+        else:  # cache of the mixing inputs, one matrix row
+            x_cache = jax.lax.dynamic_update_index_in_dim(
+                cache["x" + suffix], z.astype(self.dtype), pos, axis=1
+            )
+            cache["x" + suffix] = x_cache
+            if self.mixing == "flat":
+                row = flat_matrix_row(p["w"], pos, self.mask_grad)
+            elif self.mixing == "toeplitz":
+                row = toeplitz_matrix_row(p["v"], pos)
+            else:
+                row = srm_matrix_row(p["v"], delta, is_col, pos)
+            y = cached_mix_step(row, x_cache)
+        y = y + position_bias_at(p["c"], pos).astype(y.dtype)
+        return y, cache
+
     @nn.compact
-    def __call__(self, x_BxNxD: Array) -> Array:
+    def __call__(self, x: Array, pos: Array | None = None, cache: dict | None = None):
         n, d, h = self.n_ctx, self.d_model, self.heads
-        if x_BxNxD.shape[1] != n:
-            raise ValueError(f"token mixing expects {n} positions, got {x_BxNxD.shape[1]}")
-        x_BxNxD = x_BxNxD.astype(self.dtype)
+        step = cache is not None
+        if not step and x.shape[1] != n:
+            raise ValueError(f"token mixing expects {n} positions, got {x.shape[1]}")
+        x = x.astype(self.dtype)
         if h:
-            k_init, b_init = layers.linear_inits(self.reference, d)
+            k_init, b_init = layers.linear_inits(self.reference, d, self.kaiming)
             z = layers.Linear(
                 (h, d // h),
                 ("embed", "heads", "head_dim"),
@@ -290,18 +502,26 @@ class TokenMixing(nn.Module):
                 bias_init=b_init,
                 dtype=self.dtype,
                 name="proj",
-            )(x_BxNxD)
-            z = nn.with_logical_constraint(z, ("batch", "length", "act_heads", None))
+            )(x)
+            if not step:
+                z = nn.with_logical_constraint(z, ("batch", "length", "act_heads", None))
         else:
-            z = x_BxNxD
-        if self.expanded:
+            z = x
+        if step:
+            if self.expanded:
+                u, cache = self._mix_step(z, "1", pos, cache)
+                u = layers.gelu(u, self.reference)
+                u, cache = self._mix_step(u, "2", pos, cache)
+            else:
+                u, cache = self._mix_step(z, "", pos, cache)
+        elif self.expanded:
             u = self._mix(z, "1")
             u = layers.gelu(u, self.reference)
             u = self._mix(u, "2")
         else:
             u = self._mix(z, "")
         if h:
-            k_init, b_init = layers.linear_inits(self.reference, d)
+            k_init, b_init = layers.linear_inits(self.reference, d, self.kaiming)
             u = layers.Linear(
                 (d,),
                 ("heads", "head_dim", "embed"),
@@ -311,4 +531,4 @@ class TokenMixing(nn.Module):
                 dtype=self.dtype,
                 name="out",
             )(u)
-        return u
+        return (u, cache) if step else u

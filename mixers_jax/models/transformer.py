@@ -18,7 +18,9 @@ Parameter tree and the Hugging Face ``LlamaForCausalLM`` state dict (HF Linear w
     final_norm/scale [d]                       model.norm.weight
     head/kernel [d, V]                         lm_head.weight.T   (absent if tied)
 
-A KV-cache step form belongs here (DESIGN); it is not written yet.
+Step form with a KV cache: ``model.init_cache(batch)`` gives per layer ``k``, ``v`` [B, n_ctx, H, hd]
+(keys after RoPE); ``model.apply(vars, tokens_B, pos, cache, method='step')`` -> (logits [B, V],
+cache) attends from position ``pos`` to the cached positions ≤ pos.
 """
 from __future__ import annotations
 
@@ -61,19 +63,39 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxNxD: Array) -> Array:
+    def __call__(self, x_BxNxD: Array, pos: Array | None = None, cache: dict | None = None):
         h, hd = self.n_heads, self.d_model // self.n_heads
         kw = dict(use_bias=False, kernel_init=layers.normal(0.02), dtype=self.dtype)
         proj_axes = ("embed", "heads", "head_dim")
         q_BxNxHxK = layers.Linear((h, hd), proj_axes, name="q", **kw)(x_BxNxD)
         k_BxNxHxK = layers.Linear((h, hd), proj_axes, name="k", **kw)(x_BxNxD)
         v_BxNxHxK = layers.Linear((h, hd), proj_axes, name="v", **kw)(x_BxNxD)
+        def out(a):
+            o = layers.Linear((self.d_model,), ("heads", "head_dim", "embed"), n_in=2, name="o", **kw)
+            return o(a)
+
+        if cache is not None:  # one position: x [B, d], q/k/v [B, H, hd]
+            n = cache["k"].shape[1]
+            cos, sin = rope_cos_sin(n, hd, self.rope_theta)
+            cos_1xK = jax.lax.dynamic_slice_in_dim(cos, pos, 1, axis=0)
+            sin_1xK = jax.lax.dynamic_slice_in_dim(sin, pos, 1, axis=0)
+            q_BxHxK = apply_rope(q_BxNxHxK[:, None], cos_1xK, sin_1xK)[:, 0]
+            k_BxHxK = apply_rope(k_BxNxHxK[:, None], cos_1xK, sin_1xK)[:, 0]
+            k_cache = jax.lax.dynamic_update_index_in_dim(
+                cache["k"], k_BxHxK.astype(cache["k"].dtype), pos, axis=1)
+            v_cache = jax.lax.dynamic_update_index_in_dim(
+                cache["v"], v_BxNxHxK.astype(cache["v"].dtype), pos, axis=1)
+            scores = jnp.einsum("bhk,bjhk->bhj", q_BxHxK.astype(jnp.float32),
+                                k_cache.astype(jnp.float32)) / jnp.sqrt(jnp.float32(hd))
+            scores = jnp.where(jnp.arange(n)[None, None, :] <= pos, scores, -jnp.inf)
+            probs = jax.nn.softmax(scores, axis=-1)
+            a_BxHxK = jnp.einsum("bhj,bjhk->bhk", probs, v_cache.astype(jnp.float32))
+            return out(a_BxHxK.astype(self.dtype)), {"k": k_cache, "v": v_cache}
         cos, sin = rope_cos_sin(x_BxNxD.shape[1], hd, self.rope_theta)
         q_BxNxHxK = apply_rope(q_BxNxHxK, cos, sin)
         k_BxNxHxK = apply_rope(k_BxNxHxK, cos, sin)
         a_BxNxHxK = jax.nn.dot_product_attention(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK, is_causal=True)
         a_BxNxHxK = nn.with_logical_constraint(a_BxNxHxK, ("batch", "length", "act_heads", None))
-        out = layers.Linear((self.d_model,), ("heads", "head_dim", "embed"), n_in=2, name="o", **kw)
         return out(a_BxNxHxK)
 
 
@@ -85,13 +107,22 @@ class TransformerBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxNxD: Array) -> Array:
+    def __call__(self, x_BxNxD: Array, pos: Array | None = None, cache: dict | None = None):
+        step = cache is not None
+        names = ("batch", "length", "act_embed")
         h = layers.rms_norm(self.dtype, name="attn_norm")(x_BxNxD)
-        h = Attention(self.d_model, self.n_heads, self.rope_theta, self.dtype, name="attn")(h)
-        x_BxNxD = nn.with_logical_constraint(x_BxNxD + h, ("batch", "length", "act_embed"))
+        attn = Attention(self.d_model, self.n_heads, self.rope_theta, self.dtype, name="attn")
+        if step:
+            h, cache = attn(h, pos, cache)
+            x_BxNxD = x_BxNxD + h
+        else:
+            h = attn(h)
+            x_BxNxD = nn.with_logical_constraint(x_BxNxD + h, names)
         h = layers.rms_norm(self.dtype, name="mlp_norm")(x_BxNxD)
         h = layers.SwiGLU(self.d_model, self.mlp_ratio * self.d_model, self.dtype, name="mlp")(h)
-        return nn.with_logical_constraint(x_BxNxD + h, ("batch", "length", "act_embed"))
+        if step:
+            return x_BxNxD + h, cache
+        return nn.with_logical_constraint(x_BxNxD + h, names)
 
 
 class TransformerLM(nn.Module):
@@ -153,3 +184,24 @@ class TransformerLM(nn.Module):
 
     def __call__(self, tokens_BxN: Array) -> Array:
         return self.logits(self.hidden(self.embed_tokens(tokens_BxN)))
+
+    @nn.nowrap
+    def init_cache(self, batch: int, mode: str = "cached") -> tuple:
+        """KV cache per layer: k, v [B, n_ctx, H, hd] in the compute dtype."""
+        if mode != "cached":
+            raise ValueError(f"the transformer has only the 'cached' (KV cache) step, not {mode!r}")
+        shape = (batch, self.n_ctx, self.n_heads, self.d_model // self.n_heads)
+        return tuple(
+            {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+            for _ in range(self.n_layers)
+        )
+
+    def step(self, tokens_B: Array, pos: Array, cache: tuple) -> tuple[Array, tuple]:
+        """Token [B] at position ``pos`` (scalar) -> (logits [B, V] float32, new KV cache)."""
+        x = self.embed(tokens_B)
+        pos = jnp.asarray(pos, jnp.int32)
+        new = []
+        for block, c in zip(self.blocks, cache):
+            x, c = block(x, pos, c)
+            new.append(c)
+        return self.logits(self.final_norm(x)), tuple(new)

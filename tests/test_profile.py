@@ -1,0 +1,171 @@
+"""Profiling: jaxpr FLOP counts vs the analytic count, cost/memory analyses, traces, the AOT check."""
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from mixers_jax import profile, trainer
+from mixers_jax.config import load_config
+from mixers_jax.errors import UserError
+from tests_util import REPO, config_path
+
+# Model kinds whose jaxpr FLOPs must match flops.py within 2%. Add the autoencoder and memory
+# models here when they exist: (id, config module, model overrides).
+FLOP_MODELS = [
+    ("mixer_flat", "mixer_clm", {}),
+    ("mixer_headed", "mixer_clm", {"heads": 4}),
+    ("mixer_toeplitz", "mixer_clm", {"mixing": "toeplitz"}),
+    ("mixer_expanded", "mixer_clm", {"expanded": True}),
+    ("transformer", "transformer_clm", {"n_heads": 4}),
+]
+
+
+def _config(module="mixer_clm", preset="smoke", **model):
+    config = load_config(config_path(module, preset))
+    config.unlock()
+    config.model.update(dict(n_ctx=64, d_model=64, vocab_size=384))
+    config.model.update(model)
+    config.lock()
+    return config
+
+
+@pytest.mark.parametrize("name,module,model", FLOP_MODELS, ids=[m[0] for m in FLOP_MODELS])
+def test_jaxpr_flops_match_analytic_within_2_percent(name, module, model):
+    from mixers_jax import flops
+
+    config = _config(module, **model)
+    steps, state, batch = profile.setup(config, "1x1x1")
+    tokens = batch["tokens"].size
+    for jp, training in ((profile.train_step_jaxpr(steps, state, batch), True),
+                         (profile.forward_jaxpr(steps, state, batch), False)):
+        counted = profile.count_flops(jp)
+        analytic = flops.flops_per_token(config.model, training=training)
+        ratio = analytic / (counted["total"] / tokens)
+        assert 0.98 <= ratio <= 1.02, (name, training, ratio)
+        assert counted["ops"] and all(op[0] == "dot_general" for op in counted["ops"])
+
+
+def test_count_flops_recurses_into_scan_and_counts_conv():
+    import jax.numpy as jnp
+
+    def f(x, w, k):
+        y, _ = jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=3)
+        z = jax.lax.conv_general_dilated(y[None, None], k, (1, 1), "VALID")
+        return z.sum()
+
+    x, w, k = jnp.ones((4, 8)), jnp.ones((8, 8)), jnp.ones((5, 1, 3, 3))
+    counted = profile.count_flops(jax.make_jaxpr(f)(x, w, k))
+    assert counted["by_primitive"]["dot_general"] == 3 * 2 * 4 * 8 * 8
+    assert counted["by_primitive"]["conv_general_dilated"] == 2 * (5 * 2 * 6) * 1 * 9
+
+
+def test_cost_memory_jaxpr_hlo_in_process(tmp_path):
+    config = _config(heads=2)
+    lines = []
+    report = profile.profile(config, ["jaxpr", "hlo", "cost", "memory"], str(tmp_path), "2x2x2",
+                             echo=lines.append)
+    for name in ("train_step.jaxpr.txt", "forward.jaxpr.txt", "train_step.hlo.txt",
+                 "forward.hlo.txt", "profile.json"):
+        assert os.path.getsize(tmp_path / name) > 0, name
+    cost = report["cost"]["train_step"]
+    assert cost["jaxpr_flops_per_token"] == pytest.approx(cost["analytic_flops_per_token"], rel=0.02)
+    assert cost["xla_flops_per_token"] > 0
+    mem = report["memory_per_device"]
+    assert mem["temp_size_in_bytes"] > 0 and mem["argument_size_in_bytes"] > 0
+    # Sharded over 2x2x2: the per-device parameter bytes are below the whole model's.
+    whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state_of(config)))
+    assert mem["params_bytes"] < whole
+    assert any("FLOPs/token" in ln for ln in lines)
+
+
+def state_of(config):
+    _, state, _ = profile.setup(config, "1x1x1")
+    return state.params
+
+
+def test_trace_on_cpu_times_steps_and_writes_a_tensorboard_profile(tmp_path):
+    config = _config()
+    report = profile.profile(config, ["trace"], str(tmp_path), n_steps=2, echo=lambda *_: None)
+    t = report["trace"]
+    assert t["step_s"] > 0 and t["tokens_per_s"] > 0
+    assert t["mfu"] is None  # no known peak for a CPU
+    found = [f for _, _, fs in os.walk(t["trace_dir"]) for f in fs]
+    assert any(f.endswith(".xplane.pb") for f in found), found
+
+
+def test_summarize_trace_splits_device_time_by_op_kind(tmp_path):
+    # The shape of a GPU trace: a device process with an 'XLA Ops' line and a stream line.
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 1, "args": {"name": "XLA Ops"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 2, "args": {"name": "Stream #7"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+        {"ph": "X", "pid": 1, "tid": 1, "name": "dot.3", "dur": 60},
+        {"ph": "X", "pid": 1, "tid": 1, "name": "loop_add_fusion.1", "dur": 30},
+        {"ph": "X", "pid": 1, "tid": 1, "name": "all-reduce.2", "dur": 10},
+        {"ph": "X", "pid": 1, "tid": 2, "name": "nvjet_gemm", "dur": 60},  # same work, other line
+        {"ph": "X", "pid": 2, "tid": 9, "name": "dot.3", "dur": 1000},  # host: ignored
+    ]
+    d = tmp_path / "plugins" / "profile" / "run"
+    d.mkdir(parents=True)
+    with gzip.open(d / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    out = profile.summarize_trace(str(tmp_path))
+    assert out["source"] == "device" and out["total_us"] == 100
+    assert out["by_kind_share"] == pytest.approx({"matmul": 0.6, "fusion": 0.3, "collective": 0.1})
+
+
+def test_profile_steps_captures_a_trace_during_a_real_run(tmp_path):
+    config = load_config(config_path("mixer_clm", "smoke"))
+    config.unlock()
+    config.train.profile_steps = "2:4"
+    config.lock()
+    trainer.run(config, str(tmp_path / "run"))
+    found = [f for _, _, fs in os.walk(tmp_path / "run" / "profile") for f in fs]
+    assert any(f.endswith(".xplane.pb") for f in found), found
+    config.unlock()
+    config.train.profile_steps = "4:2"
+    with pytest.raises(UserError, match="profile_steps"):
+        trainer.validate(config)
+
+
+def _cli(*args, devices=1):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return subprocess.run([sys.executable, "-m", "mixers_jax.profile", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_aot_cli_on_16_fake_devices(tmp_path):
+    proc = _cli(f"--config={config_path('transformer_clm', 'smoke')}", "--config.train.batch_size=16",
+                "--what=aot", "--mesh=4x2x2", f"--out={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "AOT row: | transformer_clm-smoke | transformer | 4x2x2 |" in proc.stdout, proc.stdout
+    with open(tmp_path / "profile.json", encoding="utf-8") as f:
+        report = json.load(f)
+    assert report["mesh"] == {"data": 4, "fsdp": 2, "tensor": 2}
+    assert report["memory_per_device"]["params_bytes"] > 0
+
+
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (["--what=flame"], "unknown --what='flame'"),
+        (["--what=memory", "--mesh=4x4x4"], "needs 64 devices, but 1 are available"),
+        (["--what=memory", "--mesh=2x2"], "DATAxFSDPxTENSOR"),
+        (["--what=aot"], "needs --mesh"),
+        (["--what=memory", "--config.sharding=zero3"], "unknown sharding preset 'zero3'"),
+    ],
+)
+def test_bad_input_gives_one_line(tmp_path, args, pattern):
+    import re
+
+    proc = _cli(f"--config={config_path('mixer_clm', 'smoke')}", f"--out={tmp_path}", *args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and re.search(pattern, errors[0]), proc.stderr
+    assert "Traceback" not in proc.stderr

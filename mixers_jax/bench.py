@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m mixers_jax.bench --suite=train|mixing [--out=FILE.json]``.
+"""Benchmarks: ``python -m mixers_jax.bench --suite=train|mixing|generate [--out=FILE.json]``.
 
 Each suite prints a table and writes JSON holding the device, the library versions, the settings
 and one record per case. Compare figures as ratios *within one run*: the machines are shared and
@@ -11,6 +11,13 @@ the ``lower().compile()`` wall time.
   FLOPs per token next to XLA's cost analysis, and MFU where the device's peak is known.
 * ``mixing``: one token-mixing op (forward + backward) for each implementation (dense masked
   matmul, Toeplitz materialised, Toeplitz by FFT) over contexts 256 ... 4096.
+* ``generate``: tokens/s (batch × new tokens / wall time of one compiled ``lax.scan`` generating
+  ``--new_tokens`` greedy tokens from a one-token prompt) and memory (the compiled generation's XLA
+  memory analysis, and the bytes of the carried cache/state) of a structured recurrent mixer
+  (mixed heads, SRM block) generating ``recurrent`` (O(d) state), ``cached`` (mixing inputs) and
+  ``full`` (parallel forward per token), and of the transformer with a KV cache at the same width
+  and depth, for each n_ctx in ``--gen_contexts`` and batch in ``--gen_batches``. Cases:
+  srm_recurrent, srm_cached, srm_full, transformer_cached.
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ from typing import Callable
 
 from absl import app, flags
 
-_SUITE = flags.DEFINE_enum("suite", "train", ["train", "mixing"], "Which benchmark to run.")
+_SUITE = flags.DEFINE_enum("suite", "train", ["train", "mixing", "generate"], "Which benchmark to run.")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON to this file.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed repetitions per case (median reported).")
 _D = flags.DEFINE_integer("d_model", 256, "Width (train suite; mixing suite uses it as features).")
@@ -36,6 +43,9 @@ _HEADS = flags.DEFINE_integer("heads", 4, "Heads for the headed mixer and the tr
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _CASES = flags.DEFINE_list("cases", None, "Subset of cases to run (default: all of the suite).")
 _CONTEXTS = flags.DEFINE_list("contexts", ["256", "512", "1024", "2048", "4096"], "Mixing suite n.")
+_GEN_CONTEXTS = flags.DEFINE_list("gen_contexts", ["512", "2048"], "Generate suite n_ctx values.")
+_GEN_BATCHES = flags.DEFINE_list("gen_batches", ["1", "64"], "Generate suite batch sizes.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Generate suite: new tokens per row.")
 
 
 def _median_time(fn: Callable[[], object], repeats: int) -> float:
@@ -207,6 +217,73 @@ def bench_mixing(contexts: list[int]) -> list[dict]:
     return records
 
 
+GEN_CASES = {
+    "srm_recurrent": (dict(kind="mixer", mixing="mixed", block="srm"), "recurrent"),
+    "srm_cached": (dict(kind="mixer", mixing="mixed", block="srm"), "cached"),
+    "srm_full": (dict(kind="mixer", mixing="mixed", block="srm"), "full"),
+    "transformer_cached": (dict(kind="transformer"), "cached"),
+}
+
+
+def bench_generate(cases: list[str], contexts: list[int], batches: list[int]) -> list[dict]:
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from mixers_jax.config import base_config
+    from mixers_jax.generate import Generator
+    from mixers_jax.models import build_model
+
+    records = []
+    new = _NEW_TOKENS.value
+    for n in contexts:
+        for name in cases:
+            spec, mode = GEN_CASES[name]
+            cfg = base_config().model
+            cfg.update(dict(d_model=_D.value, n_layers=_L.value, n_ctx=n, vocab_size=_V.value,
+                            heads=_HEADS.value, n_heads=_HEADS.value, dtype=_DTYPE.value, **spec))
+            model = build_model(cfg)
+            params = nn.meta.unbox(
+                jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, n), jnp.int32))["params"])
+            gen = Generator(model, params, cfg, mode=mode, temperature=0.0)
+            for b in batches:
+                prompts = [[3]] * b
+                steps = min(new, n - 1)
+                t0 = time.perf_counter()
+                compiled = gen.advance.lower(gen.start(prompts), steps).compile()
+                compile_s = time.perf_counter() - t0
+                state_bytes = (sum(x.size * x.dtype.itemsize
+                                   for x in jax.tree.leaves(model.init_cache(b, mode)))
+                               if mode != "full" else 0)
+
+                def once():
+                    return compiled(gen.start(prompts))["tokens"]
+
+                wall = _median_time(once, _STEPS.value)
+                rec = {"case": name, "mode": mode, "n_ctx": n, "batch": b, "new_tokens": steps,
+                       "tokens_per_s": b * steps / wall, "s_per_token": wall / steps,
+                       "compile_s": compile_s, "memory_bytes": _memory_bytes(compiled),
+                       "state_bytes": state_bytes}
+                stats = jax.devices()[0].memory_stats() or {}
+                if "peak_bytes_in_use" in stats:
+                    rec["peak_bytes_in_use"] = int(stats["peak_bytes_in_use"])
+                records.append(rec)
+                _print_row(rec, ["case", "n_ctx", "batch", "tokens_per_s", "s_per_token",
+                                 "compile_s", "memory_bytes", "state_bytes"])
+    by = {(r["case"], r["n_ctx"], r["batch"]): r for r in records}
+    for n in contexts:
+        for b in batches:
+            rec, full = by.get(("srm_recurrent", n, b)), by.get(("srm_full", n, b))
+            tr = by.get(("transformer_cached", n, b))
+            if rec and full:
+                print(f"n_ctx {n} batch {b}: recurrent / full-recompute tokens/s = "
+                      f"{rec['tokens_per_s'] / full['tokens_per_s']:.1f}x")
+            if rec and tr:
+                print(f"n_ctx {n} batch {b}: recurrent / transformer KV-cache tokens/s = "
+                      f"{rec['tokens_per_s'] / tr['tokens_per_s']:.2f}x")
+    return records
+
+
 def _fmt(v) -> str:
     if v is None:
         return "-"
@@ -239,6 +316,18 @@ def main(argv):
         records = bench_train(cases)
         settings = dict(d_model=_D.value, n_layers=_L.value, n_ctx=_N.value, batch=_B.value,
                         vocab=_V.value, heads=_HEADS.value, dtype=_DTYPE.value, steps=_STEPS.value)
+    elif _SUITE.value == "generate":
+        cases = _CASES.value or list(GEN_CASES)
+        unknown = [c for c in cases if c not in GEN_CASES]
+        if unknown:
+            print(f"error: unknown case(s) {unknown}; choose from {list(GEN_CASES)}", file=sys.stderr)
+            raise SystemExit(2)
+        contexts = [int(c) for c in _GEN_CONTEXTS.value]
+        batches = [int(b) for b in _GEN_BATCHES.value]
+        records = bench_generate(cases, contexts, batches)
+        settings = dict(d_model=_D.value, n_layers=_L.value, vocab=_V.value, heads=_HEADS.value,
+                        dtype=_DTYPE.value, steps=_STEPS.value, new_tokens=_NEW_TOKENS.value,
+                        contexts=contexts, batches=batches)
     else:
         contexts = [int(c) for c in _CONTEXTS.value]
         records = bench_mixing(contexts)

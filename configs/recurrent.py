@@ -1,0 +1,52 @@
+"""Structured recurrent mixers (SRM, REFERENCE §8): mixed column-/row-repeat heads with a learnable
+decay clipped to [0.9, 1], FFN-first SiLU blocks, Kaiming init; generation in O(d) state per layer.
+
+    python -m mixers_jax.train --config=configs/recurrent.py:cpu --workdir=/tmp/cpu_srm
+    python -m mixers_jax.generate --workdir=/tmp/cpu_srm --prompt="The" --mode=recurrent
+
+Presets:
+* smoke: seconds, for tests.
+* cpu: minutes on 2 cores on the embedded corpus (d256 L4 H4 mixed, n128), like mixer_clm:cpu.
+* fineweb_n512: the published pretraining model, d1024 L16 H4 mixed, decay and projections on,
+  n512, global batch 128, lr 5e-4, warmup 50, 200k steps (FineMath-4+ in the paper; give the data
+  with --config.data.source=...).
+* fineweb_n1024: the n1024 version (global batch 64) used for the inference comparison.
+Variants: --config.model.mixing=row|col, --config.model.decay=False, --config.model.block=mixer.
+"""
+from mixers_jax.config import apply_preset, base_config
+
+_PUBLISHED = {
+    "model.d_model": 1024, "model.n_layers": 16, "model.heads": 4, "model.vocab_size": 8000,
+    "model.dtype": "bfloat16", "train.steps": 200_000, "train.lr": 5e-4, "train.warmup_steps": 50,
+    "train.log_every": 100, "train.eval_every": 5000, "train.eval_batches": 50,
+    "train.checkpoint_every": 5000, "data.packing": "pad",
+}
+
+PRESETS_DICT = {
+    "smoke": {
+        "model.n_ctx": 32, "model.d_model": 32, "model.n_layers": 2, "model.heads": 2,
+        "model.vocab_size": 320,
+        "train.steps": 6, "train.batch_size": 8, "train.warmup_steps": 2, "train.lr": 1e-3,
+        "train.log_every": 2, "train.eval_every": 3, "train.eval_batches": 2,
+        "train.checkpoint_every": 3,
+        "data.max_documents": 300, "data.tokenizer_max_chars": 300_000,
+    },
+    "cpu": {
+        "model.n_ctx": 128, "model.d_model": 256, "model.n_layers": 4, "model.heads": 4,
+        "model.vocab_size": 2048,
+        "train.steps": 1100, "train.batch_size": 16, "train.warmup_steps": 50, "train.lr": 1e-3,
+        "train.log_every": 50, "train.eval_every": 500, "train.eval_batches": 16,
+        "train.checkpoint_every": 500, "data.tokenizer_max_chars": 4_000_000,
+    },
+    "fineweb_n512": dict(_PUBLISHED, **{"model.n_ctx": 512, "train.batch_size": 128}),
+    "fineweb_n1024": dict(_PUBLISHED, **{"model.n_ctx": 1024, "train.batch_size": 64}),
+}
+PRESETS = tuple(PRESETS_DICT)
+
+
+def get_config(arg=None):
+    c = base_config()
+    c.model.update(dict(kind="mixer", mixing="mixed", heads=4, block="srm", decay=True))
+    c.train.update(dict(lr=5e-4, warmup_steps=50))
+    c.name = f"recurrent-{arg}" if arg else "recurrent"
+    return apply_preset(c, PRESETS_DICT, arg)

@@ -1,0 +1,157 @@
+"""Learned token-mixing matrices: ``python -m mixers_jax.inspect --workdir=DIR --out=DIR``.
+
+For every layer (and head, and both matrices of expanded mixing) of a masked mixer or SRM, draws the
+effective causal matrix A [n, n] (rows = output position i, columns = input position j; flat:
+W ⊙ M, Toeplitz: T_ij = v_{i−j}, structured: the row/column-repeat matrix) as a heatmap PNG, and
+reports how close it is to each structure as the relative Frobenius error ‖A − Â‖_F / ‖A‖_F of
+the best structured approximation Â (lower triangle):
+
+* toeplitz: Â_ij = mean of A's diagonal i − j (the exact least-squares Toeplitz fit);
+* col_repeat (Â_ij = v_i δ^(i−j)) and row_repeat (Â_ij = v_j δ^(i−j)): for each δ on a grid in
+  [0.5, 1] the least-squares v in closed form (per row, per column), the best δ kept.
+
+Writes ``layer{L}[_head{H}][_{w1|w2}].png`` and ``structure.json`` (one record per matrix).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+
+from mixers_jax.errors import UserError
+
+DELTAS = np.concatenate([np.linspace(0.5, 0.99, 50), np.linspace(0.991, 1.0, 10)])
+
+
+def effective_matrices(run) -> list[tuple[str, np.ndarray]]:
+    """[(name, A [n, n] float64)] for every token-mixing matrix of the model."""
+    import jax.numpy as jnp
+
+    from mixers_jax.models import mixing as mx
+
+    m = run.config.model
+    if m.kind != "mixer":
+        raise UserError(f"model.kind {m.kind!r} has no token-mixing matrices to inspect")
+    out = []
+    for layer in range(int(m.n_layers)):
+        p = run.params[f"block_{layer}"]["mix"]
+        for suffix in ("1", "2") if m.expanded else ("",):
+            if m.mixing == "flat":
+                a = mx.mask_weight(jnp.asarray(p["w" + suffix]))
+            elif m.mixing == "toeplitz":
+                a = mx.toeplitz_matrix(jnp.asarray(p["v" + suffix]))
+            else:
+                v = jnp.asarray(p["v" + suffix])
+                delta = mx.srm_delta(jnp.asarray(p["lam" + suffix]), int(m.n_ctx), bool(m.get("decay", True)))
+                a = mx.srm_matrix(v, delta, mx.srm_is_col(m.mixing, int(m.heads)))
+            a = np.asarray(a, np.float64)
+            heads = [a] if a.ndim == 2 else list(a)
+            for h, ah in enumerate(heads):
+                name = f"layer{layer}"
+                if a.ndim == 3:
+                    name += f"_head{h}"
+                if suffix:
+                    name += f"_w{suffix}"
+                out.append((name, ah))
+    return out
+
+
+def toeplitz_error(a: np.ndarray) -> float:
+    n = a.shape[0]
+    mask = np.tril(np.ones((n, n), bool))
+    norm = np.linalg.norm(a[mask])
+    if norm == 0:
+        return 0.0
+    lag = np.subtract.outer(np.arange(n), np.arange(n))
+    means = np.bincount(lag[mask], weights=a[mask], minlength=n) / np.bincount(lag[mask], minlength=n)
+    return float(np.linalg.norm((a - means[np.clip(lag, 0, n - 1)])[mask]) / norm)
+
+
+def repeat_error(a: np.ndarray, kind: str) -> tuple[float, float]:
+    """(relative error, best δ) of the best column-repeat (v_i δ^(i−j)) or row-repeat (v_j δ^(i−j))
+    approximation over the δ grid."""
+    n = a.shape[0]
+    mask = np.tril(np.ones((n, n), bool))
+    norm = np.linalg.norm(a[mask])
+    if norm == 0:
+        return 0.0, 1.0
+    lag = np.clip(np.subtract.outer(np.arange(n), np.arange(n)), 0, None)
+    best = (np.inf, 1.0)
+    axis = 1 if kind == "col" else 0  # col: one v per row i (sum over j); row: one v per column j
+    for d in DELTAS:
+        basis = np.where(mask, d ** lag, 0.0)
+        v = (a * basis).sum(axis) / (basis**2).sum(axis)
+        approx = basis * (v[:, None] if kind == "col" else v[None, :])
+        err = np.linalg.norm((a - approx)[mask]) / norm
+        if err < best[0]:
+            best = (float(err), float(d))
+    return best
+
+
+def analyse(a: np.ndarray) -> dict:
+    col, d_col = repeat_error(a, "col")
+    row, d_row = repeat_error(a, "row")
+    return {"toeplitz": toeplitz_error(a), "col_repeat": col, "col_delta": d_col,
+            "row_repeat": row, "row_delta": d_row}
+
+
+def draw(a: np.ndarray, title: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lim = float(np.abs(a).max()) or 1.0
+    fig, ax = plt.subplots(figsize=(5, 4.4), dpi=100)
+    im = ax.imshow(a, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    ax.set_xlabel("input position j")
+    ax.set_ylabel("output position i")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def inspect_run(run, out_dir: str, plots: bool = True) -> list[dict]:
+    os.makedirs(out_dir, exist_ok=True)
+    records = []
+    for name, a in effective_matrices(run):
+        rec = {"matrix": name, **analyse(a)}
+        records.append(rec)
+        if plots:
+            draw(a, f"{name}: rel. err Toeplitz {rec['toeplitz']:.3f}, col {rec['col_repeat']:.3f}, "
+                    f"row {rec['row_repeat']:.3f}", os.path.join(out_dir, f"{name}.png"))
+    with open(os.path.join(out_dir, "structure.json"), "w", encoding="utf-8") as f:
+        json.dump({"workdir": run.workdir, "step": run.step, "matrices": records}, f, indent=2)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m mixers_jax.inspect", description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--out", required=True, help="folder for the PNGs and structure.json")
+    args = parser.parse_args(argv)
+    try:
+        import logging
+
+        from mixers_jax.workdir import load_run
+
+        logging.getLogger("absl").setLevel(logging.ERROR)
+        records = inspect_run(load_run(args.workdir), args.out)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{'matrix':<22} {'toeplitz':>9} {'col_repeat':>11} {'row_repeat':>11}   (relative Frobenius error)")
+    for r in records:
+        print(f"{r['matrix']:<22} {r['toeplitz']:>9.4f} {r['col_repeat']:>11.4f} {r['row_repeat']:>11.4f}")
+    print(f"wrote {len(records)} heatmaps and structure.json to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

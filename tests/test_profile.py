@@ -122,9 +122,10 @@ def test_summarize_trace_splits_device_time_by_op_kind(tmp_path):
 def test_profile_steps_captures_a_trace_during_a_real_run(tmp_path):
     config = load_config(config_path("mixer_clm", "smoke"))
     config.unlock()
-    config.train.profile_steps = "2:4"
+    config.train.profile_steps = "1:3"
     config.lock()
-    trainer.run(config, str(tmp_path / "run"))
+    summary = trainer.run(config, str(tmp_path / "run"), stop_at_step=3)  # no final evaluation
+    assert summary["final_step"] == 3
     found = [f for _, _, fs in os.walk(tmp_path / "run" / "profile") for f in fs]
     assert any(f.endswith(".xplane.pb") for f in found), found
     config.unlock()

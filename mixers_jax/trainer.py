@@ -257,7 +257,10 @@ def check_workdir_compatible(config, workdir: str) -> bool:
             saved = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read {path}: {e}") from e
-    old = _flatten(saved.get("model", {}), "model.")
+    # A field added to the schema after the workdir was made counts as its default value.
+    from mixers_jax.config import base_config
+
+    old = _flatten(dict(base_config().model.to_dict(), **saved.get("model", {})), "model.")
     new = _flatten(config.model.to_dict(), "model.")
     diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if diff:

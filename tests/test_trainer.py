@@ -118,3 +118,18 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     from mixers_jax.checkpoint import Checkpointer
 
     assert Checkpointer(f"{workdir}/checkpoints").all_steps() == [3]
+
+
+def test_workdir_from_before_a_new_model_field_still_resumes(tmp_path):
+    import json
+
+    config = load_config(config_path("mixer_clm", "smoke"))
+    saved = config.to_dict()
+    del saved["model"]["mixing_impl"]  # as if written before the field existed (default 'dense')
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert trainer.check_workdir_compatible(config, str(tmp_path))
+    config.unlock()
+    config.model.mixing_impl = "fft"
+    config.model.mixing = "toeplitz"
+    with pytest.raises(UserError, match="holds a different model"):
+        trainer.check_workdir_compatible(config, str(tmp_path))

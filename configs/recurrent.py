@@ -13,7 +13,7 @@ Presets:
 * fineweb_n1024: the n1024 version (global batch 64) used for the inference comparison.
 Variants: --config.model.mixing=row|col, --config.model.decay=False, --config.model.block=mixer.
 """
-from mixers_jax.config import apply_preset, base_config
+from mixers_jax.config import CPU, SMOKE, apply_preset, base_config
 
 _PUBLISHED = {
     "model.d_model": 1024, "model.n_layers": 16, "model.heads": 4, "model.vocab_size": 8000,
@@ -23,21 +23,8 @@ _PUBLISHED = {
 }
 
 PRESETS_DICT = {
-    "smoke": {
-        "model.n_ctx": 32, "model.d_model": 32, "model.n_layers": 2, "model.heads": 2,
-        "model.vocab_size": 320,
-        "train.steps": 6, "train.batch_size": 8, "train.warmup_steps": 2, "train.lr": 1e-3,
-        "train.log_every": 2, "train.eval_every": 3, "train.eval_batches": 2,
-        "train.checkpoint_every": 3,
-        "data.max_documents": 300, "data.tokenizer_max_chars": 300_000,
-    },
-    "cpu": {
-        "model.n_ctx": 128, "model.d_model": 256, "model.n_layers": 4, "model.heads": 4,
-        "model.vocab_size": 2048,
-        "train.steps": 1100, "train.batch_size": 16, "train.warmup_steps": 50, "train.lr": 1e-3,
-        "train.log_every": 50, "train.eval_every": 500, "train.eval_batches": 16,
-        "train.checkpoint_every": 500, "data.tokenizer_max_chars": 4_000_000,
-    },
+    "smoke": dict(SMOKE, **{"model.heads": 2}),
+    "cpu": dict(CPU, **{"model.heads": 4, "train.warmup_steps": 50}),
     "fineweb_n512": dict(_PUBLISHED, **{"model.n_ctx": 512, "train.batch_size": 128}),
     "fineweb_n1024": dict(_PUBLISHED, **{"model.n_ctx": 1024, "train.batch_size": 64}),
 }

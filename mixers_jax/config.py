@@ -144,6 +144,23 @@ def apply_preset(
     return finalize(config)
 
 
+# Sizes and schedules shared by every family's `smoke` and `cpu` presets (embedded corpus).
+SMOKE = {
+    "model.n_ctx": 32, "model.d_model": 32, "model.n_layers": 2, "model.vocab_size": 320,
+    "train.steps": 6, "train.batch_size": 8, "train.warmup_steps": 2, "train.lr": 1e-3,
+    "train.log_every": 2, "train.eval_every": 3, "train.eval_batches": 2,
+    "train.checkpoint_every": 3,
+    "data.max_documents": 300, "data.tokenizer_max_chars": 300_000,
+}
+CPU = {
+    "model.n_ctx": 128, "model.d_model": 256, "model.n_layers": 4, "model.vocab_size": 2048,
+    "train.steps": 1100, "train.batch_size": 16, "train.warmup_steps": 100, "train.lr": 1e-3,
+    "train.log_every": 50, "train.eval_every": 500, "train.eval_batches": 16,
+    "train.checkpoint_every": 500,
+    "data.tokenizer_max_chars": 4_000_000,
+}
+
+
 def clm_presets(kind: str) -> dict[str, dict]:
     """Presets shared by ``configs/mixer_clm.py`` and ``configs/transformer_clm.py``.
 
@@ -153,23 +170,8 @@ def clm_presets(kind: str) -> dict[str, dict]:
     """
     mixer = kind == "mixer"
     return {
-        "smoke": {
-            "model.n_ctx": 32, "model.d_model": 32, "model.n_layers": 2, "model.vocab_size": 320,
-            "model.n_heads": 2,
-            "train.steps": 6, "train.batch_size": 8, "train.warmup_steps": 2, "train.lr": 1e-3,
-            "train.log_every": 2, "train.eval_every": 3, "train.eval_batches": 2,
-            "train.checkpoint_every": 3,
-            "data.max_documents": 300, "data.tokenizer_max_chars": 300_000,
-        },
-        "cpu": {
-            "model.n_ctx": 128, "model.d_model": 256, "model.n_layers": 4, "model.vocab_size": 2048,
-            "model.n_heads": 4,
-            "train.steps": 1100, "train.batch_size": 16, "train.warmup_steps": 100,
-            "train.lr": 1e-3 if mixer else 5e-4,
-            "train.log_every": 50, "train.eval_every": 500, "train.eval_batches": 16,
-            "train.checkpoint_every": 500,
-            "data.tokenizer_max_chars": 4_000_000,
-        },
+        "smoke": dict(SMOKE, **{"model.n_heads": 2}),
+        "cpu": dict(CPU, **{"model.n_heads": 4, "train.lr": 1e-3 if mixer else 5e-4}),
         "tinystories": {
             "model.n_ctx": 512, "model.d_model": 512, "model.n_layers": 8, "model.vocab_size": 4096,
             "model.n_heads": 4, "model.dtype": "bfloat16",

@@ -98,7 +98,7 @@ def main(argv: list[str]) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    if summary.get("preempted") or trainer.jax.process_index() != 0:
+    if summary.get("preempted") or not summary.get("is_main", True):
         return
     ev = summary["eval"]
     print(

@@ -391,7 +391,10 @@ def _loop(config, workdir, steps: Steps, data, checkpointer, writer, log, meta, 
         checkpointer.save(step, state, pipeline.get_iterator_state(data.train_iter), dict(meta, step=step))
         last_saved = step
 
-    summary: dict[str, Any] = {"workdir": workdir, "start_step": start_step, "batch_digests": []}
+    summary: dict[str, Any] = {
+        "workdir": workdir, "start_step": start_step, "batch_digests": [],
+        "is_main": jax.process_index() == 0,
+    }
     pending: list[tuple[int, dict]] = []  # device-side stats not yet checked on the host
     window_start, window_steps, compile_s = time.time(), 0, None
 

@@ -142,7 +142,7 @@ def bench_train(cases: list[str]) -> list[dict]:
         compile_s = time.perf_counter() - t0
         holder = {"state": state}
 
-        def one_step():
+        def one_step(holder=holder, compiled=compiled, batch=batch):
             holder["state"], stats = compiled(holder["state"], batch)
             return stats["loss"]
 
@@ -303,25 +303,27 @@ def _print_row(rec: dict, cols: list[str]) -> None:
     print(" | ".join(f"{_fmt(rec.get(c)):>20}" for c in cols), flush=True)
 
 
+def _selected_cases(known: dict) -> list[str]:
+    """``--cases`` (default: all of ``known``); an unknown name exits with one line."""
+    cases = _CASES.value or list(known)
+    unknown = [c for c in cases if c not in known]
+    if unknown:
+        print(f"error: unknown case(s) {unknown}; choose from {list(known)}", file=sys.stderr)
+        raise SystemExit(2)
+    return cases
+
+
 def main(argv):
     del argv
     env = environment()
     print(f"# {env['device']} x{env['device_count']}, jax {env['jax']}, python {env['python']}")
     if _SUITE.value == "train":
-        cases = _CASES.value or list(TRAIN_CASES)
-        unknown = [c for c in cases if c not in TRAIN_CASES]
-        if unknown:
-            print(f"error: unknown case(s) {unknown}; choose from {list(TRAIN_CASES)}", file=sys.stderr)
-            raise SystemExit(2)
+        cases = _selected_cases(TRAIN_CASES)
         records = bench_train(cases)
         settings = dict(d_model=_D.value, n_layers=_L.value, n_ctx=_N.value, batch=_B.value,
                         vocab=_V.value, heads=_HEADS.value, dtype=_DTYPE.value, steps=_STEPS.value)
     elif _SUITE.value == "generate":
-        cases = _CASES.value or list(GEN_CASES)
-        unknown = [c for c in cases if c not in GEN_CASES]
-        if unknown:
-            print(f"error: unknown case(s) {unknown}; choose from {list(GEN_CASES)}", file=sys.stderr)
-            raise SystemExit(2)
+        cases = _selected_cases(GEN_CASES)
         contexts = [int(c) for c in _GEN_CONTEXTS.value]
         batches = [int(b) for b in _GEN_BATCHES.value]
         records = bench_generate(cases, contexts, batches)
@@ -335,10 +337,9 @@ def main(argv):
                         contexts=contexts)
     if _OUT.value:
         out = {"suite": _SUITE.value, "environment": env, "settings": settings, "records": records}
-        tmp = _OUT.value + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=2)
-        os.replace(tmp, _OUT.value)
+        from mixers_jax.fileio import write_atomic
+
+        write_atomic(_OUT.value, json.dumps(out, indent=2))
         print(f"wrote {_OUT.value}")
 
 

@@ -39,6 +39,7 @@ from typing import Iterable
 import numpy as np
 
 from mixers_jax.errors import UserError
+from mixers_jax.fileio import read_bytes, write_atomic
 
 MAGIC = b"MXAC"
 VERSION = 1
@@ -310,20 +311,9 @@ def decode_bytes(stream: bytes, run) -> bytes:
 # --------------------------------------------------------------------------- command line
 
 
-def _read(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-
-
 def _write(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        write_atomic(path, data)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
@@ -344,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         from mixers_jax.workdir import load_run
 
         logging.getLogger("absl").setLevel(logging.ERROR)
-        data = _read(args.input)
+        data = read_bytes(args.input)
         run = load_run(args.workdir)
         if args.command == "encode":
             stream, st = encode_bytes(data, run)

@@ -59,7 +59,6 @@ if __name__ == "__main__":
 
 import gzip  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
 from typing import Any  # noqa: E402

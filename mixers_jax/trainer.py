@@ -29,6 +29,7 @@ from mixers_jax import flops as flops_lib
 from mixers_jax import metrics as metrics_lib
 from mixers_jax import objectives, sharding
 from mixers_jax.errors import UserError
+from mixers_jax.fileio import write_atomic
 from mixers_jax.models import build_model
 
 CONFIG_FILE = "config.json"
@@ -279,10 +280,7 @@ def _digest(batch: dict[str, np.ndarray]) -> str:
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 class _Log:

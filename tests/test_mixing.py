@@ -108,7 +108,6 @@ def _headed_loop_reference(p, x, heads, expanded=False):
     """Per-head loop: z_h = x P_h + p_h; u_h = causal mix; concat; out projection."""
     x = np.asarray(x, np.float64)
     b, n, d = x.shape
-    k = d // heads
     pk, pb = np.asarray(p["proj"]["kernel"], np.float64), np.asarray(p["proj"]["bias"], np.float64)
     concat = []
     for h in range(heads):

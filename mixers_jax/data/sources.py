@@ -33,10 +33,10 @@ import os
 import re
 import sys
 import sysconfig
-import tempfile
 from typing import Iterable, Iterator
 
 from mixers_jax.errors import UserError
+from mixers_jax.fileio import read_bytes, write_atomic
 
 FORMATS = ("auto", "text", "jsonl", "parquet")
 _TEXT_EXT = (".txt", ".md")
@@ -175,14 +175,6 @@ def _resolve_paths(source: str, fmt: str) -> list[str]:
     return paths
 
 
-def _read_bytes(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-
-
 def _decode(data: bytes) -> str:
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
@@ -190,7 +182,7 @@ def _decode(data: bytes) -> str:
 
 
 def _read_text_file(path: str) -> list[str]:
-    return chunk_text(_decode(_read_bytes(path)))
+    return chunk_text(_decode(read_bytes(path)))
 
 
 _PARAGRAPH_BREAK = re.compile(r"(\n[ \t\r\f\v]*\n\s*)")
@@ -503,23 +495,10 @@ def _write_cache(path: str, docs: list[str]) -> None:
             "blake2b": hashlib.blake2b(body).hexdigest(),
         }
     ).encode()
-    tmp = None
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".embedded_corpus.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(header + b"\n" + body)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-        tmp = None
+        write_atomic(path, header + b"\n" + body)
     except OSError:
         pass
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 def embedded_corpus() -> list[str]:

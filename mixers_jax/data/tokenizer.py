@@ -31,13 +31,13 @@ import io
 import logging
 import os
 import re
-import tempfile
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
 from mixers_jax.errors import UserError
+from mixers_jax.fileio import write_atomic
 
 _log = logging.getLogger(__name__)
 
@@ -80,23 +80,6 @@ def _char_counts(docs: Iterable[str], max_chars: int) -> list[int]:
     for s in _training_sentences(docs, max_chars):
         counts.update(s)
     return sorted(counts.values(), reverse=True)
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tokenizer.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a model file is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _check_unicode(text: str) -> None:
@@ -288,7 +271,7 @@ class Tokenizer:
 
     def save(self, path: str) -> None:
         """Writes the model proto to ``path`` atomically."""
-        _atomic_write(path, self._proto)
+        write_atomic(path, self._proto)
 
     # ---------------------------------------------------------------------------------------------
     # Use

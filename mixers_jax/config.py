@@ -31,6 +31,31 @@ model.tie_embeddings    share the input embedding with the LM head
 model.mask_grad         'masked' (default) | 'straight_through' (§1.1)
 model.n_heads           attention heads of the transformer
 model.rope_theta        RoPE base of the transformer (1e4)
+model.kernel            token-mixing taps k of flat mixing (REFERENCE §2.1 "kernel"; 1 = plain)
+model.causal            False: unmasked (bidirectional) mixing / attention, for encoders
+model.encoder, decoder  sub-models of composite kinds: kind 'mixer' | 'transformer', d_model,
+                        n_layers, mixing, heads, kernel, n_heads, causal; 0 / '' / -1 inherit the
+                        top-level field. encoder.position: which position's hidden state is the
+                        embedding (-1; -2 for encoders taken from causal LMs, REFERENCE §4)
+model.compression       c: the embedding is compressed d -> d/c (and back) by linear maps (§4, §5)
+model.expansion         autoencoder decoder input: 'repeat' | 'unroll' (cyclic window, §4)
+model.injection         embedding_clm: 'token' | 'embedding' | 'add' (REFERENCE §5)
+model.chunks            memory models: s chunks of n_ctx tokens per row (§6)
+model.memory_slots      'fixed' (s slots, fill vector) | 'variable' (transformer decoders)
+model.use_memory        False: the no-memory control (all slots hold the fill vector)
+model.rmt_overwrite     rmt baseline: overwrite the last token embedding with the state (§12.14)
+model.embed_quant       cast of the stored embedding at evaluation: none | float16 | bfloat16 |
+                        float8_e4m3fn | float8_e5m2 | int8 (REFERENCE §11 quantization)
+model.embed_bits        bits per stored embedding number in the compression accounting (§7)
+model.qat_noise         q > 0: uniform noise U(-q, q) added to the embedding in training (§12.9)
+train.objective         clm | autoencode | copy | blank_copy | combined (objectives.py)
+train.eval_objectives   objectives evaluated (logged as eval/<name>/...); empty: the training one
+train.frozen            comma-separated top-level parameter groups that training leaves unchanged
+train.init_from         workdir whose latest checkpoint initialises the subtrees in train.init_map
+train.frozen_encoder_embedding  fresh_trainable (REFERENCE §4 default) | pretrained_frozen |
+                        pretrained_trainable: what the embedding of a loaded, frozen encoder does
+train.stages            curriculum: a tuple of dicts (name, objective, steps, frozen, init_from,
+                        init_map, lr, warmup_steps); one train command runs them all
 train.profile_steps     'a:b' captures a jax.profiler trace of steps a..b-1 into <workdir>/profile
 mesh.data|fsdp|tensor   mesh axis sizes (-1 takes the remaining devices)
 sharding                '3d' | 'dp' | 'fsdp' | 'tp' | 'fsdp_tp' (see README "Sharding strategies")
@@ -66,9 +91,31 @@ def base_config() -> ml_collections.ConfigDict:
             mask_grad="masked",
             block="mixer",
             decay=True,
+            kernel=1,
+            causal=True,
             # transformer fields
             n_heads=4,
             rope_theta=10000.0,
+            # composite models (autoencoder, embedding_clm, memory, rmt): the encoder and the
+            # decoder are each a mixer or a transformer; 0 / '' / -1 inherit the field above.
+            encoder=ml_collections.ConfigDict(dict(
+                kind="mixer", d_model=0, n_layers=0, mixing="", heads=-1, kernel=0, n_heads=0,
+                causal=True, position=-1,
+            )),
+            decoder=ml_collections.ConfigDict(dict(
+                kind="mixer", d_model=0, n_layers=0, mixing="", heads=-1, kernel=0, n_heads=0,
+                causal=True,
+            )),
+            compression=1,
+            expansion="repeat",
+            injection="token",
+            chunks=4,
+            memory_slots="fixed",
+            use_memory=True,
+            rmt_overwrite=True,
+            embed_quant="none",
+            embed_bits=16,
+            qat_noise=0.0,
         )
     )
 
@@ -106,6 +153,15 @@ def base_config() -> ml_collections.ConfigDict:
             checkpoint_every=500,
             keep_checkpoints=3,
             profile_steps="",  # 'a:b': jax.profiler trace of steps a..b-1 into <workdir>/profile
+            objective="clm",
+            eval_objectives=(),  # empty: (objective,)
+            copy_pass="blank",  # the copy half of 'combined': 'blank' | 'copy'
+            copy_delimiter=100,  # token written at N/2..N/2+2 of the copy pass; -1: none
+            frozen="",  # comma-separated parameter groups (top-level names) kept fixed
+            init_from="",  # workdir whose latest checkpoint initialises parameters
+            init_map="",  # 'target=source,...' subtrees copied from init_from ('.' = root)
+            frozen_encoder_embedding="fresh_trainable",  # | pretrained_frozen | pretrained_trainable
+            stages=(),  # curriculum: dicts with objective, steps, frozen, init_from, init_map, lr, ...
         )
     )
 

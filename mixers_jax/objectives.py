@@ -1,5 +1,9 @@
 """Loss functions. Each takes ``(apply_fn, params, batch)`` and returns ``(loss, metrics)``.
 
+Objectives are built by name with :func:`build` from an :class:`ObjectiveContext` (the model and
+train configs and the tokenizer's pad id), so that chunked or copy objectives can read the sizes
+they need; ``OBJECTIVES`` maps each name to such a factory.
+
 ``apply_fn(params, tokens_BxN) -> logits_BxNxV``. Batches are dicts of ``tokens`` (int32),
 ``loss_mask`` (1.0 where a token may be a target; pads and EOS are 0, REFERENCE §1) and
 ``token_bytes`` (UTF-8 bytes each token decodes to). ``metrics`` are *sums* (``nll``, ``tokens``,
@@ -8,7 +12,8 @@
 """
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -49,12 +54,35 @@ def clm(apply_fn: Callable, params, batch) -> tuple[jax.Array, dict[str, jax.Arr
     return loss, sums
 
 
-OBJECTIVES: dict[str, Callable] = {"clm": clm}
+def autoencode(apply_fn: Callable, params, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Autoencoder reconstruction: output i predicts token i itself, unshifted (REFERENCE §4)."""
+    logits_BxNxV = apply_fn(params, batch["tokens"])
+    sums = masked_sums(logits_BxNxV, batch["tokens"], batch["loss_mask"], batch["token_bytes"])
+    loss = sums["nll"] / jnp.maximum(sums["tokens"], 1.0)
+    return loss, sums
 
 
-def get_objective(name: str) -> Callable:
+@dataclasses.dataclass(frozen=True)
+class ObjectiveContext:
+    """What an objective factory may read: ``config.model``, ``config.train`` and the pad id."""
+
+    model: Any
+    train: Any
+    pad_id: int = 2
+
+
+Objective = Callable[[Callable, Any, dict], tuple[jax.Array, dict[str, jax.Array]]]
+
+OBJECTIVES: dict[str, Callable[[ObjectiveContext], Objective]] = {
+    "clm": lambda ctx: clm,
+    "autoencode": lambda ctx: autoencode,
+}
+
+
+def build(name: str, ctx: ObjectiveContext) -> Objective:
+    """The loss function called ``name`` for the model and settings in ``ctx``."""
     from mixers_jax.errors import UserError
 
     if name not in OBJECTIVES:
         raise UserError(f"unknown objective {name!r}; choose one of: {', '.join(sorted(OBJECTIVES))}")
-    return OBJECTIVES[name]
+    return OBJECTIVES[name](ctx)

@@ -8,6 +8,7 @@ checkpoint, stops on a non-finite loss without saving the broken state, and turn
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -30,7 +31,7 @@ from mixers_jax import metrics as metrics_lib
 from mixers_jax import objectives, sharding
 from mixers_jax.errors import UserError
 from mixers_jax.fileio import write_atomic
-from mixers_jax.models import build_model
+from mixers_jax.models import build_model, input_length
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -138,18 +139,23 @@ def activation_dims(model_cfg) -> dict[str, int]:
     return {"act_heads": int(heads or 1), "act_mlp": int(model_cfg.mlp_ratio * model_cfg.d_model)}
 
 
-def build_steps(config, mesh, objective: str = "clm", rules=None) -> Steps:
+def build_steps(config, mesh, objective: str | None = None, rules=None, pad_id: int = 2) -> Steps:
     """Builds the model and the jit-compiled init/train/eval functions with explicit shardings.
 
-    ``rules`` are the logical-axis rules (default: those of the config's sharding preset).
+    ``objective`` defaults to ``config.train.objective``; ``rules`` are the logical-axis rules
+    (default: those of the config's sharding preset); ``pad_id`` is the tokenizer's pad (= EOS)
+    id, which the copy objectives write. In training the model gets a 'noise' RNG
+    (``fold_in(seed, step)``) for noise-injection QAT; evaluation is deterministic.
     """
     if rules is None:
         rules = sharding.resolve(config)[1]
     act_rules = sharding.activation_rules(rules, mesh, activation_dims(config.model))
     model = build_model(config.model)
     tx = make_optimizer(config.train)
-    loss_fn = objectives.get_objective(objective)
-    n_ctx = int(config.model.n_ctx)
+    ctx = objectives.ObjectiveContext(model=config.model, train=config.train, pad_id=int(pad_id))
+    loss_fn = objectives.build(objective or config.train.objective, ctx)
+    n_in = input_length(config.model)
+    noise_key = jax.random.fold_in(jax.random.key(int(config.seed)), 0x5EED)
     accum = int(config.train.grad_accum)
     schedule = lr_schedule(config.train)
 
@@ -161,7 +167,7 @@ def build_steps(config, mesh, objective: str = "clm", rules=None) -> Steps:
         )
 
     def init_boxed(rng):
-        params = model.init(rng, jnp.zeros((1, n_ctx), jnp.int32))["params"]
+        params = model.init(rng, jnp.zeros((1, n_in), jnp.int32))["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(0))
@@ -170,16 +176,18 @@ def build_steps(config, mesh, objective: str = "clm", rules=None) -> Steps:
     batch_sh = sharding.batch_sharding(mesh)
     repl = sharding.replicated(mesh)
 
-    def apply_fn(params, tokens):
+    def apply_fn(params, tokens, rngs=None):
         with sharding.activation_context(mesh, act_rules):
-            return model.apply({"params": params}, tokens)
+            return model.apply({"params": params}, tokens, rngs=rngs)
 
     def init(rng):
         with sharding.activation_context(mesh, act_rules):
             return nn.meta.unbox(init_boxed(rng))
 
     def train_step(state: TrainState, batch):
-        grad_fn = jax.value_and_grad(lambda p, b: loss_fn(apply_fn, p, b), has_aux=True)
+        rngs = {"noise": jax.random.fold_in(noise_key, state.step)}
+        train_apply = functools.partial(apply_fn, rngs=rngs)
+        grad_fn = jax.value_and_grad(lambda p, b: loss_fn(train_apply, p, b), has_aux=True)
         if accum == 1:
             (loss, sums), grads = grad_fn(state.params, batch)
         else:
@@ -361,7 +369,7 @@ def _loop(config, workdir, steps: Steps, data, checkpointer, writer, log, meta, 
 
     t_cfg = config.train
     total_steps = int(t_cfg.steps)
-    tokens_per_step = int(t_cfg.batch_size) * int(config.model.n_ctx)
+    tokens_per_step = int(t_cfg.batch_size) * input_length(config.model)
     flops_per_token = flops_lib.flops_per_token(config.model, training=True)
     peak = flops_lib.peak_flops_per_second(jax.devices()[0])
     peak_total = peak * jax.device_count() if peak else None

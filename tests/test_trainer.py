@@ -112,7 +112,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
         loss, sums = objectives.clm(apply_fn, params, batch)
         return loss * jnp.nan, sums
 
-    monkeypatch.setitem(objectives.OBJECTIVES, "clm", poisoned)
+    monkeypatch.setitem(objectives.OBJECTIVES, "clm", lambda ctx: poisoned)
     with pytest.raises(UserError, match=r"non-finite loss .* at step 4.*step 3"):
         trainer.run(config, workdir)
     from mixers_jax.checkpoint import Checkpointer

@@ -247,7 +247,9 @@ def build_data(
     """
     data_cfg = config.data
     vocab_size = int(config.model.vocab_size)
-    n_ctx = int(config.model.n_ctx)
+    from mixers_jax.models import input_length
+
+    n_ctx = input_length(config.model)  # row length: chunks x n_ctx for memory models
     packing = _check_packing(str(_get(data_cfg, "packing", "concat")))
     global_batch = int(config.train.batch_size)
     if global_batch < 1 or global_batch % process_count:

@@ -25,7 +25,9 @@ from mixers_jax.models.transformer import TransformerLM
 
 __all__ = [
     "build_model",
+    "input_length",
     "register",
+    "sub_config",
     "MODEL_KINDS",
     "MaskedMixerLM",
     "MixerBlock",
@@ -128,6 +130,45 @@ MODEL_KINDS: dict[str, Callable[[Any], nn.Module]] = {
     "mixer": _build_mixer,
     "transformer": _build_transformer,
 }
+
+
+COMPOSITE_FIELDS = ("d_model", "n_layers", "mixing", "heads", "kernel", "n_heads", "causal")
+CHUNKED_KINDS = ("memory", "rmt")  # rows hold model.chunks chunks of n_ctx tokens
+
+
+def _as_dict(cfg: Any) -> dict:
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+def sub_config(model_cfg: Any, role: str, n_ctx: int | None = None) -> dict:
+    """The flat config of a composite model's ``role`` ('encoder' | 'decoder') sub-model.
+
+    Starts from the top-level model fields and overrides those that ``model.<role>`` sets
+    (0 / '' / -1 mean "inherit"); ``kind`` comes from the role; ``n_ctx`` (the sub-model's mixing
+    length, e.g. n_ctx + s for a memory decoder) defaults to the top-level one. The result is
+    accepted by :func:`build_model`.
+    """
+    top = _as_dict(model_cfg)
+    role_cfg = top.get(role) or {}
+    out = {k: v for k, v in top.items() if not isinstance(v, dict)}
+    out["kind"] = role_cfg.get("kind", "mixer")
+    for key in COMPOSITE_FIELDS:
+        value = role_cfg.get(key)
+        inherit = value is None or value == "" or (key == "heads" and value == -1) or (
+            key != "heads" and key != "causal" and value == 0)
+        if not inherit:
+            out[key] = value
+    if n_ctx is not None:
+        out["n_ctx"] = int(n_ctx)
+    return out
+
+
+def input_length(model_cfg: Any) -> int:
+    """Tokens per data row: n_ctx, or chunks x n_ctx for the chunked memory models (§6)."""
+    n = int(_get(model_cfg, "n_ctx"))
+    if _get(model_cfg, "kind") in CHUNKED_KINDS:
+        return n * int(_get(model_cfg, "chunks"))
+    return n
 
 
 def register(kind: str, builder: Callable[[Any], nn.Module]) -> None:

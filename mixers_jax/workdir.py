@@ -69,7 +69,7 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     from mixers_jax import checkpoint as ckpt_lib
     from mixers_jax import trainer
     from mixers_jax.data.tokenizer import Tokenizer
-    from mixers_jax.models import build_model
+    from mixers_jax.models import build_model, input_length
 
     workdir = os.path.abspath(workdir)
     if not os.path.isdir(workdir):
@@ -92,11 +92,19 @@ def load_run(workdir: str, step: int | None = None) -> Run:
             step = max(steps)
         elif step not in steps:
             raise UserError(f"{workdir} has no checkpoint at step {step} (has {sorted(steps)})")
-        tx = trainer.make_optimizer(config.train)
-        n_ctx = int(config.model.n_ctx)
+        # The optimizer state's structure is that of the stage that wrote the checkpoint.
+        stage = trainer.stage_at(trainer.stages(config), step)
+        n_in = input_length(config.model)
+
+        def init_params(rng):
+            return model.init(rng, jnp.zeros((1, n_in), jnp.int32))["params"]
+
+        labels = trainer.param_labels(nn.meta.unbox(jax.eval_shape(init_params, jax.random.key(0))),
+                                      stage.train)
+        tx = trainer.make_optimizer(stage.train, stage.start, labels)
 
         def init(rng):
-            params = model.init(rng, jnp.zeros((1, n_ctx), jnp.int32))["params"]
+            params = init_params(rng)
             return trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
         abstract = nn.meta.unbox(jax.eval_shape(init, jax.random.key(0)))

@@ -1,0 +1,90 @@
+"""Curricula, frozen parameter groups and init_from (trainer.stages / param_labels / init)."""
+import jax
+import numpy as np
+import pytest
+
+from mixers_jax import trainer
+from mixers_jax.config import load_config
+from mixers_jax.errors import UserError
+from tests_util import config_path
+
+
+def _config(**train):
+    config = load_config(config_path("mixer_clm", "smoke"))
+    config.unlock()
+    config.train.update(train)
+    config.lock()
+    return config
+
+
+def _init_params(config):
+    """The parameters a fresh run of ``config`` starts from (same seed as trainer.run)."""
+    from mixers_jax import sharding
+
+    mesh = sharding.make_mesh(sharding.resolve(config)[0])
+    steps = trainer.build_steps(config, mesh)
+    return jax.device_get(steps.init(jax.random.key(int(config.seed))).params)
+
+
+def _equal(a, b) -> bool:
+    return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), a, b)))
+
+
+def test_frozen_group_is_bit_identical_after_training_and_the_rest_moves(tmp_path):
+    config = _config(frozen="block_0")
+    before = _init_params(config)
+    after = trainer.run(config, str(tmp_path / "run"))["params"]
+    assert _equal(before["block_0"], after["block_0"])
+    assert not _equal(before["block_1"], after["block_1"])
+    assert not _equal(before["head"], after["head"])
+
+
+def test_stages_split_steps_and_restart_the_schedule():
+    config = _config(stages=({"objective": "clm", "steps": 4, "lr": 1e-3},
+                             {"name": "frozen", "steps": 2, "frozen": "embed", "warmup_steps": 1}))
+    st = trainer.stages(config)
+    assert [(s.start, s.end, s.name) for s in st] == [(0, 4, "clm"), (4, 6, "frozen")]
+    assert trainer.stage_at(st, 4).index == 0 and trainer.stage_at(st, 5).index == 1
+    sched = trainer.lr_schedule(st[1].train, offset=st[1].start)
+    assert float(sched(4)) == 0.0  # a stage's first update has lr 0, like a run's
+    assert float(sched(5)) == pytest.approx(float(config.train.lr))
+    with pytest.raises(UserError, match="unknown key"):
+        trainer.stages(_config(stages=({"steps": 2, "lr_peak": 1.0},)))
+
+
+@pytest.mark.parametrize("kill_at", [3, 4])  # at the stage boundary, and mid-stage
+def test_curriculum_killed_then_resumed_equals_uninterrupted(tmp_path, kill_at):
+    stages = ({"objective": "clm", "steps": 3},
+              {"name": "head_only", "objective": "clm", "steps": 3, "frozen": "embed,block_0,block_1",
+               "lr": 3e-3, "warmup_steps": 1})
+    config = _config(stages=stages, eval_every=100, checkpoint_every=100)
+    full = trainer.run(config, str(tmp_path / "full"), record_batches=True)
+    assert full["final_step"] == 6
+    part = str(tmp_path / "part")
+    first = trainer.run(config, part, stop_at_step=kill_at, record_batches=True)
+    second = trainer.run(config, part, record_batches=True)
+    assert second["start_step"] == kill_at
+    assert first["batch_digests"] + second["batch_digests"] == full["batch_digests"]
+    jax.tree.map(np.testing.assert_array_equal, full["params"], second["params"])
+    assert full["eval"] == second["eval"]
+
+
+def test_init_from_copies_mapped_groups_and_checks_shapes(tmp_path):
+    source_dir = str(tmp_path / "source")
+    source = trainer.run(_config(), source_dir)["params"]
+    config = _config(init_from=source_dir, init_map="block_0=block_0,block_1=block_1",
+                     frozen="block_0,block_1")
+    after = trainer.run(config, str(tmp_path / "target"))["params"]
+    assert _equal(source["block_0"], after["block_0"]) and _equal(source["block_1"], after["block_1"])
+    assert not _equal(source["head"], after["head"])  # trained from its own fresh init
+
+    wider = load_config(config_path("mixer_clm", "smoke"))
+    wider.unlock()
+    wider.model.d_model = 48
+    wider.train.init_from, wider.train.init_map = source_dir, "block_0=block_0"
+    target = tmp_path / "wider"
+    with pytest.raises(UserError, match=r"block_0/.* has shape .* here but .* there"):
+        trainer.run(wider, str(target))
+    assert not target.exists()  # nothing written for bad input
+    with pytest.raises(UserError, match="does not have"):
+        trainer.run(_config(frozen="encoder"), str(tmp_path / "nogroup"))

@@ -9,7 +9,7 @@ import pytest
 from mixers_jax import trainer
 from mixers_jax.config import load_config
 from mixers_jax.errors import UserError
-from mixers_jax.models import build_model
+from mixers_jax.models import build_model, input_length
 from tests_util import CONFIGS, config_path
 
 
@@ -29,15 +29,17 @@ SPECS = _all_specs()
 
 def test_config_files_exist():
     names = {name for name, _ in SPECS}
-    assert {"mixer_clm", "transformer_clm"} <= names
+    assert {"mixer_clm", "transformer_clm", "recurrent", "autoencoder", "embedding_clm",
+            "information", "memory"} <= names
 
 
 @pytest.mark.parametrize("name,preset", SPECS, ids=[f"{n}:{p or 'default'}" for n, p in SPECS])
 def test_every_config_builds(name, preset):
     config = load_config(config_path(name, preset))
     trainer.validate(config)
+    assert trainer.stages(config)[-1].end > 0
     model = build_model(config.model)
-    tokens = jax.ShapeDtypeStruct((1, config.model.n_ctx), jnp.int32)
+    tokens = jax.ShapeDtypeStruct((1, input_length(config.model)), jnp.int32)
     variables = jax.eval_shape(model.init, jax.random.key(0), tokens)
     n_params = sum(x.size for x in jax.tree.leaves(variables))
     assert n_params > config.model.vocab_size * config.model.d_model

@@ -1,0 +1,66 @@
+"""Mixer and transformer autoencoders: a whole context -> one vector -> the context (REFERENCE §4).
+
+    python -m mixers_jax.train --config=configs/autoencoder.py:cpu
+
+The encoder's embedding at position encoder.position passes the bottleneck (compression c) and is
+expanded to n decoder inputs ('repeat' or the cyclic 'unroll' window); the loss is the unshifted
+reconstruction CE (objective 'autoencode'). Presets:
+
+* smoke: seconds, for tests.
+* cpu: mixer/mixer, d256, 2+2 layers, n64, V2048 on the embedded corpus (minutes on 2 cores).
+  cpu_transformer (transformer/transformer, 8 heads, unrolled: the stronger transformer AE of §4),
+  cpu_unmasked (the mixer with an unmasked encoder), cpu_mixer_transformer and
+  cpu_transformer_mixer (the hybrids; the transformer half runs at half the mixer's width) are the
+  same budget for side-by-side comparisons (README "Autoencoders"). cpu_memory_encoder: d128
+  n32, the encoder shape of memory.py:cpu, for its curriculum (stage 1 loads it frozen).
+* tinystories / tinystories_transformer: d512 L8+8 n512 V4096 (REFERENCE §11: 4.53/4.35 vs
+  5.31/5.23); fineweb: the best mixer recipe d1024 k8 L8+8 n512 repeat bf16 (≈1.5 on FineWeb);
+  fineweb_transformer: d512 L8+8 H8 unrolled. Give the data with --config.data.source=...
+Variants: --config.model.expansion=unroll, --config.model.compression=4, --config.model.heads=4,
+--config.model.encoder.causal=False, --config.model.decoder.kind=transformer, ...
+"""
+from mixers_jax.config import CPU, SMOKE, apply_preset, base_config
+
+_CPU_AE = dict(CPU, **{
+    "model.n_ctx": 64, "model.n_layers": 2, "model.n_heads": 8, "train.batch_size": 32,
+    "train.steps": 800, "train.warmup_steps": 50, "train.eval_every": 200, "train.checkpoint_every": 400,
+})
+_TRANSFORMER = {"model.encoder.kind": "transformer", "model.decoder.kind": "transformer",
+                "model.expansion": "unroll", "train.lr": 5e-4}
+
+
+def _paper(d, layers, vocab, lr, batch, extra=()):
+    return dict({
+        "model.n_ctx": 512, "model.d_model": d, "model.n_layers": layers, "model.vocab_size": vocab,
+        "model.dtype": "bfloat16", "train.steps": 200_000, "train.batch_size": batch,
+        "train.warmup_steps": 500, "train.lr": lr, "train.log_every": 100, "train.eval_every": 5000,
+        "train.eval_batches": 50, "train.checkpoint_every": 5000, "data.packing": "pad",
+    }, **dict(extra))
+
+
+PRESETS_DICT = {
+    "smoke": dict(SMOKE, **{"model.n_heads": 2}),
+    "cpu": _CPU_AE,
+    "cpu_transformer": dict(_CPU_AE, **_TRANSFORMER),
+    "cpu_unmasked": dict(_CPU_AE, **{"model.encoder.causal": False}),
+    "cpu_mixer_transformer": dict(_CPU_AE, **{
+        "model.decoder.kind": "transformer", "model.decoder.d_model": 128}),
+    "cpu_transformer_mixer": dict(_CPU_AE, **{
+        "model.encoder.kind": "transformer", "model.encoder.d_model": 128}),
+    "cpu_memory_encoder": dict(_CPU_AE, **{"model.n_ctx": 32, "model.d_model": 128}),
+    "tinystories": _paper(512, 8, 4096, 1e-4, 32),
+    "tinystories_transformer": _paper(512, 8, 4096, 1e-4, 32,
+                                      dict(_TRANSFORMER, **{"model.n_heads": 8, "train.lr": 1e-4})),
+    "fineweb": _paper(1024, 8, 8000, 5e-4, 128, {"model.kernel": 8}),
+    "fineweb_transformer": _paper(512, 8, 8000, 2e-4, 128,
+                                  dict(_TRANSFORMER, **{"model.n_heads": 8, "train.lr": 2e-4})),
+}
+PRESETS = tuple(PRESETS_DICT)
+
+
+def get_config(arg=None):
+    c = base_config()
+    c.name = f"autoencoder-{arg}" if arg else "autoencoder"
+    c.model.kind = "autoencoder"
+    c.train.objective = "autoencode"
+    return apply_preset(c, PRESETS_DICT, arg)

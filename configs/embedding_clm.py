@@ -1,0 +1,58 @@
+"""Embedding-augmented ("oracle") causal LMs: an encoder reads the whole sequence into one small
+vector, a causal decoder predicts next tokens with it (REFERENCE §5, §7).
+
+    python -m mixers_jax.train --config=configs/embedding_clm.py:cpu
+
+The decoder sees the compressed embedding (injection 'token': one extra leading position;
+'embedding': concatenated to every token embedding; 'add': added to every token embedding). Because
+the embedding must be stored to reproduce the text, the trainer logs the compression accounting
+beside the decoder loss: loss offset L_o = n_p·b_p·ln2 / n_ctx (nats/token), normalized loss,
+embedding bits per byte and total bits per byte, with n_p = encoder width / compression stored
+numbers at model.embed_bits bits each. Presets:
+
+* smoke: seconds, for tests.
+* cpu: mixer encoder d128 L2 with a 64-number embedding (compression 2), mixer decoder d256 L4,
+  n128, V2048 — the decoder of mixer_clm.py:cpu, so the two runs compare directly.
+  cpu_transformer: the same with transformer encoder and decoder.
+* paper_transformer: the entropy-estimation model (transformer encoder d256 L16 H4, c = 4 -> 64
+  numbers, transformer decoder d512 L16, n1024, V8000, 4 bits per number in the accounting).
+* paper_mixer: mixer encoder d256 -> 64 numbers, mixer decoder d1024 L16, n1024.
+Variants: --config.model.injection=embedding|add, --config.model.embed_quant=float8_e4m3fn,
+--config.model.qat_noise=0.0625 (noise-injection QAT), --config.model.compression=4.
+"""
+from mixers_jax.config import CPU, SMOKE, apply_preset, base_config
+
+_CPU = dict(CPU, **{"model.encoder.d_model": 128, "model.encoder.n_layers": 2,
+                    "model.compression": 2, "model.n_heads": 4})
+
+
+def _paper(kind, lr, batch, d_dec, extra=()):
+    return dict({
+        "model.encoder.kind": kind, "model.decoder.kind": kind, "model.encoder.d_model": 256,
+        "model.encoder.n_layers": 16, "model.compression": 4, "model.embed_bits": 4,
+        "model.n_ctx": 1024, "model.d_model": d_dec, "model.n_layers": 16, "model.n_heads": 4,
+        "model.vocab_size": 8000, "model.dtype": "bfloat16", "train.steps": 200_000,
+        "train.batch_size": batch, "train.warmup_steps": 500, "train.lr": lr,
+        "train.log_every": 100, "train.eval_every": 5000, "train.eval_batches": 50,
+        "train.checkpoint_every": 5000, "data.packing": "pad",
+    }, **dict(extra))
+
+
+PRESETS_DICT = {
+    "smoke": dict(SMOKE, **{"model.n_heads": 2, "model.encoder.d_model": 16,
+                            "model.compression": 2}),
+    "cpu": _CPU,
+    "cpu_transformer": dict(_CPU, **{"model.encoder.kind": "transformer",
+                                     "model.decoder.kind": "transformer", "train.lr": 5e-4}),
+    "paper_transformer": _paper("transformer", 2e-4, 64, 512),
+    "paper_mixer": _paper("mixer", 5e-4, 64, 1024),
+}
+PRESETS = tuple(PRESETS_DICT)
+
+
+def get_config(arg=None):
+    c = base_config()
+    c.name = f"embedding_clm-{arg}" if arg else "embedding_clm"
+    c.model.kind = "embedding_clm"
+    c.model.injection = "token"
+    return apply_preset(c, PRESETS_DICT, arg)

@@ -1,0 +1,63 @@
+"""Information-retention probes: how much of its input does a trained encoder keep in one vector?
+(REFERENCE §7 "Information retention probe", §11.)
+
+    python -m mixers_jax.train --config=configs/information.py:cpu \
+        --config.train.init_from=/tmp/cpu_mixer --workdir=/tmp/probe_cpu_mixer
+
+The encoder (a causal LM, an autoencoder's or a memory model's encoder, from the workdir in
+train.init_from) is loaded and frozen ('encoder' is in train.frozen; by default it gets a fresh
+trainable token embedding, REFERENCE §4 — set train.frozen_encoder_embedding=pretrained_frozen to
+keep its own); a fresh decoder learns to reconstruct all n tokens from the single embedding at
+encoder.position (−2 for causal LMs, whose last position is untrained). The final table reports the
+eval CE H, the token accuracy and the information ratio I_e = 1 − H/9.03 (and 1 − H/ln V).
+Without train.init_from the frozen encoder is the untrained (random) control of REFERENCE §11.
+
+Presets (the encoder fields must match the loaded model; a mismatch is a one-line error):
+* smoke: seconds, for tests (encoder = mixer_clm.py:smoke).
+* cpu: encoder = mixer_clm.py:cpu (d256 L4 n128 V2048), mixer decoder d256 L2.
+  cpu_transformer: encoder = transformer_clm.py:cpu. cpu_autoencoder: encoder =
+  autoencoder.py:cpu (n64, position −1).
+* paper_mixer: decoder d1024 L8, n512, lr 5e-4, 200k steps, batch 128 (REFERENCE §7);
+  paper_transformer: decoder d512 L8, lr 2e-4.
+"""
+from mixers_jax.config import CPU, SMOKE, apply_preset, base_config
+
+_PROBE = {"train.frozen": "encoder", "model.encoder.position": -2}
+_CPU = dict(CPU, **_PROBE, **{"model.encoder.n_layers": 4, "model.n_layers": 2,
+                              "train.steps": 600, "train.warmup_steps": 50, "train.eval_every": 200,
+                              "train.checkpoint_every": 300, "model.n_heads": 4})
+
+
+def _paper(kind, d, lr):
+    return dict(_PROBE, **{
+        "model.encoder.kind": kind, "model.decoder.kind": kind, "model.n_ctx": 512,
+        "model.d_model": d, "model.n_layers": 8, "model.vocab_size": 8000, "model.n_heads": 4,
+        "model.expansion": "unroll" if kind == "transformer" else "repeat",
+        "model.encoder.position": -2 if kind == "mixer" else -1,
+        "model.dtype": "bfloat16", "train.steps": 200_000, "train.batch_size": 128,
+        "train.warmup_steps": 500, "train.lr": lr, "train.log_every": 100,
+        "train.eval_every": 5000, "train.eval_batches": 50, "train.checkpoint_every": 5000,
+        "data.packing": "pad",
+    })
+
+
+PRESETS_DICT = {
+    "smoke": dict(SMOKE, **_PROBE, **{"model.n_heads": 2}),
+    "cpu": _CPU,
+    "cpu_transformer": dict(_CPU, **{"model.encoder.kind": "transformer",
+                                     "model.encoder.position": -1, "model.decoder.kind": "transformer",
+                                     "model.expansion": "unroll", "train.lr": 5e-4}),
+    "cpu_autoencoder": dict(_CPU, **{"model.n_ctx": 64, "model.encoder.n_layers": 2,
+                                     "model.encoder.position": -1, "model.n_heads": 8}),
+    "paper_mixer": _paper("mixer", 1024, 5e-4),
+    "paper_transformer": _paper("transformer", 512, 2e-4),
+}
+PRESETS = tuple(PRESETS_DICT)
+
+
+def get_config(arg=None):
+    c = base_config()
+    c.name = f"information-{arg}" if arg else "information"
+    c.model.kind = "autoencoder"
+    c.train.objective = "autoencode"
+    return apply_preset(c, PRESETS_DICT, arg)

@@ -1,4 +1,5 @@
-"""Metrics from summed statistics, and the tensorboardX writer.
+"""Metrics from summed statistics, the compression accounting of stored embeddings, and the
+tensorboardX writer.
 
 Aggregation (REFERENCE §12.25): evaluation reports the *token-weighted* mean over all evaluation
 targets, so that loss and bits per byte describe the same text: bits per byte = Σ NLL (nats) /
@@ -37,6 +38,95 @@ def add_sums(total: dict[str, float] | None, sums: Mapping[str, object]) -> dict
     if total is None:
         return sums
     return {k: total[k] + sums[k] for k in total}
+
+
+# --------------------------------------------------------------------------- compression accounting
+#
+# A model that stores one embedding of n_p numbers at b_p bits per sequence (autoencoders,
+# embedding-augmented LMs) has to pay for that embedding when it is compared with a causal model or a
+# compressor (REFERENCE §7). The functions below use the exact forms over an evaluation set of
+# ``sequences`` rows with Σ targets tokens and Σ bytes target bytes; with every position a target and
+# r = Σ bytes / Σ targets they reduce to the per-sequence formulas of the reference.
+
+H0_PUBLISHED = 9.03  # REFERENCE §7, §12.4: the blog's uniform-over-8000 reference entropy (nats)
+
+
+def amortized_embedding_bpb(stored_numbers: int, bits: float, sequences: int, n_bytes: float) -> float:
+    """Embedding bits per byte b_e = n_p · b_p · sequences / Σ bytes (REFERENCE §7).
+
+    The exact form of b_e = n_p b_p / (n_ctx r): every one of ``sequences`` rows stores
+    ``stored_numbers`` (n_p) numbers of ``bits`` (b_p) bits, spread over the ``n_bytes`` target bytes.
+    """
+    return float(stored_numbers) * float(bits) * float(sequences) / float(n_bytes) if n_bytes else float("nan")
+
+
+def loss_offset(stored_numbers: int, bits: float, sequences: int, tokens: float) -> float:
+    """Loss offset L_o = n_p · b_p · ln 2 · sequences / Σ targets, in nats per token (REFERENCE §7).
+
+    Equals n_p b_p ln 2 / n_ctx when every position of every row is a target; e.g. 64 numbers at
+    4 bits with n_ctx 1024 give 0.173.
+    """
+    return float(stored_numbers) * float(bits) * LN2 * float(sequences) / float(tokens) if tokens else float("nan")
+
+
+def embedding_accounting(
+    sums: Mapping[str, float], stored_numbers: int, bits: float, sequences: int
+) -> dict[str, float]:
+    """Decoder loss and bits per byte plus the cost of the stored embeddings (REFERENCE §7).
+
+    From the summed ``nll`` / ``tokens`` / ``bytes``: ``loss`` = Σ nll / Σ targets, ``bpb`` (the
+    decoder's), ``loss_offset`` L_o, ``normalized_loss`` = loss + L_o, ``embedding_bpb`` b_e and
+    ``total_bpb`` = bpb + b_e.
+    """
+    tokens, n_bytes = float(sums["tokens"]), float(sums["bytes"])
+    loss = float(sums["nll"]) / tokens if tokens else float("nan")
+    bpb = bits_per_byte(sums["nll"], n_bytes)
+    offset = loss_offset(stored_numbers, bits, sequences, tokens)
+    b_e = amortized_embedding_bpb(stored_numbers, bits, sequences, n_bytes)
+    return {
+        "loss": loss,
+        "bpb": bpb,
+        "loss_offset": offset,
+        "normalized_loss": loss + offset,
+        "embedding_bpb": b_e,
+        "total_bpb": bpb + b_e,
+    }
+
+
+def information_ratio(ce: float, h0: float = H0_PUBLISHED) -> float:
+    """Information retention I_e = 1 − H / H0 of a probe whose reconstruction CE is H (REFERENCE §7).
+
+    ``h0`` = 9.03 reproduces the published figures (§12.4); :func:`information_ratio_exact` uses
+    H0 = ln V, the entropy of a uniform distribution over the vocabulary.
+    """
+    return 1.0 - float(ce) / float(h0)
+
+
+def information_ratio_exact(ce: float, vocab_size: int) -> float:
+    """I_e with H0 = ln V (ln 8000 = 8.987 for the published vocabulary; REFERENCE §12.4)."""
+    return information_ratio(ce, math.log(int(vocab_size)))
+
+
+STORED_EMBEDDING_KINDS = ("autoencoder", "embedding_clm")
+
+
+def stored_numbers(model_cfg) -> int | None:
+    """Numbers stored per sequence: d_enc // compression for kinds that keep one embedding per
+    sequence ('autoencoder', 'embedding_clm'; d_enc is the encoder width); None for other kinds."""
+    kind = _field(model_cfg, "kind")
+    if kind not in STORED_EMBEDDING_KINDS:
+        return None
+    from mixers_jax.models import sub_config  # lazy: metrics is imported by light tools
+
+    d_enc = int(sub_config(model_cfg, "encoder")["d_model"])
+    return d_enc // max(1, int(_field(model_cfg, "compression", 1) or 1))
+
+
+def _field(cfg, key: str, default=None):
+    try:
+        return cfg[key]
+    except (KeyError, TypeError):
+        return getattr(cfg, key, default)
 
 
 class Writer:

@@ -242,6 +242,31 @@ def target_text(tokens: np.ndarray, weights: np.ndarray, table: PieceBytes) -> b
     return table.join(np.broadcast_to(np.asarray(tokens)[:, None, :], chosen.shape)[chosen])
 
 
+def exact_target_text(config, objective: str, pad_id: int, batches, table: PieceBytes,
+                      counted_bytes: float) -> tuple[bytes, bool, int]:
+    """(text, exact, sequences): the bytes of the targets ``objective`` counts in ``batches`` (for the
+    compressor baselines), whether they provably are exactly those (their length equals the
+    objective's byte count ``counted_bytes``), and the rows with at least one target. Falls back to
+    the loss mask when the objective's targets cannot be traced."""
+    texts, sequences, counted = [], 0, 0.0
+    try:
+        weights_of = target_weights_fn(config, objective, pad_id)
+        for b in batches:
+            w = np.asarray(weights_of(b))
+            counted += float((w * b["token_bytes"]).sum())
+            texts.append(target_text(b["tokens"], w, table))
+            sequences += int((w.sum(axis=1) > 0).sum())
+    except Exception:  # noqa: BLE001 - any failure here only selects the fallback below
+        counted = float("nan")
+    text = b"".join(texts)
+    exact = (len(text) == round(counted) if math.isfinite(counted) else False) and (
+        abs(counted - counted_bytes) <= max(0.5, 1e-6 * counted_bytes))
+    if not exact:  # an objective whose target bytes the gradient cannot see: the loss mask
+        text = b"".join(target_text(b["tokens"], b["loss_mask"], table) for b in batches)
+        sequences = sum(int((b["loss_mask"].sum(axis=1) > 0).sum()) for b in batches)
+    return text, exact, sequences
+
+
 def target_weights_fn(config, objective: str, pad_id: int) -> Callable[[dict], Any]:
     """batch -> float32 [B, L]: how many times the objective counts each input token as a target.
 
@@ -383,22 +408,8 @@ def evaluate_run(
         if params is None:
             params = jax.device_put(run.params, steps.state_shardings.params)
         sums = _sums(steps, params, batches)
-        texts, sequences, counted = [], 0, 0.0
-        try:
-            weights_of = target_weights_fn(config, name, tok.pad_id)
-            for b in batches:
-                w = np.asarray(weights_of(b))
-                counted += float((w * b["token_bytes"]).sum())
-                texts.append(target_text(b["tokens"], w, table))
-                sequences += int((w.sum(axis=1) > 0).sum())
-        except Exception:  # noqa: BLE001 - any failure here only selects the fallback below
-            counted = float("nan")
-        text = b"".join(texts)
-        exact = (len(text) == round(counted) if math.isfinite(counted) else False) and (
-            abs(counted - sums["bytes"]) <= max(0.5, 1e-6 * sums["bytes"]))
-        if not exact:  # an objective whose target bytes the gradient cannot see: the loss mask
-            text = b"".join(target_text(b["tokens"], b["loss_mask"], table) for b in batches)
-            sequences = sum(int((b["loss_mask"].sum(axis=1) > 0).sum()) for b in batches)
+        text, exact, sequences = exact_target_text(config, name, tok.pad_id, batches, table,
+                                                    sums["bytes"])
         rec = _scores(sums, stored, bits, sequences)
         rec.update(sequences=sequences, compressors=metrics.compressor_bpb(text),
                    compressor_bytes=len(text), compressor_text_exact=bool(exact))

@@ -175,12 +175,3 @@ def compressor_bpb(data: bytes) -> dict[str, float]:
         "bz2-9": 8.0 * len(bz2.compress(data, compresslevel=9)) / n,
         "xz-9e": 8.0 * len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)) / n,
     }
-
-
-def batches_text(batches, tokenizer) -> bytes:
-    """The UTF-8 text that the counted tokens of ``batches`` decode to (for compressor baselines)."""
-    parts = []
-    for batch in batches:
-        for tokens, mask in zip(batch["tokens"], batch["loss_mask"]):
-            parts.append(tokenizer.decode([int(t) for t in tokens[mask > 0]]))
-    return "".join(parts).encode("utf-8")

@@ -294,6 +294,7 @@ class Steps:
     eval_steps: dict[str, Callable[[Any, dict], dict]] = dataclasses.field(default_factory=dict)
     fresh_state: Callable[[Any, jax.Array], TrainState] | None = None
     labels: Any = None
+    config: Any = None
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -454,6 +455,7 @@ def build_steps(config, mesh, objective: str | None = None, rules=None, pad_id: 
         fresh_state=jax.jit(fresh_state, in_shardings=(state_shardings.params, repl),
                             out_shardings=state_shardings),
         labels=labels,
+        config=config,
     )
 
 
@@ -462,12 +464,32 @@ def evaluate(steps: Steps, params, eval_batches: list[dict], eval_step=None) -> 
     objective's) over ``eval_batches``; extra sums (e.g. the copy pass of 'combined') are
     summarised under their prefix (``copy_accuracy``, ...)."""
     eval_step = eval_step or steps.eval_step
-    total = None
+    total, rows = None, 0
     for local in eval_batches:
         total = metrics_lib.add_sums(total, eval_step(params, sharding.global_batch(local, steps.mesh)))
+        rows += int(local["tokens"].shape[0]) * jax.process_count()
     if total is None:
         raise UserError("no evaluation batches: the validation split is too small")
-    return summarize_sums(total)
+    out = summarize_sums(total)
+    if steps.config is not None:
+        out.update(accounting(steps.config.model, total, rows))
+    return out
+
+
+def accounting(model_cfg, sums, sequences: int) -> dict[str, float]:
+    """REFERENCE §7 extras: for models that store one embedding per sequence, the loss offset,
+    normalized loss, embedding and total bits per byte (at model.embed_bits bits per number); for
+    autoencoders, the information ratio I_e = 1 − H/9.03 and 1 − H/ln V."""
+    out = {}
+    n_p = metrics_lib.stored_numbers(model_cfg)
+    if n_p:
+        acc = metrics_lib.embedding_accounting(sums, n_p, float(model_cfg.embed_bits), sequences)
+        out.update({k: acc[k] for k in ("loss_offset", "normalized_loss", "embedding_bpb", "total_bpb")})
+    if model_cfg.kind == "autoencoder":
+        loss = float(sums["nll"]) / max(float(sums["tokens"]), 1.0)
+        out["information_ratio"] = metrics_lib.information_ratio(loss)
+        out["information_ratio_lnv"] = metrics_lib.information_ratio_exact(loss, int(model_cfg.vocab_size))
+    return out
 
 
 def summarize_sums(sums) -> dict[str, float]:
@@ -695,16 +717,22 @@ def _log_eval(writer, log, step: int, evals: dict[str, dict[str, float]]) -> Non
     writer.scalars(step, scalars)
     for name, ev in evals.items():
         label = f"eval {name} @ {step}" if len(evals) > 1 else f"eval @ {step}"
-        extra = "".join(f" | {k} {v:.4f}" for k, v in ev.items() if k.endswith("accuracy") and k != "accuracy")
+        extra = "".join(f" | {k} {v:.4f}" for k, v in ev.items()
+                        if k.endswith("accuracy") and k != "accuracy"
+                        or k in ("normalized_loss", "total_bpb", "information_ratio"))
         log(f"{label}: loss {ev['loss']:.4f} | accuracy {ev['accuracy']:.4f} | "
             f"bits/byte {ev['bpb']:.4f}{extra}")
 
 
 def results_table(evals: dict[str, dict[str, float]], compressors: dict[str, float]) -> str:
     """The final evaluation as a small text table (one row per objective) and the compressors."""
-    lines = [f"{'objective':<12} {'loss':>8} {'accuracy':>9} {'bits/byte':>10}"]
+    extras = [k for k in ("copy_accuracy", "normalized_loss", "total_bpb", "information_ratio")
+              if any(k in ev for ev in evals.values())]
+    lines = [f"{'objective':<12} {'loss':>8} {'accuracy':>9} {'bits/byte':>10}"
+             + "".join(f" {k:>17}" for k in extras)]
     for name, ev in evals.items():
-        lines.append(f"{name:<12} {ev['loss']:>8.4f} {ev['accuracy']:>9.4f} {ev['bpb']:>10.4f}")
+        lines.append(f"{name:<12} {ev['loss']:>8.4f} {ev['accuracy']:>9.4f} {ev['bpb']:>10.4f}"
+                     + "".join(f" {ev.get(k, float('nan')):>17.4f}" for k in extras))
     lines.append("same eval text, bits/byte: " + " | ".join(f"{k} {v:.4f}" for k, v in compressors.items()))
     return "\n".join(lines)
 
@@ -829,6 +857,8 @@ def _loop(config, workdir, runner: _Runner, data, checkpointer, writer, log, met
                 }
                 scalars.update({f"train/{k}": v for k, v in train_metrics.items()
                                 if k not in ("loss", "tokens", "bytes") and not k.endswith(("_tokens", "_bytes"))})
+                scalars.update({f"train/{k}": v for k, v in accounting(
+                    config.model, last, int(config.train.batch_size)).items()})
                 if len(stage_list) > 1:
                     scalars["train/stage"] = float(stage.index)
                 if window_steps:
@@ -873,7 +903,13 @@ def _loop(config, workdir, runner: _Runner, data, checkpointer, writer, log, met
     if "evals" not in summary:
         summary["evals"] = evaluate_all(steps, state.params, data.eval_batches)
         summary["eval"] = next(iter(summary["evals"].values()))
-    baselines = metrics_lib.compressor_bpb(metrics_lib.batches_text(data.eval_batches, data.tokenizer))
+    from mixers_jax import evaluate as evaluate_lib
+
+    first_objective = next(iter(summary["evals"]))
+    text, _, _ = evaluate_lib.exact_target_text(
+        stage_config(config, stage), first_objective, data.tokenizer.pad_id, data.eval_batches,
+        evaluate_lib.PieceBytes.from_tokenizer(data.tokenizer), summary["eval"]["bytes"])
+    baselines = metrics_lib.compressor_bpb(text)
     summary["compressors"] = baselines
     log(results_table(summary["evals"], baselines))
     summary["params"] = state.params if step == total else None

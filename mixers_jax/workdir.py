@@ -58,7 +58,21 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         raise UserError(f"{workdir} is not a training workdir (no config.json)") from None
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
-    return ml_collections.ConfigDict(saved)
+    return with_defaults(saved)
+
+
+def with_defaults(saved: dict) -> ml_collections.ConfigDict:
+    """A saved config with every field added to the schema since then at its default value (a
+    workdir from an older version still loads)."""
+    from mixers_jax.config import base_config
+
+    def merge(base: dict, over: dict) -> dict:
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+        return out
+
+    return ml_collections.ConfigDict(merge(base_config().to_dict(), saved))
 
 
 def load_run(workdir: str, step: int | None = None) -> Run:

@@ -66,7 +66,53 @@ def transformer_forward_flops(cfg: Any) -> float:
     return L * (qkvo + attn + mlp) + head
 
 
-_FORWARD = {"mixer": mixer_forward_flops, "transformer": transformer_forward_flops}
+def _head_flops(cfg: Any) -> float:
+    return 2.0 * _get(cfg, "d_model") * _get(cfg, "vocab_size")
+
+
+def _sub(cfg: Any, role: str, n_ctx: int) -> tuple[dict, float, float]:
+    """(sub-config, body FLOPs per position, head FLOPs per position) of a composite model's part."""
+    from mixers_jax.models import sub_config
+
+    sub = sub_config(cfg, role, n_ctx=n_ctx)
+    head = _head_flops(sub)
+    return sub, _FORWARD[sub["kind"]](sub) - head, head
+
+
+def memory_forward_flops(cfg: Any) -> float:
+    """Forward FLOPs per row token of the chunked memory model (REFERENCE §6), N = s·n per row.
+
+    Encoder body (no head) on (s−1)·n positions and the bottleneck on s−1 memories (skipped with
+    use_memory=False); decoder body on s·(s+n) positions (memory slots included) at length n+s and
+    its head on the s·n token slots only.
+    """
+    s, n = int(_get(cfg, "chunks")), int(_get(cfg, "n_ctx"))
+    dec, dec_body, dec_head = _sub(cfg, "decoder", n + s)
+    total = s * (s + n) * dec_body + s * n * dec_head
+    if _get(cfg, "use_memory", True):
+        enc, enc_body, _ = _sub(cfg, "encoder", n)
+        d_enc, d_dec = enc["d_model"], dec["d_model"]
+        c = int(_get(cfg, "compression", 1))
+        bottleneck = (2.0 * 2 * d_enc * (d_enc // c) if c > 1 else 0.0) + (
+            2.0 * d_enc * d_dec if d_enc != d_dec else 0.0)
+        total += (s - 1) * (n * enc_body + bottleneck)
+    return total / (s * n)
+
+
+def rmt_forward_flops(cfg: Any) -> float:
+    """Forward FLOPs per row token of the recurrent-memory baseline (REFERENCE §6): per chunk the
+    decoder body on n+1 positions (state slot + tokens) and the head on the n token slots."""
+    n = int(_get(cfg, "n_ctx"))
+    _, body, head = _sub(cfg, "decoder", n + 1)
+    return ((n + 1) * body + n * head) / n
+
+
+_FORWARD = {
+    "mixer": mixer_forward_flops,
+    "transformer": transformer_forward_flops,
+    "memory": memory_forward_flops,
+    "rmt": rmt_forward_flops,
+}
 
 
 def flops_per_token(model_cfg: Any, training: bool = True) -> float:

@@ -9,6 +9,27 @@ they need; ``OBJECTIVES`` maps each name to such a factory.
 ``token_bytes`` (UTF-8 bytes each token decodes to). ``metrics`` are *sums* (``nll``, ``tokens``,
 ``correct``, ``bytes``) so they aggregate exactly across micro-batches, devices and eval batches;
 :mod:`mixers_jax.metrics` turns them into loss, accuracy and bits per byte.
+
+Objectives (REFERENCE §6):
+
+* ``clm``: for kinds 'memory' and 'rmt' (rows of s chunks of n tokens) the *chunked* CLM: output i of
+  chunk c predicts t^(c)_{i+1} within the chunk (a chunk's first token is never a target and a chunk
+  never predicts the next chunk's first token); L = (1/s)·Σ_c L_c with L_c the token-mean CE of
+  chunk c over the batch; a chunk with no targets contributes 0 and the divisor stays s. A chunk
+  whose loss is NaN is *not* skipped (the reference skipped it; here the trainer's non-finite stop
+  reports it). Other kinds: the plain shifted CLM.
+* ``copy``: input [t_{0:N/2}, t_{0:N/2}], labels [∅^{N/2}, t_{0:N/2}] (pads of the copied half stay ∅).
+* ``blank_copy``: input [t_{0:N/2}, pad^{N/2}], the same labels; the copy must come from the memories.
+* ``combined``: two passes per batch, (t, CLM labels) and the copy pass (``train.copy_pass`` 'blank'
+  or 'copy'), L = L_clm + L_copy (per-chunk losses of both summed, divided by s once). With
+  ``train.copy_delimiter`` D ≥ 0 the copy pass writes D at input positions N/2..N/2+2 and makes labels
+  N/2−1..N/2+1 ∅ (the objective-switching model); ``copy`` and ``blank_copy`` use no delimiter.
+
+The copy objectives read the loss with the chunked (within-chunk) shift for chunked kinds and the
+plain shift for the others (the full-context baselines), on the same inputs and labels; N = the row
+length must be even. Sums are plain token sums over every counted target; ``combined`` returns the
+CLM pass under ``nll``/``tokens``/``correct``/``bytes`` and the copy pass under ``copy_nll``,
+``copy_tokens``, ``copy_correct``, ``copy_bytes``.
 """
 from __future__ import annotations
 
@@ -62,6 +83,78 @@ def autoencode(apply_fn: Callable, params, batch) -> tuple[jax.Array, dict[str, 
     return loss, sums
 
 
+def chunked_sums(
+    logits_BxLxV, targets_BxL, mask_BxL, bytes_BxL, chunks: int
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Within-chunk shifted CE (REFERENCE §6 "Per-chunk loss"): (Σ_c L_c, token sums).
+
+    Rows of length L = s·n are cut into s chunks; output i of chunk c predicts label c·n + i + 1 for
+    i ≤ n−2. L_c is the token-mean CE of chunk c over the batch, 0 for a chunk without targets; the
+    caller divides Σ_c L_c by s.
+    """
+    b, length, v = logits_BxLxV.shape
+    s = int(chunks)
+    n = length // s
+
+    def chunked(x, *tail):
+        return x.reshape(b, s, n, *tail)
+
+    logits = chunked(logits_BxLxV, v)[:, :, :-1]
+    targets = chunked(targets_BxL)[:, :, 1:]
+    mask = chunked(mask_BxL).astype(jnp.float32)[:, :, 1:]
+    nll_BxSxN = token_nll(logits, targets) * mask
+    count_S = jnp.sum(mask, axis=(0, 2))
+    loss_S = jnp.sum(nll_BxSxN, axis=(0, 2)) / jnp.maximum(count_S, 1.0)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * mask
+    sums = {
+        "nll": jnp.sum(nll_BxSxN),
+        "tokens": jnp.sum(count_S),
+        "correct": jnp.sum(correct),
+        "bytes": jnp.sum(chunked(bytes_BxL)[:, :, 1:].astype(jnp.float32) * mask),
+    }
+    return jnp.sum(loss_S), sums
+
+
+def shifted_sums(logits_BxNxV, targets_BxN, mask_BxN, bytes_BxN) -> dict[str, jax.Array]:
+    """Plain shifted CE sums: output i predicts label i+1 (REFERENCE §2.2)."""
+    return masked_sums(logits_BxNxV[:, :-1], targets_BxN[:, 1:], mask_BxN[:, 1:], bytes_BxN[:, 1:])
+
+
+COPY_MODES = ("copy", "blank")
+
+
+def copy_batch(batch: dict, mode: str, pad_id: int, delimiter: int = -1) -> dict[str, jax.Array]:
+    """The copy task of REFERENCE §6 built from a batch of rows of even length N.
+
+    Returns ``tokens`` (the input: [t_{0:N/2}, t_{0:N/2}] for ``mode='copy'``, [t_{0:N/2}, pad^{N/2}]
+    for ``mode='blank'``), ``targets`` ([·, t_{0:N/2}]) and ``loss_mask`` / ``token_bytes`` that are 0
+    on the first half and the first half's own values on the second (so pads stay ∅). ``delimiter``
+    D ≥ 0 writes D at input positions N/2, N/2+1, N/2+2 and clears the mask at N/2−1, N/2, N/2+1.
+    """
+    if mode not in COPY_MODES:
+        raise ValueError(f"copy mode must be one of {COPY_MODES}, got {mode!r}")
+    tokens = batch["tokens"]
+    length = tokens.shape[1]
+    if length % 2:
+        raise ValueError(f"copy objectives need an even row length, got {length}")
+    h = length // 2
+    first = tokens[:, :h]
+    second = first if mode == "copy" else jnp.full_like(first, pad_id)
+    mask_first = batch["loss_mask"][:, :h].astype(jnp.float32)
+    bytes_first = batch["token_bytes"][:, :h]
+    out = {
+        "tokens": jnp.concatenate([first, second], axis=1),
+        "targets": jnp.concatenate([first, first], axis=1),
+        "loss_mask": jnp.concatenate([jnp.zeros_like(mask_first), mask_first], axis=1),
+        "token_bytes": jnp.concatenate([jnp.zeros_like(bytes_first), bytes_first], axis=1),
+    }
+    if delimiter >= 0:
+        out["tokens"] = out["tokens"].at[:, h : h + 3].set(jnp.asarray(delimiter, tokens.dtype))
+        out["loss_mask"] = out["loss_mask"].at[:, h - 1 : h + 2].set(0.0)
+        out["token_bytes"] = out["token_bytes"].at[:, h - 1 : h + 2].set(0)
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class ObjectiveContext:
     """What an objective factory may read: ``config.model``, ``config.train`` and the pad id."""
@@ -73,9 +166,100 @@ class ObjectiveContext:
 
 Objective = Callable[[Callable, Any, dict], tuple[jax.Array, dict[str, jax.Array]]]
 
+def _chunks(ctx: ObjectiveContext) -> int:
+    """s for the chunked kinds ('memory', 'rmt'), 0 for every other kind."""
+    from mixers_jax.models import CHUNKED_KINDS
+
+    return int(ctx.model.chunks) if ctx.model.kind in CHUNKED_KINDS else 0
+
+
+def _loss_terms(logits, targets, mask, nbytes, chunks: int) -> tuple[jax.Array, jax.Array, dict]:
+    """(numerator, divisor, sums): chunked -> (Σ_c L_c, s); plain -> (token-mean loss, 1)."""
+    if chunks:
+        total, sums = chunked_sums(logits, targets, mask, nbytes, chunks)
+        return total, float(chunks), sums
+    sums = shifted_sums(logits, targets, mask, nbytes)
+    return sums["nll"] / jnp.maximum(sums["tokens"], 1.0), 1.0, sums
+
+
+def _row_length(ctx: ObjectiveContext, name: str) -> int:
+    from mixers_jax.errors import UserError
+    from mixers_jax.models import input_length
+
+    length = input_length(ctx.model)
+    if length % 2:
+        raise UserError(
+            f"objective {name!r} copies the first half of each row, so the row length must be even; "
+            f"it is {length} (model.n_ctx x model.chunks for memory models)")
+    return length
+
+
+def _clm_factory(ctx: ObjectiveContext) -> Objective:
+    chunks = _chunks(ctx)
+    if not chunks:
+        return clm
+
+    def chunked_clm(apply_fn: Callable, params, batch):
+        tokens = batch["tokens"]
+        total, s, sums = _loss_terms(apply_fn(params, tokens), tokens, batch["loss_mask"],
+                                     batch["token_bytes"], chunks)
+        return total / s, sums
+
+    return chunked_clm
+
+
+def _copy_factory(mode: str, name: str) -> Callable[[ObjectiveContext], Objective]:
+    def factory(ctx: ObjectiveContext) -> Objective:
+        _row_length(ctx, name)
+        chunks, pad_id = _chunks(ctx), int(ctx.pad_id)
+
+        def copy_loss(apply_fn: Callable, params, batch):
+            cb = copy_batch(batch, mode, pad_id)
+            total, s, sums = _loss_terms(apply_fn(params, cb["tokens"]), cb["targets"],
+                                         cb["loss_mask"], cb["token_bytes"], chunks)
+            return total / s, sums
+
+        return copy_loss
+
+    return factory
+
+
+def _combined_factory(ctx: ObjectiveContext) -> Objective:
+    from mixers_jax.errors import UserError
+
+    length = _row_length(ctx, "combined")
+    mode = str(ctx.train.copy_pass)
+    if mode not in COPY_MODES:
+        raise UserError(f"train.copy_pass must be one of {COPY_MODES}, got {mode!r}")
+    delimiter = ctx.train.copy_delimiter
+    vocab = int(ctx.model.vocab_size)
+    if isinstance(delimiter, bool) or not isinstance(delimiter, int) or delimiter >= vocab:
+        raise UserError(
+            f"train.copy_delimiter must be a token id below model.vocab_size={vocab} (or -1: none), "
+            f"got {delimiter!r}")
+    if delimiter >= 0 and length < 6:
+        raise UserError(f"train.copy_delimiter needs rows of at least 6 tokens, got {length}")
+    chunks, pad_id = _chunks(ctx), int(ctx.pad_id)
+
+    def combined(apply_fn: Callable, params, batch):
+        tokens = batch["tokens"]
+        clm_total, s, clm_sums = _loss_terms(apply_fn(params, tokens), tokens, batch["loss_mask"],
+                                             batch["token_bytes"], chunks)
+        cb = copy_batch(batch, mode, pad_id, delimiter)
+        copy_total, _, copy_sums = _loss_terms(apply_fn(params, cb["tokens"]), cb["targets"],
+                                               cb["loss_mask"], cb["token_bytes"], chunks)
+        sums = dict(clm_sums, **{f"copy_{k}": v for k, v in copy_sums.items()})
+        return (clm_total + copy_total) / s, sums
+
+    return combined
+
+
 OBJECTIVES: dict[str, Callable[[ObjectiveContext], Objective]] = {
-    "clm": lambda ctx: clm,
+    "clm": _clm_factory,
     "autoencode": lambda ctx: autoencode,
+    "copy": _copy_factory("copy", "copy"),
+    "blank_copy": _copy_factory("blank", "blank_copy"),
+    "combined": _combined_factory,
 }
 
 

@@ -99,7 +99,9 @@ def setup(config, mesh_text: str | None = None, devices=None):
         devices = list(devices)[:n]
     mesh = sharding.make_mesh(sizes, devices)
     steps = trainer.build_steps(config, mesh, rules=rules)
-    rows, n_ctx = int(config.train.batch_size), int(config.model.n_ctx)
+    from mixers_jax.models import input_length
+
+    rows, n_ctx = int(config.train.batch_size), input_length(config.model)  # s·n for memory models
     bsh = sharding.batch_sharding(mesh)
     batch = {
         "tokens": jax.ShapeDtypeStruct((rows, n_ctx), jnp.int32, sharding=bsh),

@@ -13,14 +13,25 @@ from mixers_jax.config import load_config
 from mixers_jax.errors import UserError
 from tests_util import REPO, config_path
 
-# Model kinds whose jaxpr FLOPs must match flops.py within 2%. Add the autoencoder and memory
-# models here when they exist: (id, config module, model overrides).
+# Model kinds whose jaxpr FLOPs must match flops.py within 2%: (id, config module, model
+# overrides; nested dicts update model.encoder / model.decoder).
 FLOP_MODELS = [
     ("mixer_flat", "mixer_clm", {}),
     ("mixer_headed", "mixer_clm", {"heads": 4}),
     ("mixer_toeplitz", "mixer_clm", {"mixing": "toeplitz"}),
     ("mixer_expanded", "mixer_clm", {"expanded": True}),
     ("transformer", "transformer_clm", {"n_heads": 4}),
+    # Chunked memory models (REFERENCE §6): rows of chunks x n_ctx = 2 x 32 tokens.
+    ("memory_mixer", "mixer_clm", {"kind": "memory", "chunks": 2, "n_ctx": 32,
+                                   "encoder": {"d_model": 32}, "compression": 2}),
+    ("memory_transformer_decoder", "mixer_clm",
+     {"kind": "memory", "chunks": 2, "n_ctx": 32, "n_heads": 4,
+      "decoder": {"kind": "transformer"}, "memory_slots": "variable"}),
+    ("memory_no_memory", "mixer_clm", {"kind": "memory", "chunks": 2, "n_ctx": 32,
+                                       "use_memory": False}),
+    ("rmt_mixer", "mixer_clm", {"kind": "rmt", "chunks": 2, "n_ctx": 32}),
+    ("rmt_transformer", "mixer_clm", {"kind": "rmt", "chunks": 2, "n_ctx": 32, "n_heads": 4,
+                                      "decoder": {"kind": "transformer"}}),
 ]
 
 

@@ -222,6 +222,27 @@ def _get(cfg, name, default):
     return getattr(cfg, name, default) if cfg is not None else default
 
 
+def check_chunked_rows(model_cfg, token_docs: Sequence[np.ndarray], packing: str) -> None:
+    """Memory models (REFERENCE §6) with ``packing='pad'``: one document per row of s·n_ctx tokens.
+
+    Raises UserError when even the longest document ends within the first s−1 chunks, so the last
+    chunk of every row would be all pads (it would never be trained).
+    """
+    from mixers_jax.models import CHUNKED_KINDS
+
+    kind = _get(model_cfg, "kind", "mixer")
+    if packing != "pad" or kind not in CHUNKED_KINDS or not token_docs:
+        return
+    s, n = int(model_cfg.chunks), int(model_cfg.n_ctx)
+    longest = max(len(d) for d in token_docs)
+    if longest <= (s - 1) * n:
+        raise UserError(
+            f"data.packing='pad' with model.kind={kind!r}: the longest training document has {longest} "
+            f"tokens but a row holds chunks x n_ctx = {s}x{n} = {s * n}, so the last chunk of every "
+            "row would be all pads; use data.packing='concat', fewer model.chunks or a smaller "
+            "model.n_ctx")
+
+
 def build_data(
     config,
     workdir: str | None = None,
@@ -302,6 +323,7 @@ def build_data(
     table = tokenizer.token_bytes()
     train_tok = tokenize_documents(train_docs, tokenizer)
     val_tok = tokenize_documents(val_docs, tokenizer)
+    check_chunked_rows(config.model, train_tok, packing)
     common = dict(
         n_ctx=n_ctx,
         batch_size=batch,

@@ -3,8 +3,10 @@
 Every model maps tokens [B, n] int32 to logits [B, n, V] float32:
 ``model.init(rng, tokens)``, ``model.apply({'params': params}, tokens)``.
 Params are float32; compute runs in ``model_cfg.dtype``. Kinds: 'mixer' (REFERENCE §2; n must equal
-n_ctx; with ``mixing`` row/col/mixed and ``block='srm'`` the structured recurrent mixer of §8) and
-'transformer' (REFERENCE §3; n ≤ n_ctx). Bad combinations raise ``UserError``.
+n_ctx; with ``mixing`` row/col/mixed and ``block='srm'`` the structured recurrent mixer of §8),
+'transformer' (REFERENCE §3; n ≤ n_ctx), and the chunked memory models 'memory' and 'rmt'
+(REFERENCE §6; rows of n = chunks·n_ctx tokens, see ``models/memory.py``). Bad combinations raise
+``UserError``.
 
 Step forms (generation, compression): ``cache = model.init_cache(batch, mode)`` with mode 'cached'
 (every model: mixing-input caches, KV cache) or 'recurrent' (structured mixing: O(d) state per layer),
@@ -19,6 +21,8 @@ import flax.linen as nn
 
 from mixers_jax.errors import UserError
 from mixers_jax.models import layers
+from mixers_jax.models.bottleneck import QUANTS
+from mixers_jax.models.memory import MemoryLM, RecurrentMemoryLM
 from mixers_jax.models.mixer import MaskedMixerLM, MixerBlock
 from mixers_jax.models.mixing import IMPLS, MASK_GRADS, MIXINGS, SRM_MIXINGS, TokenMixing
 from mixers_jax.models.transformer import TransformerLM
@@ -30,7 +34,9 @@ __all__ = [
     "sub_config",
     "MODEL_KINDS",
     "MaskedMixerLM",
+    "MemoryLM",
     "MixerBlock",
+    "RecurrentMemoryLM",
     "TokenMixing",
     "TransformerLM",
 ]
@@ -171,9 +177,92 @@ def input_length(model_cfg: Any) -> int:
     return n
 
 
+SUB_KINDS = ("mixer", "transformer")  # what an encoder / decoder of a composite model may be
+MEMORY_SLOTS = ("fixed", "variable")
+
+
+def _positive_int(cfg: Any, key: str, minimum: int = 1) -> int:
+    value = _get(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"model.{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _sub_model(model_cfg: Any, role: str, n_ctx: int) -> tuple[nn.Module, dict]:
+    """Builds the ``role`` sub-model of length ``n_ctx``; its config errors name ``model.<role>``."""
+    sub = sub_config(model_cfg, role, n_ctx=n_ctx)
+    if sub["kind"] not in SUB_KINDS:
+        raise UserError(f"model.{role}.kind must be one of {SUB_KINDS}, got {sub['kind']!r}")
+    try:
+        return MODEL_KINDS[sub["kind"]](sub), sub
+    except UserError as e:
+        raise UserError(f"model.{role} ({sub['kind']}, n_ctx={n_ctx}): {e}") from None
+
+
+def _causal_decoder(sub: dict) -> None:
+    if not sub.get("causal", True):
+        raise UserError("model.decoder.causal must be True: a memory decoder predicts the next token")
+
+
+def _fill(sub: dict) -> float:
+    """Fill vector value: 0 for mixer decoders, 1 (all ones) for transformer decoders (§6)."""
+    return 1.0 if sub["kind"] == "transformer" else 0.0
+
+
+def _build_memory(cfg: Any) -> nn.Module:
+    """Kind 'memory' (REFERENCE §6): encoder on chunks 0..s−2, bottleneck, decoder on all chunks."""
+    s = _positive_int(cfg, "chunks", 2)
+    n = _positive_int(cfg, "n_ctx")
+    slots = _get(cfg, "memory_slots", "fixed")
+    if slots not in MEMORY_SLOTS:
+        raise UserError(f"model.memory_slots must be one of {MEMORY_SLOTS}, got {slots!r}")
+    encoder, enc = _sub_model(cfg, "encoder", n)
+    decoder, dec = _sub_model(cfg, "decoder", n + s)
+    _causal_decoder(dec)
+    if slots == "variable" and dec["kind"] != "transformer":
+        raise UserError(
+            "model.memory_slots='variable' needs a transformer decoder (a mixer's mixing matrices fix "
+            "every position); use memory_slots='fixed' or model.decoder.kind='transformer'")
+    c = _positive_int(cfg, "compression")
+    d_enc, d_dec = int(enc["d_model"]), int(dec["d_model"])
+    if d_enc % c:
+        raise UserError(f"model.compression={c} must divide the encoder width {d_enc}")
+    position = _get(_get(cfg, "encoder") or {}, "position", -1)
+    if isinstance(position, bool) or not isinstance(position, int) or not -n <= position < n:
+        raise UserError(f"model.encoder.position must be an integer in [-{n}, {n - 1}], got {position!r}")
+    quant = _get(cfg, "embed_quant", "none")
+    if quant not in QUANTS:
+        raise UserError(f"model.embed_quant must be one of {QUANTS}, got {quant!r}")
+    qat = float(_get(cfg, "qat_noise", 0.0))
+    if qat < 0:
+        raise UserError(f"model.qat_noise must be >= 0, got {qat}")
+    return MemoryLM(
+        encoder=encoder, decoder=decoder, n_ctx=n, chunks=s, d_encoder=d_enc, d_decoder=d_dec,
+        position=position, compression=c, quant=quant, qat_noise=qat, fill=_fill(dec),
+        use_memory=bool(_get(cfg, "use_memory", True)), variable_slots=slots == "variable",
+        reference=bool(_get(cfg, "reference", True)), dtype=layers.dtype_of(_get(cfg, "dtype")),
+    )
+
+
+def _build_rmt(cfg: Any) -> nn.Module:
+    """Kind 'rmt' (REFERENCE §6 "Recurrent memory"): one decoder of length n + 1 and a carried state."""
+    s = _positive_int(cfg, "chunks")
+    n = _positive_int(cfg, "n_ctx")
+    decoder, dec = _sub_model(cfg, "decoder", n + 1)
+    _causal_decoder(dec)
+    return RecurrentMemoryLM(
+        decoder=decoder, n_ctx=n, chunks=s, d_model=int(dec["d_model"]), fill=_fill(dec),
+        overwrite=bool(_get(cfg, "rmt_overwrite", True)), dtype=layers.dtype_of(_get(cfg, "dtype")),
+    )
+
+
 def register(kind: str, builder: Callable[[Any], nn.Module]) -> None:
     """Adds a model kind (later: 'autoencoder', 'memory', 'srm', ...)."""
     MODEL_KINDS[kind] = builder
+
+
+register("memory", _build_memory)
+register("rmt", _build_rmt)
 
 
 def build_model(model_cfg: Any) -> nn.Module:

@@ -4,7 +4,10 @@ embedding -> L x [x += Attn(RMSNorm x); x += SwiGLU(RMSNorm x)] -> final RMSNorm
 Full multi-head attention (no GQA), no biases anywhere, RoPE (θ = rope_theta, HF "rotate-half"
 layout), RMSNorm eps 1e-6, SwiGLU intermediate mlp_ratio·d, every weight ~ N(0, 0.02²).
 Causal attention is ``jax.nn.dot_product_attention(q, k, v, is_causal=True)``; inputs may be
-shorter than n_ctx (RoPE positions 0..n−1).
+shorter than n_ctx (RoPE positions 0..n−1). ``hidden(x, positions=, mask=)`` optionally takes
+explicit RoPE positions [B, n] and a boolean attention mask [B, 1, n, n] (True = may attend; it
+replaces the causal mask, so it must include causality): memory models use them to lay out
+variable-length inputs in one fixed-length batch (REFERENCE §6 "Variable positions").
 
 Parameter tree and the Hugging Face ``LlamaForCausalLM`` state dict (HF Linear weights are [out, in]):
 
@@ -45,12 +48,25 @@ def rope_cos_sin(n: int, head_dim: int, theta: float) -> tuple[Array, Array]:
     return jnp.cos(angles_NxK), jnp.sin(angles_NxK)
 
 
+def rope_cos_sin_at(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+    """cos, sin [..., head_dim] at explicit (integer) ``positions`` [...]; see :func:`rope_cos_sin`."""
+    inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
 def apply_rope(x_BxNxHxK: Array, cos_NxK: Array, sin_NxK: Array) -> Array:
-    """x·cos + rotate_half(x)·sin with rotate_half(x) = [−x₂, x₁] (HF Llama layout), in float32."""
+    """x·cos + rotate_half(x)·sin with rotate_half(x) = [−x₂, x₁] (HF Llama layout), in float32.
+
+    cos/sin are [N, K] (shared by the batch) or [B, N, K] (per-row positions)."""
     x = x_BxNxHxK.astype(jnp.float32)
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    cos, sin = cos_NxK[None, :, None, :], sin_NxK[None, :, None, :]
+    if cos_NxK.ndim == 3:
+        cos, sin = cos_NxK[:, :, None, :], sin_NxK[:, :, None, :]
+    else:
+        cos, sin = cos_NxK[None, :, None, :], sin_NxK[None, :, None, :]
     return (x * cos + rotated * sin).astype(x_BxNxHxK.dtype)
 
 
@@ -63,7 +79,8 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxNxD: Array, pos: Array | None = None, cache: dict | None = None):
+    def __call__(self, x_BxNxD: Array, pos: Array | None = None, cache: dict | None = None,
+                 positions_BxN: Array | None = None, mask_Bx1xNxN: Array | None = None):
         h, hd = self.n_heads, self.d_model // self.n_heads
         kw = dict(use_bias=False, kernel_init=layers.normal(0.02), dtype=self.dtype)
         proj_axes = ("embed", "heads", "head_dim")
@@ -91,10 +108,17 @@ class Attention(nn.Module):
             probs = jax.nn.softmax(scores, axis=-1)
             a_BxHxK = jnp.einsum("bhj,bjhk->bhk", probs, v_cache.astype(jnp.float32))
             return out(a_BxHxK.astype(self.dtype)), {"k": k_cache, "v": v_cache}
-        cos, sin = rope_cos_sin(x_BxNxD.shape[1], hd, self.rope_theta)
+        if positions_BxN is None:
+            cos, sin = rope_cos_sin(x_BxNxD.shape[1], hd, self.rope_theta)
+        else:
+            cos, sin = rope_cos_sin_at(positions_BxN, hd, self.rope_theta)
         q_BxNxHxK = apply_rope(q_BxNxHxK, cos, sin)
         k_BxNxHxK = apply_rope(k_BxNxHxK, cos, sin)
-        a_BxNxHxK = jax.nn.dot_product_attention(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK, is_causal=True)
+        if mask_Bx1xNxN is None:
+            a_BxNxHxK = jax.nn.dot_product_attention(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK, is_causal=True)
+        else:
+            a_BxNxHxK = jax.nn.dot_product_attention(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK,
+                                                     mask=mask_Bx1xNxN)
         a_BxNxHxK = nn.with_logical_constraint(a_BxNxHxK, ("batch", "length", "act_heads", None))
         return out(a_BxNxHxK)
 
@@ -107,7 +131,8 @@ class TransformerBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxNxD: Array, pos: Array | None = None, cache: dict | None = None):
+    def __call__(self, x_BxNxD: Array, pos: Array | None = None, cache: dict | None = None,
+                 positions_BxN: Array | None = None, mask_Bx1xNxN: Array | None = None):
         step = cache is not None
         names = ("batch", "length", "act_embed")
         h = layers.rms_norm(self.dtype, name="attn_norm")(x_BxNxD)
@@ -116,7 +141,7 @@ class TransformerBlock(nn.Module):
             h, cache = attn(h, pos, cache)
             x_BxNxD = x_BxNxD + h
         else:
-            h = attn(h)
+            h = attn(h, positions_BxN=positions_BxN, mask_Bx1xNxN=mask_Bx1xNxN)
             x_BxNxD = nn.with_logical_constraint(x_BxNxD + h, names)
         h = layers.rms_norm(self.dtype, name="mlp_norm")(x_BxNxD)
         h = layers.SwiGLU(self.d_model, self.mlp_ratio * self.d_model, self.dtype, name="mlp")(h)
@@ -171,10 +196,12 @@ class TransformerLM(nn.Module):
         x_BxNxD = self.embed(tokens_BxN)
         return nn.with_logical_constraint(x_BxNxD, ("batch", "length", "act_embed"))
 
-    def hidden(self, x_BxNxD: Array) -> Array:
-        """Block outputs followed by the final RMSNorm."""
+    def hidden(self, x_BxNxD: Array, positions_BxN: Array | None = None,
+               mask_Bx1xNxN: Array | None = None) -> Array:
+        """Block outputs followed by the final RMSNorm. Optional RoPE ``positions_BxN`` (default
+        0..n−1) and boolean attention mask (default causal; a given mask must include causality)."""
         for block in self.blocks:
-            x_BxNxD = block(x_BxNxD)
+            x_BxNxD = block(x_BxNxD, positions_BxN=positions_BxN, mask_Bx1xNxN=mask_Bx1xNxN)
         return self.final_norm(x_BxNxD)
 
     def logits(self, h_BxNxD: Array) -> Array:

@@ -13,6 +13,8 @@ What is counted is what the implementation computes, not the causal minimum:
   Structured recurrent mixing (row / col / mixed, REFERENCE §8) is materialised as a dense n×n
   matrix for training, so it counts n·d too (the O(1) recurrence used for generation costs ~2·d
   multiply-adds per token, not counted here).
+* kernel mixing (k > 1, §2.1): the k feature-shifted copies contracted with the n×n×k kernel in one
+  matmul: k·n·d multiply-adds per token per matrix.
 * FFT Toeplitz: per sequence and feature, one real FFT of length 2n of the input and one inverse,
   ≈ 2.5·(2n)·log2(2n) FLOPs each (the usual 5·N·log2 N estimate for a complex FFT of length N, halved
   for a real one), plus the complex pointwise product, 6 FLOPs per frequency (n+1 of them). Per token
@@ -20,6 +22,7 @@ What is counted is what the implementation computes, not the causal minimum:
   sequence, not per feature). The backward pass is again two FFT convolutions, so ×3 holds too.
   XLA's cost model charges more, 8·N·log2 N per FFT of length N, real or complex (about 3× this
   estimate); either way the FFT is a few percent of a block next to the FFN's 16·d² per token.
+  Unmasked (two-sided) Toeplitz uses FFTs of length 4n: d·(20·log2(4n) + 12) per token.
 * attention QKᵀ and AV: the full n×n scores (what ``jax.nn.dot_product_attention`` computes with the
   XLA implementation, i.e. on CPU and by default): 2·n·d multiply-adds per token per layer. ``n`` is
   n_ctx (the length the model is trained at).
@@ -37,9 +40,11 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
         return getattr(cfg, key, default)
 
 
-def _fft_mix_flops(n: int, d: int) -> float:
-    """Forward FLOPs per token of one FFT causal convolution over d features (see module docstring)."""
-    return d * (10.0 * math.log2(2 * n) + 6.0)
+def _fft_mix_flops(n: int, d: int, length: int | None = None) -> float:
+    """Forward FLOPs per token of one FFT convolution over d features with real FFTs of ``length``
+    (2n: causal; 4n: unmasked two-sided): 2 FFTs of 2.5·L·log2 L and 3·L pointwise, per n tokens."""
+    length = 2 * n if length is None else length
+    return d * (5.0 * length * math.log2(length) + 3.0 * length) / n
 
 
 def mixer_forward_flops(cfg: Any) -> float:
@@ -48,7 +53,9 @@ def mixer_forward_flops(cfg: Any) -> float:
     r, heads = _get(cfg, "mlp_ratio", 4), _get(cfg, "heads", 0)
     n_mix = 2 if _get(cfg, "expanded", False) else 1
     fft = _get(cfg, "mixing_impl", "dense") == "fft"
-    mix = n_mix * (_fft_mix_flops(n, d) if fft else 2.0 * n * d)
+    k = _get(cfg, "kernel", 1) if _get(cfg, "mixing", "flat") == "flat" else 1
+    fft_len = 2 * n if _get(cfg, "causal", True) else 4 * n
+    mix = n_mix * (_fft_mix_flops(n, d, fft_len) if fft else 2.0 * n * d * k)
     proj = 2.0 * (2 * d * d) if heads else 0.0  # in-projection d->d, out-projection d->d
     ffn = 2.0 * (2 * r * d * d)
     head = 2.0 * d * V
@@ -113,6 +120,49 @@ _FORWARD = {
     "memory": memory_forward_flops,
     "rmt": rmt_forward_flops,
 }
+
+
+def _bottleneck_flops(d_in: int, c: int, d_out: int) -> float:
+    """Per sequence: down d->d/c and up d/c->d (c > 1), bridge d->d_out (widths differ)."""
+    f = 2.0 * 2 * d_in * (d_in // c) if c > 1 else 0.0
+    return f + (2.0 * d_in * d_out if d_out != d_in else 0.0)
+
+
+def autoencoder_forward_flops(cfg: Any) -> float:
+    """Forward FLOPs per input token of the autoencoder (REFERENCE §4): encoder body (no head) on the
+    n tokens, the bottleneck once per row (/n), the unroll projection per position, the decoder."""
+    n, c = int(_get(cfg, "n_ctx")), int(_get(cfg, "compression", 1))
+    enc, enc_body, _ = _sub(cfg, "encoder", n)
+    dec, dec_body, dec_head = _sub(cfg, "decoder", n)
+    d_enc, d_dec = enc["d_model"], dec["d_model"]
+    unroll = 2.0 * (d_dec // 2) * d_dec if _get(cfg, "expansion", "repeat") == "unroll" else 0.0
+    return enc_body + _bottleneck_flops(d_enc, c, d_dec) / n + unroll + dec_body + dec_head
+
+
+def embedding_clm_forward_flops(cfg: Any) -> float:
+    """Forward FLOPs per input token of the oracle-embedding causal LM (REFERENCE §5): encoder body
+    on n tokens, bottleneck / injection once per row (/n), decoder body on n+1 positions ('token')
+    or n (at width d_dec + d_enc/c for 'embedding') and its head on n."""
+    n, c = int(_get(cfg, "n_ctx")), int(_get(cfg, "compression", 1))
+    injection = _get(cfg, "injection", "token")
+    enc, enc_body, _ = _sub(cfg, "encoder", n)
+    d_enc = enc["d_model"]
+    if injection == "token":
+        dec, dec_body, dec_head = _sub(cfg, "decoder", n + 1)
+        bottleneck = _bottleneck_flops(d_enc, c, dec["d_model"])
+        return enc_body + bottleneck / n + (n + 1) / n * dec_body + dec_head
+    dec, _, _ = _sub(cfg, "decoder", n)
+    d_dec = dec["d_model"]
+    if injection == "embedding":  # blocks and head at d_dec + d_enc/c; no up map
+        bottleneck = 2.0 * d_enc * (d_enc // c) if c > 1 else 0.0
+        dec["d_model"] = d_dec + d_enc // c
+    else:  # add: bottleneck d_enc -> d_enc, then W_p d_enc -> d_dec
+        bottleneck = _bottleneck_flops(d_enc, c, d_enc) + 2.0 * d_enc * d_dec
+    return enc_body + bottleneck / n + _FORWARD[dec["kind"]](dec)
+
+
+_FORWARD["autoencoder"] = autoencoder_forward_flops
+_FORWARD["embedding_clm"] = embedding_clm_forward_flops
 
 
 def flops_per_token(model_cfg: Any, training: bool = True) -> float:

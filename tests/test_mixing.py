@@ -158,3 +158,121 @@ def test_reference_mixing_inits():
     v = np.asarray(v_init(jax.random.key(0), (4096,)))
     assert 0.9 < v.std() < 1.1
     assert np.all(np.asarray(c_init(jax.random.key(0), (n,))) == 0)
+
+
+# --- kernel (k > 1) and unmasked mixing (REFERENCE §2.1 "Kernel", §12.13; §4 unmasked encoders) ---
+
+
+def _loop_kernel_mix(w_NxNxK, x_BxNxD, c_N, causal=True):
+    """y_{b,i,f} = c_i + Σ_{j(≤i)} Σ_τ W_{ijτ} x_{b,j,f+τ−P_L} (zero outside [0, d)), float64 loops."""
+    w, x, c = (np.asarray(a, np.float64) for a in (w_NxNxK, x_BxNxD, c_N))
+    b, n, d = x.shape
+    k = w.shape[-1]
+    p_left = (k - 1) // 2
+    y = np.zeros((b, n, d))
+    for i in range(n):
+        for j in range(i + 1 if causal else n):
+            for t in range(k):
+                for f in range(d):
+                    g = f + t - p_left
+                    if 0 <= g < d:
+                        y[:, i, f] += w[i, j, t] * x[:, j, g]
+        y[:, i, :] += c[i]
+    return y
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("causal", [True, False])
+def test_kernel_mix_matches_loop(k, causal):
+    n, d = 6, 5
+    w, x, c = _rand(0, n, n, k), _rand(1, 2, n, d), _rand(2, n)
+    y = mixing.causal_mix(jnp.asarray(x), mixing="flat", w=jnp.asarray(w), c=jnp.asarray(c), causal=causal)
+    np.testing.assert_allclose(np.asarray(y), _loop_kernel_mix(w, x, c, causal), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_padding_is_asymmetric_extra_pad_right():
+    """k=4: output feature f reads features f−1 .. f+2 (P_L = 1, P_R = 2)."""
+    taps = np.asarray(mixing.feature_taps(jnp.arange(1.0, 6.0), 4))  # x = [1..5]
+    np.testing.assert_array_equal(taps[:, 0], [0, 1, 2, 3])  # f = 0 reads x_{-1}=0, x_0, x_1, x_2
+    np.testing.assert_array_equal(taps[:, 4], [4, 5, 0, 0])  # f = 4 reads x_3, x_4, 0, 0
+
+
+def test_kernel_module_headed_and_one_tap_matches_flat():
+    n, d, heads, k = 8, 12, 3, 3
+    x = jnp.asarray(_rand(0, 2, n, d))
+    mod = mixing.TokenMixing(n_ctx=n, d_model=d, heads=heads, kernel=k)
+    params = nn.meta.unbox(mod.init(jax.random.key(1), x)["params"])
+    assert params["w"].shape == (heads, n, n, k)
+    y = np.asarray(mod.apply({"params": params}, x))
+    xp = np.asarray(x, np.float64) @ np.asarray(params["proj"]["kernel"], np.float64).reshape(d, d)
+    xp = xp + np.asarray(params["proj"]["bias"], np.float64).reshape(d)
+    hd = d // heads
+    cat = np.concatenate([
+        _loop_kernel_mix(params["w"][h], xp[..., h * hd:(h + 1) * hd], params["c"][h]) for h in range(heads)
+    ], axis=-1)
+    ref = cat @ np.asarray(params["out"]["kernel"], np.float64).reshape(d, d) + np.asarray(params["out"]["bias"])
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+    # kernel=1 is the plain flat op: same parameter tree ([n, n]) as the default module
+    flat = mixing.TokenMixing(n_ctx=n, d_model=d, kernel=1)
+    default = mixing.TokenMixing(n_ctx=n, d_model=d)
+    p1 = nn.meta.unbox(flat.init(jax.random.key(2), x)["params"])
+    p0 = nn.meta.unbox(default.init(jax.random.key(2), x)["params"])
+    assert jax.tree.map(np.shape, p1) == jax.tree.map(np.shape, p0) == {"w": (n, n), "c": (n,)}
+    np.testing.assert_array_equal(np.asarray(flat.apply({"params": p1}, x)),
+                                  np.asarray(default.apply({"params": p0}, x)))
+    # a one-tap kernel computes the flat mix
+    w = jnp.asarray(_rand(3, n, n))
+    np.testing.assert_allclose(np.asarray(mixing.kernel_mix(mixing.mask_weight(w)[..., None], x)),
+                               np.asarray(mixing.dense_causal_mix(w, x)), rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_reference_init_uses_fan_in_n_times_k():
+    n, k = 16, 4
+    mod = mixing.TokenMixing(n_ctx=n, d_model=4, kernel=k)
+    p = mod.init(jax.random.key(0), jnp.zeros((1, n, 4)))["params"]
+    w, c = np.asarray(nn.meta.unbox(p["w"])), np.asarray(nn.meta.unbox(p["c"]))
+    bound = 1 / np.sqrt(n * k)
+    assert w.shape == (n, n, k) and np.abs(w).max() <= bound and np.abs(w).max() > 0.9 * bound
+    assert np.abs(c).max() <= bound
+
+
+def test_unmasked_flat_and_two_sided_toeplitz_match_loops():
+    n, d = 7, 3
+    w, x, c = _rand(0, n, n), _rand(1, 2, n, d), _rand(2, n)
+    y = mixing.causal_mix(jnp.asarray(x), mixing="flat", w=jnp.asarray(w), c=jnp.asarray(c), causal=False)
+    ref = np.einsum("ij,bjd->bid", w.astype(np.float64), x) + c[None, :, None]
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+    v = _rand(3, 2 * n - 1)
+    t = np.asarray(mixing.toeplitz_matrix_two_sided(jnp.asarray(v)))
+    for i in range(n):
+        for j in range(n):
+            assert t[i, j] == v[i - j + n - 1]  # v_{n-1}: current token; v_{n-1+m}: m back
+    dense = mixing.causal_mix(jnp.asarray(x), mixing="toeplitz", v=jnp.asarray(v), c=jnp.asarray(c),
+                              causal=False)
+    np.testing.assert_allclose(np.asarray(dense), np.einsum("ij,bjd->bid", t, x) + c[None, :, None],
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 5, 64])
+def test_two_sided_toeplitz_fft_equals_dense(n):
+    v, x = _rand(n, 2 * n - 1), _rand(n + 1, 2, n, 3)
+    dense = np.asarray(mixing.dense_mix(mixing.toeplitz_matrix_two_sided(jnp.asarray(v)), jnp.asarray(x)))
+    fft = np.asarray(mixing.toeplitz_two_sided_fft(jnp.asarray(v), jnp.asarray(x)))
+    np.testing.assert_allclose(fft, dense, rtol=0, atol=2e-6 * np.abs(dense).max())
+    vh, xh = _rand(7, 2, 2 * n - 1), _rand(8, 2, n, 2, 3)  # headed
+    dense_h = np.asarray(mixing.headed_dense_mix(mixing.toeplitz_matrix_two_sided(jnp.asarray(vh)),
+                                                 jnp.asarray(xh)))
+    fft_h = np.asarray(mixing.toeplitz_two_sided_fft(jnp.asarray(vh), jnp.asarray(xh)))
+    np.testing.assert_allclose(fft_h, dense_h, rtol=0, atol=2e-6 * np.abs(dense_h).max())
+
+
+def test_unmasked_module_params_and_no_step_form():
+    n = 6
+    x = jnp.asarray(_rand(0, 1, n, 4))
+    mod = mixing.TokenMixing(n_ctx=n, d_model=4, mixing="toeplitz", causal=False, heads=2)
+    p = mod.init(jax.random.key(0), x)["params"]
+    assert nn.meta.unbox(p["v"]).shape == (2, 2 * n - 1)
+    with pytest.raises(ValueError, match="no step form"):
+        mod.init_cache(1)
+    with pytest.raises(ValueError, match="causal only"):
+        mixing.causal_mix(x, mixing="row", v=jnp.ones(n), c=jnp.zeros(n), lam=jnp.float32(1), causal=False)

@@ -266,9 +266,54 @@ def test_mixer_requires_n_ctx_tokens():
         dict(mixing="toeplitz", mask_grad="straight_through"),
         dict(kind="transformer", n_heads=3),
         dict(dtype="float64"),
+        dict(kernel=0),
+        dict(kernel=4, mixing="toeplitz"),
+        dict(kernel=2, mixing="mixed", heads=2, block="srm"),
+        dict(causal=False, mixing="row", block="srm"),
+        dict(causal=False, mask_grad="straight_through"),
+        dict(kind="transformer", kernel=4),
     ],
 )
 def test_bad_configs_raise_user_error(overrides):
     with pytest.raises(UserError) as info:
         build_model(tiny_cfg(**overrides))
     assert "\n" not in str(info.value)
+
+
+# kernel mixing (REFERENCE §2.1): the causality test above, per-tap mask, bit-exact
+KERNEL_VARIANTS = {
+    "flat_kernel4": dict(kernel=4),
+    "flat_kernel3_headed": dict(kernel=3, heads=2),
+    "flat_kernel2_expanded_straight_through": dict(kernel=2, expanded=True, mask_grad="straight_through"),
+}
+
+
+@pytest.mark.parametrize("name", list(KERNEL_VARIANTS))
+def test_causality_kernel(name, monkeypatch):
+    monkeypatch.setitem(VARIANTS, name, KERNEL_VARIANTS[name])
+    test_causality(name)
+
+
+UNMASKED_VARIANTS = {
+    "flat": dict(causal=False),
+    "flat_headed_kernel": dict(causal=False, heads=2, kernel=3),
+    "toeplitz": dict(causal=False, mixing="toeplitz"),
+    "toeplitz_fft_headed": dict(causal=False, mixing="toeplitz", mixing_impl="fft", heads=2),
+    "transformer": dict(kind="transformer", n_heads=4, causal=False),
+}
+
+
+@pytest.mark.parametrize("name", list(UNMASKED_VARIANTS))
+def test_unmasked_outputs_depend_on_every_position(name):
+    """model.causal=False: the gradient of every output position reaches every input position."""
+    model = build_model(tiny_cfg(n_layers=1, **UNMASKED_VARIANTS[name]))
+    params = _init(model)
+    x = model.apply({"params": params}, _tokens(1), method=lambda m, t: m.embed_tokens(t))
+    r = jnp.asarray(np.random.default_rng(2).standard_normal(V), jnp.float32)
+
+    def out(x):
+        logits = model.apply({"params": params}, x, method=lambda m, x: m.logits(m.hidden(x)))
+        return jnp.sum(logits @ r, axis=0)  # [N]
+
+    dep = np.abs(np.asarray(jax.jacrev(out)(x))).max(axis=(1, 3))  # [out position, in position]
+    assert np.all(dep > 0), name

@@ -32,6 +32,25 @@ FLOP_MODELS = [
     ("rmt_mixer", "mixer_clm", {"kind": "rmt", "chunks": 2, "n_ctx": 32}),
     ("rmt_transformer", "mixer_clm", {"kind": "rmt", "chunks": 2, "n_ctx": 32, "n_heads": 4,
                                       "decoder": {"kind": "transformer"}}),
+    # Autoencoders (REFERENCE §4) and oracle-embedding CLMs (§5); the FLOPs do not depend on the
+    # objective, so the smoke config's clm objective is kept.
+    ("ae_mixer", "mixer_clm", {"kind": "autoencoder", "compression": 4}),
+    ("ae_mixer_kernel_unroll", "mixer_clm", {"kind": "autoencoder", "expansion": "unroll",
+                                             "encoder": {"kernel": 4}, "decoder": {"heads": 2}}),
+    ("ae_transformer", "mixer_clm", {"kind": "autoencoder", "n_heads": 4, "expansion": "unroll",
+                                     "encoder": {"kind": "transformer"},
+                                     "decoder": {"kind": "transformer"}}),
+    ("ae_hybrid_half_width", "mixer_clm", {"kind": "autoencoder", "n_heads": 4,
+                                           "decoder": {"kind": "transformer", "d_model": 32}}),
+    ("eclm_token", "mixer_clm", {"kind": "embedding_clm", "injection": "token", "compression": 2,
+                                 "encoder": {"causal": False}}),
+    ("eclm_embedding", "mixer_clm", {"kind": "embedding_clm", "injection": "embedding",
+                                     "compression": 4, "encoder": {"d_model": 32}}),
+    ("eclm_add_transformer", "mixer_clm", {"kind": "embedding_clm", "injection": "add",
+                                           "n_heads": 4, "encoder": {"kind": "transformer"},
+                                           "decoder": {"kind": "transformer", "d_model": 32}}),
+    ("eclm_token_transformer", "mixer_clm", {"kind": "embedding_clm", "injection": "token",
+                                             "n_heads": 4, "decoder": {"kind": "transformer"}}),
 ]
 
 

@@ -31,6 +31,10 @@ VARIANTS = {
     "mixed_no_decay": dict(mixing="mixed", heads=2, block="srm", decay=False),
     "mixed_expanded": dict(mixing="mixed", heads=2, block="srm", expanded=True),
     "transformer": dict(kind="transformer", n_heads=4),
+    # kernel mixing (REFERENCE §2.1, k > 1): cached mixing inputs, per-tap masked row
+    "flat_kernel4": dict(kernel=4),
+    "flat_kernel3_headed": dict(kernel=3, heads=2),
+    "flat_kernel2_expanded_straight_through": dict(kernel=2, expanded=True, mask_grad="straight_through"),
 }
 SRM = {k for k, v in VARIANTS.items() if v.get("mixing") in mixing.SRM_MIXINGS}
 
@@ -176,3 +180,23 @@ def test_srm_init_and_gradient_reaches_decay():
 def test_bad_srm_configs(overrides):
     with pytest.raises(UserError):
         build_model(tiny_cfg(**overrides))
+
+
+@pytest.mark.parametrize("kind", ["mixer", "transformer"])
+def test_unmasked_models_have_no_step_form(kind):
+    model = build_model(tiny_cfg(kind=kind, causal=False))
+    with pytest.raises(UserError, match="causal=False"):
+        model.init_cache(1)
+
+
+def test_kernel_step_equals_plain_loop_generation_reference():
+    """The kernel mixer's step logits equal a loop that reruns the parallel model on each prefix
+    (right-padded; causal, so the padding never reaches earlier positions)."""
+    model = build_model(tiny_cfg(kernel=4, n_layers=1))
+    params = _params(model)
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, V, (1, N)), jnp.int32)
+    stepped = step_logits(model, params, tokens, "cached")
+    apply = jax.jit(lambda t: model.apply({"params": params}, t))
+    for p in range(N):
+        prefix = jnp.zeros((1, N), jnp.int32).at[:, : p + 1].set(tokens[:, : p + 1])
+        np.testing.assert_allclose(stepped[:, p], np.asarray(apply(prefix))[:, p], rtol=1e-5, atol=1e-5)

@@ -21,6 +21,7 @@ import flax.linen as nn
 
 from mixers_jax.errors import UserError
 from mixers_jax.models import layers
+from mixers_jax.models.autoencoder import EXPANSIONS, INJECTIONS, Autoencoder, EmbeddingCLM
 from mixers_jax.models.bottleneck import QUANTS
 from mixers_jax.models.memory import MemoryLM, RecurrentMemoryLM
 from mixers_jax.models.mixer import MaskedMixerLM, MixerBlock
@@ -33,6 +34,8 @@ __all__ = [
     "register",
     "sub_config",
     "MODEL_KINDS",
+    "Autoencoder",
+    "EmbeddingCLM",
     "MaskedMixerLM",
     "MemoryLM",
     "MixerBlock",
@@ -89,6 +92,18 @@ def _build_mixer(cfg: Any) -> nn.Module:
         raise UserError("model.mixing='mixed' needs model.heads >= 2 (half column-, half row-repeat)")
     if heads and d % heads:
         raise UserError(f"model.d_model={d} must be divisible by model.heads={heads}")
+    kernel, causal = _get(cfg, "kernel", 1), _get(cfg, "causal", True)
+    if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1:
+        raise UserError(f"model.kernel must be an integer >= 1, got {kernel!r}")
+    if kernel > 1 and mixing != "flat":
+        raise UserError(
+            f"model.kernel={kernel} (kernel mixing, §2.1) needs model.mixing='flat', got {mixing!r}")
+    if not causal and mixing in SRM_MIXINGS:
+        raise UserError(
+            f"model.mixing={mixing!r} is causal only; model.causal=False needs flat or toeplitz")
+    if not causal and mask_grad == "straight_through":
+        raise UserError(
+            "model.mask_grad='straight_through' needs causal mixing (causal=False has no mask)")
     return MaskedMixerLM(
         vocab_size=_get(cfg, "vocab_size"),
         n_ctx=_get(cfg, "n_ctx"),
@@ -106,6 +121,8 @@ def _build_mixer(cfg: Any) -> nn.Module:
         tie_embeddings=bool(_get(cfg, "tie_embeddings")),
         block=block,
         decay=bool(_get(cfg, "decay", True)),
+        kernel=kernel,
+        causal=bool(causal),
         dtype=layers.dtype_of(_get(cfg, "dtype")),
     )
 
@@ -119,6 +136,10 @@ def _build_transformer(cfg: Any) -> nn.Module:
         raise UserError(f"model.d_model={d} must be divisible by model.n_heads={h}")
     if (d // h) % 2:
         raise UserError(f"RoPE needs an even head width; d_model/n_heads = {d // h}")
+    kernel = _get(cfg, "kernel", 1)
+    if kernel != 1:
+        raise UserError(
+            f"model.kernel={kernel!r}: kernel mixing is a mixer option; a transformer needs kernel=1")
     return TransformerLM(
         vocab_size=_get(cfg, "vocab_size"),
         n_ctx=_get(cfg, "n_ctx"),
@@ -129,6 +150,7 @@ def _build_transformer(cfg: Any) -> nn.Module:
         rope_theta=float(_get(cfg, "rope_theta")),
         tie_embeddings=bool(_get(cfg, "tie_embeddings")),
         dtype=layers.dtype_of(_get(cfg, "dtype")),
+        causal=bool(_get(cfg, "causal", True)),
     )
 
 
@@ -263,6 +285,71 @@ def register(kind: str, builder: Callable[[Any], nn.Module]) -> None:
 
 register("memory", _build_memory)
 register("rmt", _build_rmt)
+
+
+def _embedding_fields(cfg: Any, d_enc: int, n: int) -> dict:
+    """Checked encoder.position, compression, embed_quant, qat_noise of a single-embedding model."""
+    c = _positive_int(cfg, "compression")
+    if d_enc % c:
+        raise UserError(f"model.compression={c} must divide the encoder width {d_enc}")
+    position = _get(_get(cfg, "encoder") or {}, "position", -1)
+    if isinstance(position, bool) or not isinstance(position, int) or not -n <= position < n:
+        raise UserError(
+            f"model.encoder.position must be an integer in [-{n}, {n - 1}], got {position!r}")
+    quant = _get(cfg, "embed_quant", "none")
+    if quant not in QUANTS:
+        raise UserError(f"model.embed_quant must be one of {QUANTS}, got {quant!r}")
+    qat = float(_get(cfg, "qat_noise", 0.0))
+    if qat < 0:
+        raise UserError(f"model.qat_noise must be >= 0, got {qat}")
+    return {"position": position, "compression": c, "quant": quant, "qat_noise": qat,
+            "reference": bool(_get(cfg, "reference", True)),
+            "dtype": layers.dtype_of(_get(cfg, "dtype"))}
+
+
+def _build_autoencoder(cfg: Any) -> nn.Module:
+    """Kind 'autoencoder' (REFERENCE §4): encoder -> one embedding -> repeat / unroll -> decoder."""
+    n = _positive_int(cfg, "n_ctx")
+    encoder, enc = _sub_model(cfg, "encoder", n)
+    decoder, dec = _sub_model(cfg, "decoder", n)
+    d_enc, d_dec = int(enc["d_model"]), int(dec["d_model"])
+    expansion = _get(cfg, "expansion", "repeat")
+    if expansion not in EXPANSIONS:
+        raise UserError(f"model.expansion must be one of {EXPANSIONS}, got {expansion!r}")
+    if expansion == "unroll" and d_dec % 2:
+        raise UserError(
+            f"model.expansion='unroll' needs an even decoder width (windows of d/2), got {d_dec}")
+    return Autoencoder(encoder=encoder, decoder=decoder, n_ctx=n, d_encoder=d_enc, d_decoder=d_dec,
+                       expansion=expansion, **_embedding_fields(cfg, d_enc, n))
+
+
+def _build_embedding_clm(cfg: Any) -> nn.Module:
+    """Kind 'embedding_clm' (REFERENCE §5): oracle encoder embedding injected into a causal decoder."""
+    n = _positive_int(cfg, "n_ctx")
+    injection = _get(cfg, "injection", "token")
+    if injection not in INJECTIONS:
+        raise UserError(f"model.injection must be one of {INJECTIONS}, got {injection!r}")
+    encoder, enc = _sub_model(cfg, "encoder", n)
+    d_enc = int(enc["d_model"])
+    fields = _embedding_fields(cfg, d_enc, n)
+    d_dec = int(sub_config(cfg, "decoder")["d_model"])
+    dec_cfg = cfg
+    if injection == "embedding":  # blocks and head run at d_dec + d_enc/c (§5)
+        dec_cfg = _as_dict(cfg)
+        width = d_dec + d_enc // fields["compression"]
+        dec_cfg["decoder"] = dict(dec_cfg.get("decoder") or {}, d_model=width)
+    decoder, dec = _sub_model(dec_cfg, "decoder", n + 1 if injection == "token" else n)
+    if not dec.get("causal", True):
+        raise UserError(
+            "model.decoder.causal must be True: the embedding_clm decoder predicts the next token")
+    mixer_not_ref = dec["kind"] == "mixer" and not fields["reference"]
+    return EmbeddingCLM(encoder=encoder, decoder=decoder, n_ctx=n, vocab_size=int(dec["vocab_size"]),
+                        d_encoder=d_enc, d_decoder=d_dec, injection=injection,
+                        token_embed_std=0.02 if mixer_not_ref else 1.0, **fields)
+
+
+register("autoencoder", _build_autoencoder)
+register("embedding_clm", _build_embedding_clm)
 
 
 def build_model(model_cfg: Any) -> nn.Module:

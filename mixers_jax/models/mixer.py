@@ -34,6 +34,7 @@ Variants:
   features are head-major, feature h·d/H + k); ``mix/out/bias`` <- ``out_proj.bias``.
 * Toeplitz mixing: ``mix/v`` [n] (v_0 weights the current token) and ``mix/c`` [n] (``v1, c1, v2, c2``
   when expanded; a leading [H] axis when headed).
+* kernel mixing (k > 1, ``Conv1d(n, n, k)``): ``mix/w`` [n, n, k] <- ``conv.weight`` as is (all taps).
 
 **Re-mask on load (REFERENCE §1.1).** The reference trained with the straight-through mask and
 overwrote its stored weights with the masked value only at the start of each forward, so its
@@ -78,6 +79,8 @@ class MixerBlock(nn.Module):
     residual: bool = True
     block: str = "mixer"
     decay: bool = True
+    kernel: int = 1
+    causal: bool = True
     dtype: Dtype = jnp.float32
 
     @nn.nowrap
@@ -94,6 +97,8 @@ class MixerBlock(nn.Module):
             reference=self.reference,
             decay=self.decay,
             kaiming=self.block == "srm",
+            kernel=self.kernel,
+            causal=self.causal,
             dtype=self.dtype,
             name="mix",
         )
@@ -141,7 +146,9 @@ class MaskedMixerLM(nn.Module):
     ``hidden`` (x -> last block output), ``logits`` (hidden -> fp32 logits), ``step`` (one token at
     one position with a carried cache; ``model.init_cache(batch, mode)`` makes the cache).
     ``block='srm'`` with ``mixing`` in ('row', 'col', 'mixed') is the structured recurrent mixer
-    (REFERENCE §8): FFN-first SiLU blocks, Kaiming init, N(0, 1) embedding.
+    (REFERENCE §8): FFN-first SiLU blocks, Kaiming init, N(0, 1) embedding. ``kernel`` = k > 1 is
+    the kernel mixer of §2.1 (``mix/w`` [n, n, k]); ``causal=False`` unmasked (bidirectional)
+    mixing, e.g. for encoders (§4).
     """
 
     vocab_size: int
@@ -160,6 +167,8 @@ class MaskedMixerLM(nn.Module):
     tie_embeddings: bool = False
     block: str = "mixer"
     decay: bool = True
+    kernel: int = 1
+    causal: bool = True
     dtype: Dtype = jnp.float32
 
     def setup(self):
@@ -182,6 +191,8 @@ class MaskedMixerLM(nn.Module):
                 residual=self.residual,
                 block=self.block,
                 decay=self.decay,
+                kernel=self.kernel,
+                causal=self.causal,
                 dtype=self.dtype,
                 name=f"block_{i}",
             )
@@ -224,10 +235,17 @@ class MaskedMixerLM(nn.Module):
     @nn.nowrap
     def init_cache(self, batch: int, mode: str = "cached") -> tuple:
         """Per-layer caches for :meth:`step`: 'cached' (mixing inputs, O(n·d) per layer) or
-        'recurrent' (structured mixing only: O(d) per layer, independent of n)."""
+        'recurrent' (structured mixing only: O(d) per layer, independent of n). Unmasked
+        (``causal=False``) models have no step form and raise ``UserError``."""
+        if not self.causal:
+            raise UserError(
+                "an unmasked (model.causal=False) mixer has no step form (generation / compression "
+                "need causal mixing)"
+            )
         proto = MixerBlock(
             n_ctx=self.n_ctx, d_model=self.d_model, mixing=self.mixing, heads=self.heads,
-            expanded=self.expanded, block=self.block, dtype=self.dtype, parent=None,
+            expanded=self.expanded, block=self.block, kernel=self.kernel, dtype=self.dtype,
+            parent=None,
         )
         return tuple(proto.init_cache(batch, mode) for _ in range(self.n_layers))
 
@@ -235,6 +253,8 @@ class MaskedMixerLM(nn.Module):
         """Token ``tokens_B`` [B] at position ``pos`` (scalar, 0 ≤ pos < n_ctx) -> (logits [B, V]
         float32 for the next token, new cache). Equals ``self(tokens)[:, pos]`` when the earlier
         positions were fed in order."""
+        if not self.causal:
+            raise UserError("an unmasked (model.causal=False) mixer has no step form")
         x = self.embed(tokens_B)
         pos = jnp.asarray(pos, jnp.int32)
         new = []

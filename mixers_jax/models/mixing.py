@@ -22,10 +22,17 @@ Implementations and what they compute (flops.py counts exactly this):
 * 'dense', flat: ``einsum('ij,bjd->bid', W⊙M, x)``, the full n×n product (the zero upper triangle is
   multiplied too): n·d multiply-adds per token per matrix.
 * 'dense', Toeplitz: the n×n matrix T_ij = v_{i−j} (j ≤ i) is materialised (a gather), then as flat.
+* 'dense', flat kernel (k > 1, §2.1): the k feature-shifted copies of x ([B, n, k, d], "same"
+  zero padding, extra pad on the right) contracted with W ⊙ M [n, n, k] over (j, τ) in one
+  dot_general: k·n·d multiply-adds per token.
 * 'fft', Toeplitz only: causal convolution via real FFTs of length 2n along the sequence,
   O(d·n log n). Exact in exact arithmetic; in floating point, outputs at positions < p see round-off
   (~1e-7 relative in fp32) from inputs at p, so FFT is causal only up to round-off. The FFT always
   runs in float32 (the result is cast back to the compute dtype).
+
+Unmasked mixing (``causal=False``, encoders and retrieval heads, REFERENCE §4, §9): flat and kernel
+matrices without the mask; Toeplitz becomes two-sided, T_ij = v_{i−j+n−1} with v of length 2n−1
+('fft': real FFTs of length 4n). Structured mixing is causal only. Unmasked mixing has no step form.
 
 Initialisation (``reference`` flag, REFERENCE §1):
 
@@ -34,6 +41,8 @@ Initialisation (``reference`` flag, REFERENCE §1):
 * reference=False (our choice): flat W_ij ~ N(0, 1/(i+1)), i.e. variance-preserving for each output
   row given its i+1 causal inputs (the upper triangle is drawn too but never used); Toeplitz
   v ~ N(0, 1/n), so the last row (which sums all n taps) has unit gain and earlier rows less; c = 0.
+* kernel k > 1: fan_in n·k (U(±1/√(n·k)); N(0, 1/((i+1)·k))); unmasked flat with reference=False:
+  N(0, 1/(n·k)). A two-sided Toeplitz v has the causal v's init.
 """
 from __future__ import annotations
 
@@ -67,13 +76,16 @@ def causal_mask(n: int) -> Array:
     return jnp.tril(jnp.ones((n, n), dtype=bool))
 
 
-def mask_weight(w_xNxN: Array, mask_grad: str = "masked") -> Array:
+def mask_weight(w_xNxN: Array, mask_grad: str = "masked", taps: bool = False) -> Array:
     """W_eff = W ⊙ M over the last two axes (REFERENCE §1.1).
 
     'masked': value and gradient masked (upper entries get zero gradient).
     'straight_through': W − sg(W ⊙ (1−M)); the same value bit for bit, unmasked gradient.
+    ``taps=True``: w is a kernel [..., n, n, k] and the mask is applied to every tap (§12.13).
     """
-    m_NxN = causal_mask(w_xNxN.shape[-1])
+    m_NxN = causal_mask(w_xNxN.shape[-2] if taps else w_xNxN.shape[-1])
+    if taps:
+        m_NxN = m_NxN[:, :, None]
     if mask_grad == "masked":
         return jnp.where(m_NxN, w_xNxN, jnp.zeros_like(w_xNxN))
     if mask_grad == "straight_through":
@@ -114,6 +126,36 @@ def add_position_bias(y_BxNx_: Array, c: Array) -> Array:
     else:  # [H, N] -> [1, N, H, 1]
         c_b = jnp.transpose(c)[None, :, :, None]
     return y_BxNx_ + c_b.astype(y_BxNx_.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel ("multi-kernel", k > 1) mixing: parallel forms (REFERENCE §2.1 "Kernel", §12.13)
+# ---------------------------------------------------------------------------------------------
+
+
+def feature_taps(x: Array, k: int) -> Array:
+    """x [..., F] -> [..., k, F] with tap τ holding x̃[..., f + τ − P_L], x̃ zero outside [0, F).
+
+    "Same" padding with the extra pad on the right: P_L = ⌊(k−1)/2⌋, P_R = k−1−P_L (§2.1, §12.13).
+    """
+    f, p_left = x.shape[-1], (k - 1) // 2
+    x_pad = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(p_left, k - 1 - p_left)])
+    return jnp.stack([x_pad[..., t : t + f] for t in range(k)], axis=-2)
+
+
+def kernel_mix(w_NxNxK: Array, x_BxNxD: Array) -> Array:
+    """y_{b,i,f} = Σ_j Σ_τ W_{ijτ} x̃_{b,j,f+τ−P_L} (no mask): ``Conv1d(n, n, k)`` with positions
+    as channels, sliding along the feature axis; one dot_general contracting over (j, τ)."""
+    k = w_NxNxK.shape[-1]
+    taps_BxNxKxD = feature_taps(x_BxNxD, k)
+    return jnp.einsum("ijt,bjtd->bid", w_NxNxK.astype(x_BxNxD.dtype), taps_BxNxKxD)
+
+
+def headed_kernel_mix(w_HxNxNxK: Array, x_BxNxHxK: Array) -> Array:
+    """Per head h: the kernel mix of :func:`kernel_mix` over the head's d/H features."""
+    k = w_HxNxNxK.shape[-1]
+    taps = feature_taps(x_BxNxHxK, k)  # [B, N, H, k, K]
+    return jnp.einsum("hijt,bjhtk->bihk", w_HxNxNxK.astype(x_BxNxHxK.dtype), taps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,6 +201,32 @@ def toeplitz_mix_dense(v_N: Array, x_BxNxD: Array) -> Array:
 
 def headed_toeplitz_mix_dense(v_HxN: Array, x_BxNxHxK: Array) -> Array:
     return headed_dense_mix(toeplitz_matrix(v_HxN), x_BxNxHxK)
+
+
+def toeplitz_matrix_two_sided(v_xM: Array) -> Array:
+    """Unmasked (bidirectional) Toeplitz matrix T_ij = v_{i−j+n−1}, v of length M = 2n−1.
+
+    v_{n−1} weights the current token, v_{n−1+m} the token m positions back and v_{n−1−m} the
+    token m positions ahead. Leading axes of v are kept: v_M -> T_NxN, v_HxM -> T_HxNxN.
+    """
+    n = (v_xM.shape[-1] + 1) // 2
+    i = jnp.arange(n)[:, None]
+    j = jnp.arange(n)[None, :]
+    return jnp.take(v_xM, i - j + n - 1, axis=-1)
+
+
+def toeplitz_two_sided_fft(v_xM: Array, x: Array) -> Array:
+    """y_i = Σ_j v_{i−j+n−1} x_j by FFT (x [B, N, D] with v [2n−1], or x [B, N, H, K] with
+    v [H, 2n−1]): the full linear convolution of v and x (length 3n−2), computed with real FFTs of
+    length 4n, read at n−1 .. 2n−2. Always in float32, cast back to x's dtype."""
+    n, dtype = x.shape[1], x.dtype
+    length = 4 * n
+    xf = jnp.fft.rfft(x.astype(jnp.float32), n=length, axis=1)
+    vf = jnp.fft.rfft(v_xM.astype(jnp.float32), n=length, axis=-1)
+    vf = vf[None, :, None] if v_xM.ndim == 1 else jnp.transpose(vf)[None, :, :, None]
+    y = jnp.fft.irfft(xf * vf, n=length, axis=1)
+    return y[:, n - 1 : 2 * n - 1].astype(dtype)
+
 
 # ---------------------------------------------------------------------------------------------
 # Structured recurrent mixing (REFERENCE §8): row- / column-repeat with a clipped decay
@@ -283,6 +351,23 @@ def cached_mix_step(row_xN: Array, cache: Array) -> Array:
     return jnp.einsum("hj,bjhk->bhk", row, cache)
 
 
+def kernel_matrix_row(w_xNxNxK: Array, pos: Array) -> Array:
+    """Row ``pos`` of the per-tap masked kernel W ⊙ M: [..., n, k] (entries j > pos are zero)."""
+    row = jax.lax.dynamic_index_in_dim(w_xNxNxK, pos, axis=-3, keepdims=False)
+    keep = (jnp.arange(w_xNxNxK.shape[-2]) <= pos)[:, None]
+    return jnp.where(keep, row, jnp.zeros_like(row))
+
+
+def cached_kernel_step(row_xNxK: Array, cache: Array) -> Array:
+    """Step form of :func:`kernel_mix`: Σ_j Σ_τ row_{jτ} x̃_{j, f+τ−P_L} over the cached inputs
+    (cache [B, n, d] with row [n, k], or cache [B, n, H, K] with row [H, n, k])."""
+    row = row_xNxK.astype(cache.dtype)
+    taps = feature_taps(cache, row.shape[-1])
+    if cache.ndim == 3:
+        return jnp.einsum("jt,bjtd->bd", row, taps)
+    return jnp.einsum("hjt,bjhtk->bhk", row, taps)
+
+
 def position_bias_at(c: Array, pos: Array) -> Array:
     """c[..., pos] shaped to add to a step output: [] -> broadcast over [B, d]; [H] -> [1, H, 1]."""
     c_i = jax.lax.dynamic_index_in_dim(c, pos, axis=-1, keepdims=False)
@@ -300,15 +385,34 @@ def causal_mix(
     decay: bool = True,
     impl: str = "dense",
     mask_grad: str = "masked",
+    causal: bool = True,
 ) -> Array:
     """One causal mixing matrix applied to x [B,N,D] (w_NxN / v_N) or x [B,N,H,K] (w_HxNxN / v_HxN),
     plus the per-position bias c. Dispatches on ``mixing`` and ``impl``. Structured (row / col /
-    mixed) mixing materialises A from (v, λ) and runs as dense (the 'dense' impl)."""
+    mixed) mixing materialises A from (v, λ) and runs as dense (the 'dense' impl).
+
+    A flat ``w`` with a trailing tap axis ([.., n, n, k]) is kernel mixing (§2.1), masked per tap.
+    ``causal=False``: unmasked (bidirectional) mixing; Toeplitz then takes the two-sided v of
+    length 2n−1 (:func:`toeplitz_matrix_two_sided`); structured mixing has no unmasked form.
+    """
     headed = x.ndim == 4
     if mixing == "flat":
         if impl != "dense":
             raise ValueError(f"flat mixing has only the 'dense' implementation, got {impl!r}")
-        y = (headed_dense_causal_mix if headed else dense_causal_mix)(w, x, mask_grad)
+        if w.ndim == x.ndim:  # kernel: w [H?, n, n, k] with x [B, n, (H,) F]
+            w_eff = mask_weight(w, mask_grad, taps=True) if causal else w
+            y = (headed_kernel_mix if headed else kernel_mix)(w_eff, x)
+        elif causal:
+            y = (headed_dense_causal_mix if headed else dense_causal_mix)(w, x, mask_grad)
+        else:
+            y = (headed_dense_mix if headed else dense_mix)(w, x)
+    elif mixing == "toeplitz" and not causal:
+        if impl == "dense":
+            y = (headed_dense_mix if headed else dense_mix)(toeplitz_matrix_two_sided(v), x)
+        elif impl == "fft":
+            y = toeplitz_two_sided_fft(v, x)
+        else:
+            raise ValueError(f"mixing_impl must be one of {IMPLS}, got {impl!r}")
     elif mixing == "toeplitz":
         if impl == "dense":
             y = (headed_toeplitz_mix_dense if headed else toeplitz_mix_dense)(v, x)
@@ -319,6 +423,8 @@ def causal_mix(
     elif mixing in SRM_MIXINGS:
         if impl != "dense":
             raise ValueError(f"{mixing!r} mixing has only the 'dense' implementation, got {impl!r}")
+        if not causal:
+            raise ValueError(f"{mixing!r} mixing is causal only (no unmasked form)")
         n = x.shape[1]
         a = srm_matrix(v, srm_delta(lam, n, decay), srm_is_col(mixing, v.shape[0] if headed else 0))
         y = (headed_dense_mix if headed else dense_mix)(a, x)
@@ -339,18 +445,32 @@ def row_scaled_normal(key, shape, dtype=jnp.float32):
     return jax.random.normal(key, shape, dtype) * scale_N[:, None]
 
 
-def mixing_inits(mixing: str, reference: bool, n: int, kaiming: bool = False):
+def row_scaled_kernel_normal(key, shape, dtype=jnp.float32):
+    """W_ijτ ~ N(0, 1/((i+1)·k)) for a kernel [..., n, n, k] (reference=False, causal, k > 1)."""
+    n, k = shape[-3], shape[-1]
+    scale_N = 1.0 / jnp.sqrt(jnp.arange(1, n + 1, dtype=dtype) * k)
+    return jax.random.normal(key, shape, dtype) * scale_N[:, None, None]
+
+
+def mixing_inits(mixing: str, reference: bool, n: int, kaiming: bool = False, kernel: int = 1,
+                 causal: bool = True):
     """(weight_init, bias_init) for one mixing matrix (see the module docstring).
 
     Structured (row/col/mixed) vectors, and every vector when ``kaiming`` (the SRM block, REFERENCE
     §1 "Init (SRM)"), are Kaiming-normal with fan_in = n: v ~ N(0, 2/n), c = 0.
+    Flat kernel mixing (k > 1) is ``Conv1d(n, n, k)``: fan_in = n·k, so the reference init is
+    W, c ~ U(±1/√(n·k)) (REFERENCE §1); reference=False: N(0, 1/((i+1)·k)) causal, N(0, 1/(n·k))
+    unmasked (every output row sums all n·k inputs).
     """
+    fan_in = n * kernel if mixing == "flat" else n
     if kaiming or mixing in SRM_MIXINGS:
-        return layers.normal(math.sqrt(2.0 / n)), layers.zeros
+        return layers.normal(math.sqrt(2.0 / fan_in)), layers.zeros
     if mixing == "flat":
         if reference:
-            return layers.uniform_fan_in(n), layers.uniform_fan_in(n)
-        return row_scaled_normal, layers.zeros
+            return layers.uniform_fan_in(fan_in), layers.uniform_fan_in(fan_in)
+        if not causal:
+            return layers.normal(1.0 / math.sqrt(fan_in)), layers.zeros
+        return (row_scaled_normal if kernel == 1 else row_scaled_kernel_normal), layers.zeros
     if reference:
         return layers.normal(1.0), layers.zeros
     return layers.normal(1.0 / math.sqrt(n)), layers.zeros
@@ -368,10 +488,16 @@ class TokenMixing(nn.Module):
     heads == H ≥ 1: per-head projection d -> d/H (bias), a per-head matrix and bias, concatenation
     and an output projection d -> d (bias); no nonlinearity.
     expanded: mix -> GELU -> mix (both causal, factor 1), inside each head when headed.
+    kernel = k > 1 (flat only): ``Conv1d(n, n, k)`` with positions as channels, sliding along the
+    features (of each head when headed) with "same" padding, masked per tap (§2.1, §12.13).
+    causal = False: unmasked (bidirectional) flat / kernel / Toeplitz mixing; no step form.
 
     Parameters (leading 'heads' axis only when headed):
       flat:      w [H?, n, n] ('heads', 'seq_out', 'seq_in'), c [H?, n] ('heads', 'seq_out')
+      kernel:    w [H?, n, n, k] ('heads', 'seq_out', 'seq_in', None) = Conv1d weight
+                 [out position i, in position j, tap τ]; c [H?, n]
       toeplitz:  v [H?, n]    ('heads', 'seq_in'),            c [H?, n]
+                 causal=False: v [H?, 2n−1] two-sided, T_ij = v_{i−j+n−1} (v_{n−1}: current token)
       row / col / mixed (structured recurrent, §8):
                  v [H?, n] ('heads', 'seq_in'), c [H?, n], lam [H?] ('heads') — the decay λ,
                  initialised to 1 and used as clip(λ, 0.9, 1)^(1/κ) (``decay=False``: δ = 1)
@@ -397,11 +523,18 @@ class TokenMixing(nn.Module):
     reference: bool = True
     decay: bool = True
     kaiming: bool = False
+    kernel: int = 1
+    causal: bool = True
     dtype: Dtype = jnp.float32
 
     @nn.nowrap
     def init_cache(self, batch: int, mode: str = "cached") -> dict:
         """Zero cache/state for :meth:`__call__`'s step form."""
+        if not self.causal:
+            raise ValueError(
+                "unmasked (causal=False) token mixing has no step form: every output depends on "
+                "later positions"
+            )
         n, d, h = self.n_ctx, self.d_model, self.heads
         feat = (h, d // h) if h else (d,)
         suffixes = ("1", "2") if self.expanded else ("",)
@@ -419,20 +552,23 @@ class TokenMixing(nn.Module):
     def _matrix(self, suffix: str) -> dict:
         n, h = self.n_ctx, self.heads
         head_shape, head_axes = ((h,), ("heads",)) if h else ((), ())
-        w_init, c_init = mixing_inits(self.mixing, self.reference, n, self.kaiming)
+        k = self.kernel
+        w_init, c_init = mixing_inits(self.mixing, self.reference, n, self.kaiming, k, self.causal)
         out = {}
         if self.mixing == "flat":
+            taps_shape, taps_axes = ((k,), (None,)) if k > 1 else ((), ())
             out["w"] = self.param(
                 "w" + suffix,
-                nn.with_logical_partitioning(w_init, head_axes + ("seq_out", "seq_in")),
-                head_shape + (n, n),
+                nn.with_logical_partitioning(w_init, head_axes + ("seq_out", "seq_in") + taps_axes),
+                head_shape + (n, n) + taps_shape,
                 jnp.float32,
             )
         else:
+            two_sided = self.mixing == "toeplitz" and not self.causal
             out["v"] = self.param(
                 "v" + suffix,
                 nn.with_logical_partitioning(w_init, head_axes + ("seq_in",)),
-                head_shape + (n,),
+                head_shape + ((2 * n - 1) if two_sided else n,),
                 jnp.float32,
             )
         out["c"] = self.param(
@@ -457,11 +593,14 @@ class TokenMixing(nn.Module):
             impl=self.impl,
             mask_grad=self.mask_grad,
             decay=self.decay,
+            causal=self.causal,
             **self._matrix(suffix),
         )
 
     def _mix_step(self, z: Array, suffix: str, pos: Array, cache: dict) -> tuple[Array, dict]:
         """Step form of :meth:`_mix` for z [B, d] or [B, H, K] at position ``pos``."""
+        if not self.causal:
+            raise ValueError("unmasked (causal=False) token mixing has no step form")
         p = self._matrix(suffix)
         cache = dict(cache)
         srm = self.mixing in SRM_MIXINGS
@@ -476,13 +615,16 @@ class TokenMixing(nn.Module):
                 cache["x" + suffix], z.astype(self.dtype), pos, axis=1
             )
             cache["x" + suffix] = x_cache
-            if self.mixing == "flat":
-                row = flat_matrix_row(p["w"], pos, self.mask_grad)
-            elif self.mixing == "toeplitz":
-                row = toeplitz_matrix_row(p["v"], pos)
+            if self.mixing == "flat" and self.kernel > 1:
+                y = cached_kernel_step(kernel_matrix_row(p["w"], pos), x_cache)
             else:
-                row = srm_matrix_row(p["v"], delta, is_col, pos)
-            y = cached_mix_step(row, x_cache)
+                if self.mixing == "flat":
+                    row = flat_matrix_row(p["w"], pos, self.mask_grad)
+                elif self.mixing == "toeplitz":
+                    row = toeplitz_matrix_row(p["v"], pos)
+                else:
+                    row = srm_matrix_row(p["v"], delta, is_col, pos)
+                y = cached_mix_step(row, x_cache)
         y = y + position_bias_at(p["c"], pos).astype(y.dtype)
         return y, cache
 
@@ -492,6 +634,8 @@ class TokenMixing(nn.Module):
         step = cache is not None
         if not step and x.shape[1] != n:
             raise ValueError(f"token mixing expects {n} positions, got {x.shape[1]}")
+        if self.kernel > 1 and self.mixing != "flat":
+            raise ValueError(f"kernel > 1 needs flat mixing, got {self.mixing!r}")
         x = x.astype(self.dtype)
         if h:
             k_init, b_init = layers.linear_inits(self.reference, d, self.kaiming)

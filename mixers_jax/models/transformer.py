@@ -4,10 +4,11 @@ embedding -> L x [x += Attn(RMSNorm x); x += SwiGLU(RMSNorm x)] -> final RMSNorm
 Full multi-head attention (no GQA), no biases anywhere, RoPE (θ = rope_theta, HF "rotate-half"
 layout), RMSNorm eps 1e-6, SwiGLU intermediate mlp_ratio·d, every weight ~ N(0, 0.02²).
 Causal attention is ``jax.nn.dot_product_attention(q, k, v, is_causal=True)``; inputs may be
-shorter than n_ctx (RoPE positions 0..n−1). ``hidden(x, positions=, mask=)`` optionally takes
-explicit RoPE positions [B, n] and a boolean attention mask [B, 1, n, n] (True = may attend; it
-replaces the causal mask, so it must include causality): memory models use them to lay out
-variable-length inputs in one fixed-length batch (REFERENCE §6 "Variable positions").
+shorter than n_ctx (RoPE positions 0..n−1); ``causal=False`` makes it bidirectional
+(``is_causal=False``, for encoders, REFERENCE §4; no step form). ``hidden(x, positions=, mask=)``
+optionally takes explicit RoPE positions [B, n] and a boolean attention mask [B, 1, n, n] (True =
+may attend; it replaces the causal mask, so it must include causality): memory models use them to
+lay out variable-length inputs in one fixed-length batch (REFERENCE §6 "Variable positions").
 
 Parameter tree and the Hugging Face ``LlamaForCausalLM`` state dict (HF Linear weights are [out, in]):
 
@@ -71,12 +72,13 @@ def apply_rope(x_BxNxHxK: Array, cos_NxK: Array, sin_NxK: Array) -> Array:
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention with RoPE, no biases."""
+    """Causal (``causal=False``: bidirectional) multi-head self-attention with RoPE, no biases."""
 
     d_model: int
     n_heads: int
     rope_theta: float = 10000.0
     dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x_BxNxD: Array, pos: Array | None = None, cache: dict | None = None,
@@ -115,7 +117,8 @@ class Attention(nn.Module):
         q_BxNxHxK = apply_rope(q_BxNxHxK, cos, sin)
         k_BxNxHxK = apply_rope(k_BxNxHxK, cos, sin)
         if mask_Bx1xNxN is None:
-            a_BxNxHxK = jax.nn.dot_product_attention(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK, is_causal=True)
+            a_BxNxHxK = jax.nn.dot_product_attention(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK,
+                                                     is_causal=self.causal)
         else:
             a_BxNxHxK = jax.nn.dot_product_attention(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK,
                                                      mask=mask_Bx1xNxN)
@@ -129,6 +132,7 @@ class TransformerBlock(nn.Module):
     mlp_ratio: int = 4
     rope_theta: float = 10000.0
     dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x_BxNxD: Array, pos: Array | None = None, cache: dict | None = None,
@@ -136,7 +140,8 @@ class TransformerBlock(nn.Module):
         step = cache is not None
         names = ("batch", "length", "act_embed")
         h = layers.rms_norm(self.dtype, name="attn_norm")(x_BxNxD)
-        attn = Attention(self.d_model, self.n_heads, self.rope_theta, self.dtype, name="attn")
+        attn = Attention(self.d_model, self.n_heads, self.rope_theta, self.dtype,
+                         causal=self.causal, name="attn")
         if step:
             h, cache = attn(h, pos, cache)
             x_BxNxD = x_BxNxD + h
@@ -162,6 +167,7 @@ class TransformerLM(nn.Module):
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     dtype: Dtype = jnp.float32
+    causal: bool = True  # False: bidirectional attention (encoders); no step form
 
     def setup(self):
         self.embed = layers.Embed(self.vocab_size, self.d_model, layers.normal(0.02), self.dtype)
@@ -172,6 +178,7 @@ class TransformerLM(nn.Module):
                 self.mlp_ratio,
                 self.rope_theta,
                 self.dtype,
+                causal=self.causal,
                 name=f"block_{i}",
             )
             for i in range(self.n_layers)
@@ -215,6 +222,11 @@ class TransformerLM(nn.Module):
     @nn.nowrap
     def init_cache(self, batch: int, mode: str = "cached") -> tuple:
         """KV cache per layer: k, v [B, n_ctx, H, hd] in the compute dtype."""
+        if not self.causal:
+            raise UserError(
+                "a bidirectional (model.causal=False) transformer has no step form (generation / "
+                "compression need causal attention)"
+            )
         if mode != "cached":
             raise ValueError(f"the transformer has only the 'cached' (KV cache) step, not {mode!r}")
         shape = (batch, self.n_ctx, self.n_heads, self.d_model // self.n_heads)
@@ -225,6 +237,8 @@ class TransformerLM(nn.Module):
 
     def step(self, tokens_B: Array, pos: Array, cache: tuple) -> tuple[Array, tuple]:
         """Token [B] at position ``pos`` (scalar) -> (logits [B, V] float32, new KV cache)."""
+        if not self.causal:
+            raise UserError("a bidirectional (model.causal=False) transformer has no step form")
         x = self.embed(tokens_B)
         pos = jnp.asarray(pos, jnp.int32)
         new = []

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m mixers_jax.bench --suite=train|mixing|generate [--out=FILE.json]``.
+"""Benchmarks: ``python -m mixers_jax.bench --suite=train|mixing|generate|memory [--out=FILE.json]``.
 
 Each suite prints a table and writes JSON holding the device, the library versions, the settings
 and one record per case. Compare figures as ratios *within one run*: the machines are shared and
@@ -18,6 +18,10 @@ the ``lower().compile()`` wall time.
   ``full`` (parallel forward per token), and of the transformer with a KV cache at the same width
   and depth, for each n_ctx in ``--gen_contexts`` and batch in ``--gen_batches``. Cases:
   srm_recurrent, srm_cached, srm_full, transformer_cached.
+* ``memory``: one optimizer step (next-token objective) of a memory model with s chunks of
+  ``--n_ctx`` tokens vs the full-context model of the same family over the same s·n_ctx tokens, for
+  each s in ``--chunks`` (cases memory_mixer, full_mixer, memory_transformer, full_transformer):
+  step time, tokens/s, memory, FLOPs; the memory / full-context step-time ratio per s.
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ from typing import Callable
 
 from absl import app, flags
 
-_SUITE = flags.DEFINE_enum("suite", "train", ["train", "mixing", "generate"], "Which benchmark to run.")
+_SUITE = flags.DEFINE_enum("suite", "train", ["train", "mixing", "generate", "memory"],
+                           "Which benchmark to run.")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON to this file.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed repetitions per case (median reported).")
 _D = flags.DEFINE_integer("d_model", 256, "Width (train suite; mixing suite uses it as features).")
@@ -46,6 +51,7 @@ _CONTEXTS = flags.DEFINE_list("contexts", ["256", "512", "1024", "2048", "4096"]
 _GEN_CONTEXTS = flags.DEFINE_list("gen_contexts", ["512", "2048"], "Generate suite n_ctx values.")
 _GEN_BATCHES = flags.DEFINE_list("gen_batches", ["1", "64"], "Generate suite batch sizes.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Generate suite: new tokens per row.")
+_CHUNKS = flags.DEFINE_list("chunks", ["2", "4", "8", "16"], "Memory suite: chunk counts s.")
 
 
 def _median_time(fn: Callable[[], object], repeats: int) -> float:
@@ -107,15 +113,9 @@ TRAIN_CASES = {
 
 
 def bench_train(cases: list[str]) -> list[dict]:
-    import jax
-    import numpy as np
-
-    from mixers_jax import flops as flops_lib
-    from mixers_jax import sharding, trainer
     from mixers_jax.config import base_config
 
     records = []
-    peak = flops_lib.peak_flops_per_second(jax.devices()[0])
     for name in cases:
         spec = dict(TRAIN_CASES[name])
         if spec.get("heads") == -1:
@@ -125,54 +125,110 @@ def bench_train(cases: list[str]) -> list[dict]:
             dict(d_model=_D.value, n_layers=_L.value, n_ctx=_N.value, vocab_size=_V.value,
                  n_heads=_HEADS.value, dtype=_DTYPE.value, **spec)
         )
-        config.train.update(dict(batch_size=_B.value, steps=10**6, warmup_steps=10))
-        config.mesh.update(dict(data=-1, fsdp=1, tensor=1))
-        mesh = sharding.make_mesh(config.mesh)
-        steps = trainer.build_steps(config, mesh)
-        state = steps.init(jax.random.key(0))
-        rng = np.random.default_rng(0)
-        local = {
-            "tokens": rng.integers(0, _V.value, (_B.value, _N.value), dtype=np.int32),
-            "loss_mask": np.ones((_B.value, _N.value), np.float32),
-            "token_bytes": np.full((_B.value, _N.value), 4, np.int32),
-        }
-        batch = sharding.global_batch(local, mesh)
-        t0 = time.perf_counter()
-        compiled = steps.train_step.lower(state, batch).compile()
-        compile_s = time.perf_counter() - t0
-        holder = {"state": state}
-
-        def one_step(holder=holder, compiled=compiled, batch=batch):
-            holder["state"], stats = compiled(holder["state"], batch)
-            return stats["loss"]
-
-        step_s = _median_time(one_step, _STEPS.value)
-        tokens = _B.value * _N.value
-        analytic = flops_lib.flops_per_token(config.model, training=True)
-        xla = _cost_flops(compiled)
-        rec = {
-            "case": name,
-            "step_s": step_s,
-            "tokens_per_s": tokens / step_s,
-            "compile_s": compile_s,
-            "memory_bytes": _memory_bytes(compiled),
-            "flops_per_token": analytic,
-            "xla_flops_per_token": xla / tokens if xla else None,
-            "params": int(sum(x.size for x in jax.tree.leaves(holder["state"].params))),
-        }
-        stats = jax.devices()[0].memory_stats() or {}
-        if "peak_bytes_in_use" in stats:
-            rec["peak_bytes_in_use"] = int(stats["peak_bytes_in_use"])
-        if peak:
-            rec["mfu"] = flops_lib.mfu(analytic, rec["tokens_per_s"], peak * jax.device_count())
+        rec = _time_train_step(name, config)
         records.append(rec)
         _print_row(rec, ["case", "step_s", "tokens_per_s", "compile_s", "memory_bytes",
                          "flops_per_token", "xla_flops_per_token", "mfu"])
-        del holder, state, compiled
     base = {r["case"]: r for r in records}
     if "mixer_flat" in base and "transformer" in base:
         ratio = base["transformer"]["step_s"] / base["mixer_flat"]["step_s"]
         print(f"transformer step time / flat mixer step time = {ratio:.2f}")
+    return records
+
+
+def _time_train_step(name: str, config) -> dict:
+    """Median time of one compiled optimizer step of ``config`` on random tokens, with its
+    compile time, memory, analytic and XLA FLOPs per token, parameters and MFU where known."""
+    import jax
+    import numpy as np
+
+    from mixers_jax import flops as flops_lib
+    from mixers_jax import sharding, trainer
+    from mixers_jax.models import input_length
+
+    config.train.update(dict(batch_size=_B.value, steps=10**6, warmup_steps=10))
+    config.mesh.update(dict(data=-1, fsdp=1, tensor=1))
+    mesh = sharding.make_mesh(config.mesh)
+    steps = trainer.build_steps(config, mesh)
+    state = steps.init(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    b, n, v = _B.value, input_length(config.model), int(config.model.vocab_size)
+    local = {
+        "tokens": rng.integers(3, v, (b, n), dtype=np.int32),
+        "loss_mask": np.ones((b, n), np.float32),
+        "token_bytes": np.full((b, n), 4, np.int32),
+    }
+    batch = sharding.global_batch(local, mesh)
+    t0 = time.perf_counter()
+    compiled = steps.train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], stats = compiled(holder["state"], batch)
+        return stats["loss"]
+
+    step_s = _median_time(one_step, _STEPS.value)
+    tokens = b * n
+    analytic = flops_lib.flops_per_token(config.model, training=True)
+    xla = _cost_flops(compiled)
+    rec = {
+        "case": name,
+        "step_s": step_s,
+        "tokens_per_s": tokens / step_s,
+        "compile_s": compile_s,
+        "memory_bytes": _memory_bytes(compiled),
+        "flops_per_token": analytic,
+        "xla_flops_per_token": xla / tokens if xla else None,
+        "params": int(sum(x.size for x in jax.tree.leaves(holder["state"].params))),
+    }
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        rec["peak_bytes_in_use"] = int(stats["peak_bytes_in_use"])
+    peak = flops_lib.peak_flops_per_second(jax.devices()[0])
+    if peak:
+        rec["mfu"] = flops_lib.mfu(analytic, rec["tokens_per_s"], peak * jax.device_count())
+    return rec
+
+
+MEMORY_CASES = {
+    "memory_mixer": dict(kind="memory"),
+    "full_mixer": dict(kind="mixer"),
+    "memory_transformer": dict(kind="memory", encoder={"kind": "transformer"},
+                               decoder={"kind": "transformer"}),
+    "full_transformer": dict(kind="transformer"),
+}
+
+
+def bench_memory(cases: list[str], chunk_counts: list[int]) -> list[dict]:
+    """Training-step time of memory models (s chunks of n_ctx) vs full-context models over the same
+    s·n_ctx tokens, for each s (REFERENCE §11: memory models ≈20–25% slower per step at s = 4)."""
+    from mixers_jax.config import base_config
+
+    records = []
+    for s in chunk_counts:
+        for name in cases:
+            spec = dict(MEMORY_CASES[name])
+            config = base_config()
+            full = spec["kind"] != "memory"
+            for role in ("encoder", "decoder"):
+                config.model[role].update(spec.pop(role, {}))
+            config.model.update(dict(
+                d_model=_D.value, n_layers=_L.value, vocab_size=_V.value, n_heads=_HEADS.value,
+                dtype=_DTYPE.value, chunks=s, n_ctx=_N.value * s if full else _N.value, **spec))
+            config.train.objective = "clm"
+            rec = dict(_time_train_step(name, config), chunks=s, chunk_len=_N.value,
+                       total_tokens=s * _N.value)
+            records.append(rec)
+            _print_row(rec, ["case", "chunks", "total_tokens", "step_s", "tokens_per_s",
+                             "memory_bytes", "flops_per_token"])
+    by = {(r["case"], r["chunks"]): r for r in records}
+    for s in chunk_counts:
+        for kind in ("mixer", "transformer"):
+            mem, full = by.get((f"memory_{kind}", s)), by.get((f"full_{kind}", s))
+            if mem and full:
+                print(f"s={s}: memory {kind} step time / full-context {kind} step time = "
+                      f"{mem['step_s'] / full['step_s']:.2f}")
     return records
 
 
@@ -330,6 +386,13 @@ def main(argv):
         settings = dict(d_model=_D.value, n_layers=_L.value, vocab=_V.value, heads=_HEADS.value,
                         dtype=_DTYPE.value, steps=_STEPS.value, new_tokens=_NEW_TOKENS.value,
                         contexts=contexts, batches=batches)
+    elif _SUITE.value == "memory":
+        cases = _selected_cases(MEMORY_CASES)
+        chunk_counts = [int(c) for c in _CHUNKS.value]
+        records = bench_memory(cases, chunk_counts)
+        settings = dict(d_model=_D.value, n_layers=_L.value, chunk_len=_N.value, batch=_B.value,
+                        vocab=_V.value, heads=_HEADS.value, dtype=_DTYPE.value, steps=_STEPS.value,
+                        chunks=chunk_counts)
     else:
         contexts = [int(c) for c in _CONTEXTS.value]
         records = bench_mixing(contexts)

@@ -1,0 +1,34 @@
+"""``python -m mixers_jax.bench --suite=memory`` end to end on a tiny model: a table, the
+memory / full-context ratio line per s, and JSON records whose token counts match the settings."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests_util import REPO
+
+
+def test_memory_suite_runs_and_writes_records(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mixers_jax.bench", "--suite=memory", "--chunks=2,3", "--n_ctx=8",
+         "--d_model=32", "--n_layers=1", "--vocab=64", "--batch=2", "--steps=1",
+         "--cases=memory_mixer,full_mixer", f"--out={out}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "s=2: memory mixer step time / full-context mixer step time" in proc.stdout
+    assert "s=3: memory mixer step time / full-context mixer step time" in proc.stdout
+    records = json.loads(out.read_text())["records"]
+    assert [(r["case"], r["chunks"]) for r in records] == [
+        ("memory_mixer", 2), ("full_mixer", 2), ("memory_mixer", 3), ("full_mixer", 3)]
+    for r in records:
+        assert r["total_tokens"] == r["chunks"] * 8
+        assert r["step_s"] > 0 and r["tokens_per_s"] > 0
+        assert r["tokens_per_s"] * r["step_s"] == pytest.approx(2 * r["total_tokens"])
+        assert r["flops_per_token"] > 0
+    # the memory model runs an encoder on top of a decoder of the same size: more FLOPs per token
+    by = {(r["case"], r["chunks"]): r for r in records}
+    assert by[("memory_mixer", 2)]["flops_per_token"] > by[("full_mixer", 2)]["flops_per_token"]

@@ -21,7 +21,7 @@ setup(
         "absl-py>=2.1",
         "numpy>=1.26",
         "pyarrow>=14",
-        "matplotlib>=3.7",  # mixers_jax.inspect heatmaps
+        "matplotlib>=3.7",  # mixers_jax.inspect heatmaps, mixers_jax.plot curves
     ],
     extras_require={"test": ["pytest>=8"]},
 )

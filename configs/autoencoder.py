@@ -12,7 +12,7 @@ reconstruction CE (objective 'autoencode'). Presets:
   cpu_unmasked (the mixer with an unmasked encoder), cpu_mixer_transformer and
   cpu_transformer_mixer (the hybrids; the transformer half runs at half the mixer's width) are the
   same budget for side-by-side comparisons (README "Autoencoders"). cpu_memory_encoder: d128
-  n32, the encoder shape of memory.py:cpu, for its curriculum (stage 1 loads it frozen).
+  n16 V384, 4 heads, k4: the encoder shape of memory.py:cpu, for its curriculum (stage 1 loads it frozen).
 * tinystories / tinystories_transformer: d512 L8+8 n512 V4096 (REFERENCE §11: 4.53/4.35 vs
   5.31/5.23); fineweb: the best mixer recipe d1024 k8 L8+8 n512 repeat bf16 (≈1.5 on FineWeb);
   fineweb_transformer: d512 L8+8 H8 unrolled. Give the data with --config.data.source=...
@@ -47,7 +47,9 @@ PRESETS_DICT = {
         "model.decoder.kind": "transformer", "model.decoder.d_model": 128}),
     "cpu_transformer_mixer": dict(_CPU_AE, **{
         "model.encoder.kind": "transformer", "model.encoder.d_model": 128}),
-    "cpu_memory_encoder": dict(_CPU_AE, **{"model.n_ctx": 32, "model.d_model": 128}),
+    "cpu_memory_encoder": dict(_CPU_AE, **{
+        "model.n_ctx": 16, "model.d_model": 128, "model.vocab_size": 384, "model.heads": 4,
+        "model.kernel": 4, "train.lr": 4e-3}),
     "tinystories": _paper(512, 8, 4096, 1e-4, 32),
     "tinystories_transformer": _paper(512, 8, 4096, 1e-4, 32,
                                       dict(_TRANSFORMER, **{"model.n_heads": 8, "train.lr": 1e-4})),

@@ -105,9 +105,10 @@ class Stage:
 
 
 def _csv(text) -> tuple[str, ...]:
-    if isinstance(text, (list, tuple)):
-        return tuple(str(t).strip() for t in text if str(t).strip())
-    return tuple(t.strip() for t in str(text or "").split(",") if t.strip())
+    """Names from a comma string or a sequence of them (``--config.train.eval_objectives=clm,copy``
+    arrives as the one-element tuple ('clm,copy',))."""
+    items = text if isinstance(text, (list, tuple)) else (text,)
+    return tuple(t.strip() for item in items for t in str(item or "").split(",") if t.strip())
 
 
 def stages(config) -> list[Stage]:

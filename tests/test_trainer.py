@@ -133,3 +133,17 @@ def test_workdir_from_before_a_new_model_field_still_resumes(tmp_path):
     config.model.mixing = "toeplitz"
     with pytest.raises(UserError, match="holds a different model"):
         trainer.check_workdir_compatible(config, str(tmp_path))
+
+
+def test_eval_objectives_accept_a_comma_list_from_the_command_line():
+    """``--config.train.eval_objectives=blank_copy,clm`` reaches the tuple field as ('blank_copy,clm',)."""
+    from mixers_jax.config import base_config
+    from mixers_jax.trainer import eval_objective_names
+
+    train = base_config().train
+    train.objective = "combined"
+    assert eval_objective_names(train) == ("combined",)
+    train.eval_objectives = ("blank_copy,clm",)
+    assert eval_objective_names(train) == ("blank_copy", "clm")
+    train.eval_objectives = ("clm", " copy ")
+    assert eval_objective_names(train) == ("clm", "copy")

@@ -50,7 +50,7 @@ needed), ``expand`` (unroll), ``inject`` ('add'), ``token_embed`` ('embedding'),
 
 Both kinds: ``model.apply(v, tokens, method='embed')`` -> the stored vector z [B, d_enc/c] float32
 (after the down map and the ``embed_quant`` cast; no noise) for probes and compression accounting;
-``stored_width`` (and :func:`stored_numbers` from a config) is d_enc/c, the numbers stored per row.
+``stored_width`` (and ``metrics.stored_numbers`` from a config) is d_enc/c, the numbers stored per row.
 """
 from __future__ import annotations
 
@@ -83,14 +83,6 @@ def unroll_indices(n: int, d: int) -> np.ndarray:
 def unroll_windows(e_BxD: Array, n: int) -> Array:
     """w [B, n, d/2]: w[b, i, m] = e[b, (i + m) mod d] (REFERENCE §4 "Unrolled")."""
     return jnp.take(e_BxD, jnp.asarray(unroll_indices(n, e_BxD.shape[-1])), axis=-1)
-
-
-def stored_numbers(model_cfg: Any) -> int:
-    """Numbers stored per row by an 'autoencoder' / 'embedding_clm' config: d_enc / c (§7)."""
-    from mixers_jax.models import sub_config
-
-    d_enc = int(sub_config(model_cfg, "encoder")["d_model"])
-    return d_enc // int(model_cfg["compression"])
 
 
 class Compress(nn.Module):

@@ -26,7 +26,8 @@ DELTAS = np.concatenate([np.linspace(0.5, 0.99, 50), np.linspace(0.991, 1.0, 10)
 
 
 def effective_matrices(run) -> list[tuple[str, np.ndarray]]:
-    """[(name, A [n, n] float64)] for every token-mixing matrix of the model."""
+    """[(name, A [n, n] float64)] for every token-mixing matrix of the model (one per head and,
+    with ``model.kernel`` k > 1, per tap; unmasked as trained when ``model.causal`` is False)."""
     import jax.numpy as jnp
 
     from mixers_jax.models import mixing as mx
@@ -39,7 +40,11 @@ def effective_matrices(run) -> list[tuple[str, np.ndarray]]:
         p = run.params[f"block_{layer}"]["mix"]
         for suffix in ("1", "2") if m.expanded else ("",):
             if m.mixing == "flat":
-                a = mx.mask_weight(jnp.asarray(p["w" + suffix]))
+                w = jnp.asarray(p["w" + suffix])
+                taps = int(m.get("kernel", 1) or 1) > 1  # w [(H,) n, n, k]: one matrix per tap
+                a = mx.mask_weight(w, taps=taps) if m.get("causal", True) else w
+                if taps:
+                    a = jnp.moveaxis(a, -1, 0)
             elif m.mixing == "toeplitz":
                 a = mx.toeplitz_matrix(jnp.asarray(p["v" + suffix]))
             else:
@@ -47,14 +52,18 @@ def effective_matrices(run) -> list[tuple[str, np.ndarray]]:
                 delta = mx.srm_delta(jnp.asarray(p["lam" + suffix]), int(m.n_ctx), bool(m.get("decay", True)))
                 a = mx.srm_matrix(v, delta, mx.srm_is_col(m.mixing, int(m.heads)))
             a = np.asarray(a, np.float64)
-            heads = [a] if a.ndim == 2 else list(a)
-            for h, ah in enumerate(heads):
-                name = f"layer{layer}"
-                if a.ndim == 3:
-                    name += f"_head{h}"
-                if suffix:
-                    name += f"_w{suffix}"
-                out.append((name, ah))
+            per_tap = list(a) if m.mixing == "flat" and int(m.get("kernel", 1) or 1) > 1 else [a]
+            for t, at in enumerate(per_tap):
+                heads = [at] if at.ndim == 2 else list(at)
+                for h, ah in enumerate(heads):
+                    name = f"layer{layer}"
+                    if at.ndim == 3:
+                        name += f"_head{h}"
+                    if len(per_tap) > 1:
+                        name += f"_tap{t}"
+                    if suffix:
+                        name += f"_w{suffix}"
+                    out.append((name, ah))
     return out
 
 

@@ -333,9 +333,21 @@ def profile_window(config) -> tuple[int, int] | None:
 
 
 def activation_dims(model_cfg) -> dict[str, int]:
-    """Sizes of the activation axes the models constrain (to replicate what a mesh cannot split)."""
-    heads = model_cfg.heads if model_cfg.kind == "mixer" else model_cfg.n_heads
-    return {"act_heads": int(heads or 1), "act_mlp": int(model_cfg.mlp_ratio * model_cfg.d_model)}
+    """Sizes of the activation axes the models constrain (to replicate what a mesh cannot split).
+
+    A composite model (encoder and decoder with their own widths and heads) gets the gcd over its
+    parts, so an axis is split only where the mesh divides it in every part."""
+    from mixers_jax.models import sub_config
+
+    def dims(cfg) -> tuple[int, int]:
+        heads = cfg["heads"] if cfg["kind"] == "mixer" else cfg["n_heads"]
+        return int(heads or 1), int(cfg["mlp_ratio"] * cfg["d_model"])
+
+    parts = [model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)]
+    if parts[0]["kind"] not in ("mixer", "transformer"):
+        parts = [sub_config(model_cfg, role) for role in ("encoder", "decoder")]
+    heads, mlp = zip(*(dims(cfg) for cfg in parts))
+    return {"act_heads": math.gcd(*heads), "act_mlp": math.gcd(*mlp)}
 
 
 def build_steps(config, mesh, objective: str | None = None, rules=None, pad_id: int = 2,

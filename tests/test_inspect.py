@@ -34,3 +34,16 @@ def test_inspect_writes_heatmaps(tmp_path):
     assert (tmp_path / "out" / "layer1_head1.png").read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((tmp_path / "out" / "structure.json").read_text())
     assert len(saved["matrices"]) == 4
+
+
+def test_kernel_mixing_gives_one_causal_matrix_per_tap(tmp_path):
+    """k = 3 taps, 2 heads: 2 layers x 3 taps x 2 heads matrices, each the masked slice of w."""
+    run = load_run(make_workdir(str(tmp_path / "run"), heads=2, kernel=3))
+    mats = insp.effective_matrices(run)
+    assert [name for name, _ in mats[:6]] == [
+        "layer0_head0_tap0", "layer0_head1_tap0", "layer0_head0_tap1", "layer0_head1_tap1",
+        "layer0_head0_tap2", "layer0_head1_tap2"]
+    assert len(mats) == 12
+    w = np.asarray(run.params["block_0"]["mix"]["w"], np.float64)  # [H, n, n, k]
+    for (name, a), (h, t) in zip(mats[:6], [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]):
+        np.testing.assert_allclose(a, np.tril(w[h, :, :, t]), rtol=1e-6, err_msg=name)

@@ -147,3 +147,19 @@ def test_eval_objectives_accept_a_comma_list_from_the_command_line():
     assert eval_objective_names(train) == ("blank_copy", "clm")
     train.eval_objectives = ("clm", " copy ")
     assert eval_objective_names(train) == ("clm", "copy")
+
+
+def test_activation_dims_of_composite_models_divide_every_part():
+    """A mesh axis may split an activation axis only if it divides it in the encoder and decoder."""
+    from mixers_jax.config import base_config
+
+    m = base_config().model
+    m.update({"kind": "memory", "d_model": 256, "mlp_ratio": 4, "heads": 4})
+    m.encoder.update({"d_model": 96, "heads": 6})
+    assert trainer.activation_dims(m) == {"act_heads": 2, "act_mlp": 128}
+    m.encoder.update({"kind": "transformer"})
+    m.update({"n_heads": 8})
+    assert trainer.activation_dims(m) == {"act_heads": 4, "act_mlp": 128}
+    m = base_config().model
+    m.update({"kind": "mixer", "d_model": 64, "mlp_ratio": 4, "heads": 0})
+    assert trainer.activation_dims(m) == {"act_heads": 1, "act_mlp": 256}

@@ -38,8 +38,9 @@ _CPU = dict(CPU, **{
     "train.steps": 450, "train.batch_size": 32, "train.lr": 4e-3, "train.warmup_steps": 50,
     "train.eval_every": 225, "train.checkpoint_every": 225,
 })
+# Kernel mixing is a mixer option: the transformer encoder takes k = 1.
 _TRANSFORMER = {"model.encoder.kind": "transformer", "model.decoder.kind": "transformer",
-                "train.lr": 5e-4}
+                "model.encoder.kernel": 1, "train.lr": 5e-4}
 
 
 def _paper(kind, d_enc, d_dec, lr, batch, steps, extra=()):

@@ -246,8 +246,10 @@ def plot_runs(
 
     points = []
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), dpi=100, squeeze=False)
+    colors = [f"C{i % 10}" for i in range(len(runs))]  # one colour per run on every axis
+    handles = {}
     for ax, metric in zip(axes[0], metrics):
-        for name, run in zip(names, runs):
+        for name, run, color in zip(names, runs, colors):
             series = run["scalars"].get(metric)
             if not series:
                 continue
@@ -255,7 +257,8 @@ def plot_runs(
             steps = [s for s, _ in series]
             xs = [s * scale for s in steps]
             ys = [v for _, v in series]
-            ax.plot(xs, ys, label=name, marker="." if len(xs) < 30 else None)
+            (handles[name],) = ax.plot(xs, ys, label=name, color=color,
+                                       marker="." if len(xs) < 30 else None)
             points.extend({"label": name, "workdir": run["workdir"], "metric": metric, "step": s,
                            "x": xv, "value": v} for s, xv, v in zip(steps, xs, ys))
         ax.set_title(metric)
@@ -264,10 +267,12 @@ def plot_runs(
         if logy:
             ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
     fig.tight_layout()
+    # One legend for all axes, below them: run labels are long (kind, widths, depths, mixing).
+    legend = fig.legend(list(handles.values()), list(handles), loc="upper center", fontsize=8,
+                        bbox_to_anchor=(0.5, 0.0), ncol=1, frameon=False)
     buf = io.BytesIO()
-    fig.savefig(buf, format=fmt)
+    fig.savefig(buf, format=fmt, bbox_extra_artists=(legend,), bbox_inches="tight")
     plt.close(fig)
     _write(out, buf.getvalue())
     if csv:

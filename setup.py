@@ -23,5 +23,5 @@ setup(
         "pyarrow>=14",
         "matplotlib>=3.7",  # mixers_jax.inspect heatmaps, mixers_jax.plot curves
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3"]},
 )

@@ -257,8 +257,7 @@ def plot_runs(
             steps = [s for s, _ in series]
             xs = [s * scale for s in steps]
             ys = [v for _, v in series]
-            (handles[name],) = ax.plot(xs, ys, label=name, color=color,
-                                       marker="." if len(xs) < 30 else None)
+            (handles[name],) = ax.plot(xs, ys, color=color, marker="." if len(xs) < 30 else None)
             points.extend({"label": name, "workdir": run["workdir"], "metric": metric, "step": s,
                            "x": xv, "value": v} for s, xv, v in zip(steps, xs, ys))
         ax.set_title(metric)

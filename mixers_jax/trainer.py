@@ -28,7 +28,7 @@ import optax
 from mixers_jax import checkpoint as ckpt_lib
 from mixers_jax import flops as flops_lib
 from mixers_jax import metrics as metrics_lib
-from mixers_jax import objectives, sharding
+from mixers_jax import objectives, sharding, target_bytes
 from mixers_jax.errors import UserError
 from mixers_jax.fileio import write_atomic
 from mixers_jax.models import build_model, input_length
@@ -916,12 +916,10 @@ def _loop(config, workdir, runner: _Runner, data, checkpointer, writer, log, met
     if "evals" not in summary:
         summary["evals"] = evaluate_all(steps, state.params, data.eval_batches)
         summary["eval"] = next(iter(summary["evals"].values()))
-    from mixers_jax import evaluate as evaluate_lib
-
     first_objective = next(iter(summary["evals"]))
-    text, _, _ = evaluate_lib.exact_target_text(
+    text, _, _ = target_bytes.exact_target_text(
         stage_config(config, stage), first_objective, data.tokenizer.pad_id, data.eval_batches,
-        evaluate_lib.PieceBytes.from_tokenizer(data.tokenizer), summary["eval"]["bytes"])
+        target_bytes.PieceBytes.from_tokenizer(data.tokenizer), summary["eval"]["bytes"])
     baselines = metrics_lib.compressor_bpb(text)
     summary["compressors"] = baselines
     log(results_table(summary["evals"], baselines))

@@ -15,7 +15,7 @@ import pytest
 from run_util import make_workdir, sample_text
 from tests_util import REPO
 
-from mixers_jax import evaluate, metrics
+from mixers_jax import evaluate, metrics, target_bytes
 from mixers_jax.config import base_config
 from mixers_jax.data import pipeline, sources
 from mixers_jax.models import MODEL_KINDS
@@ -77,7 +77,7 @@ def test_stored_numbers():
 
 def test_piece_bytes_concatenate_to_the_text(clm_run):
     tok = load_run(clm_run).tokenizer
-    table = evaluate.PieceBytes.from_tokenizer(tok)
+    table = target_bytes.PieceBytes.from_tokenizer(tok)
     text = "  Hello,\twörld!\n\u4e2d\u2581x \U0001F600 end\r\n"
     ids = tok.encode(text)
     assert table.join(ids) == b"".join(table.pieces[i] for i in ids) == text.encode("utf-8")
@@ -86,12 +86,12 @@ def test_piece_bytes_concatenate_to_the_text(clm_run):
 
 
 def test_target_text_rows_and_layers():
-    table = evaluate.PieceBytes([b"", b"a", b"bb", b"\xe2\x96"])
+    table = target_bytes.PieceBytes([b"", b"a", b"bb", b"\xe2\x96"])
     tokens = np.array([[1, 2, 3, 0], [3, 2, 1, 1]])
     weights = np.array([[0.0, 1.0, 2.0, 1.0], [1.0, 0.0, 1.0, 0.0]])
     # row 0: layer 1 = bb, \xe2\x96, '' ; layer 2 = \xe2\x96 ; row 1: \xe2\x96, a
-    assert evaluate.target_text(tokens, weights, table) == b"bb\xe2\x96\xe2\x96\xe2\x96a"
-    assert evaluate.target_text(tokens, np.zeros((2, 4)), table) == b""
+    assert target_bytes.target_text(tokens, weights, table) == b"bb\xe2\x96\xe2\x96\xe2\x96a"
+    assert target_bytes.target_text(tokens, np.zeros((2, 4)), table) == b""
 
 
 def test_parse_quants_and_objectives():
@@ -140,7 +140,7 @@ def _direct(run, rows, shift: bool):
     logp = logits - logits.max(-1, keepdims=True)
     logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
     nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
-    pieces = evaluate.PieceBytes.from_tokenizer(run.tokenizer).pieces
+    pieces = target_bytes.PieceBytes.from_tokenizer(run.tokenizer).pieces
     text = b"".join(pieces[t] for row, m in zip(targets, mask) for t in row[m > 0])
     return {"nll": float((nll * mask).sum()), "tokens": float(mask.sum()),
             "correct": float(((logits.argmax(-1) == targets) * mask).sum()),

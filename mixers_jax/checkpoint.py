@@ -320,9 +320,12 @@ class Checkpointer:
         if self.read_only:
             raise UserError(f"{self.directory} is open read-only")
         src, dst = self.step_dir(step), self.step_dir(step) + DAMAGED_SUFFIX
-        if os.path.exists(dst):
-            shutil.rmtree(dst)
-        os.replace(src, dst)
+        if jax.process_index() == 0:
+            if os.path.exists(dst):
+                shutil.rmtree(dst)
+            os.replace(src, dst)
+        if jax.process_count() > 1:  # every host lists the steps anew only after the rename
+            ocp.multihost.sync_global_processes(f"mixers_jax_set_aside_{step}")
         self._verdicts.pop(step, None)
         self._manager.reload()
         return dst

@@ -62,6 +62,8 @@ def _stderr(msg: str) -> None:
 class WorkdirLock:
     """``with WorkdirLock(workdir, log=...):`` holds the workdir for a training run.
 
+    The workdir is created if needed (and removed again at release if the run left it empty).
+
     Raises UserError("workdir W is in use by pid N on HOST since T") when another live process
     holds it. A lock file left by a dead run is taken over and reported through ``log``.
     """
@@ -71,10 +73,12 @@ class WorkdirLock:
         self.path = os.path.join(self.workdir, LOCK_FILE)
         self._log = log or _stderr
         self._fd: int | None = None
+        self._created = False  # acquire made the workdir: release removes it again if still empty
 
     def acquire(self) -> "WorkdirLock":
         if self._fd is not None:
             raise RuntimeError(f"{self.path} is already held by this object")
+        self._created = not os.path.isdir(self.workdir)
         os.makedirs(self.workdir, exist_ok=True)
         deadline = time.monotonic() + _RETRY_S
         while True:
@@ -90,6 +94,7 @@ class WorkdirLock:
                     time.sleep(_RETRY_STEP_S)
                     continue
                 who = holder.describe() if holder else "another process"
+                self._remove_if_created()
                 raise UserError(f"workdir {self.workdir} is in use by {who}") from None
             # The file may have been unlinked by a holder that released it between our open and
             # our flock: then we hold a lock on a file nobody else will look at. Start over.
@@ -123,6 +128,15 @@ class WorkdirLock:
         finally:
             os.close(self._fd)  # closing the last descriptor drops the flock
             self._fd = None
+        self._remove_if_created()
+
+    def _remove_if_created(self) -> None:
+        """A run that stopped before writing anything leaves no empty workdir behind."""
+        if self._created:
+            try:
+                os.rmdir(self.workdir)
+            except OSError:
+                pass  # not empty: the run wrote something
 
     def __enter__(self) -> "WorkdirLock":
         return self.acquire()

@@ -67,6 +67,12 @@ def test_lock_in_process_and_read_only_probe(tmp_path):
     messages = []
     assert lock.live_run(str(tmp_path / "none")) is None
     assert not (tmp_path / "none").exists()  # the probe creates nothing
+    with lock.WorkdirLock(str(tmp_path / "new")):
+        assert (tmp_path / "new" / lock.LOCK_FILE).exists()
+    assert not (tmp_path / "new").exists()  # a run that wrote nothing leaves no empty workdir
+    with lock.WorkdirLock(str(tmp_path / "new")):
+        (tmp_path / "new" / "log.txt").write_text("x")
+    assert os.listdir(tmp_path / "new") == ["log.txt"]
     with lock.WorkdirLock(str(tmp_path), log=messages.append) as held:
         info = json.loads((tmp_path / lock.LOCK_FILE).read_text())
         assert info["pid"] == os.getpid() and held.path == str(tmp_path / lock.LOCK_FILE)
@@ -75,6 +81,6 @@ def test_lock_in_process_and_read_only_probe(tmp_path):
             with lock.WorkdirLock(str(tmp_path)):
                 pass
     assert messages == [] and lock.live_run(str(tmp_path)) is None
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ["new"]
     with lock.WorkdirLock(str(tmp_path)):  # free again
         pass

@@ -188,6 +188,14 @@ def _root_os_error(e: BaseException) -> OSError | None:
     return None
 
 
+def check_keep(keep: int) -> None:
+    """UserError unless ``keep`` (train.keep_checkpoints) is at least 1: with fewer, every save
+    would delete the trained model. For config validation, before anything is written."""
+    if int(keep) < 1:
+        raise UserError(f"train.keep_checkpoints must be at least 1 (got {keep}); with fewer, "
+                        "every save would delete the trained model")
+
+
 class Checkpointer:
     """Saves and restores checkpoints in ``directory``; see the module docstring.
 
@@ -204,9 +212,7 @@ class Checkpointer:
         self._log = log or _stderr
         self._verdicts: dict[int, Verdict] = {}
         if not self.read_only:
-            if int(keep) < 1:
-                raise UserError(f"train.keep_checkpoints must be at least 1 (got {keep}); with "
-                                "fewer, every save would delete the trained model")
+            check_keep(keep)
             self._clean_leftovers()
             options = ocp.CheckpointManagerOptions(
                 max_to_keep=int(keep), create=True, enable_async_checkpointing=False)
@@ -221,7 +227,7 @@ class Checkpointer:
     def _clean_leftovers(self) -> None:
         """Removes the temporary folders of saves that never finished (a killed run, a full disk):
         orbax would otherwise trip over them at the next save."""
-        if not os.path.isdir(self.directory):
+        if jax.process_index() != 0 or not os.path.isdir(self.directory):
             return
         for name in sorted(os.listdir(self.directory)):
             if _TMP_MARK in name:
@@ -278,6 +284,8 @@ class Checkpointer:
         """
         if self.read_only:
             raise UserError(f"{self.directory} is open read-only")
+        if os.path.exists(self.step_dir(step)):
+            raise UserError(f"checkpoint {step} already exists in {self.directory}")
         if not bool(all_finite((state.params, state.opt_state))):
             bad = non_finite_leaves({"params": state.params, "opt_state": state.opt_state})
             raise NonFiniteStateError(
@@ -463,14 +471,14 @@ class PreemptionGuard:
 
     The loop then saves a checkpoint and exits cleanly instead of dying mid-write. A second SIGINT
     while the first is pending raises KeyboardInterrupt at once (abort without saving). Signals are
-    only caught in the main thread; the previous handlers come back on exit.
+    only caught in the main thread; the previous handlers come back on exit. The first signal is
+    acknowledged on stderr at once.
     """
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT), log: Log | None = None):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.requested: str | None = None
         self._previous = {}
         self._signals = tuple(signals)
-        self._log = log or _stderr
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -485,7 +493,8 @@ class PreemptionGuard:
         if self.requested is None:
             self.requested = name
             again = " (Ctrl-C again aborts without saving)" if signum == signal.SIGINT else ""
-            self._log(f"{name}: saving a checkpoint and stopping{again}")
+            # os.write, not print or a log file: the handler may interrupt a write to those.
+            os.write(2, f"{name}: saving a checkpoint and stopping{again}\n".encode())
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():

@@ -83,6 +83,8 @@ def test_roundtrip_new_layout_and_params_alone(tmp_path):
 def test_keep_below_one_is_refused(tmp_path, keep):
     with pytest.raises(UserError, match="at least 1"):
         ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), keep=keep)
+    with pytest.raises(UserError, match=f"keep_checkpoints must be at least 1 \\(got {keep}\\)"):
+        ckpt_lib.check_keep(keep)
     assert not os.path.exists(tmp_path / "ckpt")
 
 
@@ -294,19 +296,27 @@ def test_keep_deletes_only_older_steps(tmp_path):
     assert ck.all_steps() == [6] and ck.verify(6).ok
 
 
-def test_sigint_requests_a_save_and_a_second_one_aborts():
-    messages = []
+def test_sigint_requests_a_save_and_a_second_one_aborts(capfd):
     before = signal.getsignal(signal.SIGINT)
-    with ckpt_lib.PreemptionGuard(log=messages.append) as guard:
+    with ckpt_lib.PreemptionGuard() as guard:
         assert guard.requested is None
         os.kill(os.getpid(), signal.SIGINT)
         assert guard.requested == "SIGINT"
-        assert messages == ["SIGINT: saving a checkpoint and stopping (Ctrl-C again aborts without saving)"]
+        assert capfd.readouterr().err == (
+            "SIGINT: saving a checkpoint and stopping (Ctrl-C again aborts without saving)\n")
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before
-    with ckpt_lib.PreemptionGuard(log=messages.append) as guard:
+    with ckpt_lib.PreemptionGuard() as guard:
         os.kill(os.getpid(), signal.SIGTERM)
         assert guard.requested == "SIGTERM"
         os.kill(os.getpid(), signal.SIGTERM)  # a repeated SIGTERM only keeps the request
         assert guard.requested == "SIGTERM"
+    assert capfd.readouterr().err == "SIGTERM: saving a checkpoint and stopping\n"
+
+
+def test_saving_an_existing_step_is_refused_and_keeps_it(tmp_path):
+    ck, states, _ = _saved(tmp_path, steps=(6,))
+    with pytest.raises(UserError, match="checkpoint 6 already exists"):
+        ck.save(6, states[6], {}, {})
+    assert ck.verify(6).ok and ck.all_steps() == [6]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -162,6 +163,50 @@ def test_source_errors_and_non_utf8(tmp_path):
         load_documents(_cfg(source=empty, format="csv"))
     latin = _write(tmp_path / "latin1.txt", b"caf\xe9 ok\n")
     assert load_documents(_cfg(source=latin)) == ["caf\ufffd ok\n"]
+
+
+def test_replaced_bytes_are_counted_like_errors_replace(tmp_path):
+    rng = random.Random(3)
+    for _ in range(200):
+        blob = bytes(rng.choice(b"ab\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80\xff\x80\xed\xa0") for _ in range(rng.randint(0, 40)))
+        text, replaced = sources.decode_utf8(blob)
+        assert text == blob.decode("utf-8", errors="replace")
+        assert replaced == len(blob) - len(text.replace("\ufffd", "").encode("utf-8"))
+    # two stray Latin-1 bytes in 1 KB of text: kept (U+FFFD) and counted in the statistics
+    body = ("plain English prose. " * 50).encode() + b"caf\xe9 na\xefve\n"
+    latin = _write(tmp_path / "stray.txt", body)
+    jl = _write(tmp_path / "x.jsonl", b'{"text": "d\xe9j\xe0 vu"}\n{"text": "fine"}\n')
+    pq = _write_parquet(tmp_path / "x.parquet", "text", [b"ol\xe9", b"ok"])
+    docs, stats = sources.read_documents(_cfg(source=f"{latin},{jl},{pq}"))
+    assert docs[-4:] == ["d\ufffdj\ufffd vu", "fine", "ol\ufffd", "ok"] and "caf\ufffd na\ufffdve" in docs[0]
+    assert stats.as_dict() == {"source_files": 3, "replaced_bytes": 5}
+    assert sources.read_documents(_cfg(source=_write(tmp_path / "ok.txt", "fine")))[1].replaced_bytes == 0
+
+
+def test_binary_files_are_refused_in_one_line(tmp_path):
+    exe = _write(tmp_path / "prog", b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 4)
+    with pytest.raises(UserError, match=r"prog looks binary \(a NUL byte at offset 7\)") as info:
+        load_documents(_cfg(source=exe))
+    assert "\n" not in str(info.value)
+    with pytest.raises(UserError, match="looks binary"):
+        load_documents(_cfg(source=sys.executable))  # the advice's case: a real executable
+    # No NUL, but mostly invalid UTF-8 (compressed or encrypted data, a non-UTF-8 encoding).
+    noise = bytes(random.Random(0).randrange(1, 256) for _ in range(4000))
+    blob = _write(tmp_path / "noise.txt", noise)
+    with pytest.raises(UserError, match=r"noise\.txt looks binary or is not UTF-8 \(\d+ of 4000 bytes"):
+        load_documents(_cfg(source=blob))
+    latin = _write(tmp_path / "fr.txt", ("d\xe9j\xe0 \xe9t\xe9 " * 20).encode("latin-1"))
+    with pytest.raises(UserError, match=r"fr\.txt looks binary or is not UTF-8 \(80 of 180 bytes.*iconv"):
+        load_documents(_cfg(source=latin))
+    jl = _write(tmp_path / "bin.jsonl", b'{"text": "a"}\n\x00\x01\x02\n')
+    with pytest.raises(UserError, match=r"bin\.jsonl looks binary \(a NUL byte at offset 14\)"):
+        load_documents(_cfg(source=jl))
+    # the threshold: at most 1% (or fewer than 8 bytes) passes
+    edge = _write(tmp_path / "edge.txt", b"x" * 792 + b"\xff" * 8)  # 8 of 800 = 1%
+    assert sources.read_documents(_cfg(source=edge))[1].replaced_bytes == 8
+    over = _write(tmp_path / "over.txt", b"x" * 791 + b"\xff" * 9)
+    with pytest.raises(UserError, match="9 of 800 bytes"):
+        load_documents(_cfg(source=over))
 
 
 def test_split_is_deterministic_disjoint_and_ordered():

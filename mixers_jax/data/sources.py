@@ -5,10 +5,16 @@ hash split (:func:`split_documents`), the tokenizer and the packer downstream ar
 
 Decisions worth knowing:
 
-* **Bytes that are not UTF-8** (in text and JSONL files) are decoded with ``errors='replace'``: each
-  invalid byte becomes U+FFFD. This is lossy, but it never fails on a stray Latin-1 byte and what the
-  model sees is exactly what bits per byte are measured on (the UTF-8 of the decoded text). A UTF-8
+* **Bytes that are not UTF-8** (in text and JSONL files, and Parquet byte strings) are decoded as with
+  ``errors='replace'``: each invalid sequence becomes U+FFFD. This is lossy, but it never fails on a
+  stray Latin-1 byte and what the model sees is exactly what bits per byte are measured on (the UTF-8 of
+  the decoded text). The replaced bytes are counted (``replaced_bytes`` in the data statistics). A UTF-8
   byte-order mark at the start of a file is dropped.
+* **Binary files are refused** (one line naming the file, "looks binary"): a text or JSONL file with a
+  NUL byte in its first 8 KiB (no text format has one; executables, images and archives do), or with
+  more than 1% of its bytes not valid UTF-8 (and at least 8 of them; a few stray bytes pass). A text
+  file in another encoding (Latin-1 prose has a few percent of such bytes) is refused the same way:
+  convert it to UTF-8 first (``iconv -f latin1 -t utf-8``).
 * **Plain-text files** are one document each, except that a file larger than 8 KB is cut at blank-line
   paragraph boundaries into pieces of roughly 4 KB (2-8 KB), so that the hash split can hold out part of
   a single-file corpus such as tinyshakespeare.txt. Paragraphs longer than 8 KB are cut at line breaks,
@@ -26,6 +32,8 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import ast
+import codecs
+import dataclasses
 import glob as _glob
 import hashlib
 import json
@@ -33,6 +41,7 @@ import os
 import re
 import sys
 import sysconfig
+import threading
 from typing import Iterable, Iterator
 
 from mixers_jax.errors import UserError
@@ -53,6 +62,23 @@ _EXTENSIONS = {
 _SPLIT_TARGET = 4096
 _SPLIT_LIMIT = 8192
 
+# Binary detection: a NUL byte in the first _NUL_WINDOW bytes, or more than _MAX_REPLACED_SHARE of the
+# bytes not valid UTF-8 (and at least _MIN_REPLACED of them).
+_NUL_WINDOW = 8192
+_MAX_REPLACED_SHARE = 0.01
+_MIN_REPLACED = 8
+
+
+@dataclasses.dataclass
+class SourceStats:
+    """What reading the sources found, for the data statistics."""
+
+    files: int = 0  # files read (0 for the embedded corpus)
+    replaced_bytes: int = 0  # bytes that were not valid UTF-8, each sequence decoded as U+FFFD
+
+    def as_dict(self) -> dict:
+        return {"source_files": self.files, "replaced_bytes": self.replaced_bytes}
+
 
 class _Enough(Exception):
     """Internal: max_documents reached; stop reading further files."""
@@ -63,12 +89,19 @@ class _Enough(Exception):
 
 
 def load_documents(data_cfg) -> list[str]:
+    """The documents of :func:`read_documents`, without the statistics."""
+    return read_documents(data_cfg)[0]
+
+
+def read_documents(data_cfg) -> tuple[list[str], SourceStats]:
     """Loads the documents named by ``data_cfg`` (``config.data``): see the module docstring.
+
+    Returns the documents and what reading them found (files read, bytes replaced).
 
     Raises:
         UserError: a path that does not exist or a glob that matches nothing, data that is all empty,
             a JSONL line that is not JSON or lacks the text field, a Parquet file without the column,
-            an unknown format.
+            an unknown format, a file that looks binary.
     """
     source = str(getattr(data_cfg, "source", "embedded") or "").strip()
     fmt = str(getattr(data_cfg, "format", "auto") or "auto").strip().lower()
@@ -79,9 +112,10 @@ def load_documents(data_cfg) -> list[str]:
     if not source:
         raise UserError("config.data.source is empty; give 'embedded' or a file, folder or glob")
 
+    stats = SourceStats()
     if source == "embedded":
         docs = embedded_corpus()
-        return docs[:max_docs] if max_docs > 0 else docs
+        return (docs[:max_docs] if max_docs > 0 else docs), stats
 
     docs: list[str] = []
 
@@ -94,20 +128,21 @@ def load_documents(data_cfg) -> list[str]:
     try:
         for path in _resolve_paths(source, fmt):
             kind = fmt if fmt != "auto" else _format_of(path)
+            stats.files += 1
             if kind == "text":
-                for doc in _read_text_file(path):
+                for doc in _read_text_file(path, stats):
                     add(doc)
             elif kind == "jsonl":
-                for doc in _read_jsonl_file(path, field):
+                for doc in _read_jsonl_file(path, field, stats):
                     add(doc)
             else:
-                for doc in _read_parquet_file(path, field):
+                for doc in _read_parquet_file(path, field, stats):
                     add(doc)
     except _Enough:
         pass
     if not docs:
         raise UserError(f"data at {source} is empty (no non-blank documents)")
-    return docs
+    return docs, stats
 
 
 def _format_of(path: str) -> str:
@@ -175,14 +210,54 @@ def _resolve_paths(source: str, fmt: str) -> list[str]:
     return paths
 
 
-def _decode(data: bytes) -> str:
+_counted = threading.local()
+
+
+def _count_and_replace(exc: UnicodeDecodeError) -> tuple[str, int]:
+    """Like ``errors='replace'`` (one U+FFFD per invalid sequence), counting the bytes replaced."""
+    _counted.n += exc.end - exc.start
+    return "\ufffd", exc.end
+
+
+codecs.register_error("mixers_jax.count_replace", _count_and_replace)
+
+
+def decode_utf8(data: bytes) -> tuple[str, int]:
+    """``(data.decode('utf-8', errors='replace'), number of bytes replaced)``."""
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        _counted.n = 0
+        text = data.decode("utf-8", errors="mixers_jax.count_replace")
+        return text, _counted.n
+
+
+def _decode(data: bytes, stats: SourceStats) -> str:
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
-    return data.decode("utf-8", errors="replace")
+    text, replaced = decode_utf8(data)
+    stats.replaced_bytes += replaced
+    return text
 
 
-def _read_text_file(path: str) -> list[str]:
-    return chunk_text(_decode(read_bytes(path)))
+def _refuse_binary(path: str, head: bytes, size: int, replaced: int) -> None:
+    """UserError for a file that looks binary: see the module docstring."""
+    nul = head.find(b"\0", 0, _NUL_WINDOW)
+    if nul >= 0:
+        raise UserError(f"{path} looks binary (a NUL byte at offset {nul}); data files must be UTF-8 text")
+    if replaced >= _MIN_REPLACED and replaced > _MAX_REPLACED_SHARE * size:
+        raise UserError(
+            f"{path} looks binary or is not UTF-8 ({replaced} of {size} bytes are not valid UTF-8); "
+            "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+
+
+def _read_text_file(path: str, stats: SourceStats) -> list[str]:
+    data = read_bytes(path)
+    _refuse_binary(path, data[:_NUL_WINDOW], len(data), 0)
+    before = stats.replaced_bytes
+    text = _decode(data, stats)
+    _refuse_binary(path, b"", len(data), stats.replaced_bytes - before)
+    return chunk_text(text)
 
 
 _PARAGRAPH_BREAK = re.compile(r"(\n[ \t\r\f\v]*\n\s*)")
@@ -250,19 +325,23 @@ def _text_of(obj, field: str, where: str) -> str | None:
     return value
 
 
-def _read_jsonl_file(path: str, field: str) -> Iterator[str]:
+def _read_jsonl_file(path: str, field: str, stats: SourceStats) -> Iterator[str]:
     """Texts of a JSONL file, read line by line; a file that starts with '[' is one JSON array."""
     try:
         f = open(path, "rb")
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    before = stats.replaced_bytes
     with f:
         head = f.read(1 << 16)
+        _refuse_binary(path, head[:_NUL_WINDOW], len(head), 0)
         if head.startswith(b"\xef\xbb\xbf"):
             head = head[3:]
         if head.lstrip()[:1] == b"[":  # a .json file holding one array of objects (or strings)
             try:
-                items = json.loads(_decode(head + f.read()))
+                data = head + f.read()
+                items = json.loads(_decode(data, stats))
+                _refuse_binary(path, b"", len(data), stats.replaced_bytes - before)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(items, list):
@@ -273,21 +352,26 @@ def _read_jsonl_file(path: str, field: str) -> Iterator[str]:
                     yield text
             return
         f.seek(0)
+        size = 0
         for lineno, raw in enumerate(f, start=1):
+            size += len(raw)
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             if not raw.strip():
                 continue
             try:
-                obj = json.loads(raw.decode("utf-8", errors="replace"))
+                line, replaced = decode_utf8(raw)
+                stats.replaced_bytes += replaced
+                obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             text = _text_of(obj, field, f"{path}:{lineno}")
             if text:
                 yield text
+        _refuse_binary(path, b"", size, stats.replaced_bytes - before)
 
 
-def _read_parquet_file(path: str, field: str) -> Iterator[str]:
+def _read_parquet_file(path: str, field: str, stats: SourceStats) -> Iterator[str]:
     import pyarrow.parquet as pq  # imported lazily: only Parquet sources need it
 
     try:
@@ -305,7 +389,7 @@ def _read_parquet_file(path: str, field: str) -> Iterator[str]:
             if value is None:
                 continue
             if isinstance(value, bytes):
-                value = _decode(value)
+                value = _decode(value, stats)
             if not isinstance(value, str):
                 raise UserError(f"{path}: column {field!r} holds {type(value).__name__}, not text")
             yield value

@@ -109,7 +109,8 @@ def _parser(fv: flags.FlagValues, doc: str, positional: Sequence[str], required:
         if any(a in _HELP for a in argv[1:]):
             print((doc or "").strip() + "\n\nflags:\n" + fv.get_help())
             raise SystemExit(EXIT_OK)
-        fv.unparse_flags()  # a second run in one process starts from the defaults
+        for name in list(fv):  # a second run in one process starts from the defaults
+            fv[name].unparse()
         try:
             rest = fv(list(argv))
             if config is not None and config.value is not None:

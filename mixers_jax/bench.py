@@ -13,6 +13,7 @@ import json
 
 from absl import flags
 
+from mixers_jax import benchmarks as bm
 from mixers_jax import cli
 from mixers_jax.errors import UserError
 from mixers_jax.fileio import write_atomic
@@ -71,8 +72,6 @@ def _selected_cases(known) -> list[str]:
 
 def main(argv: list[str]) -> None:
     del argv  # positional arguments are refused by cli.run
-    from mixers_jax import benchmarks as bm  # jax: imported after the flags so --help stays fast
-
     s = bm.Settings(d_model=_D.value, n_layers=_L.value, n_ctx=_N.value, batch=_B.value,
                     vocab=_V.value, heads=_HEADS.value, dtype=_DTYPE.value, steps=_STEPS.value,
                     new_tokens=_NEW_TOKENS.value)

@@ -18,9 +18,10 @@ import os
 
 from absl import flags
 
-from mixers_jax import cli
+from mixers_jax import cli, codec
 from mixers_jax.errors import UserError
 from mixers_jax.fileio import read_bytes, write_atomic
+from mixers_jax.metrics import compressor_bpb
 
 FLAGS = cli.flag_values()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir of the model.", flag_values=FLAGS)
@@ -38,8 +39,7 @@ def main(argv: list[str]) -> None:
         raise UserError(f"output {dst} exists; pass --force to overwrite it")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # bit-reproducible logits: CPU, both ways
     logging.getLogger("absl").setLevel(logging.ERROR)
-    from mixers_jax import codec  # jax: imported after the flags so --help stays fast
-    from mixers_jax.workdir import load_run
+    from mixers_jax.workdir import load_run  # jax, orbax: loaded after --help
 
     data = read_bytes(src)
     run = load_run(_WORKDIR.value)
@@ -52,8 +52,6 @@ def main(argv: list[str]) -> None:
                 f"(payload only {8 * st['payload_bytes'] / n:.4f}) | model estimate "
                 f"{st['model_bits'] / n:.4f}")
         if data:
-            from mixers_jax.metrics import compressor_bpb
-
             line += "".join(f" | {k} {v:.4f}" for k, v in compressor_bpb(data).items())
         print(line)
     else:

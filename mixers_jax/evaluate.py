@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import platform
@@ -46,10 +47,12 @@ from typing import Any
 
 import numpy as np
 from absl import flags
+from absl import logging as absl_logging
 
 from mixers_jax import cli, metrics
 from mixers_jax.target_bytes import PieceBytes, exact_target_text
 from mixers_jax.errors import UserError
+from mixers_jax.fileio import write_atomic
 
 QUANT_BITS = {
     "none": 32, "float16": 16, "bfloat16": 16, "float8_e4m3fn": 8, "float8_e5m2": 8, "int8": 8,
@@ -434,10 +437,6 @@ def main(argv: list[str]) -> None:
     out = _OUT.value
     if out and os.path.isdir(out):
         raise UserError(f"--out={out} is a folder; give a file name")
-    import logging
-
-    from absl import logging as absl_logging
-
     absl_logging.set_verbosity(absl_logging.ERROR)
     logging.getLogger("absl").setLevel(logging.ERROR)
     result = evaluate_run(
@@ -449,8 +448,6 @@ def main(argv: list[str]) -> None:
         raise UserError(f"the model's evaluation loss is non-finite (NaN or inf) for {', '.join(bad)}: "
                         f"the checkpoint at step {result['step']} of {result['workdir']} is broken")
     if out:
-        from mixers_jax.fileio import write_atomic
-
         write_atomic(out, json.dumps(_json_ready(result), indent=2, sort_keys=True))
     print(format_table(result))
     if out:

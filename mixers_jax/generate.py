@@ -26,10 +26,10 @@ import functools
 import sys
 from typing import Any, Callable, Sequence
 
-from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags, logging
 
 from mixers_jax import cli
 from mixers_jax.errors import UserError
@@ -229,8 +229,6 @@ flags.register_validator("top_p", lambda p: 0.0 < p <= 1.0, message="--top_p mus
 
 def main(argv: list[str]) -> None:
     del argv  # positional arguments are refused by cli.run
-    from absl import logging
-
     logging.set_verbosity(logging.ERROR)
     text = _PROMPT.value
     if _PROMPT_FILE.value:
@@ -239,7 +237,7 @@ def main(argv: list[str]) -> None:
                 text = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read --prompt_file {_PROMPT_FILE.value}: {e}") from None
-    from mixers_jax.workdir import load_run
+    from mixers_jax.workdir import load_run  # the trainer and orbax: loaded after --help
 
     r = load_run(_WORKDIR.value)
     ids = r.tokenizer.encode(text) if text else []

@@ -15,6 +15,7 @@ Writes ``layer{L}[_head{H}][_{w1|w2}].png`` and ``structure.json`` (one record p
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -150,9 +151,7 @@ def main(argv: list[str]) -> None:
     out = _OUT.value
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out={out} is a file; give a folder")
-    import logging
-
-    from mixers_jax.workdir import load_run
+    from mixers_jax.workdir import load_run  # jax, orbax: loaded after --help
 
     logging.getLogger("absl").setLevel(logging.ERROR)
     run = load_run(_WORKDIR.value)

@@ -445,8 +445,8 @@ def main(argv: list[str]) -> None:
         data_format=_DATA_FORMAT.value, text_field=_TEXT_FIELD.value, step=_STEP.value)
     bad = non_finite_losses(result)
     if bad:
-        raise UserError(f"the model's evaluation loss is non-finite (NaN or inf) for {', '.join(bad)}: "
-                        f"the checkpoint at step {result['step']} of {result['workdir']} is broken")
+        raise UserError(f"non-finite evaluation loss (NaN or inf) for {', '.join(bad)} at step "
+                        f"{result['step']} of {result['workdir']}; no result written")
     if out:
         write_atomic(out, json.dumps(_json_ready(result), indent=2, sort_keys=True))
     print(format_table(result))

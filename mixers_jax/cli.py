@@ -116,9 +116,8 @@ def _parser(fv: flags.FlagValues, doc: str, positional: Sequence[str], required:
             if config is not None and config.value is not None:
                 _ = config.value.name  # config files load lazily; surface their errors here
         except flags.Error as e:
-            cause = e.__cause__ or e.__context__
-            line = config_error_line(e) if config is not None and cause is not None else _flag_error_line(e)
-            _exit(EXIT_USER_ERROR, line)
+            from_config = config is not None and (e.__cause__ or e.__context__) is not None
+            _exit(EXIT_USER_ERROR, config_error_line(e) if from_config else _flag_error_line(e))
         except Exception as e:  # noqa: BLE001 - a config file's own error (syntax, key, value)
             if config is None:
                 raise

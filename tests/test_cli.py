@@ -159,9 +159,10 @@ def test_sigterm_saves_exits_75_and_rerun_resumes(tmp_path):
     saved = os.listdir(os.path.join(workdir, "checkpoints"))
     assert len(saved) == 1 and 0 < int(saved[0]) < 100000
     # the scheduler's rerun (here with a total two steps further, so that it ends soon) resumes
-    done = _train(f"--config={SMOKE}", f"--workdir={workdir}", f"--config.train.steps={int(saved[0]) + 2}")
+    total = int(saved[0]) + 2
+    done = _train(f"--config={SMOKE}", f"--workdir={workdir}", f"--config.train.steps={total}")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"at step {saved[0]}" in done.stdout and f"done: {int(saved[0]) + 2} steps" in done.stdout
+    assert f"at step {saved[0]}" in done.stdout and f"done: {total} steps" in done.stdout
 
 
 def test_ctrl_c_during_training_is_not_a_traceback(tmp_path):
@@ -230,8 +231,10 @@ def test_cli_run_maps_outcomes_to_exit_statuses(capsys):
     assert _status(raising(Preempted("saved step 3")), [], capsys) == (75, ["preempted: saved step 3"])
     assert _status(raising(KeyboardInterrupt()), [], capsys) == (130, ["interrupted"])
     disk_full = OSError(28, "No space left on device", "/data/out.bin")
-    assert _status(raising(disk_full), [], capsys) == (1, ["error: /data/out.bin: No space left on device"])
-    assert _status(lambda argv: None, [], capsys, required=("name",)) == (2, ["error: --name is required"])
+    assert _status(raising(disk_full), [], capsys) == (
+        1, ["error: /data/out.bin: No space left on device"])
+    assert _status(lambda argv: None, [], capsys, required=("name",)) == (
+        2, ["error: --name is required"])
     assert _status(lambda argv: None, ["a"], capsys) == (2, ["error: unexpected arguments: a"])
     assert _status(lambda argv: None, ["a"], capsys, positional=("IN", "OUT")) == (
         2, ["error: missing arguments: expected IN OUT"])

@@ -1,410 +1,122 @@
 """Benchmarks: ``python -m mixers_jax.bench --suite=train|mixing|generate|memory [--out=FILE.json]``.
 
-Each suite prints a table and writes JSON holding the device, the library versions, the settings
-and one record per case. Compare figures as ratios *within one run*: the machines are shared and
-noisy. Timings are medians over ``--steps`` repetitions after one warm-up call; compile time is
-the ``lower().compile()`` wall time.
+Each suite (mixers_jax/benchmarks.py describes them) prints a table and, with ``--out``, writes JSON
+holding the device, the library versions, the settings and one record per case. Compare figures as
+ratios *within one run*: the machines are shared and noisy.
 
-* ``train``: one optimizer step (forward, backward, AdamW) of the flat, headed and Toeplitz mixers
-  and the transformer at equal width, depth and context: step time, tokens/s, compile time, the
-  compiled step's memory (XLA memory analysis; the allocator's peak on accelerators), analytic
-  FLOPs per token next to XLA's cost analysis, and MFU where the device's peak is known.
-* ``mixing``: one token-mixing op (forward + backward) for each implementation (dense masked
-  matmul, Toeplitz materialised, Toeplitz by FFT) over contexts 256 ... 4096.
-* ``generate``: tokens/s (batch × new tokens / wall time of one compiled ``lax.scan`` generating
-  ``--new_tokens`` greedy tokens from a one-token prompt) and memory (the compiled generation's XLA
-  memory analysis, and the bytes of the carried cache/state) of a structured recurrent mixer
-  (mixed heads, SRM block) generating ``recurrent`` (O(d) state), ``cached`` (mixing inputs) and
-  ``full`` (parallel forward per token), and of the transformer with a KV cache at the same width
-  and depth, for each n_ctx in ``--gen_contexts`` and batch in ``--gen_batches``. Cases:
-  srm_recurrent, srm_cached, srm_full, transformer_cached.
-* ``memory``: one optimizer step (next-token objective) of a memory model with s chunks of
-  ``--n_ctx`` tokens vs the full-context model of the same family over the same s·n_ctx tokens, for
-  each s in ``--chunks`` (cases memory_mixer, full_mixer, memory_transformer, full_transformer):
-  step time, tokens/s, memory, FLOPs; the memory / full-context step-time ratio per s.
+Exit status: 0 done; 1 an OSError (e.g. an unwritable --out), one line; 2 bad flags or an unknown
+case, one line; 130 interrupted (--out untouched).
 """
 from __future__ import annotations
 
 import json
-import os
-import platform
-import statistics
-import sys
-import time
-from typing import Callable
 
-from absl import app, flags
+from absl import flags
 
+from mixers_jax import benchmarks as bm
+from mixers_jax import cli
+from mixers_jax.errors import UserError
+from mixers_jax.fileio import write_atomic
+
+FLAGS = cli.flag_values()
 _SUITE = flags.DEFINE_enum("suite", "train", ["train", "mixing", "generate", "memory"],
-                           "Which benchmark to run.")
-_OUT = flags.DEFINE_string("out", None, "Write the results as JSON to this file.")
-_STEPS = flags.DEFINE_integer("steps", 5, "Timed repetitions per case (median reported).")
-_D = flags.DEFINE_integer("d_model", 256, "Width (train suite; mixing suite uses it as features).")
-_L = flags.DEFINE_integer("n_layers", 4, "Depth (train suite).")
-_N = flags.DEFINE_integer("n_ctx", 512, "Context length (train suite).")
-_B = flags.DEFINE_integer("batch", 8, "Global batch (rows).")
-_V = flags.DEFINE_integer("vocab", 4096, "Vocabulary (train suite).")
-_HEADS = flags.DEFINE_integer("heads", 4, "Heads for the headed mixer and the transformer.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-_CASES = flags.DEFINE_list("cases", None, "Subset of cases to run (default: all of the suite).")
-_CONTEXTS = flags.DEFINE_list("contexts", ["256", "512", "1024", "2048", "4096"], "Mixing suite n.")
-_GEN_CONTEXTS = flags.DEFINE_list("gen_contexts", ["512", "2048"], "Generate suite n_ctx values.")
-_GEN_BATCHES = flags.DEFINE_list("gen_batches", ["1", "64"], "Generate suite batch sizes.")
-_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Generate suite: new tokens per row.")
-_CHUNKS = flags.DEFINE_list("chunks", ["2", "4", "8", "16"], "Memory suite: chunk counts s.")
+                           "Which benchmark.", flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", None, "Write the results as JSON to this file.", flag_values=FLAGS)
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed repetitions per case (median reported).",
+                              lower_bound=1, flag_values=FLAGS)
+_D = flags.DEFINE_integer("d_model", 256, "Width (train suite; mixing suite uses it as features).",
+                          lower_bound=1, flag_values=FLAGS)
+_L = flags.DEFINE_integer("n_layers", 4, "Depth (train suite).", lower_bound=1, flag_values=FLAGS)
+_N = flags.DEFINE_integer("n_ctx", 512, "Context length (train suite; memory suite: chunk length).",
+                          lower_bound=2, flag_values=FLAGS)
+_B = flags.DEFINE_integer("batch", 8, "Global batch (rows).", lower_bound=1, flag_values=FLAGS)
+_V = flags.DEFINE_integer("vocab", 4096, "Vocabulary (train suite).", lower_bound=2, flag_values=FLAGS)
+_HEADS = flags.DEFINE_integer("heads", 4, "Heads for the headed mixer and the transformer.",
+                              lower_bound=1, flag_values=FLAGS)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.",
+                           flag_values=FLAGS)
+_CASES = flags.DEFINE_list("cases", None, "Subset of cases to run (default: all of the suite).",
+                           flag_values=FLAGS)
+_CONTEXTS = flags.DEFINE_list("contexts", ["256", "512", "1024", "2048", "4096"], "Mixing suite n.",
+                              flag_values=FLAGS)
+_GEN_CONTEXTS = flags.DEFINE_list("gen_contexts", ["512", "2048"], "Generate suite n_ctx values.",
+                                  flag_values=FLAGS)
+_GEN_BATCHES = flags.DEFINE_list("gen_batches", ["1", "64"], "Generate suite batch sizes.",
+                                 flag_values=FLAGS)
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Generate suite: new tokens per row.",
+                                   lower_bound=1, flag_values=FLAGS)
+_CHUNKS = flags.DEFINE_list("chunks", ["2", "4", "8", "16"], "Memory suite: chunk counts s.",
+                            flag_values=FLAGS)
 
 
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
-    import jax
-
-    jax.block_until_ready(fn())  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def environment() -> dict:
-    import flax
-    import jax
-    import optax
-
-    dev = jax.devices()[0]
-    return {
-        "device": f"{dev.platform}:{dev.device_kind}",
-        "device_count": jax.device_count(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "flax": flax.__version__,
-        "optax": optax.__version__,
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-
-
-def _memory_bytes(compiled) -> int | None:
+def _positive_ints(holder) -> list[int]:
+    """The values of a list flag as positive integers (UserError naming the flag otherwise)."""
     try:
-        m = compiled.memory_analysis()
-        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                   - m.alias_size_in_bytes)
-    except Exception:  # noqa: BLE001 - not every backend reports it
-        return None
+        values = [int(v) for v in holder.value]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise UserError(f"--{holder.name} must be a comma list of positive integers, got "
+                        f"{','.join(holder.value)!r}")
+    return values
 
 
-def _cost_flops(compiled) -> float | None:
-    try:
-        cost = compiled.cost_analysis()
-        if isinstance(cost, (list, tuple)):
-            cost = cost[0]
-        return float(cost["flops"])
-    except Exception:  # noqa: BLE001
-        return None
-
-
-TRAIN_CASES = {
-    "mixer_flat": dict(kind="mixer", mixing="flat", heads=0),
-    "mixer_headed": dict(kind="mixer", mixing="flat", heads=-1),  # -1: --heads
-    "mixer_toeplitz": dict(kind="mixer", mixing="toeplitz", heads=0, mixing_impl="dense"),
-    "mixer_toeplitz_fft": dict(kind="mixer", mixing="toeplitz", heads=0, mixing_impl="fft"),
-    "transformer": dict(kind="transformer"),
-}
-
-
-def bench_train(cases: list[str]) -> list[dict]:
-    from mixers_jax.config import base_config
-
-    records = []
-    for name in cases:
-        spec = dict(TRAIN_CASES[name])
-        if spec.get("heads") == -1:
-            spec["heads"] = _HEADS.value
-        config = base_config()
-        config.model.update(
-            dict(d_model=_D.value, n_layers=_L.value, n_ctx=_N.value, vocab_size=_V.value,
-                 n_heads=_HEADS.value, dtype=_DTYPE.value, **spec)
-        )
-        rec = _time_train_step(name, config)
-        records.append(rec)
-        _print_row(rec, ["case", "step_s", "tokens_per_s", "compile_s", "memory_bytes",
-                         "flops_per_token", "xla_flops_per_token", "mfu"])
-    base = {r["case"]: r for r in records}
-    if "mixer_flat" in base and "transformer" in base:
-        ratio = base["transformer"]["step_s"] / base["mixer_flat"]["step_s"]
-        print(f"transformer step time / flat mixer step time = {ratio:.2f}")
-    return records
-
-
-def _time_train_step(name: str, config) -> dict:
-    """Median time of one compiled optimizer step of ``config`` on random tokens, with its
-    compile time, memory, analytic and XLA FLOPs per token, parameters and MFU where known."""
-    import jax
-    import numpy as np
-
-    from mixers_jax import flops as flops_lib
-    from mixers_jax import sharding, trainer
-    from mixers_jax.models import input_length
-
-    config.train.update(dict(batch_size=_B.value, steps=10**6, warmup_steps=10))
-    config.mesh.update(dict(data=-1, fsdp=1, tensor=1))
-    mesh = sharding.make_mesh(config.mesh)
-    steps = trainer.build_steps(config, mesh)
-    state = steps.init(jax.random.key(0))
-    rng = np.random.default_rng(0)
-    b, n, v = _B.value, input_length(config.model), int(config.model.vocab_size)
-    local = {
-        "tokens": rng.integers(3, v, (b, n), dtype=np.int32),
-        "loss_mask": np.ones((b, n), np.float32),
-        "token_bytes": np.full((b, n), 4, np.int32),
-    }
-    batch = sharding.global_batch(local, mesh)
-    t0 = time.perf_counter()
-    compiled = steps.train_step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
-    holder = {"state": state}
-
-    def one_step():
-        holder["state"], stats = compiled(holder["state"], batch)
-        return stats["loss"]
-
-    step_s = _median_time(one_step, _STEPS.value)
-    tokens = b * n
-    analytic = flops_lib.flops_per_token(config.model, training=True)
-    xla = _cost_flops(compiled)
-    rec = {
-        "case": name,
-        "step_s": step_s,
-        "tokens_per_s": tokens / step_s,
-        "compile_s": compile_s,
-        "memory_bytes": _memory_bytes(compiled),
-        "flops_per_token": analytic,
-        "xla_flops_per_token": xla / tokens if xla else None,
-        "params": int(sum(x.size for x in jax.tree.leaves(holder["state"].params))),
-    }
-    stats = jax.devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        rec["peak_bytes_in_use"] = int(stats["peak_bytes_in_use"])
-    peak = flops_lib.peak_flops_per_second(jax.devices()[0])
-    if peak:
-        rec["mfu"] = flops_lib.mfu(analytic, rec["tokens_per_s"], peak * jax.device_count())
-    return rec
-
-
-MEMORY_CASES = {
-    "memory_mixer": dict(kind="memory"),
-    "full_mixer": dict(kind="mixer"),
-    "memory_transformer": dict(kind="memory", encoder={"kind": "transformer"},
-                               decoder={"kind": "transformer"}),
-    "full_transformer": dict(kind="transformer"),
-}
-
-
-def bench_memory(cases: list[str], chunk_counts: list[int]) -> list[dict]:
-    """Training-step time of memory models (s chunks of n_ctx) vs full-context models over the same
-    s·n_ctx tokens, for each s (REFERENCE §11: memory models ≈20–25% slower per step at s = 4)."""
-    from mixers_jax.config import base_config
-
-    records = []
-    for s in chunk_counts:
-        for name in cases:
-            spec = dict(MEMORY_CASES[name])
-            config = base_config()
-            full = spec["kind"] != "memory"
-            for role in ("encoder", "decoder"):
-                config.model[role].update(spec.pop(role, {}))
-            config.model.update(dict(
-                d_model=_D.value, n_layers=_L.value, vocab_size=_V.value, n_heads=_HEADS.value,
-                dtype=_DTYPE.value, chunks=s, n_ctx=_N.value * s if full else _N.value, **spec))
-            config.train.objective = "clm"
-            rec = dict(_time_train_step(name, config), chunks=s, chunk_len=_N.value,
-                       total_tokens=s * _N.value)
-            records.append(rec)
-            _print_row(rec, ["case", "chunks", "total_tokens", "step_s", "tokens_per_s",
-                             "memory_bytes", "flops_per_token"])
-    by = {(r["case"], r["chunks"]): r for r in records}
-    for s in chunk_counts:
-        for kind in ("mixer", "transformer"):
-            mem, full = by.get((f"memory_{kind}", s)), by.get((f"full_{kind}", s))
-            if mem and full:
-                print(f"s={s}: memory {kind} step time / full-context {kind} step time = "
-                      f"{mem['step_s'] / full['step_s']:.2f}")
-    return records
-
-
-def bench_mixing(contexts: list[int]) -> list[dict]:
-    import jax
-    import jax.numpy as jnp
-
-    from mixers_jax.models import mixing
-
-    b, d = _B.value, _D.value
-    records = []
-    impls = {
-        "flat_dense": lambda p, x: mixing.dense_causal_mix(p, x),
-        "toeplitz_dense": lambda p, x: mixing.toeplitz_mix_dense(p, x),
-        "toeplitz_fft": lambda p, x: mixing.toeplitz_mix_fft(p, x),
-    }
-    for n in contexts:
-        key = jax.random.key(n)
-        x = jax.random.normal(key, (b, n, d), jnp.dtype(_DTYPE.value))
-        for name, fn in impls.items():
-            if _CASES.value and name not in _CASES.value:
-                continue
-            p = (jax.random.normal(key, (n, n)) if name == "flat_dense" else jax.random.normal(key, (n,)))
-            p = p.astype(x.dtype)
-
-            def loss(p, x, fn=fn):
-                return jnp.sum(fn(p, x).astype(jnp.float32) ** 2)
-
-            step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-            t0 = time.perf_counter()
-            compiled = step.lower(p, x).compile()
-            compile_s = time.perf_counter() - t0
-            rec = {
-                "case": name, "n_ctx": n, "batch": b, "features": d,
-                "fwd_bwd_s": _median_time(lambda: compiled(p, x), _STEPS.value),
-                "compile_s": compile_s,
-                "memory_bytes": _memory_bytes(compiled),
-                "xla_flops": _cost_flops(compiled),
-            }
-            records.append(rec)
-            _print_row(rec, ["case", "n_ctx", "fwd_bwd_s", "compile_s", "memory_bytes", "xla_flops"])
-    return records
-
-
-GEN_CASES = {
-    "srm_recurrent": (dict(kind="mixer", mixing="mixed", block="srm"), "recurrent"),
-    "srm_cached": (dict(kind="mixer", mixing="mixed", block="srm"), "cached"),
-    "srm_full": (dict(kind="mixer", mixing="mixed", block="srm"), "full"),
-    "transformer_cached": (dict(kind="transformer"), "cached"),
-}
-
-
-def bench_generate(cases: list[str], contexts: list[int], batches: list[int]) -> list[dict]:
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    from mixers_jax.config import base_config
-    from mixers_jax.generate import Generator
-    from mixers_jax.models import build_model
-
-    records = []
-    new = _NEW_TOKENS.value
-    for n in contexts:
-        for name in cases:
-            spec, mode = GEN_CASES[name]
-            cfg = base_config().model
-            cfg.update(dict(d_model=_D.value, n_layers=_L.value, n_ctx=n, vocab_size=_V.value,
-                            heads=_HEADS.value, n_heads=_HEADS.value, dtype=_DTYPE.value, **spec))
-            model = build_model(cfg)
-            params = nn.meta.unbox(
-                jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, n), jnp.int32))["params"])
-            gen = Generator(model, params, cfg, mode=mode, temperature=0.0)
-            for b in batches:
-                prompts = [[3]] * b
-                steps = min(new, n - 1)
-                t0 = time.perf_counter()
-                compiled = gen.advance.lower(gen.start(prompts), steps).compile()
-                compile_s = time.perf_counter() - t0
-                state_bytes = (sum(x.size * x.dtype.itemsize
-                                   for x in jax.tree.leaves(model.init_cache(b, mode)))
-                               if mode != "full" else 0)
-
-                def once():
-                    return compiled(gen.start(prompts))["tokens"]
-
-                wall = _median_time(once, _STEPS.value)
-                rec = {"case": name, "mode": mode, "n_ctx": n, "batch": b, "new_tokens": steps,
-                       "tokens_per_s": b * steps / wall, "s_per_token": wall / steps,
-                       "compile_s": compile_s, "memory_bytes": _memory_bytes(compiled),
-                       "state_bytes": state_bytes}
-                stats = jax.devices()[0].memory_stats() or {}
-                if "peak_bytes_in_use" in stats:
-                    rec["peak_bytes_in_use"] = int(stats["peak_bytes_in_use"])
-                records.append(rec)
-                _print_row(rec, ["case", "n_ctx", "batch", "tokens_per_s", "s_per_token",
-                                 "compile_s", "memory_bytes", "state_bytes"])
-    by = {(r["case"], r["n_ctx"], r["batch"]): r for r in records}
-    for n in contexts:
-        for b in batches:
-            rec, full = by.get(("srm_recurrent", n, b)), by.get(("srm_full", n, b))
-            tr = by.get(("transformer_cached", n, b))
-            if rec and full:
-                print(f"n_ctx {n} batch {b}: recurrent / full-recompute tokens/s = "
-                      f"{rec['tokens_per_s'] / full['tokens_per_s']:.1f}x")
-            if rec and tr:
-                print(f"n_ctx {n} batch {b}: recurrent / transformer KV-cache tokens/s = "
-                      f"{rec['tokens_per_s'] / tr['tokens_per_s']:.2f}x")
-    return records
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-_printed_header = set()
-
-
-def _print_row(rec: dict, cols: list[str]) -> None:
-    key = tuple(cols)
-    if key not in _printed_header:
-        print(" | ".join(f"{c:>20}" for c in cols))
-        _printed_header.add(key)
-    print(" | ".join(f"{_fmt(rec.get(c)):>20}" for c in cols), flush=True)
-
-
-def _selected_cases(known: dict) -> list[str]:
-    """``--cases`` (default: all of ``known``); an unknown name exits with one line."""
+def _selected_cases(known) -> list[str]:
+    """``--cases`` (default: all of ``known``); an unknown name is a UserError."""
     cases = _CASES.value or list(known)
     unknown = [c for c in cases if c not in known]
     if unknown:
-        print(f"error: unknown case(s) {unknown}; choose from {list(known)}", file=sys.stderr)
-        raise SystemExit(2)
+        raise UserError(f"unknown case(s) {unknown}; choose from {list(known)}")
     return cases
 
 
-def main(argv):
-    del argv
-    env = environment()
+def main(argv: list[str]) -> None:
+    del argv  # positional arguments are refused by cli.run
+    s = bm.Settings(d_model=_D.value, n_layers=_L.value, n_ctx=_N.value, batch=_B.value,
+                    vocab=_V.value, heads=_HEADS.value, dtype=_DTYPE.value, steps=_STEPS.value,
+                    new_tokens=_NEW_TOKENS.value)
+    suite = _SUITE.value
+    if suite == "train":
+        cases = _selected_cases(bm.TRAIN_CASES)
+    elif suite == "generate":
+        cases = _selected_cases(bm.GEN_CASES)
+        contexts, batches = _positive_ints(_GEN_CONTEXTS), _positive_ints(_GEN_BATCHES)
+    elif suite == "memory":
+        cases = _selected_cases(bm.MEMORY_CASES)
+        chunk_counts = _positive_ints(_CHUNKS)
+    else:
+        cases = _selected_cases(bm.MIXING_CASES)
+        contexts = _positive_ints(_CONTEXTS)
+    env = bm.environment()
     print(f"# {env['device']} x{env['device_count']}, jax {env['jax']}, python {env['python']}")
-    if _SUITE.value == "train":
-        cases = _selected_cases(TRAIN_CASES)
-        records = bench_train(cases)
-        settings = dict(d_model=_D.value, n_layers=_L.value, n_ctx=_N.value, batch=_B.value,
-                        vocab=_V.value, heads=_HEADS.value, dtype=_DTYPE.value, steps=_STEPS.value)
-    elif _SUITE.value == "generate":
-        cases = _selected_cases(GEN_CASES)
-        contexts = [int(c) for c in _GEN_CONTEXTS.value]
-        batches = [int(b) for b in _GEN_BATCHES.value]
-        records = bench_generate(cases, contexts, batches)
-        settings = dict(d_model=_D.value, n_layers=_L.value, vocab=_V.value, heads=_HEADS.value,
-                        dtype=_DTYPE.value, steps=_STEPS.value, new_tokens=_NEW_TOKENS.value,
+    if suite == "train":
+        records = bm.bench_train(cases, s)
+        settings = dict(d_model=s.d_model, n_layers=s.n_layers, n_ctx=s.n_ctx, batch=s.batch,
+                        vocab=s.vocab, heads=s.heads, dtype=s.dtype, steps=s.steps)
+    elif suite == "generate":
+        records = bm.bench_generate(cases, contexts, batches, s)
+        settings = dict(d_model=s.d_model, n_layers=s.n_layers, vocab=s.vocab, heads=s.heads,
+                        dtype=s.dtype, steps=s.steps, new_tokens=s.new_tokens,
                         contexts=contexts, batches=batches)
-    elif _SUITE.value == "memory":
-        cases = _selected_cases(MEMORY_CASES)
-        chunk_counts = [int(c) for c in _CHUNKS.value]
-        records = bench_memory(cases, chunk_counts)
-        settings = dict(d_model=_D.value, n_layers=_L.value, chunk_len=_N.value, batch=_B.value,
-                        vocab=_V.value, heads=_HEADS.value, dtype=_DTYPE.value, steps=_STEPS.value,
+    elif suite == "memory":
+        records = bm.bench_memory(cases, chunk_counts, s)
+        settings = dict(d_model=s.d_model, n_layers=s.n_layers, chunk_len=s.n_ctx, batch=s.batch,
+                        vocab=s.vocab, heads=s.heads, dtype=s.dtype, steps=s.steps,
                         chunks=chunk_counts)
     else:
-        contexts = [int(c) for c in _CONTEXTS.value]
-        records = bench_mixing(contexts)
-        settings = dict(batch=_B.value, features=_D.value, dtype=_DTYPE.value, steps=_STEPS.value,
+        records = bm.bench_mixing(contexts, s, cases)
+        settings = dict(batch=s.batch, features=s.d_model, dtype=s.dtype, steps=s.steps,
                         contexts=contexts)
     if _OUT.value:
-        out = {"suite": _SUITE.value, "environment": env, "settings": settings, "records": records}
-        from mixers_jax.fileio import write_atomic
-
+        out = {"suite": suite, "environment": env, "settings": settings, "records": records}
         write_atomic(_OUT.value, json.dumps(out, indent=2))
         print(f"wrote {_OUT.value}")
 
 
+def run_command(argv: list[str] | None = None) -> None:
+    """``python -m mixers_jax.bench``; exit status as in mixers_jax/cli.py."""
+    cli.run(main, FLAGS, doc=__doc__, argv=argv)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run_command()

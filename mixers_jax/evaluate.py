@@ -37,19 +37,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import platform
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import flags
+from absl import logging as absl_logging
 
-from mixers_jax import metrics
+from mixers_jax import cli, metrics
 from mixers_jax.target_bytes import PieceBytes, exact_target_text
 from mixers_jax.errors import UserError
+from mixers_jax.fileio import write_atomic
 
 QUANT_BITS = {
     "none": 32, "float16": 16, "bfloat16": 16, "float8_e4m3fn": 8, "float8_e5m2": 8, "int8": 8,
@@ -392,78 +395,69 @@ def _json_ready(obj):
     return obj
 
 
-def _flag_values():
-    from absl import flags
+FLAGS = cli.flag_values()
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, tokenizer.model, "
+                               "checkpoints).", flag_values=FLAGS)
+_DATA = flags.DEFINE_string("data", None, "Evaluate on this text file / folder / glob / JSONL / "
+                            "Parquet instead of the run's validation split.", flag_values=FLAGS)
+_DATA_FORMAT = flags.DEFINE_string("data_format", "auto", "auto | text | jsonl | parquet (with --data).",
+                                   flag_values=FLAGS)
+_TEXT_FIELD = flags.DEFINE_string("text_field", "", "JSONL / Parquet text column (default: the run's).",
+                                  flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", None, "Write the results as JSON to this file.", flag_values=FLAGS)
+_MAX_ROWS = flags.DEFINE_integer("max_rows", 0, "Evaluate the first N rows only (0: all).",
+                                 lower_bound=0, flag_values=FLAGS)
+_QUANT = flags.DEFINE_string("quant", "", "Re-evaluate with model.embed_quant set to each of these "
+                             f"formats ('all' or a comma list of {', '.join(QUANT_BITS)}).",
+                             flag_values=FLAGS)
+_OBJECTIVES = flags.DEFINE_string("objectives", "", "Comma list of objectives (default: "
+                                  "train.eval_objectives or train.objective).", flag_values=FLAGS)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "Rows per evaluation batch (0: train.batch_size).",
+                                   lower_bound=0, flag_values=FLAGS)
+_DEVICES = flags.DEFINE_integer("devices", 0, "Local devices to split batches over (0: all).",
+                                lower_bound=0, flag_values=FLAGS)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=FLAGS)
 
-    fv = flags.FlagValues()
-    flags.DEFINE_string("workdir", None, "Training workdir (config.json, tokenizer.model, checkpoints).",
-                        flag_values=fv)
-    flags.DEFINE_string("data", None, "Evaluate on this text file / folder / glob / JSONL / Parquet "
-                        "instead of the run's validation split.", flag_values=fv)
-    flags.DEFINE_string("data_format", "auto", "auto | text | jsonl | parquet (with --data).",
-                        flag_values=fv)
-    flags.DEFINE_string("text_field", "", "JSONL / Parquet text column (default: the run's).",
-                        flag_values=fv)
-    flags.DEFINE_string("out", None, "Write the results as JSON to this file.", flag_values=fv)
-    flags.DEFINE_integer("max_rows", 0, "Evaluate the first N rows only (0: all).", flag_values=fv)
-    flags.DEFINE_string("quant", "", "Re-evaluate with model.embed_quant set to each of these formats "
-                        f"('all' or a comma list of {', '.join(QUANT_BITS)}).", flag_values=fv)
-    flags.DEFINE_string("objectives", "", "Comma list of objectives (default: train.eval_objectives "
-                        "or train.objective).", flag_values=fv)
-    flags.DEFINE_integer("batch_size", 0, "Rows per evaluation batch (0: train.batch_size).",
-                         flag_values=fv)
-    flags.DEFINE_integer("devices", 0, "Local devices to split batches over (0: all).", flag_values=fv)
-    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=fv)
-    return fv
+
+def non_finite_losses(result: dict) -> list[str]:
+    """Names of the objectives (and quant formats) whose evaluation loss is NaN or infinite."""
+    def broken(v) -> bool:
+        return isinstance(v, float) and not math.isfinite(v)
+
+    bad = []
+    for name, r in result["objectives"].items():
+        if broken(r["loss"]):
+            bad.append(name)
+        bad += [f"{name}/{q}" for q, s in r.get("quant", {}).items() if broken(s["loss"])]
+    return bad
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry; returns the exit status (0, or 2 after one ``error:`` line)."""
-    from absl import flags
-
-    argv = list(sys.argv if argv is None else argv)
-    fv = _flag_values()
-    if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
-        print(__doc__.strip() + "\n\nflags:\n" + fv.get_help())
-        return 0
-    try:
-        rest = fv(argv)
-        if len(rest) > 1:
-            raise UserError(f"unexpected arguments: {' '.join(rest[1:])}")
-        if not fv.workdir:
-            raise UserError("--workdir is required")
-        out = fv.out
-        if out and os.path.isdir(out):
-            raise UserError(f"--out={out} is a folder; give a file name")
-        import logging
-
-        from absl import logging as absl_logging
-
-        absl_logging.set_verbosity(absl_logging.ERROR)
-        logging.getLogger("absl").setLevel(logging.ERROR)
-        result = evaluate_run(
-            fv.workdir, data=fv.data, max_rows=fv.max_rows, quants=fv.quant, objectives=fv.objectives,
-            batch_size=fv.batch_size, devices=fv.devices, data_format=fv.data_format,
-            text_field=fv.text_field, step=fv.step)
-        if out:
-            from mixers_jax.fileio import write_atomic
-
-            try:
-                write_atomic(out, json.dumps(_json_ready(result), indent=2, sort_keys=True))
-            except OSError as e:
-                raise UserError(f"cannot write {out}: {e.strerror or e}") from None
-    except flags.Error as e:
-        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
-              file=sys.stderr)
-        return 2
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def main(argv: list[str]) -> None:
+    del argv  # positional arguments are refused by cli.run
+    out = _OUT.value
+    if out and os.path.isdir(out):
+        raise UserError(f"--out={out} is a folder; give a file name")
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    result = evaluate_run(
+        _WORKDIR.value, data=_DATA.value, max_rows=_MAX_ROWS.value, quants=_QUANT.value,
+        objectives=_OBJECTIVES.value, batch_size=_BATCH_SIZE.value, devices=_DEVICES.value,
+        data_format=_DATA_FORMAT.value, text_field=_TEXT_FIELD.value, step=_STEP.value)
+    bad = non_finite_losses(result)
+    if bad:
+        raise UserError(f"non-finite evaluation loss (NaN or inf) for {', '.join(bad)} at step "
+                        f"{result['step']} of {result['workdir']}; no result written")
+    if out:
+        write_atomic(out, json.dumps(_json_ready(result), indent=2, sort_keys=True))
     print(format_table(result))
     if out:
         print(f"wrote {out}")
-    return 0
+
+
+def run_command(argv: Sequence[str] | None = None) -> None:
+    """``python -m mixers_jax.evaluate``; exit status as in mixers_jax/cli.py."""
+    cli.run(main, FLAGS, doc=__doc__, argv=argv, required=("workdir",))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_command()

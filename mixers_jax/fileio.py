@@ -20,13 +20,17 @@ def write_atomic(path: str, data: bytes | str) -> None:
     """Writes ``data`` to ``path`` through a temporary file in the same folder and a rename.
 
     Readers see the old file or the whole new one, never a part; the temporary file is removed if
-    anything fails (the OSError propagates). The file is made world-readable (mode 0644).
+    anything fails (the OSError propagates; one raised before writing names ``path``). The file is made world-readable (mode 0644).
     """
     if isinstance(data, str):
         data = data.encode("utf-8")
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
+                                   suffix=".tmp")
+    except OSError as e:  # name the file asked for, not the temporary one
+        raise OSError(e.errno, e.strerror, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -29,7 +29,9 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags, logging
 
+from mixers_jax import cli
 from mixers_jax.errors import UserError
 from mixers_jax.models.mixing import SRM_MIXINGS
 
@@ -201,60 +203,59 @@ def _stream(gen: Generator, tokenizer, prompts, max_new: int, seed: int, chunk: 
     return out
 
 
-def main(argv=None) -> None:
-    from absl import app, flags
+FLAGS = cli.flag_values()
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, tokenizer, checkpoints).",
+                               flag_values=FLAGS)
+_PROMPT = flags.DEFINE_string("prompt", "", "Prompt text.", flag_values=FLAGS)
+_PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "Read the prompt from this file (UTF-8).",
+                                   flag_values=FLAGS)
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 100, "New tokens per sample (>= 1).", lower_bound=1,
+                                flag_values=FLAGS)
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature (>= 0); 0 = greedy.",
+                                  lower_bound=0.0, flag_values=FLAGS)
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: all).", lower_bound=0,
+                              flag_values=FLAGS)
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1] (1: off).", flag_values=FLAGS)
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=FLAGS)
+_BATCH = flags.DEFINE_integer("batch", 1, "Samples drawn in parallel from the same prompt (>= 1).",
+                              lower_bound=1, flag_values=FLAGS)
+_MODE = flags.DEFINE_enum("mode", "auto", list(MODES), "recurrent | cached | full | auto.",
+                          flag_values=FLAGS)
+_CHUNK = flags.DEFINE_integer("chunk", 8, "Tokens per compiled call between streamed outputs (>= 1).",
+                              lower_bound=1, flag_values=FLAGS)
+flags.register_validator("top_p", lambda p: 0.0 < p <= 1.0, message="--top_p must be in (0, 1]",
+                         flag_values=FLAGS)
 
-    flags.DEFINE_string("workdir", None, "Training workdir (config.json, tokenizer, checkpoints).")
-    flags.DEFINE_string("prompt", "", "Prompt text.")
-    flags.DEFINE_string("prompt_file", None, "Read the prompt from this file (UTF-8).")
-    flags.DEFINE_integer("max_new_tokens", 100, "New tokens per sample.")
-    flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 = greedy.")
-    flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: all).")
-    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")
-    flags.DEFINE_integer("seed", 0, "Sampling seed.")
-    flags.DEFINE_integer("batch", 1, "Samples drawn in parallel from the same prompt.")
-    flags.DEFINE_enum("mode", "auto", list(MODES), "recurrent | cached | full | auto.")
-    flags.DEFINE_integer("chunk", 8, "Tokens per compiled call between streamed outputs.")
-    FLAGS = flags.FLAGS
 
-    def run(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-        from absl import logging
-
-        logging.set_verbosity(logging.ERROR)
+def main(argv: list[str]) -> None:
+    del argv  # positional arguments are refused by cli.run
+    logging.set_verbosity(logging.ERROR)
+    text = _PROMPT.value
+    if _PROMPT_FILE.value:
         try:
-            if not FLAGS.workdir:
-                raise UserError("--workdir is required")
-            if FLAGS.max_new_tokens < 1 or FLAGS.batch < 1 or FLAGS.chunk < 1:
-                raise UserError("--max_new_tokens, --batch and --chunk must be positive")
-            text = FLAGS.prompt
-            if FLAGS.prompt_file:
-                try:
-                    with open(FLAGS.prompt_file, encoding="utf-8") as f:
-                        text = f.read()
-                except (OSError, UnicodeDecodeError) as e:
-                    raise UserError(f"cannot read --prompt_file {FLAGS.prompt_file}: {e}") from None
-            from mixers_jax.workdir import load_run
+            with open(_PROMPT_FILE.value, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read --prompt_file {_PROMPT_FILE.value}: {e}") from None
+    from mixers_jax.workdir import load_run  # the trainer and orbax: loaded after --help
 
-            r = load_run(FLAGS.workdir)
-            ids = r.tokenizer.encode(text) if text else []
-            if not ids:  # an empty prompt starts a document: EOS separates documents in training
-                ids = [r.tokenizer.eos_id]
-            gen = Generator(r.model, r.params, r.config.model, mode=FLAGS.mode,
-                            temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-                            pad_id=r.tokenizer.pad_id)
-            write = lambda s: (sys.stdout.write(s), sys.stdout.flush())  # noqa: E731
-            if FLAGS.batch == 1:
-                write(text)
-            _stream(gen, r.tokenizer, [ids] * FLAGS.batch, FLAGS.max_new_tokens, FLAGS.seed,
-                    FLAGS.chunk, write)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
+    r = load_run(_WORKDIR.value)
+    ids = r.tokenizer.encode(text) if text else []
+    if not ids:  # an empty prompt starts a document: EOS separates documents in training
+        ids = [r.tokenizer.eos_id]
+    gen = Generator(r.model, r.params, r.config.model, mode=_MODE.value,
+                    temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                    pad_id=r.tokenizer.pad_id)
+    write = lambda s: (sys.stdout.write(s), sys.stdout.flush())  # noqa: E731
+    if _BATCH.value == 1:
+        write(text)
+    _stream(gen, r.tokenizer, [ids] * _BATCH.value, _MAX_NEW.value, _SEED.value, _CHUNK.value, write)
 
-    app.run(run, argv=argv)
+
+def run_command(argv: list[str] | None = None) -> None:
+    """``python -m mixers_jax.generate``; exit status as in mixers_jax/cli.py."""
+    cli.run(main, FLAGS, doc=__doc__, argv=argv, required=("workdir",))
 
 
 if __name__ == "__main__":
-    main()
+    run_command()

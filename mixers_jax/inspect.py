@@ -15,11 +15,13 @@ Writes ``layer{L}[_head{H}][_{w1|w2}].png`` and ``structure.json`` (one record p
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 
 import numpy as np
+from absl import flags
 
+from mixers_jax import cli
 from mixers_jax.errors import UserError
 
 DELTAS = np.concatenate([np.linspace(0.5, 0.99, 50), np.linspace(0.991, 1.0, 10)])
@@ -138,29 +140,33 @@ def inspect_run(run, out_dir: str, plots: bool = True) -> list[dict]:
     return records
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+FLAGS = cli.flag_values()
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir of a masked mixer or SRM.",
+                               flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", None, "Folder for the PNGs and structure.json.", flag_values=FLAGS)
 
-    parser = argparse.ArgumentParser(prog="python -m mixers_jax.inspect", description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--out", required=True, help="folder for the PNGs and structure.json")
-    args = parser.parse_args(argv)
-    try:
-        import logging
 
-        from mixers_jax.workdir import load_run
+def main(argv: list[str]) -> None:
+    del argv  # positional arguments are refused by cli.run
+    out = _OUT.value
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out={out} is a file; give a folder")
+    from mixers_jax.workdir import load_run  # jax, orbax: loaded after --help
 
-        logging.getLogger("absl").setLevel(logging.ERROR)
-        records = inspect_run(load_run(args.workdir), args.out)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    run = load_run(_WORKDIR.value)
+    effective_matrices(run)  # a model without mixing matrices stops here, before --out is created
+    records = inspect_run(run, out)
     print(f"{'matrix':<22} {'toeplitz':>9} {'col_repeat':>11} {'row_repeat':>11}   (relative Frobenius error)")
     for r in records:
         print(f"{r['matrix']:<22} {r['toeplitz']:>9.4f} {r['col_repeat']:>11.4f} {r['row_repeat']:>11.4f}")
-    print(f"wrote {len(records)} heatmaps and structure.json to {args.out}")
-    return 0
+    print(f"wrote {len(records)} heatmaps and structure.json to {out}")
+
+
+def run_command(argv: list[str] | None = None) -> None:
+    """``python -m mixers_jax.inspect``; exit status as in mixers_jax/cli.py."""
+    cli.run(main, FLAGS, doc=__doc__, argv=argv, required=("workdir", "out"))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_command()

@@ -1,345 +1,47 @@
 """Training curves of several runs side by side: ``python -m mixers_jax.plot --workdirs=A,B
 --metric=eval/loss[,train/loss] --out=FIG.png [--labels=...] [--x=step|tokens] [--logy] [--csv=FILE]``.
 
-One axis per metric, one line per run, the way the published figures compare mixers and
-transformers (REFERENCE §11). The curves are the scalars the trainer logs with tensorboardX under
-``<workdir>/tb`` (``train/loss``, ``eval/loss``, ``eval/bpb``, ``perf/tokens_per_s``, ...), read
-without TensorFlow: TFRecord framing (u64 length, masked CRC-32C of the length, the serialized
-``Event`` protobuf, masked CRC-32C of the data) decoded with the protobuf classes tensorboardX ships.
-Every event file of a run is read in the order it was written; a step logged twice (a resumed run
-repeats the steps after its last checkpoint) keeps the later value. A truncated last record (a run
-still writing) is ignored.
+One axis per metric, one line per run (mixers_jax/curves.py reads the runs' tensorboard logs).
+Labels come from each run's ``config.json`` unless ``--labels`` gives them. ``--x=tokens`` plots
+against training tokens = step × train.batch_size × row length. ``--csv`` writes every plotted point
+(label, workdir, metric, step, x, value).
 
-Labels come from each run's ``config.json`` (the config name, then kind, encoder / decoder kinds of
-composite models, width, depth, mixing) unless ``--labels`` gives them. ``--x=tokens`` plots against
-training tokens = step × train.batch_size × row length. ``--csv`` writes every plotted point
-(label, workdir, metric, step, x, value). A metric that no run logged, a missing workdir or log, or an
-unwritable output prints one ``error:`` line and exits with status 2; a metric missing from only some
-runs prints a ``warning:`` line naming them.
+Exit status: 0 written; 1 an OSError (e.g. an unwritable --out), one line; 2 bad flags, a metric
+that no run logged, a missing workdir or log, an unknown image format, one line (a metric missing
+from only some runs prints a ``warning:`` line naming them); 130 interrupted.
 """
 from __future__ import annotations
 
-import glob
-import io
-import json
-import os
-import struct
-import sys
-from collections.abc import Iterator, Sequence
+from absl import flags
 
-import numpy as np
+from mixers_jax import cli, curves
 
-from mixers_jax.errors import UserError
-from mixers_jax.fileio import read_bytes, write_atomic
-
-EVENT_GLOB = "events.out.tfevents.*"
-_SINGLE_KINDS = ("mixer", "transformer")
-_DECODER_ONLY = ("rmt",)
-
-
-# --------------------------------------------------------------------------- event files
+FLAGS = cli.flag_values()
+_WORKDIRS = flags.DEFINE_list("workdirs", None, "Comma-separated training workdirs.", flag_values=FLAGS)
+_METRIC = flags.DEFINE_list("metric", ["eval/loss"], "Comma-separated scalar tags (one axis each).",
+                            flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", None, "Figure file (.png, .pdf, .svg, ...).", flag_values=FLAGS)
+_LABELS = flags.DEFINE_list("labels", None, "One legend label per workdir (default: from config.json).",
+                            flag_values=FLAGS)
+_X = flags.DEFINE_enum("x", "step", ["step", "tokens"], "x axis: step | tokens.", flag_values=FLAGS)
+_LOGY = flags.DEFINE_bool("logy", False, "Logarithmic y axis.", flag_values=FLAGS)
+_CSV = flags.DEFINE_string("csv", None, "Also write the plotted points to this CSV file.",
+                           flag_values=FLAGS)
 
 
-def _records(data: bytes, path: str) -> Iterator[bytes]:
-    """The payloads of a TFRecord byte string; stops at a truncated or corrupt record."""
-    from tensorboardX.record_writer import masked_crc32c
-
-    pos = 0
-    while pos + 12 <= len(data):
-        header = data[pos:pos + 8]
-        (length,) = struct.unpack("<Q", header)
-        (header_crc,) = struct.unpack("<I", data[pos + 8:pos + 12])
-        if masked_crc32c(header) != header_crc:
-            print(f"warning: {path}: corrupt record at byte {pos}; reading stops there", file=sys.stderr)
-            return
-        start, end = pos + 12, pos + 12 + length
-        if end + 4 > len(data):
-            return  # truncated: a run still writing
-        payload = data[start:end]
-        (data_crc,) = struct.unpack("<I", data[end:end + 4])
-        if masked_crc32c(payload) != data_crc:
-            print(f"warning: {path}: corrupt record at byte {pos}; reading stops there", file=sys.stderr)
-            return
-        yield payload
-        pos = end + 4
-
-
-def _value_of(v) -> float | None:
-    kind = v.WhichOneof("value")
-    if kind == "simple_value":
-        return float(v.simple_value)
-    if kind == "tensor":
-        t = v.tensor
-        for field in ("float_val", "double_val", "int64_val", "int_val"):
-            vals = getattr(t, field)
-            if len(vals) == 1:
-                return float(vals[0])
-        dtypes = {1: np.float32, 2: np.float64, 3: np.int32, 9: np.int64}
-        if t.tensor_content and t.dtype in dtypes:
-            arr = np.frombuffer(t.tensor_content, dtypes[t.dtype])
-            if arr.size == 1:
-                return float(arr[0])
-    return None
-
-
-def event_files(logdir: str) -> list[str]:
-    """Event files under ``logdir`` in the order they were written (their creation time stamp)."""
-
-    def key(path: str):
-        parts = os.path.basename(path).split(".")
-        stamp = int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else 0
-        return stamp, path
-
-    return sorted(glob.glob(os.path.join(logdir, "**", EVENT_GLOB), recursive=True), key=key)
-
-
-def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
-    """{tag: [(step, value), ...] sorted by step} of every scalar in the event files under ``logdir``."""
-    from google.protobuf.message import DecodeError
-    from tensorboardX.proto import event_pb2
-
-    series: dict[str, dict[int, float]] = {}
-    for path in event_files(logdir):
-        for payload in _records(read_bytes(path), path):
-            event = event_pb2.Event()
-            try:
-                event.ParseFromString(payload)
-            except DecodeError:
-                print(f"warning: {path}: a record is not an Event; skipped", file=sys.stderr)
-                continue
-            if not event.HasField("summary"):
-                continue
-            for v in event.summary.value:
-                value = _value_of(v)
-                if value is not None:
-                    series.setdefault(v.tag, {})[int(event.step)] = value
-    return {tag: sorted(points.items()) for tag, points in series.items()}
-
-
-# --------------------------------------------------------------------------- runs
-
-
-def _sub(model: dict, role: str) -> dict:
-    """The encoder / decoder fields with the 0 / '' / -1 "inherit" convention resolved."""
-    sub = dict(model.get(role) or {})
-    out = {"kind": sub.get("kind", "mixer")}
-    for key in ("d_model", "n_layers", "mixing", "heads", "n_heads", "kernel"):
-        value = sub.get(key)
-        inherit = value is None or value == "" or value == (-1 if key == "heads" else 0)
-        out[key] = model.get(key) if inherit else value
-    return out
-
-
-def _describe(m: dict) -> str:
-    text = f"{m.get('kind')} d{m.get('d_model')} L{m.get('n_layers')}"
-    if m.get("kind") == "mixer":
-        text += f" {m.get('mixing', 'flat')}"
-        if m.get("heads"):
-            text += f" H{m.get('heads')}"
-        if (m.get("kernel") or 1) > 1:
-            text += f" k{m.get('kernel')}"
-    elif m.get("kind") == "transformer":
-        text += f" H{m.get('n_heads')}"
-    return text
-
-
-def run_label(config: dict) -> str:
-    """'name: kind d L mixing' from a saved config (composite kinds: encoder / decoder kinds)."""
-    m = config.get("model", {})
-    kind = m.get("kind", "mixer")
-    if kind in _SINGLE_KINDS:
-        body = _describe(m)
-    else:
-        roles = ("decoder",) if kind in _DECODER_ONLY else ("encoder", "decoder")
-        subs = [f"{role[:3]} {_describe(_sub(m, role))}" for role in roles]
-        body = f"{kind} " + " / ".join(subs)
-        if int(m.get("compression", 1) or 1) > 1:
-            body += f" c{m.get('compression')}"
-    return f"{config.get('name', 'run')}: {body}"
-
-
-def tokens_per_step(config: dict) -> int:
-    """Training tokens per optimizer step: train.batch_size × row length (input_length)."""
-    from mixers_jax.config import base_config
-    from mixers_jax.models import input_length
-
-    model = dict(base_config().model.to_dict(), **config.get("model", {}))
-    batch = int(config.get("train", {}).get("batch_size", base_config().train.batch_size))
-    return batch * input_length(model)
-
-
-def load_runs(workdirs: Sequence[str]) -> list[dict]:
-    """[{workdir, config, scalars}] for each workdir; UserError naming a missing one or its logs."""
-    runs = []
-    for wd in workdirs:
-        if not os.path.isdir(wd):
-            raise UserError(f"workdir {wd} does not exist")
-        path = os.path.join(wd, "config.json")
-        try:
-            config = json.loads(read_bytes(path).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"cannot read {path}: {e}") from None
-        except UserError:
-            raise UserError(f"{wd} is not a training workdir (no config.json)") from None
-        logdir = os.path.join(wd, "tb")
-        if not event_files(logdir):
-            raise UserError(f"{wd} has no tensorboard logs (no {EVENT_GLOB} under {logdir})")
-        runs.append({"workdir": wd, "config": config, "scalars": read_scalars(logdir)})
-    return runs
-
-
-# --------------------------------------------------------------------------- figure
-
-
-def _write(path: str, data: bytes | str) -> None:
-    try:
-        write_atomic(path, data)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-
-
-def plot_runs(
-    workdirs: Sequence[str],
-    metrics: Sequence[str],
-    out: str,
-    *,
-    labels: Sequence[str] | None = None,
-    x: str = "step",
-    logy: bool = False,
-    csv: str | None = None,
-) -> list[dict]:
-    """Draws ``metrics`` of ``workdirs`` into ``out``; returns the plotted points (CSV rows)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not workdirs:
-        raise UserError("--workdirs is empty")
-    if not metrics:
-        raise UserError("--metric is empty")
-    if x not in ("step", "tokens"):
-        raise UserError(f"--x must be 'step' or 'tokens', got {x!r}")
-    if labels and len(labels) != len(workdirs):
-        raise UserError(f"--labels has {len(labels)} names for {len(workdirs)} workdirs")
-    if os.path.isdir(out):
-        raise UserError(f"--out={out} is a folder; give a file name such as fig.png")
-    fmt = os.path.splitext(out)[1].lstrip(".").lower()
-    fig = plt.figure()
-    supported = fig.canvas.get_supported_filetypes()
-    plt.close(fig)
-    if fmt not in supported:
-        raise UserError(f"--out={out}: unknown image format {fmt!r}; use one of: {', '.join(sorted(supported))}")
-
-    runs = load_runs(workdirs)
-    names = list(labels) if labels else [run_label(r["config"]) for r in runs]
-    for i, name in enumerate(names):  # the same label twice: tell the runs apart by folder
-        if names.count(name) > 1 and not labels:
-            names[i] = f"{name} [{os.path.basename(os.path.normpath(runs[i]['workdir']))}]"
-    for metric in metrics:
-        missing = [n for n, r in zip(names, runs) if metric not in r["scalars"]]
-        if len(missing) == len(runs):
-            known = sorted({t for r in runs for t in r["scalars"]})
-            raise UserError(f"no run logged {metric!r}; logged: {', '.join(known) or 'nothing'}")
-        if missing:
-            print(f"warning: {metric} is not logged by {', '.join(missing)}", file=sys.stderr)
-
-    points = []
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), dpi=100, squeeze=False)
-    colors = [f"C{i % 10}" for i in range(len(runs))]  # one colour per run on every axis
-    handles = {}
-    for ax, metric in zip(axes[0], metrics):
-        for name, run, color in zip(names, runs, colors):
-            series = run["scalars"].get(metric)
-            if not series:
-                continue
-            scale = tokens_per_step(run["config"]) if x == "tokens" else 1
-            steps = [s for s, _ in series]
-            xs = [s * scale for s in steps]
-            ys = [v for _, v in series]
-            (handles[name],) = ax.plot(xs, ys, color=color, marker="." if len(xs) < 30 else None)
-            points.extend({"label": name, "workdir": run["workdir"], "metric": metric, "step": s,
-                           "x": xv, "value": v} for s, xv, v in zip(steps, xs, ys))
-        ax.set_title(metric)
-        ax.set_xlabel("training tokens" if x == "tokens" else "step")
-        ax.set_ylabel(metric)
-        if logy:
-            ax.set_yscale("log")
-        ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    # One legend for all axes, below them: run labels are long (kind, widths, depths, mixing).
-    legend = fig.legend(list(handles.values()), list(handles), loc="upper center", fontsize=8,
-                        bbox_to_anchor=(0.5, 0.0), ncol=1, frameon=False)
-    buf = io.BytesIO()
-    fig.savefig(buf, format=fmt, bbox_extra_artists=(legend,), bbox_inches="tight")
-    plt.close(fig)
-    _write(out, buf.getvalue())
-    if csv:
-        _write(csv, points_csv(points))
-    return points
-
-
-def points_csv(points: Sequence[dict]) -> str:
-    import csv as csv_lib
-
-    buf = io.StringIO()
-    writer = csv_lib.writer(buf, lineterminator="\n")
-    writer.writerow(["label", "workdir", "metric", "step", "x", "value"])
-    for p in points:
-        writer.writerow([p["label"], p["workdir"], p["metric"], p["step"], p["x"], repr(float(p["value"]))])
-    return buf.getvalue()
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def _flag_values():
-    from absl import flags
-
-    fv = flags.FlagValues()
-    flags.DEFINE_list("workdirs", None, "Comma-separated training workdirs.", flag_values=fv)
-    flags.DEFINE_list("metric", ["eval/loss"], "Comma-separated scalar tags (one axis each).",
-                      flag_values=fv)
-    flags.DEFINE_string("out", None, "Figure file (.png, .pdf, .svg, ...).", flag_values=fv)
-    flags.DEFINE_list("labels", None, "One legend label per workdir (default: from config.json).",
-                      flag_values=fv)
-    flags.DEFINE_string("x", "step", "x axis: step | tokens.", flag_values=fv)
-    flags.DEFINE_bool("logy", False, "Logarithmic y axis.", flag_values=fv)
-    flags.DEFINE_string("csv", None, "Also write the plotted points to this CSV file.", flag_values=fv)
-    return fv
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry; returns the exit status (0, or 2 after one ``error:`` line)."""
-    from absl import flags
-
-    argv = list(sys.argv if argv is None else argv)
-    fv = _flag_values()
-    if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
-        print(__doc__.strip() + "\n\nflags:\n" + fv.get_help())
-        return 0
-    try:
-        rest = fv(argv)
-        if len(rest) > 1:
-            raise UserError(f"unexpected arguments: {' '.join(rest[1:])}")
-        if not fv.workdirs:
-            raise UserError("--workdirs is required")
-        if not fv.out:
-            raise UserError("--out is required")
-        points = plot_runs(fv.workdirs, fv.metric, fv.out, labels=fv.labels, x=fv.x, logy=fv.logy,
-                           csv=fv.csv)
-    except flags.Error as e:
-        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
-              file=sys.stderr)
-        return 2
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def main(argv: list[str]) -> None:
+    del argv  # positional arguments are refused by cli.run
+    points = curves.plot_runs(_WORKDIRS.value, _METRIC.value, _OUT.value, labels=_LABELS.value,
+                              x=_X.value, logy=_LOGY.value, csv=_CSV.value)
     runs = len({p["workdir"] for p in points})
-    print(f"wrote {fv.out}: {len(fv.metric)} metric(s), {runs} run(s), {len(points)} points"
-          + (f"; points in {fv.csv}" if fv.csv else ""))
-    return 0
+    print(f"wrote {_OUT.value}: {len(_METRIC.value)} metric(s), {runs} run(s), {len(points)} points"
+          + (f"; points in {_CSV.value}" if _CSV.value else ""))
+
+
+def run_command(argv: list[str] | None = None) -> None:
+    """``python -m mixers_jax.plot``; exit status as in mixers_jax/cli.py."""
+    cli.run(main, FLAGS, doc=__doc__, argv=argv, required=("workdirs", "out"))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_command()

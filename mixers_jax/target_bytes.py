@@ -35,19 +35,7 @@ class PieceBytes:
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> PieceBytes:
-        table = tokenizer.token_bytes()
-        out = []
-        for i in range(tokenizer.vocab_size):
-            n = int(table[i])
-            piece = tokenizer.id_to_piece(i)
-            if n == 0:
-                b = b""
-            elif n == 1 and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-                b = bytes([int(piece[3:5], 16)])
-            else:
-                b = piece.replace("\u2581", " ").encode("utf-8")
-            out.append(b if len(b) == n else b"?" * n)  # keeps the byte counts exact for odd pieces
-        return cls(out)
+        return cls(tokenizer.piece_bytes())
 
     def join(self, ids) -> bytes:
         """The bytes of the token ids ``ids`` (any shape, flattened in C order), concatenated."""

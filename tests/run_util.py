@@ -14,8 +14,9 @@ def sample_text() -> str:
     return "\n\n".join(importlib.import_module(m).__doc__ or "" for m in TEXT_MODULES)
 
 
-def make_workdir(path: str, seed: int = 0, **model_overrides) -> str:
-    """config.json + tokenizer.model + checkpoints/1 with randomly initialised params."""
+def make_workdir(path: str, seed: int = 0, params_map=None, **model_overrides) -> str:
+    """config.json + tokenizer.model + checkpoints/1 with randomly initialised params
+    (``params_map(leaf)`` applied to each parameter when given)."""
     import flax.linen as nn
 
     from mixers_jax import checkpoint as ckpt_lib
@@ -33,6 +34,8 @@ def make_workdir(path: str, seed: int = 0, **model_overrides) -> str:
     model = build_model(config.model)
     params = nn.meta.unbox(
         model.init(jax.random.key(seed), jnp.zeros((1, config.model.n_ctx), jnp.int32))["params"])
+    if params_map is not None:
+        params = jax.tree.map(params_map, params)
     tx = trainer.make_optimizer(config.train)
     state = trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:

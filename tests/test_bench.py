@@ -32,3 +32,21 @@ def test_memory_suite_runs_and_writes_records(tmp_path):
     # the memory model runs an encoder on top of a decoder of the same size: more FLOPs per token
     by = {(r["case"], r["chunks"]): r for r in records}
     assert by[("memory_mixer", 2)]["flops_per_token"] > by[("full_mixer", 2)]["flops_per_token"]
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--suite=speed"], r"--suite"),
+    (["--suite=memory", "--cases=memory_mixer,nope"], r"unknown case\(s\) \['nope'\]"),
+    (["--suite=mixing", "--contexts=256,x"], r"--contexts must be a comma list of positive integers"),
+    (["--steps=0"], r"--steps"),
+    (["extra"], r"unexpected arguments: extra"),
+])
+def test_bad_flags_are_one_line_status_2(args, pattern):
+    import re
+
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "mixers_jax.bench", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(pattern, lines[0]), lines

@@ -4,6 +4,7 @@ Each bad input must give one line on stderr naming the problem, a non-zero exit,
 workdir exactly as it was (absent, or unchanged).
 """
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,8 +49,6 @@ def _assert_one_line_error(proc, pattern):
     assert "Traceback" not in proc.stderr, proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1, proc.stderr
-    import re
-
     assert re.search(pattern, errors[0]), errors[0]
 
 
@@ -132,8 +131,7 @@ def test_corpus_smaller_than_one_window(tmp_path, smoke_run):
     assert not os.path.exists(workdir)
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
-    workdir = str(tmp_path / "run")
+def _start_long_run(workdir):
     proc = subprocess.Popen(
         [sys.executable, "-m", "mixers_jax.train", f"--config={SMOKE}", f"--workdir={workdir}",
          "--config.train.steps=100000", "--config.train.log_every=1",
@@ -146,10 +144,103 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
         lines.append(line)
         if line.startswith("step") or time.time() > deadline:
             break
+    return proc, lines
+
+
+def test_sigterm_saves_exits_75_and_rerun_resumes(tmp_path):
+    workdir = str(tmp_path / "run")
+    proc, lines = _start_long_run(workdir)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     stdout = "".join(lines) + out
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 75, err[-3000:]
     assert "SIGTERM: saved step" in stdout, stdout
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("preempted: saved step")
     saved = os.listdir(os.path.join(workdir, "checkpoints"))
     assert len(saved) == 1 and 0 < int(saved[0]) < 100000
+    # the scheduler's rerun (here with a total two steps further, so that it ends soon) resumes
+    total = int(saved[0]) + 2
+    done = _train(f"--config={SMOKE}", f"--workdir={workdir}", f"--config.train.steps={total}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"at step {saved[0]}" in done.stdout and f"done: {total} steps" in done.stdout
+
+
+def test_ctrl_c_during_training_is_not_a_traceback(tmp_path):
+    proc, _ = _start_long_run(str(tmp_path / "run"))
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    # 75 once the preemption guard saves on SIGINT; 130 (interrupted) where it does not
+    assert proc.returncode in (75, 130), err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith(("preempted: ", "interrupted")), err
+
+
+def test_config_file_with_a_syntax_error(tmp_path):
+    bad = tmp_path / "x.py"
+    bad.write_text("def get_config():\n    return dict(a=(1, 2\n")
+    proc = _train(f"--config={bad}", f"--workdir={tmp_path / 'run'}")
+    assert proc.returncode == 2
+    _assert_one_line_error(proc, rf"config file {re.escape(str(bad))}: SyntaxError: .* \(line 2\)")
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- every command
+
+
+COMMANDS = ("train", "evaluate", "generate", "compress", "inspect", "plot", "profile", "bench")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_unknown_flag_is_one_line_status_2(command):
+    proc = subprocess.run([sys.executable, "-m", f"mixers_jax.{command}", "--no_such_flag=1"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == "error: Unknown command line flag 'no_such_flag'", proc.stderr
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_exits_0(command):
+    proc = subprocess.run([sys.executable, "-m", f"mixers_jax.{command}", "--help"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"python -m mixers_jax.{command}" in proc.stdout and "flags:" in proc.stdout
+
+
+def _status(main, argv, capsys, **kwargs):
+    from absl import flags
+
+    from mixers_jax import cli
+
+    fv = cli.flag_values()
+    flags.DEFINE_string("name", None, "A name.", flag_values=fv)
+    with pytest.raises(SystemExit) as e:
+        cli.run(main, fv, argv=["prog", *argv], **kwargs)
+    return e.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_cli_run_maps_outcomes_to_exit_statuses(capsys):
+    from mixers_jax.errors import Preempted, UserError
+
+    def raising(exc):
+        def main(argv):
+            raise exc
+        return main
+
+    assert _status(lambda argv: None, ["--name=x"], capsys) == (0, [])
+    assert _status(raising(UserError("bad data")), [], capsys) == (2, ["error: bad data"])
+    assert _status(raising(Preempted("saved step 3")), [], capsys) == (75, ["preempted: saved step 3"])
+    assert _status(raising(KeyboardInterrupt()), [], capsys) == (130, ["interrupted"])
+    disk_full = OSError(28, "No space left on device", "/data/out.bin")
+    assert _status(raising(disk_full), [], capsys) == (
+        1, ["error: /data/out.bin: No space left on device"])
+    assert _status(lambda argv: None, [], capsys, required=("name",)) == (
+        2, ["error: --name is required"])
+    assert _status(lambda argv: None, ["a"], capsys) == (2, ["error: unexpected arguments: a"])
+    assert _status(lambda argv: None, ["a"], capsys, positional=("IN", "OUT")) == (
+        2, ["error: missing arguments: expected IN OUT"])
+    got = []
+    assert _status(lambda argv: got.append(argv), ["a", "--name=n", "b"], capsys,
+                   positional=("IN", "OUT")) == (0, [])
+    assert got == [["prog", "a", "b"]]
+    with pytest.raises(RuntimeError, match="internal"):  # an internal error keeps its traceback
+        _status(raising(RuntimeError("internal")), [], capsys)

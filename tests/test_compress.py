@@ -1,13 +1,14 @@
 """Model-driven arithmetic coding: exact round trips (empty, one byte, random bytes, invalid UTF-8,
 real text), clear failures for corrupted / truncated streams and a wrong workdir, the CLI."""
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from mixers_jax import compress
+from mixers_jax import codec
 from mixers_jax.errors import UserError
 from mixers_jax.workdir import load_run
 from run_util import make_workdir, sample_text
@@ -36,8 +37,8 @@ CASES = {
 def test_round_trip(runs, name):
     data = CASES[name]
     for run in runs:  # a flat masked mixer (cached steps) and an SRM (recurrent steps)
-        stream, stats = compress.encode_bytes(data, run)
-        assert compress.decode_bytes(stream, run) == data
+        stream, stats = codec.encode_bytes(data, run)
+        assert codec.decode_bytes(stream, run) == data
         assert stats["compressed_bytes"] == len(stream)
     if name == "text":  # real tokens, not byte fallback
         assert not stats["byte_fallback_only"] and stats["tokens"] < len(data)
@@ -45,27 +46,27 @@ def test_round_trip(runs, name):
 
 def test_tokens_cover_any_bytes(runs):
     tok = runs[0].tokenizer
-    table = compress.token_byte_table(tok)
+    table = tok.piece_bytes()
     for data in CASES.values():
-        tokens, _ = compress.bytes_to_tokens(data, tok, table)
-        assert compress.tokens_to_bytes(tokens, table) == data
+        tokens, _ = codec.bytes_to_tokens(data, tok, table)
+        assert codec.tokens_to_bytes(tokens, table) == data
 
 
 def test_bad_streams_fail_clearly(runs):
     run, other = runs
-    stream, _ = compress.encode_bytes(TEXT[:400], run)
+    stream, _ = codec.encode_bytes(TEXT[:400], run)
     with pytest.raises(UserError, match="truncated"):
-        compress.decode_bytes(stream[:-3], run)
+        codec.decode_bytes(stream[:-3], run)
     with pytest.raises(UserError, match="truncated"):
-        compress.decode_bytes(stream[:20], run)
+        codec.decode_bytes(stream[:20], run)
     corrupt = bytearray(stream)
-    corrupt[compress.HEADER_BYTES + 5] ^= 0x10
+    corrupt[codec.HEADER_BYTES + 5] ^= 0x10
     with pytest.raises(UserError, match="corrupted"):
-        compress.decode_bytes(bytes(corrupt), run)
+        codec.decode_bytes(bytes(corrupt), run)
     with pytest.raises(UserError, match="another model"):
-        compress.decode_bytes(stream, other)
+        codec.decode_bytes(stream, other)
     with pytest.raises(UserError, match="magic"):
-        compress.decode_bytes(b"hello world, not a stream at all, really not one at all!!", run)
+        codec.decode_bytes(b"hello world, not a stream at all, really not one at all!!", run)
 
 
 def test_arithmetic_coder_round_trip():
@@ -74,29 +75,92 @@ def test_arithmetic_coder_round_trip():
         v, n = int(rng.integers(2, 40)), int(rng.integers(0, 200))
         tables = [rng.integers(1, 1 << int(rng.integers(1, 34)), v) for _ in range(n)]
         syms = [int(rng.integers(0, v)) for _ in range(n)]
-        enc = compress.ArithmeticEncoder()
+        enc = codec.ArithmeticEncoder()
         for c, s in zip(tables, syms):
             cum = np.concatenate([[0], np.cumsum(c)])
             enc.encode(int(cum[s]), int(cum[s + 1]), int(cum[-1]))
-        dec = compress.ArithmeticDecoder(enc.finish())
+        dec = codec.ArithmeticDecoder(enc.finish())
         assert [dec.decode(np.concatenate([[0], np.cumsum(c)])) for c in tables] == syms
+
+
+def test_piece_bytes_are_the_one_token_byte_table(runs):
+    from mixers_jax.target_bytes import PieceBytes
+
+    tok = runs[0].tokenizer
+    pieces = tok.piece_bytes()
+    assert [len(p) for p in pieces] == tok.token_bytes().tolist()
+    assert PieceBytes.from_tokenizer(tok).pieces == list(pieces)
+    ids = tok.byte_token_ids()
+    assert [pieces[i] for i in ids] == [bytes([b]) for b in range(256)]
+    text = sample_text()[:500] + " caf\u00e9 \u2581 \u4e2d"
+    assert b"".join(pieces[i] for i in tok.encode(text)) == text.encode()
+
+
+def _compress(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "mixers_jax.compress", *args],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+
+
+def _one_line(r, status, pattern):
+    assert r.returncode == status, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert re.search(pattern, r.stderr), r.stderr
 
 
 def test_cli(runs, tmp_path):
     run, other = runs
     src, packed, out = tmp_path / "in.bin", tmp_path / "x.mxac", tmp_path / "out.bin"
     src.write_bytes(CASES["invalid_utf8"] + TEXT[:300])
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "-m", "mixers_jax.compress"]
-    r = subprocess.run(cmd + ["encode", f"--workdir={run.workdir}", str(src), str(packed)],
-                       capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    r = _compress("encode", f"--workdir={run.workdir}", str(src), str(packed))
     assert r.returncode == 0, r.stderr
     assert "bits/byte" in r.stdout and "model estimate" in r.stdout and "xz-9e" in r.stdout
-    r = subprocess.run(cmd + ["decode", f"--workdir={other.workdir}", str(packed), str(out)],
-                       capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
-    assert "another model" in r.stderr and not out.exists()
-    r = subprocess.run(cmd + ["decode", f"--workdir={run.workdir}", str(packed), str(out)],
-                       capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    r = _compress("decode", f"--workdir={other.workdir}", str(packed), str(out))
+    _one_line(r, 2, "another model")
+    assert not out.exists()
+    r = _compress("decode", f"--workdir={run.workdir}", str(packed), str(out))
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == src.read_bytes()
+
+
+def test_cli_refuses_to_overwrite_without_force(runs, tmp_path):
+    run, _ = runs
+    src, packed, out = tmp_path / "in.bin", tmp_path / "x.mxac", tmp_path / "out.bin"
+    src.write_bytes(TEXT[:200])
+    packed.write_bytes(b"precious")
+    r = _compress("encode", f"--workdir={run.workdir}", str(src), str(packed))
+    _one_line(r, 2, r"exists; pass --force")
+    assert packed.read_bytes() == b"precious"
+    r = _compress("encode", "--force", f"--workdir={run.workdir}", str(src), str(packed))
+    assert r.returncode == 0, r.stderr
+    out.write_bytes(b"keep me")
+    r = _compress("decode", f"--workdir={run.workdir}", str(packed), str(out))
+    _one_line(r, 2, r"exists; pass --force")
+    assert out.read_bytes() == b"keep me"
+    r = _compress("decode", "--force", f"--workdir={run.workdir}", str(packed), str(out))
+    assert r.returncode == 0 and out.read_bytes() == src.read_bytes(), r.stderr
+
+
+def test_cli_unwritable_output_is_one_line_status_1(runs, tmp_path):
+    if os.geteuid() == 0:
+        locked = "/proc/mixers_jax_cannot_write_here/x.mxac"  # root ignores file modes
+    else:
+        folder = tmp_path / "locked"
+        folder.mkdir(mode=0o500)
+        locked = str(folder / "x.mxac")
+    src = tmp_path / "in.bin"
+    src.write_bytes(TEXT[:100])
+    r = _compress("encode", f"--workdir={runs[0].workdir}", str(src), locked)
+    _one_line(r, 1, r"^error: .*x\.mxac: \S")
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["encode", "--workdir=W", "a"], r"missing arguments"),
+    (["encode", "--workdir=W", "a", "b", "c"], r"unexpected arguments: c"),
+    (["squash", "--workdir=W", "a", "b"], r"unknown command 'squash'"),
+    (["encode", "a", "b"], r"--workdir is required"),
+    (["encode", "--workdir=W", "--level=3", "a", "b"], r"Unknown command line flag 'level'"),
+])
+def test_cli_bad_arguments(tmp_path, args, pattern):
+    r = _compress(*args)
+    _one_line(r, 2, pattern)

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 from run_util import make_workdir, sample_text
-from tests_util import REPO
+from tests_util import REPO, exit_status
 
 from mixers_jax import evaluate, metrics, target_bytes
 from mixers_jax.config import base_config
@@ -162,7 +162,7 @@ def test_cli_numbers_equal_direct_computation(clm_run, tmp_path, capsys):
     out = tmp_path / "eval.json"
     tok_before = (Path(clm_run) / "tokenizer.model").read_bytes()
     # 40 rows in batches of 16 over the 8 test devices: the last batch is filled with pad rows.
-    rc = evaluate.main(["evaluate", f"--workdir={clm_run}", f"--out={out}", "--max_rows=40",
+    rc = exit_status(evaluate, ["evaluate", f"--workdir={clm_run}", f"--out={out}", "--max_rows=40",
                         "--objectives=clm,autoencode"])
     printed = capsys.readouterr()
     assert rc == 0, printed.err
@@ -202,7 +202,7 @@ def test_cli_data_file(clm_run, tmp_path, capsys):
     text = tmp_path / "held_out.txt"
     text.write_text(sample_text()[:3000], encoding="utf-8")
     out = tmp_path / "data.json"
-    rc = evaluate.main(["evaluate", f"--workdir={clm_run}", f"--data={text}", f"--out={out}",
+    rc = exit_status(evaluate, ["evaluate", f"--workdir={clm_run}", f"--data={text}", f"--out={out}",
                         "--devices=1"])
     assert rc == 0, capsys.readouterr().err
     res = json.loads(out.read_text())
@@ -216,7 +216,7 @@ def test_cli_data_file(clm_run, tmp_path, capsys):
 
 
 def _bad(argv, capsys, out):
-    rc = evaluate.main(["evaluate", *argv, f"--out={out}"])
+    rc = exit_status(evaluate, ["evaluate", *argv, f"--out={out}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
     assert not out.exists()
@@ -242,6 +242,14 @@ def test_cli_bad_input(clm_run, tmp_path, capsys):
     short.write_text("Too short.", encoding="utf-8")
     assert "give no row of 16 tokens" in _bad([wd, f"--data={short}"], capsys, out)
     assert "Unknown command line flag" in _bad([wd, "--bogus=1"], capsys, out)
+
+
+def test_cli_non_finite_loss_is_an_error(tmp_path, capsys):
+    wd = make_workdir(str(tmp_path / "nan"), params_map=lambda p: p * jnp.nan)
+    _edit_config(wd, data={"max_documents": 200})
+    out = tmp_path / "nan.json"
+    err = _bad([f"--workdir={wd}", "--max_rows=8", "--devices=1"], capsys, out)
+    assert "non-finite" in err and "clm" in err
 
 
 def test_cli_subprocess(clm_run, tmp_path):
@@ -289,7 +297,7 @@ def test_cli_stored_embedding_accounting_and_quant(tmp_path, monkeypatch, capsys
     wd = make_workdir(str(tmp_path / "ae"), kind="autoencoder", compression=2, embed_bits=8)
     _edit_config(wd, data={"max_documents": 200}, train={"objective": "autoencode"})
     out = tmp_path / "ae.json"
-    rc = evaluate.main(["evaluate", f"--workdir={wd}", f"--out={out}", "--max_rows=12", "--devices=1",
+    rc = exit_status(evaluate, ["evaluate", f"--workdir={wd}", f"--out={out}", "--max_rows=12", "--devices=1",
                         "--quant=none,float16,float8_e5m2,int8"])
     printed = capsys.readouterr()
     assert rc == 0, printed.err

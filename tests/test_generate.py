@@ -103,3 +103,19 @@ def test_cli_streams_text(tmp_path):
     r = subprocess.run(cmd[:3] + [f"--workdir={tmp_path}/missing", "--prompt=x"], capture_output=True,
                        text=True, cwd=REPO, env=env, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag,pattern", [
+    ("--top_k=-5", r"--top_k"), ("--temperature=-1", r"--temperature"), ("--top_p=0", r"--top_p"),
+    ("--top_p=1.5", r"--top_p"), ("--max_new_tokens=-1", r"--max_new_tokens"),
+    ("--batch=0", r"--batch"), ("--mode=fast", r"--mode"), ("--bogus=1", r"bogus"),
+])
+def test_cli_bad_values_are_one_line_status_2(tmp_path, flag, pattern):
+    import re
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-m", "mixers_jax.generate", f"--workdir={tmp_path}", flag],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(pattern, lines[0]), r.stderr

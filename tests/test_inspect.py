@@ -1,5 +1,8 @@
 """inspect: structure errors are 0 for matrices of that structure, heatmaps and JSON are written."""
 import json
+import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +11,7 @@ from mixers_jax import inspect as insp
 from mixers_jax.models import mixing
 from mixers_jax.workdir import load_run
 from run_util import make_workdir
+from tests_util import REPO
 
 
 def test_structure_errors_recognise_structures():
@@ -47,3 +51,36 @@ def test_kernel_mixing_gives_one_causal_matrix_per_tap(tmp_path):
     w = np.asarray(run.params["block_0"]["mix"]["w"], np.float64)  # [H, n, n, k]
     for (name, a), (h, t) in zip(mats[:6], [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]):
         np.testing.assert_allclose(a, np.tril(w[h, :, :, t]), rtol=1e-6, err_msg=name)
+
+
+def _inspect(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "mixers_jax.inspect", *args], capture_output=True,
+                          text=True, cwd=REPO, env=env, timeout=120)
+
+
+def _one_line_status_2(r, pattern):
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and pattern in lines[0], r.stderr
+
+
+def test_cli(tmp_path):
+    wd = make_workdir(str(tmp_path / "run"))
+    out = tmp_path / "out"
+    r = _inspect(f"--workdir={wd}", f"--out={out}")
+    assert r.returncode == 0, r.stderr
+    assert "wrote 2 heatmaps" in r.stdout and (out / "structure.json").exists()
+    existing = tmp_path / "file.txt"
+    existing.write_text("keep")
+    _one_line_status_2(_inspect(f"--workdir={wd}", f"--out={existing}"), "is a file")
+    assert existing.read_text() == "keep"
+    _one_line_status_2(_inspect(f"--workdir={wd}"), "--out is required")
+    _one_line_status_2(_inspect(f"--workdir={wd}", f"--out={out}", "extra"), "unexpected arguments")
+
+
+def test_cli_transformer_leaves_no_out_folder(tmp_path):
+    wd = make_workdir(str(tmp_path / "tf"), kind="transformer")
+    out = tmp_path / "out"
+    _one_line_status_2(_inspect(f"--workdir={wd}", f"--out={out}"), "no token-mixing matrices")
+    assert not out.exists()

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mixers_jax import plot
+from mixers_jax import curves, plot
 from mixers_jax.config import base_config
 from mixers_jax.metrics import Writer
+from tests_util import exit_status
 
 
 def _f32(x: float) -> float:
@@ -58,17 +59,17 @@ def runs(tmp_path_factory):
 
 def test_read_scalars_merges_resumed_logs(runs, tmp_path):
     a, _, expected = runs
-    got = plot.read_scalars(os.path.join(a, "tb"))
-    assert len(plot.event_files(os.path.join(a, "tb"))) == 2
+    got = curves.read_scalars(os.path.join(a, "tb"))
+    assert len(curves.event_files(os.path.join(a, "tb"))) == 2
     for tag, points in expected[a].items():  # the resumed file's steps 3, 4 replace the first's
         assert got[tag] == [(s, _f32(v)) for s, v in points]
     # A record cut short (a run still writing) is ignored; the records before it are kept.
-    last = plot.event_files(os.path.join(a, "tb"))[-1]
+    last = curves.event_files(os.path.join(a, "tb"))[-1]
     data = Path(last).read_bytes()
     cut = tmp_path / "tb"
     cut.mkdir()
     (cut / os.path.basename(last)).write_bytes(data[:-7])
-    partial = plot.read_scalars(str(cut))
+    partial = curves.read_scalars(str(cut))
     assert partial["train/loss"] == [(s, _f32(5.0 / s)) for s in (3, 4, 5)]
     assert partial["eval/bpb"] == [(3, _f32(2.0 / 3)), (4, _f32(0.5))]  # step 5's eval/bpb was last
     # The framing is the TFRecord one: u64 length, masked crc, payload, masked crc.
@@ -79,18 +80,18 @@ def test_read_scalars_merges_resumed_logs(runs, tmp_path):
 def test_labels():
     c = base_config().to_dict()
     c["name"] = "ae"
-    assert plot.run_label(c) == "ae: mixer d512 L8 flat"
+    assert curves.run_label(c) == "ae: mixer d512 L8 flat"
     c["model"].update(kind="autoencoder", compression=4, kernel=8)
     c["model"]["encoder"].update(kind="transformer", d_model=256, n_heads=4)
-    assert plot.run_label(c) == "ae: autoencoder enc transformer d256 L8 H4 / dec mixer d512 L8 flat k8 c4"
+    assert curves.run_label(c) == "ae: autoencoder enc transformer d256 L8 H4 / dec mixer d512 L8 flat k8 c4"
     c["model"].update(kind="rmt")
-    assert plot.run_label(c).startswith("ae: rmt dec mixer d512 L8")
+    assert curves.run_label(c).startswith("ae: rmt dec mixer d512 L8")
 
 
 def test_cli_png_and_csv_points(runs, tmp_path, capsys):
     a, b, expected = runs
     out, table = tmp_path / "fig.png", tmp_path / "points.csv"
-    rc = plot.main(["plot", f"--workdirs={a},{b}", "--metric=eval/loss,train/loss", f"--out={out}",
+    rc = exit_status(plot, ["plot", f"--workdirs={a},{b}", "--metric=eval/loss,train/loss", f"--out={out}",
                     f"--csv={table}", "--x=tokens", "--logy"])
     printed = capsys.readouterr()
     assert rc == 0, printed.err
@@ -113,7 +114,7 @@ def test_cli_png_and_csv_points(runs, tmp_path, capsys):
 def test_cli_custom_labels_and_partly_missing_metric(runs, tmp_path, capsys):
     a, b, _ = runs
     out, table = tmp_path / "bpb.png", tmp_path / "bpb.csv"
-    rc = plot.main(["plot", f"--workdirs={a},{b}", "--metric=eval/bpb", f"--out={out}",
+    rc = exit_status(plot, ["plot", f"--workdirs={a},{b}", "--metric=eval/bpb", f"--out={out}",
                     "--labels=mixer,transformer", f"--csv={table}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 0 and out.stat().st_size > 0
@@ -123,10 +124,10 @@ def test_cli_custom_labels_and_partly_missing_metric(runs, tmp_path, capsys):
     assert {r["label"] for r in rows} == {"mixer"} and [int(r["x"]) for r in rows] == [1, 2, 3, 4, 5]
 
 
-def _bad(argv, capsys, out):
-    rc = plot.main(["plot", *argv, f"--out={out}"])
+def _bad(argv, capsys, out, status=2):
+    rc = exit_status(plot, ["plot", *argv, f"--out={out}"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert rc == status and len(err) == 1 and err[0].startswith("error: "), err
     assert not os.path.exists(out) or os.path.isdir(out)
     return err[0]
 
@@ -145,8 +146,11 @@ def test_cli_bad_input(runs, tmp_path, capsys):
     assert "unknown image format" in _bad([both], capsys, tmp_path / "fig.xyz")
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    assert "cannot write" in _bad([both], capsys, blocker / "fig.png")
+    # an OSError (here: a file where a folder should be) is one line with status 1
+    assert str(blocker / "fig.png") in _bad([both], capsys, blocker / "fig.png", status=1)
     folder = tmp_path / "figs.png"
     folder.mkdir()
     assert "is a folder" in _bad([both], capsys, folder)
     assert "Unknown command line flag" in _bad([both, "--colour=red"], capsys, out)
+    assert "--workdirs is required" in _bad([], capsys, out)
+    assert "unexpected arguments: extra" in _bad([both, "extra"], capsys, out)

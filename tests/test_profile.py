@@ -8,7 +8,7 @@ import sys
 import jax
 import pytest
 
-from mixers_jax import profile, trainer
+from mixers_jax import profiling, trainer
 from mixers_jax.config import load_config
 from mixers_jax.errors import UserError
 from tests_util import REPO, config_path
@@ -68,11 +68,11 @@ def test_jaxpr_flops_match_analytic_within_2_percent(name, module, model):
     from mixers_jax import flops
 
     config = _config(module, **model)
-    steps, state, batch = profile.setup(config, "1x1x1")
+    steps, state, batch = profiling.setup(config, "1x1x1")
     tokens = batch["tokens"].size
-    for jp, training in ((profile.train_step_jaxpr(steps, state, batch), True),
-                         (profile.forward_jaxpr(steps, state, batch), False)):
-        counted = profile.count_flops(jp)
+    for jp, training in ((profiling.train_step_jaxpr(steps, state, batch), True),
+                         (profiling.forward_jaxpr(steps, state, batch), False)):
+        counted = profiling.count_flops(jp)
         analytic = flops.flops_per_token(config.model, training=training)
         ratio = analytic / (counted["total"] / tokens)
         assert 0.98 <= ratio <= 1.02, (name, training, ratio)
@@ -88,7 +88,7 @@ def test_count_flops_recurses_into_scan_and_counts_conv():
         return z.sum()
 
     x, w, k = jnp.ones((4, 8)), jnp.ones((8, 8)), jnp.ones((5, 1, 3, 3))
-    counted = profile.count_flops(jax.make_jaxpr(f)(x, w, k))
+    counted = profiling.count_flops(jax.make_jaxpr(f)(x, w, k))
     assert counted["by_primitive"]["dot_general"] == 3 * 2 * 4 * 8 * 8
     assert counted["by_primitive"]["conv_general_dilated"] == 2 * (5 * 2 * 6) * 1 * 9
 
@@ -96,7 +96,7 @@ def test_count_flops_recurses_into_scan_and_counts_conv():
 def test_cost_memory_jaxpr_hlo_in_process(tmp_path):
     config = _config(heads=2)
     lines = []
-    report = profile.profile(config, ["jaxpr", "hlo", "cost", "memory"], str(tmp_path), "2x2x2",
+    report = profiling.profile(config, ["jaxpr", "hlo", "cost", "memory"], str(tmp_path), "2x2x2",
                              echo=lines.append)
     for name in ("train_step.jaxpr.txt", "forward.jaxpr.txt", "train_step.hlo.txt",
                  "forward.hlo.txt", "profile.json"):
@@ -113,13 +113,13 @@ def test_cost_memory_jaxpr_hlo_in_process(tmp_path):
 
 
 def state_of(config):
-    _, state, _ = profile.setup(config, "1x1x1")
+    _, state, _ = profiling.setup(config, "1x1x1")
     return state.params
 
 
 def test_trace_on_cpu_times_steps_and_writes_a_tensorboard_profile(tmp_path):
     config = _config()
-    report = profile.profile(config, ["trace"], str(tmp_path), n_steps=2, echo=lambda *_: None)
+    report = profiling.profile(config, ["trace"], str(tmp_path), n_steps=2, echo=lambda *_: None)
     t = report["trace"]
     assert t["step_s"] > 0 and t["tokens_per_s"] > 0
     assert t["mfu"] is None  # no known peak for a CPU
@@ -144,7 +144,7 @@ def test_summarize_trace_splits_device_time_by_op_kind(tmp_path):
     d.mkdir(parents=True)
     with gzip.open(d / "perfetto_trace.json.gz", "wt") as f:
         json.dump({"traceEvents": events}, f)
-    out = profile.summarize_trace(str(tmp_path))
+    out = profiling.summarize_trace(str(tmp_path))
     assert out["source"] == "device" and out["total_us"] == 100
     assert out["by_kind_share"] == pytest.approx({"matmul": 0.6, "fusion": 0.3, "collective": 0.1})
 
@@ -190,6 +190,9 @@ def test_aot_cli_on_16_fake_devices(tmp_path):
         (["--what=memory", "--mesh=2x2"], "DATAxFSDPxTENSOR"),
         (["--what=aot"], "needs --mesh"),
         (["--what=memory", "--config.sharding=zero3"], "unknown sharding preset 'zero3'"),
+        (["--what=memory", "--steps=0"], "--steps"),
+        (["--what=memory", "--config.model.d_modle=3"], "unknown config key 'd_modle'"),
+        (["--what=memory", "extra"], "unexpected arguments: extra"),
     ],
 )
 def test_bad_input_gives_one_line(tmp_path, args, pattern):

@@ -8,3 +8,12 @@ CONFIGS = os.path.join(REPO, "configs")
 def config_path(name: str, preset: str | None = None) -> str:
     path = os.path.join(CONFIGS, f"{name}.py")
     return f"{path}:{preset}" if preset else path
+
+
+def exit_status(command, argv: list[str]) -> int:
+    """The exit status of ``command.run_command(argv)`` run in this process (it always exits)."""
+    try:
+        command.run_command(list(argv))
+    except SystemExit as e:
+        return 0 if e.code is None else int(e.code)
+    raise AssertionError(f"{command.__name__}.run_command returned without exiting")

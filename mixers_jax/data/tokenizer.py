@@ -119,14 +119,17 @@ class Tokenizer:
                 "encoded exactly; train it with byte_fallback=True"
             )
         self._meta_ids = [int(self._byte_ids[b]) for b in _META.encode("utf-8")]
-        table = np.zeros(self.vocab_size, dtype=np.int32)
+        self._byte_ids.setflags(write=False)
+        pieces = []
         for i in range(self.vocab_size):
             if sp.is_byte(i):
-                table[i] = 1
+                pieces.append(bytes([int(sp.id_to_piece(i)[3:5], 16)]))
             elif sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
-                table[i] = 0
+                pieces.append(b"")
             else:
-                table[i] = len(sp.id_to_piece(i).replace(_META, " ").encode("utf-8"))
+                pieces.append(sp.id_to_piece(i).replace(_META, " ").encode("utf-8"))
+        self._piece_bytes = tuple(pieces)
+        table = np.array([len(p) for p in pieces], dtype=np.int32)
         table.setflags(write=False)
         self._token_bytes = table
         ids = self.encode(_PROBE)
@@ -331,12 +334,22 @@ class Tokenizer:
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
 
-    def token_bytes(self) -> np.ndarray:
-        """int32 [vocab_size]: UTF-8 bytes each token adds to the decoded text (read-only).
+    def piece_bytes(self) -> tuple[bytes, ...]:
+        """The bytes each token id stands for in decoded text, indexed by id.
 
-        Byte pieces 1; control and unknown pieces 0; others the UTF-8 length of the piece with ``▁``
-        read as a space.
+        Byte pieces ``<0xNN>``: that byte; control, unknown and unused pieces: nothing; others the
+        piece's UTF-8 with ``▁`` read as a space. The pieces of ``encode(s)`` join to exactly
+        ``s.encode('utf-8')`` (also where a multi-byte character is split over byte pieces).
         """
+        return self._piece_bytes
+
+    def byte_token_ids(self) -> np.ndarray:
+        """int64 [256] (read-only): the id of the byte-fallback piece ``<0xNN>`` of each byte."""
+        return self._byte_ids
+
+    def token_bytes(self) -> np.ndarray:
+        """int32 [vocab_size]: UTF-8 bytes each token adds to the decoded text (read-only); the
+        lengths of :meth:`piece_bytes`."""
         return self._token_bytes
 
     def __repr__(self) -> str:

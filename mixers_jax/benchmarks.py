@@ -1,0 +1,356 @@
+"""Benchmark suites (the library of ``python -m mixers_jax.bench``).
+
+Each suite prints a table row per case as it finishes and returns one record per case. Compare
+figures as ratios *within one run*: the machines are shared and noisy. Timings are medians over
+``Settings.steps`` repetitions after one warm-up call; compile time is the ``lower().compile()``
+wall time.
+
+* ``train``: one optimizer step (forward, backward, AdamW) of the flat, headed and Toeplitz mixers
+  and the transformer at equal width, depth and context: step time, tokens/s, compile time, the
+  compiled step's memory (XLA memory analysis; the allocator's peak on accelerators), analytic
+  FLOPs per token next to XLA's cost analysis, and MFU where the device's peak is known.
+* ``mixing``: one token-mixing op (forward + backward) for each implementation (dense masked
+  matmul, Toeplitz materialised, Toeplitz by FFT) over contexts 256 ... 4096.
+* ``generate``: tokens/s (batch × new tokens / wall time of one compiled ``lax.scan`` generating
+  ``--new_tokens`` greedy tokens from a one-token prompt) and memory (the compiled generation's XLA
+  memory analysis, and the bytes of the carried cache/state) of a structured recurrent mixer
+  (mixed heads, SRM block) generating ``recurrent`` (O(d) state), ``cached`` (mixing inputs) and
+  ``full`` (parallel forward per token), and of the transformer with a KV cache at the same width
+  and depth, for each n_ctx in ``--gen_contexts`` and batch in ``--gen_batches``. Cases:
+  srm_recurrent, srm_cached, srm_full, transformer_cached.
+* ``memory``: one optimizer step (next-token objective) of a memory model with s chunks of
+  ``--n_ctx`` tokens vs the full-context model of the same family over the same s·n_ctx tokens, for
+  each s in ``--chunks`` (cases memory_mixer, full_mixer, memory_transformer, full_transformer):
+  step time, tokens/s, memory, FLOPs; the memory / full-context step-time ratio per s.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Sizes shared by the suites (the train suite's model; the mixing suite reads ``d_model`` as
+    its feature count, the memory suite ``n_ctx`` as the chunk length)."""
+
+    d_model: int = 256
+    n_layers: int = 4
+    n_ctx: int = 512
+    batch: int = 8
+    vocab: int = 4096
+    heads: int = 4
+    dtype: str = "float32"
+    steps: int = 5  # timed repetitions per case (median reported)
+    new_tokens: int = 32  # generate suite: new tokens per row
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    import jax
+
+    jax.block_until_ready(fn())  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def environment() -> dict:
+    import flax
+    import jax
+    import optax
+
+    dev = jax.devices()[0]
+    return {
+        "device": f"{dev.platform}:{dev.device_kind}",
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def _memory_bytes(compiled) -> int | None:
+    try:
+        m = compiled.memory_analysis()
+        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                   - m.alias_size_in_bytes)
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return None
+
+
+def _cost_flops(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+        if isinstance(cost, (list, tuple)):
+            cost = cost[0]
+        return float(cost["flops"])
+    except Exception:  # noqa: BLE001
+        return None
+
+
+TRAIN_CASES = {
+    "mixer_flat": dict(kind="mixer", mixing="flat", heads=0),
+    "mixer_headed": dict(kind="mixer", mixing="flat", heads=-1),  # -1: --heads
+    "mixer_toeplitz": dict(kind="mixer", mixing="toeplitz", heads=0, mixing_impl="dense"),
+    "mixer_toeplitz_fft": dict(kind="mixer", mixing="toeplitz", heads=0, mixing_impl="fft"),
+    "transformer": dict(kind="transformer"),
+}
+
+
+def bench_train(cases: list[str], s: Settings) -> list[dict]:
+    from mixers_jax.config import base_config
+
+    records = []
+    for name in cases:
+        spec = dict(TRAIN_CASES[name])
+        if spec.get("heads") == -1:
+            spec["heads"] = s.heads
+        config = base_config()
+        config.model.update(
+            dict(d_model=s.d_model, n_layers=s.n_layers, n_ctx=s.n_ctx, vocab_size=s.vocab,
+                 n_heads=s.heads, dtype=s.dtype, **spec)
+        )
+        rec = _time_train_step(name, config, s)
+        records.append(rec)
+        _print_row(rec, ["case", "step_s", "tokens_per_s", "compile_s", "memory_bytes",
+                         "flops_per_token", "xla_flops_per_token", "mfu"])
+    base = {r["case"]: r for r in records}
+    if "mixer_flat" in base and "transformer" in base:
+        ratio = base["transformer"]["step_s"] / base["mixer_flat"]["step_s"]
+        print(f"transformer step time / flat mixer step time = {ratio:.2f}")
+    return records
+
+
+def _time_train_step(name: str, config, s: Settings) -> dict:
+    """Median time of one compiled optimizer step of ``config`` on random tokens, with its
+    compile time, memory, analytic and XLA FLOPs per token, parameters and MFU where known."""
+    import jax
+    import numpy as np
+
+    from mixers_jax import flops as flops_lib
+    from mixers_jax import sharding, trainer
+    from mixers_jax.models import input_length
+
+    config.train.update(dict(batch_size=s.batch, steps=10**6, warmup_steps=10))
+    config.mesh.update(dict(data=-1, fsdp=1, tensor=1))
+    mesh = sharding.make_mesh(config.mesh)
+    steps = trainer.build_steps(config, mesh)
+    state = steps.init(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    b, n, v = s.batch, input_length(config.model), int(config.model.vocab_size)
+    local = {
+        "tokens": rng.integers(3, v, (b, n), dtype=np.int32),
+        "loss_mask": np.ones((b, n), np.float32),
+        "token_bytes": np.full((b, n), 4, np.int32),
+    }
+    batch = sharding.global_batch(local, mesh)
+    t0 = time.perf_counter()
+    compiled = steps.train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], stats = compiled(holder["state"], batch)
+        return stats["loss"]
+
+    step_s = _median_time(one_step, s.steps)
+    tokens = b * n
+    analytic = flops_lib.flops_per_token(config.model, training=True)
+    xla = _cost_flops(compiled)
+    rec = {
+        "case": name,
+        "step_s": step_s,
+        "tokens_per_s": tokens / step_s,
+        "compile_s": compile_s,
+        "memory_bytes": _memory_bytes(compiled),
+        "flops_per_token": analytic,
+        "xla_flops_per_token": xla / tokens if xla else None,
+        "params": int(sum(x.size for x in jax.tree.leaves(holder["state"].params))),
+    }
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        rec["peak_bytes_in_use"] = int(stats["peak_bytes_in_use"])
+    peak = flops_lib.peak_flops_per_second(jax.devices()[0])
+    if peak:
+        rec["mfu"] = flops_lib.mfu(analytic, rec["tokens_per_s"], peak * jax.device_count())
+    return rec
+
+
+MEMORY_CASES = {
+    "memory_mixer": dict(kind="memory"),
+    "full_mixer": dict(kind="mixer"),
+    "memory_transformer": dict(kind="memory", encoder={"kind": "transformer"},
+                               decoder={"kind": "transformer"}),
+    "full_transformer": dict(kind="transformer"),
+}
+
+
+def bench_memory(cases: list[str], chunk_counts: list[int], s: Settings) -> list[dict]:
+    """Training-step time of memory models (s chunks of n_ctx) vs full-context models over the same
+    s·n_ctx tokens, for each s (REFERENCE §11: memory models ≈20–25% slower per step at s = 4)."""
+    from mixers_jax.config import base_config
+
+    records = []
+    for k in chunk_counts:
+        for name in cases:
+            spec = dict(MEMORY_CASES[name])
+            config = base_config()
+            full = spec["kind"] != "memory"
+            for role in ("encoder", "decoder"):
+                config.model[role].update(spec.pop(role, {}))
+            config.model.update(dict(
+                d_model=s.d_model, n_layers=s.n_layers, vocab_size=s.vocab, n_heads=s.heads,
+                dtype=s.dtype, chunks=k, n_ctx=s.n_ctx * k if full else s.n_ctx, **spec))
+            config.train.objective = "clm"
+            rec = dict(_time_train_step(name, config, s), chunks=k, chunk_len=s.n_ctx,
+                       total_tokens=k * s.n_ctx)
+            records.append(rec)
+            _print_row(rec, ["case", "chunks", "total_tokens", "step_s", "tokens_per_s",
+                             "memory_bytes", "flops_per_token"])
+    by = {(r["case"], r["chunks"]): r for r in records}
+    for k in chunk_counts:
+        for kind in ("mixer", "transformer"):
+            mem, full = by.get((f"memory_{kind}", k)), by.get((f"full_{kind}", k))
+            if mem and full:
+                print(f"s={k}: memory {kind} step time / full-context {kind} step time = "
+                      f"{mem['step_s'] / full['step_s']:.2f}")
+    return records
+
+
+def bench_mixing(contexts: list[int], s: Settings, cases: list[str] | None = None) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+
+    from mixers_jax.models import mixing
+
+    b, d = s.batch, s.d_model
+    records = []
+    impls = {
+        "flat_dense": lambda p, x: mixing.dense_causal_mix(p, x),
+        "toeplitz_dense": lambda p, x: mixing.toeplitz_mix_dense(p, x),
+        "toeplitz_fft": lambda p, x: mixing.toeplitz_mix_fft(p, x),
+    }
+    for n in contexts:
+        key = jax.random.key(n)
+        x = jax.random.normal(key, (b, n, d), jnp.dtype(s.dtype))
+        for name, fn in impls.items():
+            if cases and name not in cases:
+                continue
+            p = (jax.random.normal(key, (n, n)) if name == "flat_dense" else jax.random.normal(key, (n,)))
+            p = p.astype(x.dtype)
+
+            def loss(p, x, fn=fn):
+                return jnp.sum(fn(p, x).astype(jnp.float32) ** 2)
+
+            step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+            t0 = time.perf_counter()
+            compiled = step.lower(p, x).compile()
+            compile_s = time.perf_counter() - t0
+            rec = {
+                "case": name, "n_ctx": n, "batch": b, "features": d,
+                "fwd_bwd_s": _median_time(lambda: compiled(p, x), s.steps),
+                "compile_s": compile_s,
+                "memory_bytes": _memory_bytes(compiled),
+                "xla_flops": _cost_flops(compiled),
+            }
+            records.append(rec)
+            _print_row(rec, ["case", "n_ctx", "fwd_bwd_s", "compile_s", "memory_bytes", "xla_flops"])
+    return records
+
+
+MIXING_CASES = ("flat_dense", "toeplitz_dense", "toeplitz_fft")
+
+GEN_CASES = {
+    "srm_recurrent": (dict(kind="mixer", mixing="mixed", block="srm"), "recurrent"),
+    "srm_cached": (dict(kind="mixer", mixing="mixed", block="srm"), "cached"),
+    "srm_full": (dict(kind="mixer", mixing="mixed", block="srm"), "full"),
+    "transformer_cached": (dict(kind="transformer"), "cached"),
+}
+
+
+def bench_generate(cases: list[str], contexts: list[int], batches: list[int], s: Settings) -> list[dict]:
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from mixers_jax.config import base_config
+    from mixers_jax.generate import Generator
+    from mixers_jax.models import build_model
+
+    records = []
+    new = s.new_tokens
+    for n in contexts:
+        for name in cases:
+            spec, mode = GEN_CASES[name]
+            cfg = base_config().model
+            cfg.update(dict(d_model=s.d_model, n_layers=s.n_layers, n_ctx=n, vocab_size=s.vocab,
+                            heads=s.heads, n_heads=s.heads, dtype=s.dtype, **spec))
+            model = build_model(cfg)
+            params = nn.meta.unbox(
+                jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, n), jnp.int32))["params"])
+            gen = Generator(model, params, cfg, mode=mode, temperature=0.0)
+            for b in batches:
+                prompts = [[3]] * b
+                steps = min(new, n - 1)
+                t0 = time.perf_counter()
+                compiled = gen.advance.lower(gen.start(prompts), steps).compile()
+                compile_s = time.perf_counter() - t0
+                state_bytes = (sum(x.size * x.dtype.itemsize
+                                   for x in jax.tree.leaves(model.init_cache(b, mode)))
+                               if mode != "full" else 0)
+
+                def once():
+                    return compiled(gen.start(prompts))["tokens"]
+
+                wall = _median_time(once, s.steps)
+                rec = {"case": name, "mode": mode, "n_ctx": n, "batch": b, "new_tokens": steps,
+                       "tokens_per_s": b * steps / wall, "s_per_token": wall / steps,
+                       "compile_s": compile_s, "memory_bytes": _memory_bytes(compiled),
+                       "state_bytes": state_bytes}
+                stats = jax.devices()[0].memory_stats() or {}
+                if "peak_bytes_in_use" in stats:
+                    rec["peak_bytes_in_use"] = int(stats["peak_bytes_in_use"])
+                records.append(rec)
+                _print_row(rec, ["case", "n_ctx", "batch", "tokens_per_s", "s_per_token",
+                                 "compile_s", "memory_bytes", "state_bytes"])
+    by = {(r["case"], r["n_ctx"], r["batch"]): r for r in records}
+    for n in contexts:
+        for b in batches:
+            rec, full = by.get(("srm_recurrent", n, b)), by.get(("srm_full", n, b))
+            tr = by.get(("transformer_cached", n, b))
+            if rec and full:
+                print(f"n_ctx {n} batch {b}: recurrent / full-recompute tokens/s = "
+                      f"{rec['tokens_per_s'] / full['tokens_per_s']:.1f}x")
+            if rec and tr:
+                print(f"n_ctx {n} batch {b}: recurrent / transformer KV-cache tokens/s = "
+                      f"{rec['tokens_per_s'] / tr['tokens_per_s']:.2f}x")
+    return records
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+_printed_header = set()
+
+
+def _print_row(rec: dict, cols: list[str]) -> None:
+    key = tuple(cols)
+    if key not in _printed_header:
+        print(" | ".join(f"{c:>20}" for c in cols))
+        _printed_header.add(key)
+    print(" | ".join(f"{_fmt(rec.get(c)):>20}" for c in cols), flush=True)

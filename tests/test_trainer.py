@@ -165,3 +165,43 @@ def test_activation_dims_of_composite_models_divide_every_part():
     m = base_config().model
     m.update({"kind": "mixer", "d_model": 64, "mlp_ratio": 4, "heads": 0})
     assert steps_lib.activation_dims(m) == {"act_heads": 1, "act_mlp": 256}
+
+
+@pytest.mark.parametrize("key,value", [
+    ("eval_every", 0), ("log_every", 0), ("checkpoint_every", -1), ("lr", -1e-3), ("lr", 0.0),
+    ("keep_checkpoints", 0), ("warmup_steps", -1), ("batch_size", 0),
+])
+def test_bad_train_setting_is_refused_before_anything_is_written(tmp_path, key, value):
+    config = load_config(config_path("mixer_clm", "smoke"))
+    config.unlock()
+    config.train[key] = value
+    workdir = tmp_path / "run"
+    with pytest.raises(UserError, match=rf"^train\.{key} must be"):
+        trainer.run(config, str(workdir))
+    assert not workdir.exists()
+
+
+def test_workdir_that_is_a_file_is_refused_before_anything_is_written(tmp_path):
+    config = load_config(config_path("mixer_clm", "smoke"))
+    workdir = tmp_path / "run"
+    workdir.write_text("not a folder")
+    with pytest.raises(UserError, match=rf"^workdir {workdir} is a file, not a folder$"):
+        trainer.run(config, str(workdir))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert workdir.read_text() == "not a folder"
+
+
+def test_init_from_a_workdir_without_checkpoints_is_refused_before_anything_is_written(tmp_path):
+    import shutil
+
+    source = tmp_path / "source"
+    trainer.run(load_config(config_path("mixer_clm", "smoke")), str(source), stop_at_step=1)
+    for step in (source / workdir_lib.CHECKPOINTS_DIR).iterdir():
+        shutil.rmtree(step)
+    config = load_config(config_path("mixer_clm", "smoke"))
+    config.unlock()
+    config.train.init_from, config.train.init_map = str(source), "block_0=block_0"
+    target = tmp_path / "target"
+    with pytest.raises(UserError, match=r"init_from .*source has no checkpoint yet"):
+        trainer.run(config, str(target))
+    assert not target.exists()

@@ -70,10 +70,6 @@ def stages(config) -> list[Stage]:
     return out
 
 
-def total_steps(config) -> int:
-    return stages(config)[-1].end
-
-
 def stage_at(stage_list: list[Stage], step: int) -> Stage:
     """The stage that produced a checkpoint at ``step`` (step 0: the first)."""
     for st in stage_list:

@@ -172,15 +172,6 @@ def make_batches(rows: np.ndarray, tokenizer, batch_size: int) -> list[dict[str,
 # --------------------------------------------------------------------------- evaluation
 
 
-def _sums(steps, params, batches) -> dict[str, float]:
-    from mixers_jax import sharding
-
-    total = None
-    for batch in batches:
-        total = metrics.add_sums(total, steps.eval_step(params, sharding.global_batch(batch, steps.mesh)))
-    return total
-
-
 def _scores(sums: dict, model_cfg, bits: float, sequences: int) -> dict[str, float]:
     """loss, accuracy, bpb (+ prefixed sums, e.g. copy_*) and the compression accounting of a
     stored embedding at ``bits`` bits per number (``metrics.accounting``)."""
@@ -232,7 +223,7 @@ def evaluate_run(
 
     from mixers_jax import sharding
     from mixers_jax.curriculum import stage_at, stage_config, stages
-    from mixers_jax.steps import build_steps
+    from mixers_jax.steps import build_steps, eval_sums
     from mixers_jax.workdir import load_run, with_defaults
 
     quant_list = parse_quants(quants)
@@ -282,7 +273,7 @@ def evaluate_run(
         steps = build_steps(config, mesh, objective=name, rules=rules, pad_id=tok.pad_id)
         if params is None:
             params = jax.device_put(run.params, steps.state_shardings.params)
-        sums = _sums(steps, params, batches)
+        sums, _ = eval_sums(steps, params, batches)
         text, exact, sequences = exact_target_text(config, name, tok.pad_id, batches, table,
                                                     sums["bytes"])
         rec = _scores(sums, config.model, bits, sequences)
@@ -297,8 +288,8 @@ def evaluate_run(
                 qcfg = with_defaults(config)
                 qcfg.model.embed_quant = q
                 qsteps = build_steps(qcfg, mesh, objective=name, rules=rules, pad_id=tok.pad_id)
-                rec["quant"][q] = _scores(_sums(qsteps, params, batches), qcfg.model, QUANT_BITS[q],
-                                          sequences)
+                qsums, _ = eval_sums(qsteps, params, batches)
+                rec["quant"][q] = _scores(qsums, qcfg.model, QUANT_BITS[q], sequences)
         result["objectives"][name] = rec
     return result
 

@@ -233,10 +233,9 @@ def build_steps(config, mesh, objective: str | None = None, rules=None, pad_id: 
     )
 
 
-def evaluate(steps: Steps, params, eval_batches: list[dict], eval_step=None) -> dict[str, float]:
-    """Token-weighted loss, accuracy and bits per byte of ``eval_step`` (default: the training
-    objective's) over ``eval_batches``; extra sums (e.g. the copy pass of 'combined') are
-    summarised under their prefix (``copy_accuracy``, ...)."""
+def eval_sums(steps: Steps, params, eval_batches: list[dict], eval_step=None) -> tuple[dict, int]:
+    """(the sums of ``eval_step`` (default: the training objective's) over ``eval_batches``, the
+    number of rows over all processes)."""
     eval_step = eval_step or steps.eval_step
     total, rows = None, 0
     for local in eval_batches:
@@ -244,6 +243,14 @@ def evaluate(steps: Steps, params, eval_batches: list[dict], eval_step=None) -> 
         rows += int(local["tokens"].shape[0]) * jax.process_count()
     if total is None:
         raise UserError("no evaluation batches: the validation split is too small")
+    return total, rows
+
+
+def evaluate(steps: Steps, params, eval_batches: list[dict], eval_step=None) -> dict[str, float]:
+    """Token-weighted loss, accuracy and bits per byte of ``eval_step`` (default: the training
+    objective's) over ``eval_batches``; extra sums (e.g. the copy pass of 'combined') are
+    summarised under their prefix (``copy_accuracy``, ...)."""
+    total, rows = eval_sums(steps, params, eval_batches, eval_step)
     out = metrics_lib.summarize_sums(total)
     if steps.config is not None:
         out.update(metrics_lib.accounting(steps.config.model, total, rows))

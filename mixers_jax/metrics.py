@@ -7,11 +7,16 @@ targets, so that loss and bits per byte describe the same text: bits per byte = 
 """
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
 import math
 import os
 from typing import Mapping
 
 import numpy as np
+
+from mixers_jax.models import sub_config
 
 LN2 = math.log(2.0)
 
@@ -116,8 +121,6 @@ def stored_numbers(model_cfg) -> int | None:
     kind = _field(model_cfg, "kind")
     if kind not in STORED_EMBEDDING_KINDS:
         return None
-    from mixers_jax.models import sub_config  # lazy: metrics is imported by light tools
-
     d_enc = int(sub_config(model_cfg, "encoder")["d_model"])
     return d_enc // max(1, int(_field(model_cfg, "compression", 1) or 1))
 
@@ -230,10 +233,6 @@ def format_duration(seconds: float) -> str:
 
 def compressor_bpb(data: bytes) -> dict[str, float]:
     """Bits per byte of classical compressors on ``data``: gzip -9, bz2 -9 and xz -9e."""
-    import bz2
-    import gzip
-    import lzma
-
     if not data:
         return {}
     n = len(data)

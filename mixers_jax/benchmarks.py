@@ -138,13 +138,14 @@ def _time_train_step(name: str, config, s: Settings) -> dict:
     import numpy as np
 
     from mixers_jax import flops as flops_lib
-    from mixers_jax import sharding, trainer
+    from mixers_jax import sharding
+    from mixers_jax import steps as steps_lib
     from mixers_jax.models import input_length
 
     config.train.update(dict(batch_size=s.batch, steps=10**6, warmup_steps=10))
     config.mesh.update(dict(data=-1, fsdp=1, tensor=1))
     mesh = sharding.make_mesh(config.mesh)
-    steps = trainer.build_steps(config, mesh)
+    steps = steps_lib.build_steps(config, mesh)
     state = steps.init(jax.random.key(0))
     rng = np.random.default_rng(0)
     b, n, v = s.batch, input_length(config.model), int(config.model.vocab_size)

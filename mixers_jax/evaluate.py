@@ -2,7 +2,7 @@
 
 Works for every model kind and objective: each objective named by ``--objectives`` (default:
 ``train.eval_objectives``, else ``train.objective``, of the curriculum stage that wrote the
-checkpoint) is built with ``trainer.build_steps`` and summed over the evaluation rows exactly like the
+checkpoint) is built with ``steps.build_steps`` and summed over the evaluation rows exactly like the
 trainer's evaluation (REFERENCE §7, §12.25):
 
 * loss = Σ nll / Σ targets (token-weighted over all rows), token accuracy, and bits per byte =
@@ -78,9 +78,9 @@ def parse_quants(text: str) -> list[str]:
 def default_objectives(config) -> list[str]:
     """``train.eval_objectives``, else ``(train.objective,)`` (of the curriculum stage that
     ``config.train`` describes)."""
-    from mixers_jax import trainer
+    from mixers_jax.curriculum import eval_objective_names
 
-    return list(trainer.eval_objective_names(config.train))
+    return list(eval_objective_names(config.train))
 
 
 def parse_objectives(text: str, config) -> list[str]:
@@ -94,22 +94,6 @@ def parse_objectives(text: str, config) -> list[str]:
                 f"unknown objective {name!r}; choose from: {', '.join(sorted(objectives.OBJECTIVES))}"
             )
     return list(dict.fromkeys(names))
-
-
-def full_config(saved):
-    """The run's config on top of the current schema's defaults (fields added since it was saved)."""
-    import ml_collections
-
-    from mixers_jax.config import base_config
-
-    def merge(base: dict, over: dict) -> dict:
-        out = dict(base)
-        for k, v in over.items():
-            out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-        return out
-
-    saved = saved.to_dict() if hasattr(saved, "to_dict") else dict(saved)
-    return ml_collections.ConfigDict(merge(base_config().to_dict(), saved))
 
 
 # --------------------------------------------------------------------------- data
@@ -191,22 +175,12 @@ def make_batches(rows: np.ndarray, tokenizer, batch_size: int) -> list[dict[str,
 # --------------------------------------------------------------------------- evaluation
 
 
-def _sums(steps, params, batches) -> dict[str, float]:
-    from mixers_jax import sharding
-
-    total = None
-    for batch in batches:
-        total = metrics.add_sums(total, steps.eval_step(params, sharding.global_batch(batch, steps.mesh)))
-    return total
-
-
-def _scores(sums: dict, stored: int | None, bits: float, sequences: int) -> dict[str, float]:
-    from mixers_jax import trainer
-
-    out = trainer.summarize_sums(sums)  # loss, accuracy, bpb (+ prefixed sums, e.g. copy_*)
-    if stored is not None:
-        acc = metrics.embedding_accounting(sums, stored, bits, sequences)
-        out.update({k: acc[k] for k in ("loss_offset", "normalized_loss", "embedding_bpb", "total_bpb")})
+def _scores(sums: dict, model_cfg, bits: float, sequences: int) -> dict[str, float]:
+    """loss, accuracy, bpb (+ prefixed sums, e.g. copy_*) and the compression accounting of a
+    stored embedding at ``bits`` bits per number (``metrics.accounting``)."""
+    out = metrics.summarize_sums(sums)
+    out.update(metrics.accounting(model_cfg, sums, sequences, bits))
+    if metrics.stored_numbers(model_cfg) is not None:
         out["bits_per_number"] = float(bits)
     return out
 
@@ -250,17 +224,19 @@ def evaluate_run(
     """Evaluates the latest (or ``step``) checkpoint of ``workdir``; returns the JSON-ready result."""
     import jax
 
-    from mixers_jax import sharding, trainer
-    from mixers_jax.workdir import load_run
+    from mixers_jax import sharding
+    from mixers_jax.curriculum import stage_at, stage_config, stages
+    from mixers_jax.steps import build_steps, eval_sums
+    from mixers_jax.workdir import load_run, with_defaults
 
     quant_list = parse_quants(quants)
     if max_rows < 0 or batch_size < 0 or devices < 0:
         raise UserError("--max_rows, --batch_size and --devices must be >= 0")
     run = load_run(workdir, step)
-    config = full_config(run.config)
+    config = with_defaults(run.config)
     # The train settings (objective, copy pass, eval objectives) of the stage that wrote the checkpoint.
-    stage = trainer.stage_at(trainer.stages(config), run.step)
-    config = full_config(trainer.stage_config(config, stage))
+    stage = stage_at(stages(config), run.step)
+    config = with_defaults(stage_config(config, stage))
     names = parse_objectives(objectives, config)
     tok = run.tokenizer
 
@@ -297,28 +273,26 @@ def evaluate_run(
 
     params = None
     for name in names:
-        steps = trainer.build_steps(config, mesh, objective=name, rules=rules, pad_id=tok.pad_id)
+        steps = build_steps(config, mesh, objective=name, rules=rules, pad_id=tok.pad_id)
         if params is None:
             params = jax.device_put(run.params, steps.state_shardings.params)
-        sums = _sums(steps, params, batches)
+        sums, _ = eval_sums(steps, params, batches)
         text, exact, sequences = exact_target_text(config, name, tok.pad_id, batches, table,
                                                     sums["bytes"])
-        rec = _scores(sums, stored, bits, sequences)
+        rec = _scores(sums, config.model, bits, sequences)
         rec.update(sequences=sequences, compressors=metrics.compressor_bpb(text),
                    compressor_bytes=len(text), compressor_text_exact=bool(exact))
         if kind == "autoencoder":
-            rec["information_ratio"] = metrics.information_ratio(rec["loss"])
-            rec["information_ratio_exact"] = metrics.information_ratio_exact(
-                rec["loss"], int(config.model.vocab_size))
             rec["h0"] = metrics.H0_PUBLISHED
             rec["h0_exact"] = math.log(int(config.model.vocab_size))
         if quant_list:
             rec["quant"] = {}
             for q in quant_list:
-                qcfg = full_config(config)
+                qcfg = with_defaults(config)
                 qcfg.model.embed_quant = q
-                qsteps = trainer.build_steps(qcfg, mesh, objective=name, rules=rules, pad_id=tok.pad_id)
-                rec["quant"][q] = _scores(_sums(qsteps, params, batches), stored, QUANT_BITS[q], sequences)
+                qsteps = build_steps(qcfg, mesh, objective=name, rules=rules, pad_id=tok.pad_id)
+                qsums, _ = eval_sums(qsteps, params, batches)
+                rec["quant"][q] = _scores(qsums, qcfg.model, QUANT_BITS[q], sequences)
         result["objectives"][name] = rec
     return result
 

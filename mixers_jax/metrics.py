@@ -7,11 +7,16 @@ targets, so that loss and bits per byte describe the same text: bits per byte = 
 """
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
 import math
 import os
 from typing import Mapping
 
 import numpy as np
+
+from mixers_jax.models import sub_config
 
 LN2 = math.log(2.0)
 
@@ -116,8 +121,6 @@ def stored_numbers(model_cfg) -> int | None:
     kind = _field(model_cfg, "kind")
     if kind not in STORED_EMBEDDING_KINDS:
         return None
-    from mixers_jax.models import sub_config  # lazy: metrics is imported by light tools
-
     d_enc = int(sub_config(model_cfg, "encoder")["d_model"])
     return d_enc // max(1, int(_field(model_cfg, "compression", 1) or 1))
 
@@ -127,6 +130,73 @@ def _field(cfg, key: str, default=None):
         return cfg[key]
     except (KeyError, TypeError):
         return getattr(cfg, key, default)
+
+
+# --------------------------------------------------------------------------- evaluation scores
+
+
+def summarize_sums(sums) -> dict[str, float]:
+    """:func:`summarize` of the plain sums, plus ``<prefix>_<metric>`` for prefixed sums (e.g. the
+    copy pass of 'combined': ``copy_loss``, ``copy_accuracy``, ...)."""
+    keys = ("nll", "tokens", "correct", "bytes")
+    out = summarize({k: sums[k] for k in keys})
+    prefixes = sorted({k[: -len(b) - 1] for k in sums for b in keys if k.endswith("_" + b)})
+    for prefix in prefixes:
+        if all(f"{prefix}_{b}" in sums for b in keys):
+            sub = summarize({b: sums[f"{prefix}_{b}"] for b in keys})
+            out.update({f"{prefix}_{k}": v for k, v in sub.items()})
+    return out
+
+
+def accounting(model_cfg, sums, sequences: int, bits: float | None = None) -> dict[str, float]:
+    """The compression accounting of a model's evaluation sums over ``sequences`` rows.
+
+    For kinds that store one embedding per sequence (:func:`stored_numbers` n_p numbers at ``bits``
+    bits, default ``model.embed_bits``): the loss offset L_o, normalized loss = loss + L_o,
+    embedding bits per byte b_e and total bits per byte = bpb + b_e. For autoencoders also the
+    information ratio I_e = 1 − H/9.03 (``information_ratio``) and 1 − H/ln V
+    (``information_ratio_exact``), with H the loss in nats per token.
+    """
+    out = {}
+    n_p = stored_numbers(model_cfg)
+    if n_p:
+        b_p = float(_field(model_cfg, "embed_bits") if bits is None else bits)
+        acc = embedding_accounting(sums, n_p, b_p, sequences)
+        out.update({k: acc[k] for k in ("loss_offset", "normalized_loss", "embedding_bpb", "total_bpb")})
+    if _field(model_cfg, "kind") == "autoencoder":
+        loss = float(sums["nll"]) / max(float(sums["tokens"]), 1.0)
+        out["information_ratio"] = information_ratio(loss)
+        out["information_ratio_exact"] = information_ratio_exact(loss, int(_field(model_cfg, "vocab_size")))
+    return out
+
+
+def log_eval(writer, log, step: int, evals: dict[str, dict[str, float]]) -> None:
+    """eval/loss, eval/accuracy, eval/bpb for the first objective; eval/<name>/... for all."""
+    first = next(iter(evals))
+    scalars = {f"eval/{k}": evals[first][k] for k in ("loss", "accuracy", "bpb")}
+    for name, ev in evals.items():
+        scalars.update({f"eval/{name}/{k}": v for k, v in ev.items() if k not in ("tokens", "bytes")})
+    writer.scalars(step, scalars)
+    for name, ev in evals.items():
+        label = f"eval {name} @ {step}" if len(evals) > 1 else f"eval @ {step}"
+        extra = "".join(f" | {k} {v:.4f}" for k, v in ev.items()
+                        if k.endswith("accuracy") and k != "accuracy"
+                        or k in ("normalized_loss", "total_bpb", "information_ratio"))
+        log(f"{label}: loss {ev['loss']:.4f} | accuracy {ev['accuracy']:.4f} | "
+            f"bits/byte {ev['bpb']:.4f}{extra}")
+
+
+def results_table(evals: dict[str, dict[str, float]], compressors: dict[str, float]) -> str:
+    """The final evaluation as a small text table (one row per objective) and the compressors."""
+    extras = [k for k in ("copy_accuracy", "normalized_loss", "total_bpb", "information_ratio")
+              if any(k in ev for ev in evals.values())]
+    lines = [f"{'objective':<12} {'loss':>8} {'accuracy':>9} {'bits/byte':>10}"
+             + "".join(f" {k:>17}" for k in extras)]
+    for name, ev in evals.items():
+        lines.append(f"{name:<12} {ev['loss']:>8.4f} {ev['accuracy']:>9.4f} {ev['bpb']:>10.4f}"
+                     + "".join(f" {ev.get(k, float('nan')):>17.4f}" for k in extras))
+    lines.append("same eval text, bits/byte: " + " | ".join(f"{k} {v:.4f}" for k, v in compressors.items()))
+    return "\n".join(lines)
 
 
 class Writer:
@@ -163,10 +233,6 @@ def format_duration(seconds: float) -> str:
 
 def compressor_bpb(data: bytes) -> dict[str, float]:
     """Bits per byte of classical compressors on ``data``: gzip -9, bz2 -9 and xz -9e."""
-    import bz2
-    import gzip
-    import lzma
-
     if not data:
         return {}
     n = len(data)

@@ -44,6 +44,7 @@ def setup(config, mesh_text: str | None = None, devices=None):
     import jax.numpy as jnp
 
     from mixers_jax import sharding, trainer
+    from mixers_jax import steps as steps_lib
 
     trainer.validate(config)
     sizes, rules = sharding.resolve(config)
@@ -55,7 +56,7 @@ def setup(config, mesh_text: str | None = None, devices=None):
             raise UserError(f"--mesh={mesh_text} needs {n} devices, but {len(devices)} are available")
         devices = list(devices)[:n]
     mesh = sharding.make_mesh(sizes, devices)
-    steps = trainer.build_steps(config, mesh, rules=rules)
+    steps = steps_lib.build_steps(config, mesh, rules=rules)
     from mixers_jax.models import input_length
 
     rows, n_ctx = int(config.train.batch_size), input_length(config.model)  # s·n for memory models

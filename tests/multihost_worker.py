@@ -19,13 +19,14 @@ def losses(n_steps, devices=None):
     import jax
     import numpy as np
 
-    from mixers_jax import sharding, trainer
+    from mixers_jax import sharding
+    from mixers_jax import steps as steps_lib
     from mixers_jax.config import load_config
     from tests_util import config_path
 
     config = load_config(config_path("mixer_clm", "smoke"))
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
-    steps = trainer.build_steps(config, mesh)
+    steps = steps_lib.build_steps(config, mesh)
     state = steps.init(jax.random.key(0))
     rows, n, vocab = config.train.batch_size, config.model.n_ctx, config.model.vocab_size
     per_process = rows // jax.process_count()

@@ -20,7 +20,8 @@ def make_workdir(path: str, seed: int = 0, params_map=None, **model_overrides) -
     import flax.linen as nn
 
     from mixers_jax import checkpoint as ckpt_lib
-    from mixers_jax import trainer
+    from mixers_jax import steps as steps_lib
+    from mixers_jax import workdir as workdir_lib
     from mixers_jax.config import base_config
     from mixers_jax.data.tokenizer import Tokenizer
     from mixers_jax.models import build_model
@@ -30,17 +31,17 @@ def make_workdir(path: str, seed: int = 0, params_map=None, **model_overrides) -
     config.model.update(model_overrides)
     os.makedirs(path, exist_ok=True)
     tok = Tokenizer.train([sample_text()], config.model.vocab_size,
-                          os.path.join(path, "tokenizer.model"))
+                          os.path.join(path, workdir_lib.TOKENIZER_FILE))
     model = build_model(config.model)
     params = nn.meta.unbox(
         model.init(jax.random.key(seed), jnp.zeros((1, config.model.n_ctx), jnp.int32))["params"])
     if params_map is not None:
         params = jax.tree.map(params_map, params)
-    tx = trainer.make_optimizer(config.train)
-    state = trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+    tx = steps_lib.make_optimizer(config.train)
+    state = steps_lib.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    with open(os.path.join(path, workdir_lib.CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(config.to_dict(), f)
-    ck = ckpt_lib.Checkpointer(os.path.join(path, "checkpoints"))
+    ck = ckpt_lib.Checkpointer(os.path.join(path, workdir_lib.CHECKPOINTS_DIR))
     ck.save(1, state, {}, {"tokenizer": ckpt_lib.encode_bytes(tok.serialized())})
     ck.close()
     return path

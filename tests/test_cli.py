@@ -99,6 +99,16 @@ def test_bad_input_leaves_no_workdir(tmp_path, args, pattern):
     assert not os.path.exists(workdir)
 
 
+def test_workdir_that_is_a_file_is_refused_and_left_alone(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.write_text("a file")
+    proc = _train(f"--config={SMOKE}", f"--workdir={workdir}", "--config.train.eval_every=0")
+    _assert_one_line_error(proc, r"train\.eval_every must be positive")
+    proc = _train(f"--config={SMOKE}", f"--workdir={workdir}")
+    _assert_one_line_error(proc, rf"^error: workdir {workdir} is a file, not a folder$")
+    assert sorted(os.listdir(tmp_path)) == ["run"] and workdir.read_text() == "a file"
+
+
 def test_unknown_preset(tmp_path):
     workdir = str(tmp_path / "run")
     proc = _train(f"--config={config_path('mixer_clm', 'nope')}", f"--workdir={workdir}")

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mixers_jax import trainer
+from mixers_jax import curriculum, trainer
 from mixers_jax.config import load_config
 from mixers_jax.errors import UserError
 from mixers_jax.models import build_model, input_length
@@ -37,7 +37,7 @@ def test_config_files_exist():
 def test_every_config_builds(name, preset):
     config = load_config(config_path(name, preset))
     trainer.validate(config)
-    assert trainer.stages(config)[-1].end > 0
+    assert curriculum.stages(config)[-1].end > 0
     model = build_model(config.model)
     tokens = jax.ShapeDtypeStruct((1, input_length(config.model)), jnp.int32)
     variables = jax.eval_shape(model.init, jax.random.key(0), tokens)

@@ -1,9 +1,10 @@
-"""Curricula, frozen parameter groups and init_from (trainer.stages / param_labels / init)."""
+"""Curricula, frozen parameter groups and init_from (curriculum.stages / param_labels / init_from)."""
 import jax
 import numpy as np
 import pytest
 
-from mixers_jax import trainer
+from mixers_jax import curriculum, trainer
+from mixers_jax import steps as steps_lib
 from mixers_jax.config import load_config
 from mixers_jax.errors import UserError
 from tests_util import config_path
@@ -22,7 +23,7 @@ def _init_params(config):
     from mixers_jax import sharding
 
     mesh = sharding.make_mesh(sharding.resolve(config)[0])
-    steps = trainer.build_steps(config, mesh)
+    steps = steps_lib.build_steps(config, mesh)
     return jax.device_get(steps.init(jax.random.key(int(config.seed))).params)
 
 
@@ -42,14 +43,14 @@ def test_frozen_group_is_bit_identical_after_training_and_the_rest_moves(tmp_pat
 def test_stages_split_steps_and_restart_the_schedule():
     config = _config(stages=({"objective": "clm", "steps": 4, "lr": 1e-3},
                              {"name": "frozen", "steps": 2, "frozen": "embed", "warmup_steps": 1}))
-    st = trainer.stages(config)
+    st = curriculum.stages(config)
     assert [(s.start, s.end, s.name) for s in st] == [(0, 4, "clm"), (4, 6, "frozen")]
-    assert trainer.stage_at(st, 4).index == 0 and trainer.stage_at(st, 5).index == 1
-    sched = trainer.lr_schedule(st[1].train, offset=st[1].start)
+    assert curriculum.stage_at(st, 4).index == 0 and curriculum.stage_at(st, 5).index == 1
+    sched = steps_lib.lr_schedule(st[1].train, offset=st[1].start)
     assert float(sched(4)) == 0.0  # a stage's first update has lr 0, like a run's
     assert float(sched(5)) == pytest.approx(float(config.train.lr))
     with pytest.raises(UserError, match="unknown key"):
-        trainer.stages(_config(stages=({"steps": 2, "lr_peak": 1.0},)))
+        curriculum.stages(_config(stages=({"steps": 2, "lr_peak": 1.0},)))
 
 
 @pytest.mark.parametrize("kill_at", [3, 4])  # at the stage boundary, and mid-stage

@@ -24,6 +24,7 @@ from mixers_jax.data.pipeline import (
 from mixers_jax.data.sources import embedded_corpus, load_documents, split_documents
 from mixers_jax.data.tokenizer import Tokenizer
 from mixers_jax.errors import UserError
+from mixers_jax.workdir import TOKENIZER_FILE
 
 VOCAB = 384
 
@@ -475,6 +476,10 @@ def _config(source: str, **over):
     return c
 
 
+def _tokenizer_path(workdir) -> str:
+    return os.path.join(workdir, TOKENIZER_FILE)
+
+
 def _corpus(tmp_path, n=120) -> str:
     lines = [json.dumps({"text": d}) for d in _docs(n, seed=5)]
     return _write(tmp_path / "data" / "corpus.jsonl", "\n".join(lines))
@@ -483,7 +488,7 @@ def _corpus(tmp_path, n=120) -> str:
 def test_build_data_trains_saves_and_reloads(tmp_path):
     src = _corpus(tmp_path)
     wd = str(tmp_path / "wd")
-    bundle = build_data(_config(src), wd)
+    bundle = build_data(_config(src), _tokenizer_path(wd))
     assert bundle.tokenizer_trained and os.listdir(wd) == ["tokenizer.model"]
     s = bundle.stats
     assert s["documents"] == 120 and s["train_documents"] + s["val_documents"] == 120
@@ -492,32 +497,35 @@ def test_build_data_trains_saves_and_reloads(tmp_path):
     batch = next(bundle.train_iter)
     assert batch["tokens"].shape == (4, 32) and batch["tokens"].max() < VOCAB
     # Second run: the saved tokenizer is loaded, batches are the same.
-    again = build_data(_config(src), wd)
+    again = build_data(_config(src), _tokenizer_path(wd))
     assert not again.tokenizer_trained and again.tokenizer.serialized() == bundle.tokenizer.serialized()
     assert np.array_equal(next(again.train_iter)["tokens"], batch["tokens"])
-    # The trainer's call: an explicit tokenizer path, no workdir.
+    # A tokenizer path outside any workdir.
     explicit = str(tmp_path / "elsewhere" / "tok.model")
-    by_path = build_data(_config(src), tokenizer_path=explicit)
+    by_path = build_data(_config(src), explicit)
     assert by_path.tokenizer_trained and by_path.tokenizer_path == explicit
     assert Tokenizer.load(explicit).serialized() == bundle.tokenizer.serialized()
     # Two processes: half the batch each.
-    half = build_data(_config(src), wd, process_index=1, process_count=2)
+    half = build_data(_config(src), _tokenizer_path(wd), process_index=1, process_count=2)
     assert next(half.train_iter)["tokens"].shape == (2, 32)
     with pytest.raises(UserError, match="vocab_size is 400"):
-        build_data(_config(src, **{"model.vocab_size": 400}), wd)
+        build_data(_config(src, **{"model.vocab_size": 400}), _tokenizer_path(wd))
     with pytest.raises(UserError, match="tokenizer model .*missing.model does not exist"):
-        build_data(_config(src, **{"data.tokenizer_model": str(tmp_path / "missing.model")}), wd)
+        build_data(_config(src, **{"data.tokenizer_model": str(tmp_path / "missing.model")}),
+                   _tokenizer_path(wd))
 
 
 def test_build_data_bad_input_leaves_workdir_untouched(tmp_path):
     src = _corpus(tmp_path, n=30)
     wd = tmp_path / "wd"
     with pytest.raises(UserError, match="corpus too small: the train split"):
-        build_data(_config(src, **{"model.n_ctx": 4096}), str(wd))
+        build_data(_config(src, **{"model.n_ctx": 4096}), _tokenizer_path(str(wd)))
     with pytest.raises(UserError, match="validation split"):
-        build_data(_config(src, **{"train.batch_size": 16, "data.packing": "pad"}), str(wd))
+        build_data(_config(src, **{"train.batch_size": 16, "data.packing": "pad"}),
+                   _tokenizer_path(str(wd)))
     with pytest.raises(UserError, match="no data found"):
-        build_data(_config(str(tmp_path / "nothing.txt")), str(wd))
+        build_data(_config(str(tmp_path / "nothing.txt")), _tokenizer_path(str(wd)))
     with pytest.raises(UserError, match="multiple of the process count"):
-        build_data(_config(src, **{"train.batch_size": 5}), str(wd), process_count=2)
+        build_data(_config(src, **{"train.batch_size": 5}), _tokenizer_path(str(wd)),
+                   process_count=2)
     assert not wd.exists()

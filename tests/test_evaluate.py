@@ -19,7 +19,7 @@ from mixers_jax import evaluate, metrics, target_bytes
 from mixers_jax.config import base_config
 from mixers_jax.data import pipeline, sources
 from mixers_jax.models import MODEL_KINDS
-from mixers_jax.workdir import load_run
+from mixers_jax.workdir import load_run, with_defaults
 
 LN2 = math.log(2.0)
 
@@ -176,7 +176,7 @@ def test_cli_numbers_equal_direct_computation(clm_run, tmp_path, capsys):
     assert (Path(clm_run) / "tokenizer.model").read_bytes() == tok_before
 
     run = load_run(clm_run)
-    cfg = evaluate.full_config(run.config)
+    cfg = with_defaults(run.config)
     val = sources.split_documents(sources.load_documents(cfg.data), cfg.data.val_fraction)[1]
     rows = pipeline.pack_rows(pipeline.tokenize_documents(val, run.tokenizer), n_ctx=16,
                               packing="concat", pad_id=run.tokenizer.pad_id)[:40]
@@ -189,7 +189,7 @@ def test_cli_numbers_equal_direct_computation(clm_run, tmp_path, capsys):
 def test_validation_rows_are_the_trainers(clm_run):
     """The default rows start with exactly the trainer's evaluation batches (same split, packing)."""
     run = load_run(clm_run)
-    cfg = evaluate.full_config(run.config)
+    cfg = with_defaults(run.config)
     data = pipeline.build_data(cfg, tokenizer=run.tokenizer, save_tokenizer=False)
     trainer_rows = np.concatenate([b["tokens"] for b in data.eval_batches])
     ours = evaluate.eval_rows(cfg, run.tokenizer, max_rows=len(trainer_rows))

@@ -3,7 +3,8 @@ import jax
 import numpy as np
 import pytest
 
-from mixers_jax import sharding, trainer
+from mixers_jax import sharding
+from mixers_jax import steps as steps_lib
 from mixers_jax.config import load_config
 from mixers_jax.errors import UserError
 from tests_util import config_path
@@ -42,7 +43,7 @@ def _axes(spec):
 
 
 def _losses(config, mesh, rules, batches):
-    steps = trainer.build_steps(config, mesh, rules=rules)
+    steps = steps_lib.build_steps(config, mesh, rules=rules)
     state = steps.init(jax.random.key(0))
     losses = []
     for b in batches:
@@ -89,7 +90,7 @@ def test_flat_mixer_matrices_stay_whole_and_headed_ones_split_by_head():
     for heads, expect in ((0, ()), (2, ("tensor",))):
         config = _config("mixer_clm", "fsdp_tp", 2, heads=heads)
         sizes, rules = sharding.resolve(config)
-        steps = trainer.build_steps(config, sharding.make_mesh(sizes), rules=rules)
+        steps = steps_lib.build_steps(config, sharding.make_mesh(sizes), rules=rules)
         flat = jax.tree_util.tree_flatten_with_path(steps.state_shardings.params)[0]
         mixing_w = [s for path, s in flat if getattr(path[-1], "key", None) == "w"]
         assert mixing_w, [p for p, _ in flat]
@@ -99,7 +100,7 @@ def test_flat_mixer_matrices_stay_whole_and_headed_ones_split_by_head():
 def _param_bytes_per_device(config, fsdp):
     sizes = {"data": 8 // fsdp, "fsdp": fsdp, "tensor": 1}
     mesh = sharding.make_mesh(sizes)
-    steps = trainer.build_steps(config, mesh, rules=sharding.FSDP_RULES)
+    steps = steps_lib.build_steps(config, mesh, rules=sharding.FSDP_RULES)
     state = steps.init(jax.random.key(0))
     per = sharding.bytes_per_device(state.params)
     return max(per.values()), steps

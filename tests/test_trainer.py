@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from mixers_jax import objectives, sharding, trainer
+from mixers_jax import workdir as workdir_lib
+from mixers_jax import steps as steps_lib
 from mixers_jax.errors import UserError
 from mixers_jax.config import load_config
 from tests_util import config_path
@@ -33,7 +35,7 @@ def _mesh(shape, devices):
 
 
 def _train(config, mesh, batches):
-    steps = trainer.build_steps(config, mesh)
+    steps = steps_lib.build_steps(config, mesh)
     state = steps.init(jax.random.key(0))
     losses = []
     for b in batches:
@@ -61,7 +63,7 @@ def test_train_step_on_2x2x2_mesh_equals_one_device(module, model):
     np.testing.assert_allclose(one_losses, many_losses, rtol=2e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), one_params, many_params)
     # The 2x2x2 run really is sharded: FSDP splits the embedding over 'fsdp' (and vocab over 'tensor').
-    steps = trainer.build_steps(config, mesh)
+    steps = steps_lib.build_steps(config, mesh)
     emb_spec = [s.spec for s in jax.tree.leaves(steps.state_shardings.params)]
     assert any("fsdp" in str(spec) for spec in emb_spec)
 
@@ -81,14 +83,14 @@ def test_gradient_accumulation_matches_one_big_batch():
 
 def test_lr_schedule_matches_reference_formula():
     t = ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=10, steps=110, schedule="linear"))
-    lr = trainer.lr_schedule(t)
+    lr = steps_lib.lr_schedule(t)
     assert float(lr(0)) == 0.0  # REFERENCE §1: the first update uses lr 0
     np.testing.assert_allclose(float(lr(5)), 5e-4, rtol=1e-6)
     np.testing.assert_allclose(float(lr(10)), 1e-3, rtol=1e-6)
     np.testing.assert_allclose(float(lr(60)), 1e-3 * 50 / 100, rtol=1e-6)
     assert float(lr(110)) == 0.0
     t.schedule = "cosine"
-    np.testing.assert_allclose(float(trainer.lr_schedule(t)(60)), 5e-4, rtol=1e-5)
+    np.testing.assert_allclose(float(steps_lib.lr_schedule(t)(60)), 5e-4, rtol=1e-5)
 
 
 def test_resume_equals_uninterrupted_bit_exact(tmp_path):
@@ -127,18 +129,18 @@ def test_workdir_from_before_a_new_model_field_still_resumes(tmp_path):
     saved = config.to_dict()
     del saved["model"]["mixing_impl"]  # as if written before the field existed (default 'dense')
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    assert trainer.check_workdir_compatible(config, str(tmp_path))
+    assert workdir_lib.check_workdir_compatible(config, str(tmp_path))
     config.unlock()
     config.model.mixing_impl = "fft"
     config.model.mixing = "toeplitz"
     with pytest.raises(UserError, match="holds a different model"):
-        trainer.check_workdir_compatible(config, str(tmp_path))
+        workdir_lib.check_workdir_compatible(config, str(tmp_path))
 
 
 def test_eval_objectives_accept_a_comma_list_from_the_command_line():
     """``--config.train.eval_objectives=blank_copy,clm`` reaches the tuple field as ('blank_copy,clm',)."""
     from mixers_jax.config import base_config
-    from mixers_jax.trainer import eval_objective_names
+    from mixers_jax.curriculum import eval_objective_names
 
     train = base_config().train
     train.objective = "combined"
@@ -156,10 +158,50 @@ def test_activation_dims_of_composite_models_divide_every_part():
     m = base_config().model
     m.update({"kind": "memory", "d_model": 256, "mlp_ratio": 4, "heads": 4})
     m.encoder.update({"d_model": 96, "heads": 6})
-    assert trainer.activation_dims(m) == {"act_heads": 2, "act_mlp": 128}
+    assert steps_lib.activation_dims(m) == {"act_heads": 2, "act_mlp": 128}
     m.encoder.update({"kind": "transformer"})
     m.update({"n_heads": 8})
-    assert trainer.activation_dims(m) == {"act_heads": 4, "act_mlp": 128}
+    assert steps_lib.activation_dims(m) == {"act_heads": 4, "act_mlp": 128}
     m = base_config().model
     m.update({"kind": "mixer", "d_model": 64, "mlp_ratio": 4, "heads": 0})
-    assert trainer.activation_dims(m) == {"act_heads": 1, "act_mlp": 256}
+    assert steps_lib.activation_dims(m) == {"act_heads": 1, "act_mlp": 256}
+
+
+@pytest.mark.parametrize("key,value", [
+    ("eval_every", 0), ("log_every", 0), ("checkpoint_every", -1), ("lr", -1e-3), ("lr", 0.0),
+    ("keep_checkpoints", 0), ("warmup_steps", -1), ("batch_size", 0),
+])
+def test_bad_train_setting_is_refused_before_anything_is_written(tmp_path, key, value):
+    config = load_config(config_path("mixer_clm", "smoke"))
+    config.unlock()
+    config.train[key] = value
+    workdir = tmp_path / "run"
+    with pytest.raises(UserError, match=rf"^train\.{key} must be"):
+        trainer.run(config, str(workdir))
+    assert not workdir.exists()
+
+
+def test_workdir_that_is_a_file_is_refused_before_anything_is_written(tmp_path):
+    config = load_config(config_path("mixer_clm", "smoke"))
+    workdir = tmp_path / "run"
+    workdir.write_text("not a folder")
+    with pytest.raises(UserError, match=rf"^workdir {workdir} is a file, not a folder$"):
+        trainer.run(config, str(workdir))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert workdir.read_text() == "not a folder"
+
+
+def test_init_from_a_workdir_without_checkpoints_is_refused_before_anything_is_written(tmp_path):
+    import shutil
+
+    source = tmp_path / "source"
+    trainer.run(load_config(config_path("mixer_clm", "smoke")), str(source), stop_at_step=1)
+    for step in (source / workdir_lib.CHECKPOINTS_DIR).iterdir():
+        shutil.rmtree(step)
+    config = load_config(config_path("mixer_clm", "smoke"))
+    config.unlock()
+    config.train.init_from, config.train.init_map = str(source), "block_0=block_0"
+    target = tmp_path / "target"
+    with pytest.raises(UserError, match=r"init_from .*source has no checkpoint yet"):
+        trainer.run(config, str(target))
+    assert not target.exists()

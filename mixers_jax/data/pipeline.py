@@ -38,7 +38,6 @@ from mixers_jax.data.tokenizer import Tokenizer
 from mixers_jax.errors import UserError
 
 PACKINGS = ("concat", "pad")
-TOKENIZER_FILE = "tokenizer.model"
 
 
 def tokenize_documents(docs: Sequence[str], tokenizer: Tokenizer) -> list[np.ndarray]:
@@ -245,18 +244,17 @@ def check_chunked_rows(model_cfg, token_docs: Sequence[np.ndarray], packing: str
 
 def build_data(
     config,
-    workdir: str | None = None,
+    tokenizer_path: str | None = None,
     process_index: int = 0,
     process_count: int = 1,
     *,
-    tokenizer_path: str | None = None,
     tokenizer: Tokenizer | None = None,
     save_tokenizer: bool = True,
 ) -> DataBundle:
     """Loads, splits and tokenizes the data; builds the training iterator and the eval batches.
 
-    ``tokenizer_path`` (default ``<workdir>/tokenizer.model``; neither given: none) is where the run's
-    tokenizer lives. Tokenizer, first that applies: ``tokenizer`` (e.g. restored from a checkpoint);
+    ``tokenizer_path`` (the run's ``workdir.TOKENIZER_FILE``; None: none) is where the run's tokenizer
+    lives. Tokenizer, first that applies: ``tokenizer`` (e.g. restored from a checkpoint);
     ``config.data.tokenizer_model``; an existing file at ``tokenizer_path``; else a new one trained on
     the training split with ``config.model.vocab_size`` pieces. A new one is written (atomically) to
     ``tokenizer_path`` only after every check has passed and only if ``save_tokenizer``, so bad input
@@ -296,7 +294,7 @@ def build_data(
     tok_path: str | None = None
     if tokenizer is None:
         configured = str(_get(data_cfg, "tokenizer_model", "") or "")
-        run_path = tokenizer_path or (os.path.join(workdir, TOKENIZER_FILE) if workdir else None)
+        run_path = tokenizer_path
         if configured:
             if not os.path.isfile(configured):
                 raise UserError(f"tokenizer model {configured} does not exist (data.tokenizer_model)")

@@ -1,0 +1,262 @@
+"""Everything compiled for one (model, optimizer, mesh): the train state, the optimizer and its
+schedule, the jit-compiled init / train / eval steps, and the evaluation over a list of batches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from mixers_jax import checkpoint as ckpt_lib
+from mixers_jax import metrics as metrics_lib
+from mixers_jax import objectives, sharding
+from mixers_jax.curriculum import FROZEN, TRAINABLE, eval_objective_names, param_labels
+from mixers_jax.errors import UserError
+from mixers_jax.models import build_model, input_length, sub_config
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def lr_schedule(train_cfg, offset: int = 0) -> Callable[[jax.Array], jax.Array]:
+    """Linear warmup from 0, then linear (or cosine) decay to exactly 0 at the final step.
+
+    REFERENCE §1: lr(t) = η·t/w for t < w and η·(T−t)/(T−w) afterwards, so the first update uses lr 0.
+    ``offset`` is the first global step of a curriculum stage (t counts from there).
+    """
+    peak, warmup, total = float(train_cfg.lr), int(train_cfg.warmup_steps), int(train_cfg.steps)
+    warmup = min(warmup, total)
+
+    def schedule(step):
+        t = jnp.asarray(step, jnp.float32) - offset
+        warm = peak * t / max(warmup, 1)
+        frac = jnp.clip((t - warmup) / max(total - warmup, 1), 0.0, 1.0)
+        if train_cfg.schedule == "cosine":
+            decay = peak * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+        else:
+            decay = peak * (1.0 - frac)
+        return jnp.where(t < warmup, warm, decay)
+
+    return schedule
+
+
+def make_optimizer(train_cfg, offset: int = 0, labels: Any = None) -> optax.GradientTransformation:
+    """AdamW (weight decay 0 by default, i.e. Adam) after global-norm clipping (REFERENCE §1).
+
+    ``labels`` (a tree like the params of 'train' / 'frozen', see :func:`param_labels`): frozen
+    parameters get exactly zero updates and are left out of the clipping norm and the moments.
+    """
+    tx = optax.chain(
+        optax.clip_by_global_norm(float(train_cfg.clip_norm)),
+        optax.adamw(
+            lr_schedule(train_cfg, offset),
+            b1=float(train_cfg.b1),
+            b2=float(train_cfg.b2),
+            eps=float(train_cfg.eps),
+            weight_decay=float(train_cfg.weight_decay),
+        ),
+    )
+    if labels is None or FROZEN not in jax.tree.leaves(labels):
+        return tx
+    return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
+
+
+# --------------------------------------------------------------------------- state and steps
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass
+class Steps:
+    """Everything compiled for one (model, optimizer, mesh): init, train step, eval step."""
+
+    model: nn.Module
+    mesh: jax.sharding.Mesh
+    state_shardings: Any
+    abstract_state: Any
+    init: Callable[[jax.Array], TrainState]
+    train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
+    eval_step: Callable[[Any, dict], dict]
+    eval_steps: dict[str, Callable[[Any, dict], dict]] = dataclasses.field(default_factory=dict)
+    fresh_state: Callable[[Any, jax.Array], TrainState] | None = None
+    labels: Any = None
+    config: Any = None
+
+
+def activation_dims(model_cfg) -> dict[str, int]:
+    """Sizes of the activation axes the models constrain (to replicate what a mesh cannot split).
+
+    A composite model (encoder and decoder with their own widths and heads) gets the gcd over its
+    parts, so an axis is split only where the mesh divides it in every part."""
+    def dims(cfg) -> tuple[int, int]:
+        heads = cfg["heads"] if cfg["kind"] == "mixer" else cfg["n_heads"]
+        return int(heads or 1), int(cfg["mlp_ratio"] * cfg["d_model"])
+
+    parts = [model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)]
+    if parts[0]["kind"] not in ("mixer", "transformer"):
+        parts = [sub_config(model_cfg, role) for role in ("encoder", "decoder")]
+    heads, mlp = zip(*(dims(cfg) for cfg in parts))
+    return {"act_heads": math.gcd(*heads), "act_mlp": math.gcd(*mlp)}
+
+
+def build_steps(config, mesh, objective: str | None = None, rules=None, pad_id: int = 2,
+                offset: int = 0) -> Steps:
+    """Builds the model and the jit-compiled init/train/eval functions with explicit shardings.
+
+    ``objective`` defaults to ``config.train.objective``; ``rules`` are the logical-axis rules
+    (default: those of the config's sharding preset); ``pad_id`` is the tokenizer's pad (= EOS)
+    id, which the copy objectives write. In training the model gets a 'noise' RNG
+    (``fold_in(seed, step)``) for noise-injection QAT; evaluation is deterministic. ``offset`` is
+    the first step of the curriculum stage ``config.train`` describes (for the lr schedule);
+    ``train.frozen`` groups get zero updates. ``eval_steps`` holds one eval function per name in
+    ``train.eval_objectives`` (default: the training objective).
+    """
+    if rules is None:
+        rules = sharding.resolve(config)[1]
+    act_rules = sharding.activation_rules(rules, mesh, activation_dims(config.model))
+    model = build_model(config.model)
+    ctx = objectives.ObjectiveContext(model=config.model, train=config.train, pad_id=int(pad_id))
+    loss_fn = objectives.build(objective or config.train.objective, ctx)
+    eval_fns = {name: objectives.build(name, ctx) for name in eval_objective_names(config.train)}
+    n_in = input_length(config.model)
+    noise_key = jax.random.fold_in(jax.random.key(int(config.seed)), 0x5EED)
+    accum = int(config.train.grad_accum)
+    schedule = lr_schedule(config.train, offset)
+
+    per_row = config.train.batch_size // accum
+    if per_row % sharding.batch_divisor(mesh):
+        raise UserError(
+            f"train.batch_size/grad_accum={per_row} must divide by the data-parallel size "
+            f"{sharding.batch_divisor(mesh)} of mesh {dict(mesh.shape)}"
+        )
+
+    def init_params(rng):
+        return model.init(rng, jnp.zeros((1, n_in), jnp.int32))["params"]
+
+    labels = param_labels(nn.meta.unbox(jax.eval_shape(init_params, jax.random.key(0))), config.train)
+    tx = make_optimizer(config.train, offset, labels)
+    frozen_any = FROZEN in jax.tree.leaves(labels)
+
+    def init_boxed(rng):
+        params = init_params(rng)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+    state_shardings = sharding.tree_shardings(abstract_boxed, mesh, rules)
+    abstract_state = ckpt_lib.abstract_like(nn.meta.unbox(abstract_boxed), state_shardings)
+    batch_sh = sharding.batch_sharding(mesh)
+    repl = sharding.replicated(mesh)
+
+    def apply_fn(params, tokens, rngs=None):
+        with sharding.activation_context(mesh, act_rules):
+            return model.apply({"params": params}, tokens, rngs=rngs)
+
+    def init(rng):
+        with sharding.activation_context(mesh, act_rules):
+            return nn.meta.unbox(init_boxed(rng))
+
+    def fresh_state(params, step):
+        """A new optimizer state for ``params`` at ``step`` (a stage's start, or after init_from)."""
+        return TrainState(step=step, params=params, opt_state=tx.init(params))
+
+    def train_step(state: TrainState, batch):
+        rngs = {"noise": jax.random.fold_in(noise_key, state.step)}
+        train_apply = functools.partial(apply_fn, rngs=rngs)
+        grad_fn = jax.value_and_grad(lambda p, b: loss_fn(train_apply, p, b), has_aux=True)
+        if accum == 1:
+            (loss, sums), grads = grad_fn(state.params, batch)
+        else:
+            # Micro-batch k takes rows k, k+A, k+2A, ... so each stays spread over the batch axes.
+            micro = jax.tree.map(
+                lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch
+            )
+
+            def body(carry, mb):
+                (l, s), g = grad_fn(state.params, mb)
+                return jax.tree.map(jnp.add, carry, (l, s, g)), None
+
+            first = jax.tree.map(lambda x: x[0], micro)
+            shapes = jax.eval_shape(grad_fn, state.params, first)
+            (l0, s0), g0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            zero_carry = (l0, s0, g0)
+            (loss, sums, grads), _ = jax.lax.scan(body, zero_carry, micro)
+            # REFERENCE §1: the optimized loss is the mean of the micro-batches' token means.
+            loss = loss / accum
+            grads = jax.tree.map(lambda g: g / accum, grads)
+        if frozen_any:  # constant zeros: XLA drops the frozen groups' weight gradients
+            grads = jax.tree.map(
+                lambda g, lab: jnp.zeros_like(g) if lab == FROZEN else g, grads, labels)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        stats = dict(sums, loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
+        return TrainState(state.step + 1, params, opt_state), stats
+
+    def eval_step(params, batch):
+        return loss_fn(apply_fn, params, batch)[1]
+
+    def jit_eval(fn):
+        return jax.jit(lambda p, b: fn(apply_fn, p, b)[1],
+                       in_shardings=(state_shardings.params, batch_sh), out_shardings=repl)
+
+    return Steps(
+        model=model,
+        mesh=mesh,
+        state_shardings=state_shardings,
+        abstract_state=abstract_state,
+        init=jax.jit(init, out_shardings=state_shardings),
+        train_step=jax.jit(
+            train_step,
+            in_shardings=(state_shardings, batch_sh),
+            out_shardings=(state_shardings, repl),
+            donate_argnums=0,
+        ),
+        eval_step=jax.jit(
+            eval_step, in_shardings=(state_shardings.params, batch_sh), out_shardings=repl
+        ),
+        eval_steps={name: jit_eval(fn) for name, fn in eval_fns.items()},
+        fresh_state=jax.jit(fresh_state, in_shardings=(state_shardings.params, repl),
+                            out_shardings=state_shardings),
+        labels=labels,
+        config=config,
+    )
+
+
+def eval_sums(steps: Steps, params, eval_batches: list[dict], eval_step=None) -> tuple[dict, int]:
+    """(the sums of ``eval_step`` (default: the training objective's) over ``eval_batches``, the
+    number of rows over all processes)."""
+    eval_step = eval_step or steps.eval_step
+    total, rows = None, 0
+    for local in eval_batches:
+        total = metrics_lib.add_sums(total, eval_step(params, sharding.global_batch(local, steps.mesh)))
+        rows += int(local["tokens"].shape[0]) * jax.process_count()
+    if total is None:
+        raise UserError("no evaluation batches: the validation split is too small")
+    return total, rows
+
+
+def evaluate(steps: Steps, params, eval_batches: list[dict], eval_step=None) -> dict[str, float]:
+    """Token-weighted loss, accuracy and bits per byte of ``eval_step`` (default: the training
+    objective's) over ``eval_batches``; extra sums (e.g. the copy pass of 'combined') are
+    summarised under their prefix (``copy_accuracy``, ...)."""
+    total, rows = eval_sums(steps, params, eval_batches, eval_step)
+    out = metrics_lib.summarize_sums(total)
+    if steps.config is not None:
+        out.update(metrics_lib.accounting(steps.config.model, total, rows))
+    return out
+
+
+def evaluate_all(steps: Steps, params, eval_batches: list[dict]) -> dict[str, dict[str, float]]:
+    """{objective name: evaluate(...)} for every eval objective of ``steps``."""
+    return {name: evaluate(steps, params, eval_batches, fn) for name, fn in steps.eval_steps.items()}

@@ -15,6 +15,7 @@ import pytest
 from run_util import make_workdir, sample_text
 from tests_util import REPO, exit_status
 
+from mixers_jax import checkpoint as ckpt_lib
 from mixers_jax import evaluate, metrics, target_bytes
 from mixers_jax.config import base_config
 from mixers_jax.data import pipeline, sources
@@ -244,8 +245,11 @@ def test_cli_bad_input(clm_run, tmp_path, capsys):
     assert "Unknown command line flag" in _bad([wd, "--bogus=1"], capsys, out)
 
 
-def test_cli_non_finite_loss_is_an_error(tmp_path, capsys):
-    wd = make_workdir(str(tmp_path / "nan"), params_map=lambda p: p * jnp.nan)
+def test_cli_non_finite_loss_is_an_error(tmp_path, capsys, monkeypatch):
+    # The trainer never saves a non-finite state; a checkpoint of an older version may hold one.
+    with monkeypatch.context() as m:
+        m.setattr(ckpt_lib, "all_finite", lambda tree: True)
+        wd = make_workdir(str(tmp_path / "nan"), params_map=lambda p: p * jnp.nan)
     _edit_config(wd, data={"max_documents": 200})
     out = tmp_path / "nan.json"
     err = _bad([f"--workdir={wd}", "--max_rows=8", "--devices=1"], capsys, out)

@@ -231,3 +231,19 @@ class SwiGLU(nn.Module):
         if h_BxNxF.ndim == 3:
             h_BxNxF = nn.with_logical_constraint(h_BxNxF, ("batch", "length", "act_mlp"))
         return down(h_BxNxF)
+
+
+def lm_head(vocab_size: int, kernel_init: Init, dtype: Dtype) -> Linear:
+    """The untied LM head d -> V: no bias, float32 logits (assign it to ``self.head``)."""
+    return Linear((vocab_size,), ("embed", "vocab"), use_bias=False, kernel_init=kernel_init,
+                  dtype=dtype, out_dtype=jnp.float32)
+
+
+def run_blocks_step(blocks, x_BxD: Array, pos: Array, cache: tuple) -> tuple[Array, tuple]:
+    """The step forms of ``blocks`` in order at position ``pos``: (output [B, d], new caches)."""
+    pos = jnp.asarray(pos, jnp.int32)
+    new = []
+    for block, c in zip(blocks, cache):
+        x_BxD, c = block(x_BxD, pos, c)
+        new.append(c)
+    return x_BxD, tuple(new)

@@ -39,6 +39,12 @@ def dtype_of(name: str | Dtype) -> Dtype:
 # ---------------------------------------------------------------------------------------------
 
 
+def leading_axes(a: Array, ndim: int) -> Array:
+    """``a`` with size-1 axes prepended up to ``ndim`` axes: an explicit broadcast against a
+    rank-``ndim`` array (the package runs with ``jax_numpy_rank_promotion='raise'``)."""
+    return a.reshape((1,) * (ndim - a.ndim) + a.shape)
+
+
 def uniform_fan_in(fan_in: int) -> Init:
     """PyTorch's Linear/Conv default: U(-1/sqrt(fan_in), +1/sqrt(fan_in)) (REFERENCE §1)."""
     bound = 1.0 / math.sqrt(fan_in)
@@ -129,7 +135,7 @@ class Linear(nn.Module):
                 out_shape,
                 self.param_dtype,
             )
-            y = y + bias.astype(y.dtype)
+            y = y + leading_axes(bias.astype(y.dtype), y.ndim)
         return y
 
 

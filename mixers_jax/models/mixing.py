@@ -280,8 +280,8 @@ def srm_matrix(v_xN: Array, delta_x: Array, is_col_x: Array) -> Array:
     Leading axes of v (heads) match those of δ and is_col.
     """
     n = v_xN.shape[-1]
-    mask, lag = _lags(n)
     d = delta_x[..., None, None]
+    mask, lag = (layers.leading_axes(a, d.ndim) for a in _lags(n))
     decay_xNxN = jnp.where(mask, d ** lag, jnp.zeros_like(d * lag))
     v = v_xN.astype(jnp.float32)
     col = v[..., :, None] * decay_xNxN
@@ -293,9 +293,9 @@ def srm_matrix_row(v_xN: Array, delta_x: Array, is_col_x: Array, pos: Array) -> 
     """Row ``pos`` of :func:`srm_matrix` ([..., n]) computed with the very same formula."""
     n = v_xN.shape[-1]
     j = jnp.arange(n)
-    mask = j <= pos
-    lag = jnp.clip(pos - j, 0, n - 1).astype(jnp.float32)
     d = delta_x[..., None]
+    mask = layers.leading_axes(j <= pos, d.ndim)
+    lag = layers.leading_axes(jnp.clip(pos - j, 0, n - 1).astype(jnp.float32), d.ndim)
     decay_xN = jnp.where(mask, d ** lag, jnp.zeros_like(d * lag))
     v = v_xN.astype(jnp.float32)
     v_i = jax.lax.dynamic_index_in_dim(v, pos, axis=-1, keepdims=True)

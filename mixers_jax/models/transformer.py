@@ -50,6 +50,7 @@ def rope_cos_sin(n: int, head_dim: int, theta: float) -> tuple[Array, Array]:
 def rope_cos_sin_at(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
     """cos, sin [..., head_dim] at explicit (integer) ``positions`` [...]; see :func:`rope_cos_sin`."""
     inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    inv_freq = layers.leading_axes(inv_freq, positions.ndim + 1)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)

@@ -39,15 +39,15 @@ def effective_matrices(run) -> list[tuple[str, np.ndarray]]:
     if field(m, "kind") != "mixer":
         raise UserError(f"model.kind {field(m, 'kind')!r} has no token-mixing matrices to inspect")
     spec = mixer_spec(m)
-    setting, op = spec.mix_setting, spec.mix_setting.op
+    mixing, op = spec.token_mixing, spec.token_mixing.op
     out = []
     for layer in range(spec.n_layers):
         p = run.params[f"block_{layer}"]["mix"]
-        for suffix in ("1", "2") if spec.expanded else ("",):
+        for suffix in ("1", "2") if mixing.expanded else ("",):
             params = {key: jnp.asarray(p[key + suffix]) for key in (op.weight, "c", "lam")
                       if key + suffix in p}
-            a = np.asarray(op.matrix(params, setting), np.float64)
-            per_tap = list(np.moveaxis(a, -1, 0)) if spec.kernel > 1 else [a]
+            a = np.asarray(op.matrix(params, mixing), np.float64)
+            per_tap = list(np.moveaxis(a, -1, 0)) if mixing.kernel > 1 else [a]
             for t, at in enumerate(per_tap):
                 heads = [at] if at.ndim == 2 else list(at)
                 for h, ah in enumerate(heads):

@@ -86,7 +86,7 @@ def test_effective_matrix_is_what_the_forward_applies(name, causal, impl):
     params = dict(params, block_0=dict(params["block_0"], mix=mix_p))
     mats = insp.effective_matrices(SimpleNamespace(config=SimpleNamespace(model=cfg), params=params))
 
-    layer = mixing.TokenMixing(**mixer_spec(cfg).token_mixing_fields())
+    layer = mixing.TokenMixing(mixer_spec(cfg).token_mixing)
     jac_NxDxNxD = jax.jacfwd(lambda x: layer.apply({"params": mix_p}, x[None])[0])(jnp.zeros((n, d)))
     assert len(mats) == d
     for h, (_, a) in enumerate(mats):

@@ -69,7 +69,7 @@ class MixerBlock(nn.Module):
 
     @nn.nowrap
     def _mixing(self, **kw) -> TokenMixing:
-        return TokenMixing(**kw, **self.spec.token_mixing_fields(), name="mix")
+        return TokenMixing(self.spec.token_mixing, **kw, name="mix")
 
     @nn.nowrap
     def init_cache(self, batch: int, mode: str = "cached") -> dict:

@@ -398,11 +398,11 @@ def kaiming_inits(fan_in: int):
     return layers.normal(math.sqrt(2.0 / fan_in)), layers.zeros
 
 
-def _flat_inits(s: "MixSetting", reference: bool):
+def _flat_inits(s: "MixingSpec", reference: bool):
     """Flat kernel mixing (k > 1) is ``Conv1d(n, n, k)``: fan_in = n·k, so the reference init is
     W, c ~ U(±1/√(n·k)); reference=False: N(0, 1/((i+1)·k)) causal, N(0, 1/(n·k)) unmasked (every
     output row sums all n·k inputs)."""
-    fan_in = s.n * s.kernel
+    fan_in = s.n_ctx * s.kernel
     if reference:
         return layers.uniform_fan_in(fan_in), layers.uniform_fan_in(fan_in)
     if not s.causal:
@@ -410,14 +410,14 @@ def _flat_inits(s: "MixSetting", reference: bool):
     return (row_scaled_normal if s.kernel == 1 else row_scaled_kernel_normal), layers.zeros
 
 
-def _toeplitz_inits(s: "MixSetting", reference: bool):
+def _toeplitz_inits(s: "MixingSpec", reference: bool):
     if reference:
         return layers.normal(1.0), layers.zeros
-    return layers.normal(1.0 / math.sqrt(s.n)), layers.zeros
+    return layers.normal(1.0 / math.sqrt(s.n_ctx)), layers.zeros
 
 
-def _srm_inits(s: "MixSetting", reference: bool):
-    return kaiming_inits(s.n)
+def _srm_inits(s: "MixingSpec", reference: bool):
+    return kaiming_inits(s.n_ctx)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,18 +426,26 @@ def _srm_inits(s: "MixSetting", reference: bool):
 
 
 @dataclasses.dataclass(frozen=True)
-class MixSetting:
-    """What fixes one mixing matrix besides its parameters: the op, length n, heads (0: one matrix
-    for all features), kernel taps k, causal or unmasked, implementation, mask gradient, decay."""
+class MixingSpec:
+    """The hyper-parameters of one token-mixing layer (:class:`TokenMixing`), and all that fixes
+    what its matrices compute besides their parameters: length n_ctx, width d_model, the op
+    (``mixing``), heads (0: one matrix for all features), implementation, expanded (mix -> GELU ->
+    mix), mask gradient, reference numerics, decay, Kaiming init (the SRM block), kernel taps k,
+    causal or unmasked, compute dtype."""
 
-    mixing: str
-    n: int
+    n_ctx: int
+    d_model: int
+    mixing: str = "flat"
     heads: int = 0
+    impl: str = "dense"
+    expanded: bool = False
+    mask_grad: str = "masked"
+    reference: bool = True
+    decay: bool = True
+    kaiming: bool = False
     kernel: int = 1
     causal: bool = True
-    impl: str = "dense"
-    mask_grad: str = "masked"
-    decay: bool = True
+    dtype: Dtype = jnp.float32
 
     @property
     def op(self) -> "MixingOp":
@@ -463,12 +471,12 @@ class MixingOp:
 
     name: str
     weight: str
-    weight_shape: Callable[[MixSetting], tuple[tuple[int, ...], tuple]]
-    inits: Callable[[MixSetting, bool], tuple[Callable, Callable]]
-    matrix: Callable[[dict, MixSetting], Array]
-    row: Callable[[dict, Array, MixSetting], Array]
-    flops_per_token: Callable[[MixSetting, int], float]
-    fft: Callable[[dict, Array, MixSetting], Array] | None = None
+    weight_shape: Callable[[MixingSpec], tuple[tuple[int, ...], tuple]]
+    inits: Callable[[MixingSpec, bool], tuple[Callable, Callable]]
+    matrix: Callable[[dict, MixingSpec], Array]
+    row: Callable[[dict, Array, MixingSpec], Array]
+    flops_per_token: Callable[[MixingSpec, int], float]
+    fft: Callable[[dict, Array, MixingSpec], Array] | None = None
     recurrent: Callable | None = None
     decay: bool = False
     kernel: bool = False
@@ -481,9 +489,9 @@ class MixingOp:
         return ("dense", "fft") if self.fft is not None else ("dense",)
 
 
-def dense_flops_per_token(s: MixSetting, d: int) -> float:
+def dense_flops_per_token(s: MixingSpec, d: int) -> float:
     """The materialised product (k feature-shifted copies for kernel mixing): k·n·d multiply-adds."""
-    return 2.0 * s.n * d * s.kernel
+    return 2.0 * s.n_ctx * d * s.kernel
 
 
 def fft_flops_per_token(n: int, d: int, length: int) -> float:
@@ -495,18 +503,18 @@ def fft_flops_per_token(n: int, d: int, length: int) -> float:
 # flat: A = W ⊙ M (unmasked: W); kernel k > 1: per tap.
 
 
-def _flat_shape(s: MixSetting):
+def _flat_shape(s: MixingSpec):
     taps_shape, taps_axes = ((s.kernel,), (None,)) if s.kernel > 1 else ((), ())
-    return (s.n, s.n) + taps_shape, ("seq_out", "seq_in") + taps_axes
+    return (s.n_ctx, s.n_ctx) + taps_shape, ("seq_out", "seq_in") + taps_axes
 
 
-def _flat_matrix(p: dict, s: MixSetting) -> Array:
+def _flat_matrix(p: dict, s: MixingSpec) -> Array:
     if not s.causal:
         return p["w"]
     return mask_weight(p["w"], s.mask_grad, taps=s.kernel > 1)
 
 
-def _flat_row(p: dict, pos: Array, s: MixSetting) -> Array:
+def _flat_row(p: dict, pos: Array, s: MixingSpec) -> Array:
     if s.kernel > 1:
         return kernel_matrix_row(p["w"], pos)
     return flat_matrix_row(p["w"], pos, s.mask_grad)
@@ -515,27 +523,27 @@ def _flat_row(p: dict, pos: Array, s: MixSetting) -> Array:
 # toeplitz: T_ij = v_{i−j} (j ≤ i); unmasked: two-sided T_ij = v_{i−j+n−1}, v of length 2n−1.
 
 
-def _toeplitz_shape(s: MixSetting):
-    return ((s.n if s.causal else 2 * s.n - 1),), ("seq_in",)
+def _toeplitz_shape(s: MixingSpec):
+    return ((s.n_ctx if s.causal else 2 * s.n_ctx - 1),), ("seq_in",)
 
 
-def _toeplitz_matrix(p: dict, s: MixSetting) -> Array:
+def _toeplitz_matrix(p: dict, s: MixingSpec) -> Array:
     return toeplitz_matrix(p["v"]) if s.causal else toeplitz_matrix_two_sided(p["v"])
 
 
-def _toeplitz_row(p: dict, pos: Array, s: MixSetting) -> Array:
+def _toeplitz_row(p: dict, pos: Array, s: MixingSpec) -> Array:
     return toeplitz_matrix_row(p["v"], pos)
 
 
-def _toeplitz_fft(p: dict, x: Array, s: MixSetting) -> Array:
+def _toeplitz_fft(p: dict, x: Array, s: MixingSpec) -> Array:
     if not s.causal:
         return toeplitz_two_sided_fft(p["v"], x)
     return (headed_toeplitz_mix_fft if x.ndim == 4 else toeplitz_mix_fft)(p["v"], x)
 
 
-def _toeplitz_flops(s: MixSetting, d: int) -> float:
+def _toeplitz_flops(s: MixingSpec, d: int) -> float:
     if s.impl == "fft":
-        return fft_flops_per_token(s.n, d, 2 * s.n if s.causal else 4 * s.n)
+        return fft_flops_per_token(s.n_ctx, d, 2 * s.n_ctx if s.causal else 4 * s.n_ctx)
     return dense_flops_per_token(s, d)
 
 
@@ -543,23 +551,23 @@ def _toeplitz_flops(s: MixSetting, d: int) -> float:
 # row-repeat A_ij = v_j δ^(i−j), δ = clip(λ, 0.9, 1)^(1/κ).
 
 
-def _srm_shape(s: MixSetting):
-    return (s.n,), ("seq_in",)
+def _srm_shape(s: MixingSpec):
+    return (s.n_ctx,), ("seq_in",)
 
 
-def _srm_parts(p: dict, s: MixSetting) -> tuple[Array, Array]:
-    return srm_delta(p["lam"], s.n, s.decay), srm_is_col(s.mixing, s.heads)
+def _srm_parts(p: dict, s: MixingSpec) -> tuple[Array, Array]:
+    return srm_delta(p["lam"], s.n_ctx, s.decay), srm_is_col(s.mixing, s.heads)
 
 
-def _srm_matrix(p: dict, s: MixSetting) -> Array:
+def _srm_matrix(p: dict, s: MixingSpec) -> Array:
     return srm_matrix(p["v"], *_srm_parts(p, s))
 
 
-def _srm_row(p: dict, pos: Array, s: MixSetting) -> Array:
+def _srm_row(p: dict, pos: Array, s: MixingSpec) -> Array:
     return srm_matrix_row(p["v"], *_srm_parts(p, s), pos)
 
 
-def _srm_recurrent(state: Array, z: Array, p: dict, pos: Array, s: MixSetting):
+def _srm_recurrent(state: Array, z: Array, p: dict, pos: Array, s: MixingSpec):
     return srm_step(state, z, p["v"], *_srm_parts(p, s), pos)
 
 
@@ -626,7 +634,7 @@ def apply_matrix(a: Array, x: Array) -> Array:
     return (headed_dense_mix if headed else dense_mix)(a, x)
 
 
-def mix_parallel(p: dict, x: Array, s: MixSetting) -> Array:
+def mix_parallel(p: dict, x: Array, s: MixingSpec) -> Array:
     """The parallel form of one mixing matrix (no bias) with implementation ``s.impl``."""
     op = s.op
     if s.impl not in op.impls:
@@ -638,7 +646,7 @@ def mix_parallel(p: dict, x: Array, s: MixSetting) -> Array:
     return apply_matrix(op.matrix(p, s), x)
 
 
-def mix_cached_step(p: dict, cache_x: Array, pos: Array, s: MixSetting) -> Array:
+def mix_cached_step(p: dict, cache_x: Array, pos: Array, s: MixingSpec) -> Array:
     """Step form from the cached inputs x_{≤pos} [B, n, d | H, K]: row ``pos`` of A dotted with
     them (one row per tap for kernel mixing)."""
     row = s.op.row(p, pos, s)
@@ -666,7 +674,8 @@ def causal_mix(
     weight = w if MIXING_OPS[mixing].weight == "w" else v
     heads = weight.shape[0] if x.ndim == 4 else 0
     kernel = weight.shape[-1] if weight.ndim == x.ndim else 1
-    s = MixSetting(mixing, x.shape[1], heads, kernel, causal, impl, mask_grad, decay)
+    s = MixingSpec(n_ctx=x.shape[1], d_model=x.shape[-1], mixing=mixing, heads=heads, impl=impl,
+                   mask_grad=mask_grad, decay=decay, kernel=kernel, causal=causal)
     p = {MIXING_OPS[mixing].weight: weight, "c": c, "lam": lam}
     return add_position_bias(mix_parallel(p, x, s), c)
 
@@ -701,6 +710,8 @@ class TokenMixing(nn.Module):
       headed:    proj/kernel [d, H, d/H] ('embed', 'heads', 'head_dim'), proj/bias [H, d/H],
                  out/kernel [H, d/H, d] ('heads', 'head_dim', 'embed'), out/bias [d]
 
+    All hyper-parameters are in ``spec`` (:class:`MixingSpec`).
+
     Call forms:
       ``mix(x_BxNxD)`` -> y_BxNxD, the parallel form;
       ``mix(x_BxD, pos=i, cache=cache)`` -> (y_BxD, new cache), the step form at position i (a
@@ -709,101 +720,86 @@ class TokenMixing(nn.Module):
       mode 'recurrent' (ops with a recurrent form) keeps the O(d) state ``s<suffix>`` (float32).
     """
 
-    n_ctx: int
-    d_model: int
-    mixing: str = "flat"
-    heads: int = 0
-    impl: str = "dense"
-    expanded: bool = False
-    mask_grad: str = "masked"
-    reference: bool = True
-    decay: bool = True
-    kaiming: bool = False
-    kernel: int = 1
-    causal: bool = True
-    dtype: Dtype = jnp.float32
-
-    @property
-    def setting(self) -> MixSetting:
-        return MixSetting(self.mixing, self.n_ctx, self.heads, self.kernel, self.causal, self.impl,
-                          self.mask_grad, self.decay)
+    spec: MixingSpec
 
     @property
     def suffixes(self) -> tuple[str, ...]:
-        return ("1", "2") if self.expanded else ("",)
+        return ("1", "2") if self.spec.expanded else ("",)
 
     @nn.nowrap
     def init_cache(self, batch: int, mode: str = "cached") -> dict:
         """Zero cache/state for :meth:`__call__`'s step form."""
-        if not self.causal:
+        if not self.spec.causal:
             raise ValueError(
                 "unmasked (causal=False) token mixing has no step form: every output depends on "
                 "later positions"
             )
-        n, d, h = self.n_ctx, self.d_model, self.heads
+        spec = self.spec
+        n, d, h = spec.n_ctx, spec.d_model, spec.heads
         feat = (h, d // h) if h else (d,)
         if mode == "cached":
-            return {"x" + s: jnp.zeros((batch, n) + feat, self.dtype) for s in self.suffixes}
+            return {"x" + s: jnp.zeros((batch, n) + feat, spec.dtype) for s in self.suffixes}
         if mode == "recurrent":
-            if MIXING_OPS[self.mixing].recurrent is None:
+            if spec.op.recurrent is None:
                 raise ValueError(
-                    f"'recurrent' needs structured mixing {SRM_MIXINGS}; {self.mixing!r} has no "
+                    f"'recurrent' needs structured mixing {SRM_MIXINGS}; {spec.mixing!r} has no "
                     "O(1) recurrence (use mode 'cached')"
                 )
             return {"s" + s: jnp.zeros((batch,) + feat, jnp.float32) for s in self.suffixes}
         raise ValueError(f"cache mode must be one of {CACHE_MODES}, got {mode!r}")
 
     def _matrix(self, suffix: str) -> dict:
-        s, h = self.setting, self.heads
-        op = s.op
+        s, op, h = self.spec, self.spec.op, self.spec.heads
         head_shape, head_axes = ((h,), ("heads",)) if h else ((), ())
-        w_init, c_init = kaiming_inits(s.n * s.kernel) if self.kaiming else op.inits(s, self.reference)
+        w_init, c_init = kaiming_inits(s.n_ctx * s.kernel) if s.kaiming else op.inits(s, s.reference)
         shape, axes = op.weight_shape(s)
         out = {op.weight: self.param(op.weight + suffix,
                                      nn.with_logical_partitioning(w_init, head_axes + axes),
                                      head_shape + shape, jnp.float32)}
         out["c"] = self.param("c" + suffix,
                               nn.with_logical_partitioning(c_init, head_axes + ("seq_out",)),
-                              head_shape + (s.n,), jnp.float32)
+                              head_shape + (s.n_ctx,), jnp.float32)
         if op.decay:
-            out["lam"] = self.param("lam" + suffix, nn.with_logical_partitioning(layers.ones, head_axes),
+            out["lam"] = self.param("lam" + suffix,
+                                    nn.with_logical_partitioning(layers.ones, head_axes),
                                     head_shape, jnp.float32)
         return out
 
     def _mix(self, z: Array, suffix: str) -> Array:
         p = self._matrix(suffix)
-        return add_position_bias(mix_parallel(p, z, self.setting), p["c"])
+        return add_position_bias(mix_parallel(p, z, self.spec), p["c"])
 
     def _mix_step(self, z: Array, suffix: str, pos: Array, cache: dict) -> tuple[Array, dict]:
         """Step form of :meth:`_mix` for z [B, d] or [B, H, K] at position ``pos``."""
-        if not self.causal:
+        if not self.spec.causal:
             raise ValueError("unmasked (causal=False) token mixing has no step form")
-        p, s = self._matrix(suffix), self.setting
+        p, s = self._matrix(suffix), self.spec
         cache = dict(cache)
         if "s" + suffix in cache:  # O(1) recurrence
             y, cache["s" + suffix] = s.op.recurrent(cache["s" + suffix], z, p, pos, s)
             y = y.astype(z.dtype)
         else:  # cache of the mixing inputs, one matrix row
             cache["x" + suffix] = jax.lax.dynamic_update_index_in_dim(
-                cache["x" + suffix], z.astype(self.dtype), pos, axis=1)
+                cache["x" + suffix], z.astype(self.spec.dtype), pos, axis=1)
             y = mix_cached_step(p, cache["x" + suffix], pos, s)
         y = y + position_bias_at(p["c"], pos).astype(y.dtype)
         return y, cache
 
     @nn.compact
     def __call__(self, x: Array, pos: Array | None = None, cache: dict | None = None):
-        n, d, h = self.n_ctx, self.d_model, self.heads
+        spec = self.spec
+        n, d, h = spec.n_ctx, spec.d_model, spec.heads
         step = cache is not None
         if not step and x.shape[1] != n:
             raise ValueError(f"token mixing expects {n} positions, got {x.shape[1]}")
-        if self.kernel > 1 and not MIXING_OPS[self.mixing].kernel:
-            raise ValueError(f"kernel > 1 needs flat mixing, got {self.mixing!r}")
-        x = x.astype(self.dtype)
-        k_init, b_init = layers.linear_inits(self.reference, d, self.kaiming)
+        if spec.kernel > 1 and not spec.op.kernel:
+            raise ValueError(f"kernel > 1 is not available for {spec.mixing!r} mixing")
+        x = x.astype(spec.dtype)
+        k_init, b_init = layers.linear_inits(spec.reference, d, spec.kaiming)
 
         def linear(features, axes, name, n_in=1):
             return layers.Linear(features, axes, n_in=n_in, kernel_init=k_init, bias_init=b_init,
-                                 dtype=self.dtype, name=name)
+                                 dtype=spec.dtype, name=name)
 
         z = x
         if h:
@@ -812,7 +808,7 @@ class TokenMixing(nn.Module):
                 z = nn.with_logical_constraint(z, ("batch", "length", "act_heads", None))
         for i, suffix in enumerate(self.suffixes):
             if i:
-                z = layers.gelu(z, self.reference)
+                z = layers.gelu(z, spec.reference)
             if step:
                 z, cache = self._mix_step(z, suffix, pos, cache)
             else:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from mixers_jax.config import field
 from mixers_jax.errors import UserError
 from mixers_jax.models import layers
-from mixers_jax.models.mixing import MixSetting, check_mixing
+from mixers_jax.models.mixing import MixingSpec, check_mixing
 
 DTYPES = ("float32", "bfloat16")
 BLOCKS = ("mixer", "srm")
@@ -24,44 +24,29 @@ BLOCKS = ("mixer", "srm")
 
 @dataclasses.dataclass(frozen=True)
 class MixerSpec:
-    """A masked mixer LM (REFERENCE §2, §8): see ``mixers_jax/config.py`` for each field."""
+    """A masked mixer LM (REFERENCE §2, §8): its token-mixing layers' :class:`MixingSpec` and the
+    fields of the rest of the model (see ``mixers_jax/config.py`` for each)."""
 
+    token_mixing: MixingSpec
     vocab_size: int
-    n_ctx: int
-    d_model: int
     n_layers: int
     mlp_ratio: int = 4
-    mixing: str = "flat"
-    heads: int = 0
-    impl: str = "dense"
-    expanded: bool = False
-    mask_grad: str = "masked"
-    reference: bool = True
     layer_norm: bool = True
     residual: bool = True
     tie_embeddings: bool = False
     block: str = "mixer"
-    decay: bool = True
-    kernel: int = 1
-    causal: bool = True
-    dtype: Any = jnp.float32
 
     @property
     def srm(self) -> bool:
         """The SRM block (FFN first, SiLU, Kaiming init, N(0, 1) embedding; REFERENCE §8)."""
         return self.block == "srm"
 
-    @property
-    def mix_setting(self) -> MixSetting:
-        return MixSetting(self.mixing, self.n_ctx, self.heads, self.kernel, self.causal, self.impl,
-                          self.mask_grad, self.decay)
-
-    def token_mixing_fields(self) -> dict:
-        """The keyword fields of :class:`~mixers_jax.models.mixing.TokenMixing` for this model."""
-        return dict(n_ctx=self.n_ctx, d_model=self.d_model, mixing=self.mixing, heads=self.heads,
-                    impl=self.impl, expanded=self.expanded, mask_grad=self.mask_grad,
-                    reference=self.reference, decay=self.decay, kaiming=self.srm,
-                    kernel=self.kernel, causal=self.causal, dtype=self.dtype)
+    # shared with the token mixing
+    n_ctx = property(lambda self: self.token_mixing.n_ctx)
+    d_model = property(lambda self: self.token_mixing.d_model)
+    reference = property(lambda self: self.token_mixing.reference)
+    causal = property(lambda self: self.token_mixing.causal)
+    dtype = property(lambda self: self.token_mixing.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,26 +86,30 @@ def mixer_spec(cfg: Any) -> MixerSpec:
         raise UserError(f"model.block must be one of {BLOCKS}, got {block!r}")
     if heads and d % heads:
         raise UserError(f"model.d_model={d} must be divisible by model.heads={heads}")
-    return MixerSpec(
-        vocab_size=field(cfg, "vocab_size"),
+    token_mixing = MixingSpec(
         n_ctx=field(cfg, "n_ctx"),
         d_model=d,
-        n_layers=field(cfg, "n_layers"),
-        mlp_ratio=field(cfg, "mlp_ratio"),
         mixing=mixing,
         heads=heads,
         impl=impl,
         expanded=bool(field(cfg, "expanded")),
         mask_grad=mask_grad,
         reference=bool(field(cfg, "reference")),
+        decay=bool(field(cfg, "decay", True)),
+        kaiming=block == "srm",
+        kernel=kernel,
+        causal=bool(causal),
+        dtype=layers.dtype_of(field(cfg, "dtype")),
+    )
+    return MixerSpec(
+        token_mixing=token_mixing,
+        vocab_size=field(cfg, "vocab_size"),
+        n_layers=field(cfg, "n_layers"),
+        mlp_ratio=field(cfg, "mlp_ratio"),
         layer_norm=bool(field(cfg, "layer_norm")),
         residual=bool(field(cfg, "residual")),
         tie_embeddings=bool(field(cfg, "tie_embeddings")),
         block=block,
-        decay=bool(field(cfg, "decay", True)),
-        kernel=kernel,
-        causal=bool(causal),
-        dtype=layers.dtype_of(field(cfg, "dtype")),
     )
 
 

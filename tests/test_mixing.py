@@ -151,10 +151,10 @@ def test_headed_toeplitz_module_fft_equals_dense():
 
 def test_reference_mixing_inits():
     n = 64
-    w_init, c_init = mixing.mixing_inits("flat", True, n)
+    w_init, c_init = mixing.mixing_inits(mixing.MixingSpec(n_ctx=n, d_model=1, mixing="flat"))
     w = np.asarray(w_init(jax.random.key(0), (n, n)))
     assert np.abs(w).max() <= 1 / np.sqrt(n) and np.abs(w).max() > 0.9 / np.sqrt(n)
-    v_init, c_init = mixing.mixing_inits("toeplitz", True, n)
+    v_init, c_init = mixing.mixing_inits(mixing.MixingSpec(n_ctx=n, d_model=1, mixing="toeplitz"))
     v = np.asarray(v_init(jax.random.key(0), (4096,)))
     assert 0.9 < v.std() < 1.1
     assert np.all(np.asarray(c_init(jax.random.key(0), (n,))) == 0)

@@ -23,7 +23,7 @@ from mixers_jax.config import CHUNKED_KINDS, cfg_to_dict, field, input_length, s
 from mixers_jax.errors import UserError
 from mixers_jax.models import layers
 from mixers_jax.models.autoencoder import EXPANSIONS, INJECTIONS, Autoencoder, EmbeddingCLM
-from mixers_jax.models.bottleneck import QUANTS
+from mixers_jax.models.bottleneck import QUANTS, EmbeddingSpec
 from mixers_jax.models.memory import MemoryLM, RecurrentMemoryLM
 from mixers_jax.models.mixer import MaskedMixerLM, MixerBlock
 from mixers_jax.models.mixing import TokenMixing
@@ -115,11 +115,11 @@ def _build_memory(cfg: Any) -> nn.Module:
             "model.memory_slots='variable' needs a transformer decoder (a mixer's mixing matrices fix "
             "every position); use memory_slots='fixed' or model.decoder.kind='transformer'")
     d_enc, d_dec = int(enc["d_model"]), int(dec["d_model"])
-    fields = _embedding_fields(cfg, d_enc, n)
+    embedding = _embedding_spec(cfg, d_enc, n)
     return MemoryLM(
         encoder=encoder, decoder=decoder, n_ctx=n, chunks=s, d_encoder=d_enc, d_decoder=d_dec,
         fill=_fill(dec), use_memory=bool(field(cfg, "use_memory", True)),
-        variable_slots=slots == "variable", **fields,
+        variable_slots=slots == "variable", embedding=embedding,
     )
 
 
@@ -144,7 +144,7 @@ register("memory", _build_memory)
 register("rmt", _build_rmt)
 
 
-def _embedding_fields(cfg: Any, d_enc: int, n: int) -> dict:
+def _embedding_spec(cfg: Any, d_enc: int, n: int) -> EmbeddingSpec:
     """Checked encoder.position, compression, embed_quant, qat_noise of a single-embedding model."""
     c = _positive_int(cfg, "compression")
     if d_enc % c:
@@ -159,9 +159,9 @@ def _embedding_fields(cfg: Any, d_enc: int, n: int) -> dict:
     qat = float(field(cfg, "qat_noise", 0.0))
     if qat < 0:
         raise UserError(f"model.qat_noise must be >= 0, got {qat}")
-    return {"position": position, "compression": c, "quant": quant, "qat_noise": qat,
-            "reference": bool(field(cfg, "reference", True)),
-            "dtype": layers.dtype_of(field(cfg, "dtype"))}
+    return EmbeddingSpec(position=position, compression=c, quant=quant, qat_noise=qat,
+                         reference=bool(field(cfg, "reference", True)),
+                         dtype=layers.dtype_of(field(cfg, "dtype")))
 
 
 def _build_autoencoder(cfg: Any) -> nn.Module:
@@ -177,7 +177,7 @@ def _build_autoencoder(cfg: Any) -> nn.Module:
         raise UserError(
             f"model.expansion='unroll' needs an even decoder width (windows of d/2), got {d_dec}")
     return Autoencoder(encoder=encoder, decoder=decoder, n_ctx=n, d_encoder=d_enc, d_decoder=d_dec,
-                       expansion=expansion, **_embedding_fields(cfg, d_enc, n))
+                       expansion=expansion, embedding=_embedding_spec(cfg, d_enc, n))
 
 
 def _build_embedding_clm(cfg: Any) -> nn.Module:
@@ -188,21 +188,21 @@ def _build_embedding_clm(cfg: Any) -> nn.Module:
         raise UserError(f"model.injection must be one of {INJECTIONS}, got {injection!r}")
     encoder, enc = _sub_model(cfg, "encoder", n)
     d_enc = int(enc["d_model"])
-    fields = _embedding_fields(cfg, d_enc, n)
+    embedding = _embedding_spec(cfg, d_enc, n)
     d_dec = int(sub_config(cfg, "decoder")["d_model"])
     dec_cfg = cfg
     if injection == "embedding":  # blocks and head run at d_dec + d_enc/c (§5)
         dec_cfg = cfg_to_dict(cfg)
-        width = d_dec + d_enc // fields["compression"]
+        width = d_dec + d_enc // embedding.compression
         dec_cfg["decoder"] = dict(dec_cfg.get("decoder") or {}, d_model=width)
     decoder, dec = _sub_model(dec_cfg, "decoder", n + 1 if injection == "token" else n)
     if not dec.get("causal", True):
         raise UserError(
             "model.decoder.causal must be True: the embedding_clm decoder predicts the next token")
-    mixer_not_ref = dec["kind"] == "mixer" and not fields["reference"]
+    mixer_not_ref = dec["kind"] == "mixer" and not embedding.reference
     return EmbeddingCLM(encoder=encoder, decoder=decoder, n_ctx=n, vocab_size=int(dec["vocab_size"]),
                         d_encoder=d_enc, d_decoder=d_dec, injection=injection,
-                        token_embed_std=0.02 if mixer_not_ref else 1.0, **fields)
+                        token_embed_std=0.02 if mixer_not_ref else 1.0, embedding=embedding)
 
 
 register("autoencoder", _build_autoencoder)

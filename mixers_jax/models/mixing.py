@@ -4,7 +4,7 @@ Convention (REFERENCE notation): a mixing matrix W is indexed [output position i
 ``y_i = Σ_{j≤i} W_ij x_j + c_i``, the same matrix shared by every feature (or, headed, by every
 feature of one head). Causal means W_ij = 0 for j > i.
 
-The file has two layers:
+The file has three layers:
 
 * pure functions of the math (``causal_mask``, ``mask_weight``, ``dense_causal_mix``,
   ``toeplitz_matrix``, ``toeplitz_mix_fft``, the ``headed_*`` variants, ``add_position_bias``);
@@ -14,8 +14,21 @@ The file has two layers:
   inputs x_{≤i} (O(n·d) state); structured mixing also has the O(1) recurrence ``srm_step``.
   Structured recurrent mixing (``srm_matrix``, REFERENCE §8): column-repeat A_ij = v_i δ^(i−j),
   row-repeat A_ij = v_j δ^(i−j), δ = clip(λ, 0.9, 1)^(1/κ), κ = n/512, materialised as dense.
+* **the table of mixing ops**, :data:`MIXING_OPS`: one frozen :class:`MixingOp` per op ('flat',
+  'toeplitz', 'row', 'col', 'mixed') with its weight (name, shape, logical axes) and inits, its
+  effective n×n matrix as a function of its parameters (causal and unmasked), the row of that
+  matrix for the cached step form, its O(d)-state recurrent step (if any), its FFT implementation
+  (if any), its forward FLOPs per token, and its constraints (kernel taps, unmasked form,
+  straight-through mask gradient, minimum heads; :func:`check_mixing` raises the ``UserError``
+  that ``build_model`` reports). The models, ``flops.py``, ``inspect.py`` (effective matrices) and
+  ``generate.py`` (which step modes exist) read the table; nothing else compares op names.
+  **Adding a mixing op** = one entry in :data:`MIXING_OPS` (plus its math functions above) and
+  one line in the ``VARIANTS`` of ``tests/test_step_forms.py`` (its step forms must equal its
+  parallel form; ``tests/test_inspect.py`` checks its matrix against the layer's Jacobian by
+  itself, for every entry of the table).
 * ``TokenMixing``: the Flax module owning the parameters (W or v, bias c, optional per-head
-  projections) and choosing the implementation (``impl``: 'dense' | 'fft').
+  projections), configured by one :class:`MixingSpec`; the op and ``impl`` ('dense' | 'fft')
+  choose the computation.
 
 Implementations and what they compute (flops.py counts exactly this):
 
@@ -625,6 +638,14 @@ def check_mixing(mixing: Any, impl: Any, mask_grad: Any, heads: Any, kernel: Any
             "model.mask_grad='straight_through' needs causal mixing (causal=False has no mask)")
 
 
+def mixing_inits(spec: MixingSpec) -> tuple[Callable, Callable]:
+    """(weight init, bias init) of one matrix: the op's, or Kaiming with fan_in = n·k in the SRM
+    block (``spec.kaiming``)."""
+    if spec.kaiming:
+        return kaiming_inits(spec.n_ctx * spec.kernel)
+    return spec.op.inits(spec, spec.reference)
+
+
 def apply_matrix(a: Array, x: Array) -> Array:
     """y = A x over the sequence axis: x [B, n, d] with A [n, n] or x [B, n, H, K] with A [H, n, n];
     a kernel A (trailing tap axis, A.ndim == x.ndim) contracts the feature-shifted copies of x."""
@@ -751,7 +772,7 @@ class TokenMixing(nn.Module):
     def _matrix(self, suffix: str) -> dict:
         s, op, h = self.spec, self.spec.op, self.spec.heads
         head_shape, head_axes = ((h,), ("heads",)) if h else ((), ())
-        w_init, c_init = kaiming_inits(s.n_ctx * s.kernel) if s.kaiming else op.inits(s, s.reference)
+        w_init, c_init = mixing_inits(s)
         shape, axes = op.weight_shape(s)
         out = {op.weight: self.param(op.weight + suffix,
                                      nn.with_logical_partitioning(w_init, head_axes + axes),

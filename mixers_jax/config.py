@@ -35,7 +35,7 @@ model.kernel            token-mixing taps k of flat mixing (REFERENCE §2.1 "ker
 model.causal            False: unmasked (bidirectional) mixing / attention, for encoders
 model.encoder, decoder  sub-models of composite kinds: kind 'mixer' | 'transformer', d_model,
                         n_layers, mixing, heads, kernel, n_heads, causal; 0 / '' / -1 inherit the
-                        top-level field. encoder.position: which position's hidden state is the
+                        top-level field (resolved by :func:`sub_model_config`). encoder.position: which position's hidden state is the
                         embedding (-1; -2 for encoders taken from causal LMs, REFERENCE §4)
 model.compression       c: the embedding is compressed d -> d/c (and back) by linear maps (§4, §5)
 model.expansion         autoencoder decoder input: 'repeat' | 'unroll' (cyclic window, §4)

@@ -35,7 +35,7 @@ model.kernel            token-mixing taps k of flat mixing (REFERENCE §2.1 "ker
 model.causal            False: unmasked (bidirectional) mixing / attention, for encoders
 model.encoder, decoder  sub-models of composite kinds: kind 'mixer' | 'transformer', d_model,
                         n_layers, mixing, heads, kernel, n_heads, causal; 0 / '' / -1 inherit the
-                        top-level field. encoder.position: which position's hidden state is the
+                        top-level field (resolved by :func:`sub_model_config`). encoder.position: which position's hidden state is the
                         embedding (-1; -2 for encoders taken from causal LMs, REFERENCE §4)
 model.compression       c: the embedding is compressed d -> d/c (and back) by linear maps (§4, §5)
 model.expansion         autoencoder decoder input: 'repeat' | 'unroll' (cyclic window, §4)
@@ -62,7 +62,68 @@ sharding                '3d' | 'dp' | 'fsdp' | 'tp' | 'fsdp_tp' (see README "Sha
 """
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
+
+
+def field(cfg: Any, key: str, default: Any = None) -> Any:
+    """``cfg[key]`` of a ConfigDict, a dict (e.g. a loaded config.json) or an object with that
+    attribute; ``default`` when it has no such key. The one config accessor of the package."""
+    try:
+        return cfg[key]
+    except (KeyError, AttributeError, TypeError):
+        return getattr(cfg, key, default)
+
+
+CHUNKED_KINDS = ("memory", "rmt")  # model kinds whose data rows hold model.chunks chunks of n_ctx
+
+
+def input_length(model_cfg: Any) -> int:
+    """Tokens per data row: n_ctx, or chunks x n_ctx for the chunked memory models (§6)."""
+    n = int(field(model_cfg, "n_ctx"))
+    if field(model_cfg, "kind") in CHUNKED_KINDS:
+        return n * int(field(model_cfg, "chunks"))
+    return n
+
+
+# Fields an encoder / decoder sub-config may set for itself, and the value that means "inherit the
+# top-level field" (None: only an absent key inherits; ``causal`` is always the role's own).
+SUB_MODEL_FIELDS = {"d_model": 0, "n_layers": 0, "mixing": "", "heads": -1, "kernel": 0,
+                    "n_heads": 0, "causal": None}
+
+
+def _inherits(value: Any, sentinel: Any) -> bool:
+    return value is None or value == "" or (sentinel is not None and value == sentinel)
+
+
+def sub_model_config(model_cfg: Any, role: str, n_ctx: int | None = None) -> dict:
+    """The flat model config of a composite model's ``role`` ('encoder' | 'decoder') sub-model.
+
+    Inheritance is explicit: the result starts from every top-level (non-dict) model field; each
+    field of :data:`SUB_MODEL_FIELDS` that ``model.<role>`` sets to something other than its
+    "inherit" value (0 for d_model / n_layers / kernel / n_heads, '' for mixing, -1 for heads;
+    an absent key always inherits) overrides it; ``kind`` is ``model.<role>.kind`` ('mixer' when
+    absent); ``n_ctx`` (the sub-model's own length, e.g. n_ctx + s for a memory decoder) replaces
+    the top-level one when given. Other role fields (e.g. encoder.position) are not copied. Configs
+    saved with these sentinel values (every existing workdir's config.json) resolve unchanged.
+    """
+    top = cfg_to_dict(model_cfg)
+    role_cfg = top.get(role) or {}
+    out = {k: v for k, v in top.items() if not isinstance(v, dict)}
+    out["kind"] = role_cfg.get("kind", "mixer")
+    for key, sentinel in SUB_MODEL_FIELDS.items():
+        value = role_cfg.get(key)
+        if not _inherits(value, sentinel):
+            out[key] = value
+    if n_ctx is not None:
+        out["n_ctx"] = int(n_ctx)
+    return out
+
+
+def cfg_to_dict(cfg: Any) -> dict:
+    """A ConfigDict (``to_dict``) or a mapping as a plain dict (nested ConfigDicts become dicts)."""
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -29,33 +29,23 @@ What is counted is what the implementation computes, not the causal minimum:
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
+from mixers_jax.config import field, sub_model_config
+from mixers_jax.models.mixing import MixingSpec
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    try:
-        return cfg[key]
-    except (KeyError, AttributeError, TypeError):
-        return getattr(cfg, key, default)
-
-
-def _fft_mix_flops(n: int, d: int, length: int | None = None) -> float:
-    """Forward FLOPs per token of one FFT convolution over d features with real FFTs of ``length``
-    (2n: causal; 4n: unmasked two-sided): 2 FFTs of 2.5·L·log2 L and 3·L pointwise, per n tokens."""
-    length = 2 * n if length is None else length
-    return d * (5.0 * length * math.log2(length) + 3.0 * length) / n
 
 
 def mixer_forward_flops(cfg: Any) -> float:
-    """Forward FLOPs per token of the masked mixer LM (REFERENCE §2)."""
-    n, d, L, V = _get(cfg, "n_ctx"), _get(cfg, "d_model"), _get(cfg, "n_layers"), _get(cfg, "vocab_size")
-    r, heads = _get(cfg, "mlp_ratio", 4), _get(cfg, "heads", 0)
-    n_mix = 2 if _get(cfg, "expanded", False) else 1
-    fft = _get(cfg, "mixing_impl", "dense") == "fft"
-    k = _get(cfg, "kernel", 1) if _get(cfg, "mixing", "flat") == "flat" else 1
-    fft_len = 2 * n if _get(cfg, "causal", True) else 4 * n
-    mix = n_mix * (_fft_mix_flops(n, d, fft_len) if fft else 2.0 * n * d * k)
+    """Forward FLOPs per token of the masked mixer LM (REFERENCE §2); the mixing op's share comes
+    from its entry in ``models.mixing.MIXING_OPS``."""
+    n, d, L, V = field(cfg, "n_ctx"), field(cfg, "d_model"), field(cfg, "n_layers"), field(cfg, "vocab_size")
+    r, heads = field(cfg, "mlp_ratio", 4), field(cfg, "heads", 0)
+    n_mix = 2 if field(cfg, "expanded", False) else 1
+    spec = MixingSpec(n_ctx=n, d_model=d, mixing=field(cfg, "mixing", "flat"), heads=heads,
+                      impl=field(cfg, "mixing_impl", "dense"), kernel=field(cfg, "kernel", 1),
+                      causal=field(cfg, "causal", True))
+    mix = n_mix * spec.op.flops_per_token(spec, d)
     proj = 2.0 * (2 * d * d) if heads else 0.0  # in-projection d->d, out-projection d->d
     ffn = 2.0 * (2 * r * d * d)
     head = 2.0 * d * V
@@ -64,8 +54,8 @@ def mixer_forward_flops(cfg: Any) -> float:
 
 def transformer_forward_flops(cfg: Any) -> float:
     """Forward FLOPs per token of the Llama-style baseline (REFERENCE §3)."""
-    n, d, L, V = _get(cfg, "n_ctx"), _get(cfg, "d_model"), _get(cfg, "n_layers"), _get(cfg, "vocab_size")
-    r = _get(cfg, "mlp_ratio", 4)
+    n, d, L, V = field(cfg, "n_ctx"), field(cfg, "d_model"), field(cfg, "n_layers"), field(cfg, "vocab_size")
+    r = field(cfg, "mlp_ratio", 4)
     qkvo = 2.0 * 4 * d * d
     attn = 2.0 * 2 * n * d  # QK^T and AV, full n x n
     mlp = 2.0 * 3 * r * d * d  # gate, up, down
@@ -74,14 +64,12 @@ def transformer_forward_flops(cfg: Any) -> float:
 
 
 def _head_flops(cfg: Any) -> float:
-    return 2.0 * _get(cfg, "d_model") * _get(cfg, "vocab_size")
+    return 2.0 * field(cfg, "d_model") * field(cfg, "vocab_size")
 
 
 def _sub(cfg: Any, role: str, n_ctx: int) -> tuple[dict, float, float]:
     """(sub-config, body FLOPs per position, head FLOPs per position) of a composite model's part."""
-    from mixers_jax.models import sub_config
-
-    sub = sub_config(cfg, role, n_ctx=n_ctx)
+    sub = sub_model_config(cfg, role, n_ctx=n_ctx)
     head = _head_flops(sub)
     return sub, _FORWARD[sub["kind"]](sub) - head, head
 
@@ -93,13 +81,13 @@ def memory_forward_flops(cfg: Any) -> float:
     use_memory=False); decoder body on s·(s+n) positions (memory slots included) at length n+s and
     its head on the s·n token slots only.
     """
-    s, n = int(_get(cfg, "chunks")), int(_get(cfg, "n_ctx"))
+    s, n = int(field(cfg, "chunks")), int(field(cfg, "n_ctx"))
     dec, dec_body, dec_head = _sub(cfg, "decoder", n + s)
     total = s * (s + n) * dec_body + s * n * dec_head
-    if _get(cfg, "use_memory", True):
+    if field(cfg, "use_memory", True):
         enc, enc_body, _ = _sub(cfg, "encoder", n)
         d_enc, d_dec = enc["d_model"], dec["d_model"]
-        c = int(_get(cfg, "compression", 1))
+        c = int(field(cfg, "compression", 1))
         bottleneck = (2.0 * 2 * d_enc * (d_enc // c) if c > 1 else 0.0) + (
             2.0 * d_enc * d_dec if d_enc != d_dec else 0.0)
         total += (s - 1) * (n * enc_body + bottleneck)
@@ -109,7 +97,7 @@ def memory_forward_flops(cfg: Any) -> float:
 def rmt_forward_flops(cfg: Any) -> float:
     """Forward FLOPs per row token of the recurrent-memory baseline (REFERENCE §6): per chunk the
     decoder body on n+1 positions (state slot + tokens) and the head on the n token slots."""
-    n = int(_get(cfg, "n_ctx"))
+    n = int(field(cfg, "n_ctx"))
     _, body, head = _sub(cfg, "decoder", n + 1)
     return ((n + 1) * body + n * head) / n
 
@@ -131,11 +119,11 @@ def _bottleneck_flops(d_in: int, c: int, d_out: int) -> float:
 def autoencoder_forward_flops(cfg: Any) -> float:
     """Forward FLOPs per input token of the autoencoder (REFERENCE §4): encoder body (no head) on the
     n tokens, the bottleneck once per row (/n), the unroll projection per position, the decoder."""
-    n, c = int(_get(cfg, "n_ctx")), int(_get(cfg, "compression", 1))
+    n, c = int(field(cfg, "n_ctx")), int(field(cfg, "compression", 1))
     enc, enc_body, _ = _sub(cfg, "encoder", n)
     dec, dec_body, dec_head = _sub(cfg, "decoder", n)
     d_enc, d_dec = enc["d_model"], dec["d_model"]
-    unroll = 2.0 * (d_dec // 2) * d_dec if _get(cfg, "expansion", "repeat") == "unroll" else 0.0
+    unroll = 2.0 * (d_dec // 2) * d_dec if field(cfg, "expansion", "repeat") == "unroll" else 0.0
     return enc_body + _bottleneck_flops(d_enc, c, d_dec) / n + unroll + dec_body + dec_head
 
 
@@ -143,8 +131,8 @@ def embedding_clm_forward_flops(cfg: Any) -> float:
     """Forward FLOPs per input token of the oracle-embedding causal LM (REFERENCE §5): encoder body
     on n tokens, bottleneck / injection once per row (/n), decoder body on n+1 positions ('token')
     or n (at width d_dec + d_enc/c for 'embedding') and its head on n."""
-    n, c = int(_get(cfg, "n_ctx")), int(_get(cfg, "compression", 1))
-    injection = _get(cfg, "injection", "token")
+    n, c = int(field(cfg, "n_ctx")), int(field(cfg, "compression", 1))
+    injection = field(cfg, "injection", "token")
     enc, enc_body, _ = _sub(cfg, "encoder", n)
     d_enc = enc["d_model"]
     if injection == "token":
@@ -167,7 +155,7 @@ _FORWARD["embedding_clm"] = embedding_clm_forward_flops
 
 def flops_per_token(model_cfg: Any, training: bool = True) -> float:
     """Analytic matmul FLOPs per token: forward, ×3 when ``training`` (forward + backward)."""
-    kind = _get(model_cfg, "kind", "mixer")
+    kind = field(model_cfg, "kind", "mixer")
     if kind not in _FORWARD:
         raise ValueError(f"no FLOPs model for model.kind {kind!r}")
     fwd = _FORWARD[kind](model_cfg)

@@ -32,30 +32,30 @@ import numpy as np
 from absl import flags, logging
 
 from mixers_jax import cli
+from mixers_jax.config import field
 from mixers_jax.errors import UserError
-from mixers_jax.models.mixing import SRM_MIXINGS
+from mixers_jax.models.mixing import MIXING_OPS
 
 MODES = ("auto", "recurrent", "cached", "full")
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    try:
-        return cfg[key]
-    except (KeyError, AttributeError, TypeError):
-        return getattr(cfg, key, default)
+def has_recurrent_form(model_cfg: Any) -> bool:
+    """Whether the model has an O(d)-state step (a mixer whose mixing op has a recurrent form)."""
+    op = MIXING_OPS.get(field(model_cfg, "mixing"))
+    return field(model_cfg, "kind") == "mixer" and op is not None and op.recurrent is not None
 
 
 def resolve_mode(model_cfg: Any, mode: str) -> str:
     """'auto' -> 'recurrent' for structured recurrent mixers, else 'cached'; checks the choice."""
     if mode not in MODES:
         raise UserError(f"--mode must be one of {MODES}, got {mode!r}")
-    srm = _get(model_cfg, "kind") == "mixer" and _get(model_cfg, "mixing") in SRM_MIXINGS
+    srm = has_recurrent_form(model_cfg)
     if mode == "auto":
         return "recurrent" if srm else "cached"
     if mode == "recurrent" and not srm:
         raise UserError(
             "--mode=recurrent needs a structured recurrent mixer (model.mixing row/col/mixed); "
-            f"this model is {_get(model_cfg, 'kind')}/{_get(model_cfg, 'mixing')}: use cached or full"
+            f"this model is {field(model_cfg, 'kind')}/{field(model_cfg, 'mixing')}: use cached or full"
         )
     return mode
 
@@ -92,7 +92,7 @@ class Generator:
                  top_k: int = 0, top_p: float = 1.0, pad_id: int = 2):
         self.model, self.params = model, params
         self.mode = resolve_mode(model_cfg, mode)
-        self.n_ctx = int(_get(model_cfg, "n_ctx"))
+        self.n_ctx = int(field(model_cfg, "n_ctx"))
         self.pad_id = int(pad_id)
         self._sample = functools.partial(
             sample_logits, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p)

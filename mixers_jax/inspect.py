@@ -22,6 +22,7 @@ import numpy as np
 from absl import flags
 
 from mixers_jax import cli
+from mixers_jax.config import field
 from mixers_jax.errors import UserError
 
 DELTAS = np.concatenate([np.linspace(0.5, 0.99, 50), np.linspace(0.991, 1.0, 10)])
@@ -29,32 +30,26 @@ DELTAS = np.concatenate([np.linspace(0.5, 0.99, 50), np.linspace(0.991, 1.0, 10)
 
 def effective_matrices(run) -> list[tuple[str, np.ndarray]]:
     """[(name, A [n, n] float64)] for every token-mixing matrix of the model (one per head and,
-    with ``model.kernel`` k > 1, per tap; unmasked as trained when ``model.causal`` is False)."""
-    import jax.numpy as jnp
+    with ``model.kernel`` k > 1, per tap), as the forward pass applies it: the mixing op's
+    ``matrix`` from ``models.mixing.MIXING_OPS`` (unmasked as trained when ``model.causal`` is
+    False: a two-sided Toeplitz v of length 2n−1 gives T_ij = v_{i−j+n−1})."""
+    import jax.numpy as jnp  # jax and the models load here, not at import: `--help` stays fast
 
-    from mixers_jax.models import mixing as mx
+    from mixers_jax.models.specs import mixer_spec
 
     m = run.config.model
-    if m.kind != "mixer":
-        raise UserError(f"model.kind {m.kind!r} has no token-mixing matrices to inspect")
+    if field(m, "kind") != "mixer":
+        raise UserError(f"model.kind {field(m, 'kind')!r} has no token-mixing matrices to inspect")
+    spec = mixer_spec(m)
+    mixing, op = spec.token_mixing, spec.token_mixing.op
     out = []
-    for layer in range(int(m.n_layers)):
+    for layer in range(spec.n_layers):
         p = run.params[f"block_{layer}"]["mix"]
-        for suffix in ("1", "2") if m.expanded else ("",):
-            if m.mixing == "flat":
-                w = jnp.asarray(p["w" + suffix])
-                taps = int(m.get("kernel", 1) or 1) > 1  # w [(H,) n, n, k]: one matrix per tap
-                a = mx.mask_weight(w, taps=taps) if m.get("causal", True) else w
-                if taps:
-                    a = jnp.moveaxis(a, -1, 0)
-            elif m.mixing == "toeplitz":
-                a = mx.toeplitz_matrix(jnp.asarray(p["v" + suffix]))
-            else:
-                v = jnp.asarray(p["v" + suffix])
-                delta = mx.srm_delta(jnp.asarray(p["lam" + suffix]), int(m.n_ctx), bool(m.get("decay", True)))
-                a = mx.srm_matrix(v, delta, mx.srm_is_col(m.mixing, int(m.heads)))
-            a = np.asarray(a, np.float64)
-            per_tap = list(a) if m.mixing == "flat" and int(m.get("kernel", 1) or 1) > 1 else [a]
+        for suffix in ("1", "2") if mixing.expanded else ("",):
+            params = {key: jnp.asarray(p[key + suffix]) for key in (op.weight, "c", "lam")
+                      if key + suffix in p}
+            a = np.asarray(op.matrix(params, mixing), np.float64)
+            per_tap = list(np.moveaxis(a, -1, 0)) if mixing.kernel > 1 else [a]
             for t, at in enumerate(per_tap):
                 heads = [at] if at.ndim == 2 else list(at)
                 for h, ah in enumerate(heads):

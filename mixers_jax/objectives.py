@@ -39,6 +39,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from mixers_jax.config import CHUNKED_KINDS, input_length
+
 
 def token_nll(logits_BxNxV: jax.Array, targets_BxN: jax.Array) -> jax.Array:
     """Natural-log cross-entropy of each target, computed in float32."""
@@ -168,8 +170,6 @@ Objective = Callable[[Callable, Any, dict], tuple[jax.Array, dict[str, jax.Array
 
 def _chunks(ctx: ObjectiveContext) -> int:
     """s for the chunked kinds ('memory', 'rmt'), 0 for every other kind."""
-    from mixers_jax.models import CHUNKED_KINDS
-
     return int(ctx.model.chunks) if ctx.model.kind in CHUNKED_KINDS else 0
 
 
@@ -184,8 +184,6 @@ def _loss_terms(logits, targets, mask, nbytes, chunks: int) -> tuple[jax.Array, 
 
 def _row_length(ctx: ObjectiveContext, name: str) -> int:
     from mixers_jax.errors import UserError
-    from mixers_jax.models import input_length
-
     length = input_length(ctx.model)
     if length % 2:
         raise UserError(

@@ -162,7 +162,7 @@ def test_embed_is_the_stored_vector_and_stored_width():
     assert model.stored_width == stored_numbers(c) == D // 4
     e = model.apply({"params": params}, t, method="encode")
     down = params["bottleneck"]["down"]
-    np.testing.assert_allclose(z, np.asarray(quantize(e @ down["kernel"] + down["bias"], "int8")),
+    np.testing.assert_allclose(z, np.asarray(quantize(e @ down["kernel"] + down["bias"][None], "int8")),
                                rtol=1e-6, atol=1e-6)
     scale = np.abs(z).max(-1, keepdims=True) / 127  # int8 grid of the per-vector absmax scale
     np.testing.assert_allclose(z / scale, np.round(z / scale), atol=1e-3)

@@ -1,14 +1,21 @@
-"""inspect: structure errors are 0 for matrices of that structure, heatmaps and JSON are written."""
+"""inspect: structure errors are 0 for matrices of that structure, heatmaps and JSON are written;
+the effective matrices are the ones the forward pass applies, for every mixing op."""
 import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from flax import linen as nn
 
 from mixers_jax import inspect as insp
-from mixers_jax.models import mixing
+from mixers_jax.config import base_config
+from mixers_jax.models import build_model, mixing
+from mixers_jax.models.specs import mixer_spec
 from mixers_jax.workdir import load_run
 from run_util import make_workdir
 from tests_util import REPO
@@ -84,3 +91,42 @@ def test_cli_transformer_leaves_no_out_folder(tmp_path):
     out = tmp_path / "out"
     _one_line_status_2(_inspect(f"--workdir={wd}", f"--out={out}"), "no token-mixing matrices")
     assert not out.exists()
+
+
+def _op_cases():
+    for name, op in mixing.MIXING_OPS.items():
+        for causal in (True, False) if op.unmasked else (True,):
+            for impl in op.impls:
+                yield pytest.param(name, causal, impl,
+                                   id=f"{name}-{'causal' if causal else 'unmasked'}-{impl}")
+
+
+@pytest.mark.parametrize("name,causal,impl", list(_op_cases()))
+def test_effective_matrix_is_what_the_forward_applies(name, causal, impl):
+    """A_ij from effective_matrices equals ∂y_i/∂x_j of the model's token-mixing layer (its
+    Jacobian), for every op of the table, causal and unmasked, every implementation."""
+    op, n = mixing.MIXING_OPS[name], 6
+    heads = op.min_heads
+    d = max(heads, 1)  # headed: one feature per head
+    cfg = base_config().model
+    cfg.update(dict(vocab_size=16, n_ctx=n, d_model=d, n_layers=1, mixing=name, heads=heads,
+                    causal=causal, mixing_impl=impl))
+    model = build_model(cfg)
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, n), jnp.int32))["params"])
+    mix_p = dict(params["block_0"]["mix"])
+    for key in [k for k in mix_p if k.startswith("lam")]:
+        mix_p[key] = jnp.full_like(mix_p[key], 0.95)  # exercise the decay (it starts at 1)
+    if heads:  # identity projections: head h reads and writes feature h only
+        eye = jnp.eye(heads)
+        mix_p["proj"] = {"kernel": eye[:, :, None], "bias": jnp.zeros((heads, 1))}
+        mix_p["out"] = {"kernel": eye[:, None, :], "bias": jnp.zeros((heads,))}
+    params = dict(params, block_0=dict(params["block_0"], mix=mix_p))
+    mats = insp.effective_matrices(SimpleNamespace(config=SimpleNamespace(model=cfg), params=params))
+
+    layer = mixing.TokenMixing(mixer_spec(cfg).token_mixing)
+    jac_NxDxNxD = jax.jacfwd(lambda x: layer.apply({"params": mix_p}, x[None])[0])(jnp.zeros((n, d)))
+    assert len(mats) == d
+    for h, (_, a) in enumerate(mats):
+        expected = np.asarray(jac_NxDxNxD[:, h, :, h], np.float64)
+        assert a.shape == (n, n)
+        np.testing.assert_allclose(a, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())

@@ -314,7 +314,7 @@ def test_combined_is_clm_plus_copy_with_separate_sums():
     params = None
 
     def apply(p, t):  # a stand-in model whose logits depend on the input tokens and positions
-        return table[t] + by_position
+        return table[t] + by_position[None]
 
     batch = _batch(tokens)
     loss, sums = objectives.build("combined", ctx)(apply, params, batch)

@@ -127,7 +127,7 @@ def _headed_loop_reference(p, x, heads, expanded=False):
 @pytest.mark.parametrize("expanded", [False, True])
 def test_headed_mixing_matches_per_head_loop(expanded):
     n, d, heads = 8, 12, 3
-    mod = mixing.TokenMixing(n_ctx=n, d_model=d, heads=heads, expanded=expanded)
+    mod = mixing.TokenMixing(mixing.MixingSpec(n_ctx=n, d_model=d, heads=heads, expanded=expanded))
     x = jnp.asarray(_rand(0, 2, n, d))
     params = nn.meta.unbox(mod.init(jax.random.key(1), x)["params"])
     assert params["w1" if expanded else "w"].shape == (heads, n, n)
@@ -138,8 +138,8 @@ def test_headed_mixing_matches_per_head_loop(expanded):
 def test_headed_toeplitz_module_fft_equals_dense():
     n, d, heads = 16, 8, 2
     x = jnp.asarray(_rand(0, 2, n, d))
-    dense = mixing.TokenMixing(n_ctx=n, d_model=d, mixing="toeplitz", heads=heads, impl="dense")
-    fft = mixing.TokenMixing(n_ctx=n, d_model=d, mixing="toeplitz", heads=heads, impl="fft")
+    dense = mixing.TokenMixing(mixing.MixingSpec(n_ctx=n, d_model=d, mixing="toeplitz", heads=heads, impl="dense"))
+    fft = mixing.TokenMixing(mixing.MixingSpec(n_ctx=n, d_model=d, mixing="toeplitz", heads=heads, impl="fft"))
     params = dense.init(jax.random.key(0), x)["params"]
     np.testing.assert_allclose(
         np.asarray(fft.apply({"params": params}, x)),
@@ -151,10 +151,10 @@ def test_headed_toeplitz_module_fft_equals_dense():
 
 def test_reference_mixing_inits():
     n = 64
-    w_init, c_init = mixing.mixing_inits("flat", True, n)
+    w_init, c_init = mixing.mixing_inits(mixing.MixingSpec(n_ctx=n, d_model=1, mixing="flat"))
     w = np.asarray(w_init(jax.random.key(0), (n, n)))
     assert np.abs(w).max() <= 1 / np.sqrt(n) and np.abs(w).max() > 0.9 / np.sqrt(n)
-    v_init, c_init = mixing.mixing_inits("toeplitz", True, n)
+    v_init, c_init = mixing.mixing_inits(mixing.MixingSpec(n_ctx=n, d_model=1, mixing="toeplitz"))
     v = np.asarray(v_init(jax.random.key(0), (4096,)))
     assert 0.9 < v.std() < 1.1
     assert np.all(np.asarray(c_init(jax.random.key(0), (n,))) == 0)
@@ -200,7 +200,7 @@ def test_kernel_padding_is_asymmetric_extra_pad_right():
 def test_kernel_module_headed_and_one_tap_matches_flat():
     n, d, heads, k = 8, 12, 3, 3
     x = jnp.asarray(_rand(0, 2, n, d))
-    mod = mixing.TokenMixing(n_ctx=n, d_model=d, heads=heads, kernel=k)
+    mod = mixing.TokenMixing(mixing.MixingSpec(n_ctx=n, d_model=d, heads=heads, kernel=k))
     params = nn.meta.unbox(mod.init(jax.random.key(1), x)["params"])
     assert params["w"].shape == (heads, n, n, k)
     y = np.asarray(mod.apply({"params": params}, x))
@@ -213,8 +213,8 @@ def test_kernel_module_headed_and_one_tap_matches_flat():
     ref = cat @ np.asarray(params["out"]["kernel"], np.float64).reshape(d, d) + np.asarray(params["out"]["bias"])
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
     # kernel=1 is the plain flat op: same parameter tree ([n, n]) as the default module
-    flat = mixing.TokenMixing(n_ctx=n, d_model=d, kernel=1)
-    default = mixing.TokenMixing(n_ctx=n, d_model=d)
+    flat = mixing.TokenMixing(mixing.MixingSpec(n_ctx=n, d_model=d, kernel=1))
+    default = mixing.TokenMixing(mixing.MixingSpec(n_ctx=n, d_model=d))
     p1 = nn.meta.unbox(flat.init(jax.random.key(2), x)["params"])
     p0 = nn.meta.unbox(default.init(jax.random.key(2), x)["params"])
     assert jax.tree.map(np.shape, p1) == jax.tree.map(np.shape, p0) == {"w": (n, n), "c": (n,)}
@@ -228,7 +228,7 @@ def test_kernel_module_headed_and_one_tap_matches_flat():
 
 def test_kernel_reference_init_uses_fan_in_n_times_k():
     n, k = 16, 4
-    mod = mixing.TokenMixing(n_ctx=n, d_model=4, kernel=k)
+    mod = mixing.TokenMixing(mixing.MixingSpec(n_ctx=n, d_model=4, kernel=k))
     p = mod.init(jax.random.key(0), jnp.zeros((1, n, 4)))["params"]
     w, c = np.asarray(nn.meta.unbox(p["w"])), np.asarray(nn.meta.unbox(p["c"]))
     bound = 1 / np.sqrt(n * k)
@@ -269,7 +269,7 @@ def test_two_sided_toeplitz_fft_equals_dense(n):
 def test_unmasked_module_params_and_no_step_form():
     n = 6
     x = jnp.asarray(_rand(0, 1, n, 4))
-    mod = mixing.TokenMixing(n_ctx=n, d_model=4, mixing="toeplitz", causal=False, heads=2)
+    mod = mixing.TokenMixing(mixing.MixingSpec(n_ctx=n, d_model=4, mixing="toeplitz", causal=False, heads=2))
     p = mod.init(jax.random.key(0), x)["params"]
     assert nn.meta.unbox(p["v"]).shape == (2, 2 * n - 1)
     with pytest.raises(ValueError, match="no step form"):

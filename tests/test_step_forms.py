@@ -39,6 +39,12 @@ VARIANTS = {
 SRM = {k for k, v in VARIANTS.items() if v.get("mixing") in mixing.SRM_MIXINGS}
 
 
+def test_every_mixing_op_has_a_step_form_variant():
+    """Adding an entry to mixing.MIXING_OPS needs a line in VARIANTS above."""
+    covered = {v.get("mixing", "flat") for v in VARIANTS.values() if v.get("kind", "mixer") == "mixer"}
+    assert set(mixing.MIXING_OPS) <= covered, set(mixing.MIXING_OPS) - covered
+
+
 def tiny_cfg(**overrides):
     cfg = base_config().model
     cfg.update(dict(vocab_size=V, n_ctx=N, d_model=D, n_layers=L))

@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
+from mixers_jax.config import CHUNKED_KINDS, input_length
 from mixers_jax.data.sources import load_documents, split_documents
 from mixers_jax.data.tokenizer import Tokenizer
 from mixers_jax.errors import UserError
@@ -227,8 +228,6 @@ def check_chunked_rows(model_cfg, token_docs: Sequence[np.ndarray], packing: str
     Raises UserError when even the longest document ends within the first s−1 chunks, so the last
     chunk of every row would be all pads (it would never be trained).
     """
-    from mixers_jax.models import CHUNKED_KINDS
-
     kind = _get(model_cfg, "kind", "mixer")
     if packing != "pad" or kind not in CHUNKED_KINDS or not token_docs:
         return
@@ -266,8 +265,6 @@ def build_data(
     """
     data_cfg = config.data
     vocab_size = int(config.model.vocab_size)
-    from mixers_jax.models import input_length
-
     n_ctx = input_length(config.model)  # row length: chunks x n_ctx for memory models
     packing = _check_packing(str(_get(data_cfg, "packing", "concat")))
     global_batch = int(config.train.batch_size)

@@ -63,7 +63,7 @@ import numpy as np
 
 from mixers_jax.errors import UserError
 from mixers_jax.models import layers
-from mixers_jax.models.bottleneck import Bottleneck, quantize
+from mixers_jax.models.bottleneck import Bottleneck, EmbeddingSpec, quantize
 
 Array = jax.Array
 Dtype = Any
@@ -163,7 +163,7 @@ class _Encoded(nn.Module):
         """e [B, d_enc]: the encoder's hidden state at ``position`` (compute dtype)."""
         self._check_tokens(tokens_BxN)
         h_BxNxD = self.encoder.hidden(self.encoder.embed_tokens(tokens_BxN))
-        return h_BxNxD[:, self.position]
+        return h_BxNxD[:, self.embedding.position]
 
     def embed(self, tokens_BxN: Array) -> Array:
         """The stored vector z [B, d_enc/c] float32: after the down map and quantization."""
@@ -172,7 +172,7 @@ class _Encoded(nn.Module):
     @property
     def stored_width(self) -> int:
         """Numbers stored per row (d_enc / c), what the compression accounting counts (§7)."""
-        return int(self.d_encoder) // int(self.compression)
+        return int(self.d_encoder) // int(self.embedding.compression)
 
 
 class Autoencoder(_Encoded):
@@ -188,26 +188,21 @@ class Autoencoder(_Encoded):
     n_ctx: int
     d_encoder: int
     d_decoder: int
-    position: int = -1
-    compression: int = 1
+    embedding: EmbeddingSpec
     expansion: str = "repeat"
-    quant: str = "none"
-    qat_noise: float = 0.0
-    reference: bool = True
-    dtype: Dtype = jnp.float32
     kind_name = "autoencoder"
 
     def setup(self):
         self.bottleneck = Bottleneck(
-            d_in=self.d_encoder, compression=self.compression, d_out=self.d_decoder,
-            quant=self.quant, qat_noise=self.qat_noise, reference=self.reference, dtype=self.dtype,
+            d_in=self.d_encoder, compression=self.embedding.compression, d_out=self.d_decoder,
+            **self.embedding.bottleneck_fields(),
         )
         if self.expansion == "unroll":
-            self.expand = Unroll(self.n_ctx, self.d_decoder, self.reference, self.dtype)
+            self.expand = Unroll(self.n_ctx, self.d_decoder, self.embedding.reference, self.embedding.dtype)
 
     def expand_embedding(self, e_BxD: Array) -> Array:
         """e [B, d_enc] -> bottleneck -> X [B, n, d_dec] (repeat or unroll)."""
-        m_BxD = self.bottleneck(e_BxD).astype(self.dtype)
+        m_BxD = self.bottleneck(e_BxD).astype(self.embedding.dtype)
         if self.expansion == "unroll":
             x_BxNxD = self.expand(m_BxD)
         else:
@@ -240,43 +235,37 @@ class EmbeddingCLM(_Encoded):
     vocab_size: int
     d_encoder: int
     d_decoder: int  # decoder token-embedding width (the blocks are wider for 'embedding')
-    position: int = -1
-    compression: int = 1
+    embedding: EmbeddingSpec
     injection: str = "token"
-    quant: str = "none"
-    qat_noise: float = 0.0
-    reference: bool = True
     token_embed_std: float = 1.0
-    dtype: Dtype = jnp.float32
     kind_name = "embedding_clm"
 
     def setup(self):
-        kw = {"quant": self.quant, "qat_noise": self.qat_noise, "reference": self.reference,
-              "dtype": self.dtype}
+        kw = self.embedding.bottleneck_fields()
         if self.injection == "embedding":
-            self.bottleneck = Compress(d_in=self.d_encoder, compression=self.compression, **kw)
+            self.bottleneck = Compress(d_in=self.d_encoder, compression=self.embedding.compression, **kw)
             self.token_embed = layers.Embed(self.vocab_size, self.d_decoder,
-                                            layers.normal(self.token_embed_std), self.dtype)
+                                            layers.normal(self.token_embed_std), self.embedding.dtype)
         elif self.injection == "add":
-            self.bottleneck = Bottleneck(d_in=self.d_encoder, compression=self.compression, **kw)
-            k_init, b_init = layers.linear_inits(self.reference, self.d_encoder)
+            self.bottleneck = Bottleneck(d_in=self.d_encoder, compression=self.embedding.compression, **kw)
+            k_init, b_init = layers.linear_inits(self.embedding.reference, self.d_encoder)
             self.inject = layers.Linear((self.d_decoder,), ("embed", None), kernel_init=k_init,
-                                        bias_init=b_init, dtype=self.dtype)
+                                        bias_init=b_init, dtype=self.embedding.dtype)
         else:
-            self.bottleneck = Bottleneck(d_in=self.d_encoder, compression=self.compression,
+            self.bottleneck = Bottleneck(d_in=self.d_encoder, compression=self.embedding.compression,
                                          d_out=self.d_decoder, **kw)
 
     def memory(self, tokens_BxN: Array) -> Array:
         m = self.bottleneck(self.encode(tokens_BxN))
         if self.injection == "add":
             m = self.inject(m)
-        return m.astype(self.dtype)
+        return m.astype(self.embedding.dtype)
 
     def decode(self, tokens_BxN: Array, m_BxM: Array) -> Array:
         """Causal decoder on the tokens with the injected vector ``m_BxM`` -> logits [B, n, V]."""
         self._check_tokens(tokens_BxN)
         b, n = tokens_BxN.shape
-        m_BxM = m_BxM.astype(self.dtype)
+        m_BxM = m_BxM.astype(self.embedding.dtype)
         if self.injection == "embedding":
             x = self.token_embed(tokens_BxN)
             x = jnp.concatenate([jnp.broadcast_to(m_BxM[:, None, :], (b, n, m_BxM.shape[-1])), x], -1)

@@ -12,6 +12,7 @@ RNG), the symmetric form of REFERENCE §12.9.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -23,6 +24,25 @@ from mixers_jax.models import layers
 Array = jax.Array
 
 QUANTS = ("none", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "int8")
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingSpec:
+    """The single-embedding path shared by the composite models (autoencoder, embedding_clm,
+    memory): the encoder ``position`` whose hidden state is the embedding, compression c, the cast
+    ``quant`` of the stored vector, QAT noise q, reference numerics and the compute dtype."""
+
+    position: int = -1
+    compression: int = 1
+    quant: str = "none"
+    qat_noise: float = 0.0
+    reference: bool = True
+    dtype: Any = jnp.float32
+
+    def bottleneck_fields(self) -> dict:
+        """The keyword fields a :class:`Bottleneck` / ``Compress`` takes from this spec."""
+        return {"quant": self.quant, "qat_noise": self.qat_noise, "reference": self.reference,
+                "dtype": self.dtype}
 
 
 def quantize(x: Array, quant: str) -> Array:

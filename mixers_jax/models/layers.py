@@ -39,6 +39,12 @@ def dtype_of(name: str | Dtype) -> Dtype:
 # ---------------------------------------------------------------------------------------------
 
 
+def leading_axes(a: Array, ndim: int) -> Array:
+    """``a`` with size-1 axes prepended up to ``ndim`` axes: an explicit broadcast against a
+    rank-``ndim`` array (the package runs with ``jax_numpy_rank_promotion='raise'``)."""
+    return a.reshape((1,) * (ndim - a.ndim) + a.shape)
+
+
 def uniform_fan_in(fan_in: int) -> Init:
     """PyTorch's Linear/Conv default: U(-1/sqrt(fan_in), +1/sqrt(fan_in)) (REFERENCE §1)."""
     bound = 1.0 / math.sqrt(fan_in)
@@ -129,7 +135,7 @@ class Linear(nn.Module):
                 out_shape,
                 self.param_dtype,
             )
-            y = y + bias.astype(y.dtype)
+            y = y + leading_axes(bias.astype(y.dtype), y.ndim)
         return y
 
 
@@ -231,3 +237,19 @@ class SwiGLU(nn.Module):
         if h_BxNxF.ndim == 3:
             h_BxNxF = nn.with_logical_constraint(h_BxNxF, ("batch", "length", "act_mlp"))
         return down(h_BxNxF)
+
+
+def lm_head(vocab_size: int, kernel_init: Init, dtype: Dtype) -> Linear:
+    """The untied LM head d -> V: no bias, float32 logits (assign it to ``self.head``)."""
+    return Linear((vocab_size,), ("embed", "vocab"), use_bias=False, kernel_init=kernel_init,
+                  dtype=dtype, out_dtype=jnp.float32)
+
+
+def run_blocks_step(blocks, x_BxD: Array, pos: Array, cache: tuple) -> tuple[Array, tuple]:
+    """The step forms of ``blocks`` in order at position ``pos``: (output [B, d], new caches)."""
+    pos = jnp.asarray(pos, jnp.int32)
+    new = []
+    for block, c in zip(blocks, cache):
+        x_BxD, c = block(x_BxD, pos, c)
+        new.append(c)
+    return x_BxD, tuple(new)

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from mixers_jax.errors import UserError
-from mixers_jax.models.bottleneck import Bottleneck
+from mixers_jax.models.bottleneck import Bottleneck, EmbeddingSpec
 
 Array = jax.Array
 ACT = ("batch", "length", "act_embed")
@@ -92,20 +92,15 @@ class MemoryLM(nn.Module):
     chunks: int
     d_encoder: int
     d_decoder: int
-    position: int = -1
-    compression: int = 1
-    quant: str = "none"
-    qat_noise: float = 0.0
+    embedding: EmbeddingSpec
     fill: float = 0.0
     use_memory: bool = True
     variable_slots: bool = False
-    reference: bool = True
-    dtype: Any = jnp.float32
 
     def setup(self):
         self.bottleneck = Bottleneck(
-            d_in=self.d_encoder, compression=self.compression, d_out=self.d_decoder,
-            quant=self.quant, qat_noise=self.qat_noise, reference=self.reference, dtype=self.dtype,
+            d_in=self.d_encoder, compression=self.embedding.compression, d_out=self.d_decoder,
+            **self.embedding.bottleneck_fields(),
         )
 
     def _chunked(self, tokens_BxL: Array) -> Array:
@@ -126,8 +121,8 @@ class MemoryLM(nn.Module):
         """Encoder input embeddings [B, C, n, d_enc] -> memories [B, C, d_dec], chunks independent."""
         b, c, n, d = xe_BxCxNxD.shape
         h = self.encoder.hidden(xe_BxCxNxD.reshape(b * c, n, d))
-        m = self.bottleneck(h[:, self.position])
-        return m.reshape(b, c, -1).astype(self.dtype)
+        m = self.bottleneck(h[:, self.embedding.position])
+        return m.reshape(b, c, -1).astype(self.embedding.dtype)
 
     def embed_decoder(self, tokens_BxL: Array) -> Array:
         """Decoder token embeddings per chunk: [B, s, n, d_dec]."""
@@ -138,9 +133,9 @@ class MemoryLM(nn.Module):
 
         ``m_BxCxD``: memories of chunks 0..s−2, or None for the no-memory control (all slots f)."""
         b, s, n, d = xd_BxSxNxD.shape
-        xd_BxSxNxD = xd_BxSxNxD.astype(self.dtype)
-        fill_D = jnp.full((d,), self.fill, self.dtype)
-        slots = fixed_slots(None if m_BxCxD is None else m_BxCxD.astype(self.dtype), fill_D, s)
+        xd_BxSxNxD = xd_BxSxNxD.astype(self.embedding.dtype)
+        fill_D = jnp.full((d,), self.fill, self.embedding.dtype)
+        slots = fixed_slots(None if m_BxCxD is None else m_BxCxD.astype(self.embedding.dtype), fill_D, s)
         slots_BxSxSxD = jnp.broadcast_to(slots, (b, s, s, d))
         x = jnp.concatenate([slots_BxSxSxD, xd_BxSxNxD], axis=2).reshape(b * s, s + n, d)
         x = nn.with_logical_constraint(x, ACT)

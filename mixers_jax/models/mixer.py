@@ -44,18 +44,17 @@ importers and anything reading ``w`` directly must apply ``w = tril(w)`` (``mixi
 """
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mixers_jax.errors import UserError
 from mixers_jax.models import layers
+from mixers_jax.models.layers import lm_head, run_blocks_step
 from mixers_jax.models.mixing import TokenMixing
+from mixers_jax.models.specs import MixerSpec
 
 Array = jax.Array
-Dtype = Any
 
 
 class MixerBlock(nn.Module):
@@ -66,42 +65,11 @@ class MixerBlock(nn.Module):
     form at position ``pos`` (the FFN and norms are position-wise, so only the mixing has a cache).
     """
 
-    n_ctx: int
-    d_model: int
-    mlp_ratio: int = 4
-    mixing: str = "flat"
-    heads: int = 0
-    impl: str = "dense"
-    expanded: bool = False
-    mask_grad: str = "masked"
-    reference: bool = True
-    layer_norm: bool = True
-    residual: bool = True
-    block: str = "mixer"
-    decay: bool = True
-    kernel: int = 1
-    causal: bool = True
-    dtype: Dtype = jnp.float32
+    spec: MixerSpec
 
     @nn.nowrap
     def _mixing(self, **kw) -> TokenMixing:
-        return TokenMixing(
-            **kw,
-            n_ctx=self.n_ctx,
-            d_model=self.d_model,
-            mixing=self.mixing,
-            heads=self.heads,
-            impl=self.impl,
-            expanded=self.expanded,
-            mask_grad=self.mask_grad,
-            reference=self.reference,
-            decay=self.decay,
-            kaiming=self.block == "srm",
-            kernel=self.kernel,
-            causal=self.causal,
-            dtype=self.dtype,
-            name="mix",
-        )
+        return TokenMixing(self.spec.token_mixing, **kw, name="mix")
 
     @nn.nowrap
     def init_cache(self, batch: int, mode: str = "cached") -> dict:
@@ -109,28 +77,34 @@ class MixerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, pos: Array | None = None, cache: dict | None = None):
+        spec = self.spec
         step = cache is not None
         names = ("batch", "length", "act_embed")
 
         def constrain(y):
             return y if step else nn.with_logical_constraint(y, names)
 
+        def norm(x, name):
+            return layers.layer_norm(spec.dtype, name=name)(x) if spec.layer_norm else x
+
+        def residual(x, h):
+            return constrain(x + h if spec.residual else h)
+
         def mix_part(x, cache):
-            h = layers.layer_norm(self.dtype, name="ln_mix")(x) if self.layer_norm else x
+            h = norm(x, "ln_mix")
             if step:
                 h, cache = self._mixing()(h, pos, cache)
             else:
                 h = self._mixing()(h)
-            return constrain(x + h if self.residual else h), cache
+            return residual(x, h), cache
 
         def ffn_part(x):
-            h = layers.layer_norm(self.dtype, name="ln_ffn")(x) if self.layer_norm else x
-            srm = self.block == "srm"
-            h = layers.MLP(self.d_model, self.mlp_ratio, self.reference, self.dtype,
-                           activation="silu" if srm else "gelu", kaiming=srm, name="ffn")(h)
-            return constrain(x + h if self.residual else h)
+            h = layers.MLP(spec.d_model, spec.mlp_ratio, spec.reference, spec.dtype,
+                           activation="silu" if spec.srm else "gelu", kaiming=spec.srm,
+                           name="ffn")(norm(x, "ln_ffn"))
+            return residual(x, h)
 
-        if self.block == "srm":
+        if spec.srm:
             x = ffn_part(x)
             x, cache = mix_part(x, cache)
         else:
@@ -148,66 +122,24 @@ class MaskedMixerLM(nn.Module):
     ``block='srm'`` with ``mixing`` in ('row', 'col', 'mixed') is the structured recurrent mixer
     (REFERENCE §8): FFN-first SiLU blocks, Kaiming init, N(0, 1) embedding. ``kernel`` = k > 1 is
     the kernel mixer of §2.1 (``mix/w`` [n, n, k]); ``causal=False`` unmasked (bidirectional)
-    mixing, e.g. for encoders (§4).
+    mixing, e.g. for encoders (§4). All hyper-parameters are in ``spec``
+    (:class:`~mixers_jax.models.specs.MixerSpec`).
     """
 
-    vocab_size: int
-    n_ctx: int
-    d_model: int
-    n_layers: int
-    mlp_ratio: int = 4
-    mixing: str = "flat"
-    heads: int = 0
-    impl: str = "dense"
-    expanded: bool = False
-    mask_grad: str = "masked"
-    reference: bool = True
-    layer_norm: bool = True
-    residual: bool = True
-    tie_embeddings: bool = False
-    block: str = "mixer"
-    decay: bool = True
-    kernel: int = 1
-    causal: bool = True
-    dtype: Dtype = jnp.float32
+    spec: MixerSpec
+
+    @property
+    def n_ctx(self) -> int:
+        return self.spec.n_ctx
 
     def setup(self):
-        d = self.d_model
-        srm = self.block == "srm"
-        emb_init = layers.normal(1.0) if (self.reference or srm) else layers.normal(0.02)
-        self.embed = layers.Embed(self.vocab_size, d, emb_init, self.dtype)
-        self.blocks = tuple(
-            MixerBlock(
-                n_ctx=self.n_ctx,
-                d_model=d,
-                mlp_ratio=self.mlp_ratio,
-                mixing=self.mixing,
-                heads=self.heads,
-                impl=self.impl,
-                expanded=self.expanded,
-                mask_grad=self.mask_grad,
-                reference=self.reference,
-                layer_norm=self.layer_norm,
-                residual=self.residual,
-                block=self.block,
-                decay=self.decay,
-                kernel=self.kernel,
-                causal=self.causal,
-                dtype=self.dtype,
-                name=f"block_{i}",
-            )
-            for i in range(self.n_layers)
-        )
-        if not self.tie_embeddings:
-            head_init = layers.linear_inits(self.reference, d, srm)[0]
-            self.head = layers.Linear(
-                (self.vocab_size,),
-                ("embed", "vocab"),
-                use_bias=False,
-                kernel_init=head_init,
-                dtype=self.dtype,
-                out_dtype=jnp.float32,
-            )
+        spec = self.spec
+        emb_init = layers.normal(1.0) if (spec.reference or spec.srm) else layers.normal(0.02)
+        self.embed = layers.Embed(spec.vocab_size, spec.d_model, emb_init, spec.dtype)
+        self.blocks = tuple(MixerBlock(spec, name=f"block_{i}") for i in range(spec.n_layers))
+        if not spec.tie_embeddings:
+            self.head = lm_head(spec.vocab_size, layers.linear_inits(spec.reference, spec.d_model,
+                                                                     spec.srm)[0], spec.dtype)
 
     def embed_tokens(self, tokens_BxN: Array) -> Array:
         if tokens_BxN.ndim != 2 or tokens_BxN.shape[1] != self.n_ctx:
@@ -225,9 +157,7 @@ class MaskedMixerLM(nn.Module):
         return x_BxNxD
 
     def logits(self, h_BxNxD: Array) -> Array:
-        if self.tie_embeddings:
-            return self.embed.attend(h_BxNxD)
-        return self.head(h_BxNxD)
+        return self.embed.attend(h_BxNxD) if self.spec.tie_embeddings else self.head(h_BxNxD)
 
     def __call__(self, tokens_BxN: Array) -> Array:
         return self.logits(self.hidden(self.embed_tokens(tokens_BxN)))
@@ -237,28 +167,19 @@ class MaskedMixerLM(nn.Module):
         """Per-layer caches for :meth:`step`: 'cached' (mixing inputs, O(n·d) per layer) or
         'recurrent' (structured mixing only: O(d) per layer, independent of n). Unmasked
         (``causal=False``) models have no step form and raise ``UserError``."""
-        if not self.causal:
+        if not self.spec.causal:
             raise UserError(
                 "an unmasked (model.causal=False) mixer has no step form (generation / compression "
                 "need causal mixing)"
             )
-        proto = MixerBlock(
-            n_ctx=self.n_ctx, d_model=self.d_model, mixing=self.mixing, heads=self.heads,
-            expanded=self.expanded, block=self.block, kernel=self.kernel, dtype=self.dtype,
-            parent=None,
-        )
-        return tuple(proto.init_cache(batch, mode) for _ in range(self.n_layers))
+        proto = MixerBlock(self.spec, parent=None)
+        return tuple(proto.init_cache(batch, mode) for _ in range(self.spec.n_layers))
 
     def step(self, tokens_B: Array, pos: Array, cache: tuple) -> tuple[Array, tuple]:
         """Token ``tokens_B`` [B] at position ``pos`` (scalar, 0 ≤ pos < n_ctx) -> (logits [B, V]
         float32 for the next token, new cache). Equals ``self(tokens)[:, pos]`` when the earlier
         positions were fed in order."""
-        if not self.causal:
+        if not self.spec.causal:
             raise UserError("an unmasked (model.causal=False) mixer has no step form")
-        x = self.embed(tokens_B)
-        pos = jnp.asarray(pos, jnp.int32)
-        new = []
-        for block, c in zip(self.blocks, cache):
-            x, c = block(x, pos, c)
-            new.append(c)
-        return self.logits(x), tuple(new)
+        x, cache = run_blocks_step(self.blocks, self.embed(tokens_B), pos, cache)
+        return self.logits(x), cache

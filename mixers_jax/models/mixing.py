@@ -4,7 +4,7 @@ Convention (REFERENCE notation): a mixing matrix W is indexed [output position i
 ``y_i = Σ_{j≤i} W_ij x_j + c_i``, the same matrix shared by every feature (or, headed, by every
 feature of one head). Causal means W_ij = 0 for j > i.
 
-The file has two layers:
+The file has three layers:
 
 * pure functions of the math (``causal_mask``, ``mask_weight``, ``dense_causal_mix``,
   ``toeplitz_matrix``, ``toeplitz_mix_fft``, the ``headed_*`` variants, ``add_position_bias``);
@@ -14,8 +14,21 @@ The file has two layers:
   inputs x_{≤i} (O(n·d) state); structured mixing also has the O(1) recurrence ``srm_step``.
   Structured recurrent mixing (``srm_matrix``, REFERENCE §8): column-repeat A_ij = v_i δ^(i−j),
   row-repeat A_ij = v_j δ^(i−j), δ = clip(λ, 0.9, 1)^(1/κ), κ = n/512, materialised as dense.
+* **the table of mixing ops**, :data:`MIXING_OPS`: one frozen :class:`MixingOp` per op ('flat',
+  'toeplitz', 'row', 'col', 'mixed') with its weight (name, shape, logical axes) and inits, its
+  effective n×n matrix as a function of its parameters (causal and unmasked), the row of that
+  matrix for the cached step form, its O(d)-state recurrent step (if any), its FFT implementation
+  (if any), its forward FLOPs per token, and its constraints (kernel taps, unmasked form,
+  straight-through mask gradient, minimum heads; :func:`check_mixing` raises the ``UserError``
+  that ``build_model`` reports). The models, ``flops.py``, ``inspect.py`` (effective matrices) and
+  ``generate.py`` (which step modes exist) read the table; nothing else compares op names.
+  **Adding a mixing op** = one entry in :data:`MIXING_OPS` (plus its math functions above) and
+  one line in the ``VARIANTS`` of ``tests/test_step_forms.py`` (its step forms must equal its
+  parallel form; ``tests/test_inspect.py`` checks its matrix against the layer's Jacobian by
+  itself, for every entry of the table).
 * ``TokenMixing``: the Flax module owning the parameters (W or v, bias c, optional per-head
-  projections) and choosing the implementation (``impl``: 'dense' | 'fft').
+  projections), configured by one :class:`MixingSpec`; the op and ``impl`` ('dense' | 'fft')
+  choose the computation.
 
 Implementations and what they compute (flops.py counts exactly this):
 
@@ -46,23 +59,22 @@ Initialisation (``reference`` flag, REFERENCE §1):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mixers_jax.errors import UserError
 from mixers_jax.models import layers
 
 Array = jax.Array
 Dtype = Any
 
-SRM_MIXINGS = ("row", "col", "mixed")  # structured recurrent mixers (REFERENCE §8)
-MIXINGS = ("flat", "toeplitz") + SRM_MIXINGS
 CACHE_MODES = ("cached", "recurrent")
 DECAY_MIN, DECAY_MAX = 0.9, 1.0
-IMPLS = ("dense", "fft")
 MASK_GRADS = ("masked", "straight_through")
 
 
@@ -281,8 +293,8 @@ def srm_matrix(v_xN: Array, delta_x: Array, is_col_x: Array) -> Array:
     Leading axes of v (heads) match those of δ and is_col.
     """
     n = v_xN.shape[-1]
-    mask, lag = _lags(n)
     d = delta_x[..., None, None]
+    mask, lag = (layers.leading_axes(a, d.ndim) for a in _lags(n))
     decay_xNxN = jnp.where(mask, d ** lag, jnp.zeros_like(d * lag))
     v = v_xN.astype(jnp.float32)
     col = v[..., :, None] * decay_xNxN
@@ -294,9 +306,9 @@ def srm_matrix_row(v_xN: Array, delta_x: Array, is_col_x: Array, pos: Array) -> 
     """Row ``pos`` of :func:`srm_matrix` ([..., n]) computed with the very same formula."""
     n = v_xN.shape[-1]
     j = jnp.arange(n)
-    mask = j <= pos
-    lag = jnp.clip(pos - j, 0, n - 1).astype(jnp.float32)
     d = delta_x[..., None]
+    mask = layers.leading_axes(j <= pos, d.ndim)
+    lag = layers.leading_axes(jnp.clip(pos - j, 0, n - 1).astype(jnp.float32), d.ndim)
     decay_xN = jnp.where(mask, d ** lag, jnp.zeros_like(d * lag))
     v = v_xN.astype(jnp.float32)
     v_i = jax.lax.dynamic_index_in_dim(v, pos, axis=-1, keepdims=True)
@@ -374,65 +386,6 @@ def position_bias_at(c: Array, pos: Array) -> Array:
     return c_i[None, :, None] if c.ndim == 2 else c_i
 
 
-def causal_mix(
-    x: Array,
-    *,
-    mixing: str,
-    c: Array,
-    w: Array | None = None,
-    v: Array | None = None,
-    lam: Array | None = None,
-    decay: bool = True,
-    impl: str = "dense",
-    mask_grad: str = "masked",
-    causal: bool = True,
-) -> Array:
-    """One causal mixing matrix applied to x [B,N,D] (w_NxN / v_N) or x [B,N,H,K] (w_HxNxN / v_HxN),
-    plus the per-position bias c. Dispatches on ``mixing`` and ``impl``. Structured (row / col /
-    mixed) mixing materialises A from (v, λ) and runs as dense (the 'dense' impl).
-
-    A flat ``w`` with a trailing tap axis ([.., n, n, k]) is kernel mixing (§2.1), masked per tap.
-    ``causal=False``: unmasked (bidirectional) mixing; Toeplitz then takes the two-sided v of
-    length 2n−1 (:func:`toeplitz_matrix_two_sided`); structured mixing has no unmasked form.
-    """
-    headed = x.ndim == 4
-    if mixing == "flat":
-        if impl != "dense":
-            raise ValueError(f"flat mixing has only the 'dense' implementation, got {impl!r}")
-        if w.ndim == x.ndim:  # kernel: w [H?, n, n, k] with x [B, n, (H,) F]
-            w_eff = mask_weight(w, mask_grad, taps=True) if causal else w
-            y = (headed_kernel_mix if headed else kernel_mix)(w_eff, x)
-        elif causal:
-            y = (headed_dense_causal_mix if headed else dense_causal_mix)(w, x, mask_grad)
-        else:
-            y = (headed_dense_mix if headed else dense_mix)(w, x)
-    elif mixing == "toeplitz" and not causal:
-        if impl == "dense":
-            y = (headed_dense_mix if headed else dense_mix)(toeplitz_matrix_two_sided(v), x)
-        elif impl == "fft":
-            y = toeplitz_two_sided_fft(v, x)
-        else:
-            raise ValueError(f"mixing_impl must be one of {IMPLS}, got {impl!r}")
-    elif mixing == "toeplitz":
-        if impl == "dense":
-            y = (headed_toeplitz_mix_dense if headed else toeplitz_mix_dense)(v, x)
-        elif impl == "fft":
-            y = (headed_toeplitz_mix_fft if headed else toeplitz_mix_fft)(v, x)
-        else:
-            raise ValueError(f"mixing_impl must be one of {IMPLS}, got {impl!r}")
-    elif mixing in SRM_MIXINGS:
-        if impl != "dense":
-            raise ValueError(f"{mixing!r} mixing has only the 'dense' implementation, got {impl!r}")
-        if not causal:
-            raise ValueError(f"{mixing!r} mixing is causal only (no unmasked form)")
-        n = x.shape[1]
-        a = srm_matrix(v, srm_delta(lam, n, decay), srm_is_col(mixing, v.shape[0] if headed else 0))
-        y = (headed_dense_mix if headed else dense_mix)(a, x)
-    else:
-        raise ValueError(f"mixing must be one of {MIXINGS}, got {mixing!r}")
-    return add_position_bias(y, c)
-
-
 # ---------------------------------------------------------------------------------------------
 # Initialisers for the mixing parameters
 # ---------------------------------------------------------------------------------------------
@@ -452,66 +405,46 @@ def row_scaled_kernel_normal(key, shape, dtype=jnp.float32):
     return jax.random.normal(key, shape, dtype) * scale_N[:, None, None]
 
 
-def mixing_inits(mixing: str, reference: bool, n: int, kaiming: bool = False, kernel: int = 1,
-                 causal: bool = True):
-    """(weight_init, bias_init) for one mixing matrix (see the module docstring).
+def kaiming_inits(fan_in: int):
+    """v ~ N(0, 2/fan_in), c = 0: structured vectors, and every mixing op in the SRM block
+    (REFERENCE §1 "Init (SRM)")."""
+    return layers.normal(math.sqrt(2.0 / fan_in)), layers.zeros
 
-    Structured (row/col/mixed) vectors, and every vector when ``kaiming`` (the SRM block, REFERENCE
-    §1 "Init (SRM)"), are Kaiming-normal with fan_in = n: v ~ N(0, 2/n), c = 0.
-    Flat kernel mixing (k > 1) is ``Conv1d(n, n, k)``: fan_in = n·k, so the reference init is
-    W, c ~ U(±1/√(n·k)) (REFERENCE §1); reference=False: N(0, 1/((i+1)·k)) causal, N(0, 1/(n·k))
-    unmasked (every output row sums all n·k inputs).
-    """
-    fan_in = n * kernel if mixing == "flat" else n
-    if kaiming or mixing in SRM_MIXINGS:
-        return layers.normal(math.sqrt(2.0 / fan_in)), layers.zeros
-    if mixing == "flat":
-        if reference:
-            return layers.uniform_fan_in(fan_in), layers.uniform_fan_in(fan_in)
-        if not causal:
-            return layers.normal(1.0 / math.sqrt(fan_in)), layers.zeros
-        return (row_scaled_normal if kernel == 1 else row_scaled_kernel_normal), layers.zeros
+
+def _flat_inits(s: "MixingSpec", reference: bool):
+    """Flat kernel mixing (k > 1) is ``Conv1d(n, n, k)``: fan_in = n·k, so the reference init is
+    W, c ~ U(±1/√(n·k)); reference=False: N(0, 1/((i+1)·k)) causal, N(0, 1/(n·k)) unmasked (every
+    output row sums all n·k inputs)."""
+    fan_in = s.n_ctx * s.kernel
+    if reference:
+        return layers.uniform_fan_in(fan_in), layers.uniform_fan_in(fan_in)
+    if not s.causal:
+        return layers.normal(1.0 / math.sqrt(fan_in)), layers.zeros
+    return (row_scaled_normal if s.kernel == 1 else row_scaled_kernel_normal), layers.zeros
+
+
+def _toeplitz_inits(s: "MixingSpec", reference: bool):
     if reference:
         return layers.normal(1.0), layers.zeros
-    return layers.normal(1.0 / math.sqrt(n)), layers.zeros
+    return layers.normal(1.0 / math.sqrt(s.n_ctx)), layers.zeros
+
+
+def _srm_inits(s: "MixingSpec", reference: bool):
+    return kaiming_inits(s.n_ctx)
 
 
 # ---------------------------------------------------------------------------------------------
-# The module
+# The table of mixing ops
 # ---------------------------------------------------------------------------------------------
 
 
-class TokenMixing(nn.Module):
-    """Causal token mixing x [B, n, d] -> [B, n, d] (REFERENCE §2.1, §2.3, §8).
-
-    heads == 0: one matrix shared by all d features, no projections.
-    heads == H ≥ 1: per-head projection d -> d/H (bias), a per-head matrix and bias, concatenation
-    and an output projection d -> d (bias); no nonlinearity.
-    expanded: mix -> GELU -> mix (both causal, factor 1), inside each head when headed.
-    kernel = k > 1 (flat only): ``Conv1d(n, n, k)`` with positions as channels, sliding along the
-    features (of each head when headed) with "same" padding, masked per tap (§2.1, §12.13).
-    causal = False: unmasked (bidirectional) flat / kernel / Toeplitz mixing; no step form.
-
-    Parameters (leading 'heads' axis only when headed):
-      flat:      w [H?, n, n] ('heads', 'seq_out', 'seq_in'), c [H?, n] ('heads', 'seq_out')
-      kernel:    w [H?, n, n, k] ('heads', 'seq_out', 'seq_in', None) = Conv1d weight
-                 [out position i, in position j, tap τ]; c [H?, n]
-      toeplitz:  v [H?, n]    ('heads', 'seq_in'),            c [H?, n]
-                 causal=False: v [H?, 2n−1] two-sided, T_ij = v_{i−j+n−1} (v_{n−1}: current token)
-      row / col / mixed (structured recurrent, §8):
-                 v [H?, n] ('heads', 'seq_in'), c [H?, n], lam [H?] ('heads') — the decay λ,
-                 initialised to 1 and used as clip(λ, 0.9, 1)^(1/κ) (``decay=False``: δ = 1)
-      expanded:  w1/v1, c1, w2/v2, c2 instead of w/v, c (lam1, lam2 for structured mixing)
-      headed:    proj/kernel [d, H, d/H] ('embed', 'heads', 'head_dim'), proj/bias [H, d/H],
-                 out/kernel [H, d/H, d] ('heads', 'head_dim', 'embed'), out/bias [d]
-
-    Call forms:
-      ``mix(x_BxNxD)`` -> y_BxNxD, the parallel form;
-      ``mix(x_BxD, pos=i, cache=cache)`` -> (y_BxD, new cache), the step form at position i (a
-      scalar, the same for every row). ``cache`` comes from :meth:`init_cache`: mode 'cached' keeps
-      the mixing inputs of every position (``x<suffix>`` [B, n, d] or [B, n, H, d/H]; O(n·d));
-      mode 'recurrent' (structured mixing only) keeps the O(d) state ``s<suffix>`` (float32).
-    """
+@dataclasses.dataclass(frozen=True)
+class MixingSpec:
+    """The hyper-parameters of one token-mixing layer (:class:`TokenMixing`), and all that fixes
+    what its matrices compute besides their parameters: length n_ctx, width d_model, the op
+    (``mixing``), heads (0: one matrix for all features), implementation, expanded (mix -> GELU ->
+    mix), mask gradient, reference numerics, decay, Kaiming init (the SRM block), kernel taps k,
+    causal or unmasked, compute dtype."""
 
     n_ctx: int
     d_model: int
@@ -527,152 +460,380 @@ class TokenMixing(nn.Module):
     causal: bool = True
     dtype: Dtype = jnp.float32
 
+    @property
+    def op(self) -> "MixingOp":
+        return MIXING_OPS[self.mixing]
+
+
+@dataclasses.dataclass(frozen=True)
+class MixingOp:
+    """One token-mixing op. ``p`` is the dict of one matrix's parameters without suffix
+    ({weight, 'c'} plus 'lam' when ``decay``), with a leading [H] axis when headed.
+
+    weight_shape(s) -> (shape, logical axes) of the weight without the head axis;
+    inits(s, reference) -> (weight init, bias init) (the SRM block overrides both with
+    :func:`kaiming_inits`); matrix(p, s) -> the effective matrix A [(H,) n, n] the dense forward
+    applies (kernel: [(H,) n, n, k], one matrix per tap), causal or unmasked per ``s.causal``;
+    row(p, pos, s) -> row ``pos`` of the causal A (the cached step form dots it with the inputs
+    x_{≤pos}); recurrent(state, z, p, pos, s) -> (y, state): the O(d)-state step, if the op has one;
+    fft(p, x, s) -> y: the 'fft' implementation, if any; flops_per_token(s, d) -> forward FLOPs
+    per token of one matrix over d features (flops.py conventions). Constraints: ``kernel`` (k > 1
+    allowed), ``unmasked`` (causal=False allowed), ``straight_through`` (mask_grad allowed),
+    ``min_heads``.
+    """
+
+    name: str
+    weight: str
+    weight_shape: Callable[[MixingSpec], tuple[tuple[int, ...], tuple]]
+    inits: Callable[[MixingSpec, bool], tuple[Callable, Callable]]
+    matrix: Callable[[dict, MixingSpec], Array]
+    row: Callable[[dict, Array, MixingSpec], Array]
+    flops_per_token: Callable[[MixingSpec, int], float]
+    fft: Callable[[dict, Array, MixingSpec], Array] | None = None
+    recurrent: Callable | None = None
+    decay: bool = False
+    kernel: bool = False
+    unmasked: bool = True
+    straight_through: bool = False
+    min_heads: int = 0
+
+    @property
+    def impls(self) -> tuple[str, ...]:
+        return ("dense", "fft") if self.fft is not None else ("dense",)
+
+
+def dense_flops_per_token(s: MixingSpec, d: int) -> float:
+    """The materialised product (k feature-shifted copies for kernel mixing): k·n·d multiply-adds."""
+    return 2.0 * s.n_ctx * d * s.kernel
+
+
+def fft_flops_per_token(n: int, d: int, length: int) -> float:
+    """One FFT convolution over d features with real FFTs of ``length`` (2n: causal; 4n: unmasked
+    two-sided): 2 FFTs of 2.5·L·log2 L and 3·L pointwise, per n tokens."""
+    return d * (5.0 * length * math.log2(length) + 3.0 * length) / n
+
+
+# flat: A = W ⊙ M (unmasked: W); kernel k > 1: per tap.
+
+
+def _flat_shape(s: MixingSpec):
+    taps_shape, taps_axes = ((s.kernel,), (None,)) if s.kernel > 1 else ((), ())
+    return (s.n_ctx, s.n_ctx) + taps_shape, ("seq_out", "seq_in") + taps_axes
+
+
+def _flat_matrix(p: dict, s: MixingSpec) -> Array:
+    if not s.causal:
+        return p["w"]
+    return mask_weight(p["w"], s.mask_grad, taps=s.kernel > 1)
+
+
+def _flat_row(p: dict, pos: Array, s: MixingSpec) -> Array:
+    if s.kernel > 1:
+        return kernel_matrix_row(p["w"], pos)
+    return flat_matrix_row(p["w"], pos, s.mask_grad)
+
+
+# toeplitz: T_ij = v_{i−j} (j ≤ i); unmasked: two-sided T_ij = v_{i−j+n−1}, v of length 2n−1.
+
+
+def _toeplitz_shape(s: MixingSpec):
+    return ((s.n_ctx if s.causal else 2 * s.n_ctx - 1),), ("seq_in",)
+
+
+def _toeplitz_matrix(p: dict, s: MixingSpec) -> Array:
+    return toeplitz_matrix(p["v"]) if s.causal else toeplitz_matrix_two_sided(p["v"])
+
+
+def _toeplitz_row(p: dict, pos: Array, s: MixingSpec) -> Array:
+    return toeplitz_matrix_row(p["v"], pos)
+
+
+def _toeplitz_fft(p: dict, x: Array, s: MixingSpec) -> Array:
+    if not s.causal:
+        return toeplitz_two_sided_fft(p["v"], x)
+    return (headed_toeplitz_mix_fft if x.ndim == 4 else toeplitz_mix_fft)(p["v"], x)
+
+
+def _toeplitz_flops(s: MixingSpec, d: int) -> float:
+    if s.impl == "fft":
+        return fft_flops_per_token(s.n_ctx, d, 2 * s.n_ctx if s.causal else 4 * s.n_ctx)
+    return dense_flops_per_token(s, d)
+
+
+# structured recurrent (row / col / mixed, REFERENCE §8): column-repeat A_ij = v_i δ^(i−j),
+# row-repeat A_ij = v_j δ^(i−j), δ = clip(λ, 0.9, 1)^(1/κ).
+
+
+def _srm_shape(s: MixingSpec):
+    return (s.n_ctx,), ("seq_in",)
+
+
+def _srm_parts(p: dict, s: MixingSpec) -> tuple[Array, Array]:
+    return srm_delta(p["lam"], s.n_ctx, s.decay), srm_is_col(s.mixing, s.heads)
+
+
+def _srm_matrix(p: dict, s: MixingSpec) -> Array:
+    return srm_matrix(p["v"], *_srm_parts(p, s))
+
+
+def _srm_row(p: dict, pos: Array, s: MixingSpec) -> Array:
+    return srm_matrix_row(p["v"], *_srm_parts(p, s), pos)
+
+
+def _srm_recurrent(state: Array, z: Array, p: dict, pos: Array, s: MixingSpec):
+    return srm_step(state, z, p["v"], *_srm_parts(p, s), pos)
+
+
+def _structured(name: str, min_heads: int = 0) -> MixingOp:
+    return MixingOp(name=name, weight="v", weight_shape=_srm_shape, inits=_srm_inits,
+                    matrix=_srm_matrix, row=_srm_row, flops_per_token=dense_flops_per_token,
+                    recurrent=_srm_recurrent, decay=True, unmasked=False, min_heads=min_heads)
+
+
+MIXING_OPS: dict[str, MixingOp] = {
+    "flat": MixingOp(name="flat", weight="w", weight_shape=_flat_shape, inits=_flat_inits,
+                     matrix=_flat_matrix, row=_flat_row, flops_per_token=dense_flops_per_token,
+                     kernel=True, straight_through=True),
+    "toeplitz": MixingOp(name="toeplitz", weight="v", weight_shape=_toeplitz_shape,
+                         inits=_toeplitz_inits, matrix=_toeplitz_matrix, row=_toeplitz_row,
+                         flops_per_token=_toeplitz_flops, fft=_toeplitz_fft),
+    "row": _structured("row"),
+    "col": _structured("col"),
+    "mixed": _structured("mixed", min_heads=2),  # heads 0..H/2−1 column-, the rest row-repeat
+}
+MIXINGS = tuple(MIXING_OPS)
+SRM_MIXINGS = tuple(name for name, op in MIXING_OPS.items() if op.recurrent is not None)
+IMPLS = tuple(dict.fromkeys(impl for op in MIXING_OPS.values() for impl in op.impls))
+
+
+def check_mixing(mixing: Any, impl: Any, mask_grad: Any, heads: Any, kernel: Any, causal: Any) -> None:
+    """Raises ``UserError`` (naming the ``model.`` field) unless the table allows the combination."""
+    if mixing not in MIXING_OPS:
+        raise UserError(f"model.mixing must be one of {MIXINGS}, got {mixing!r}")
+    op = MIXING_OPS[mixing]
+    if impl not in IMPLS:
+        raise UserError(f"model.mixing_impl must be one of {IMPLS}, got {impl!r}")
+    if impl not in op.impls:
+        raise UserError(f"model.mixing={mixing!r} has only mixing_impl {op.impls} (got {impl!r})")
+    if mask_grad not in MASK_GRADS:
+        raise UserError(f"model.mask_grad must be one of {MASK_GRADS}, got {mask_grad!r}")
+    if mask_grad == "straight_through" and not op.straight_through:
+        raise UserError(
+            f"model.mask_grad='straight_through' does not apply to model.mixing={mixing!r} (it has "
+            "no upper-triangle parameters); use mask_grad='masked'")
+    if not isinstance(heads, int) or heads < 0:
+        raise UserError(f"model.heads must be an integer >= 0, got {heads!r}")
+    if heads < op.min_heads:
+        raise UserError(f"model.mixing={mixing!r} needs model.heads >= {op.min_heads}")
+    if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1:
+        raise UserError(f"model.kernel must be an integer >= 1, got {kernel!r}")
+    if kernel > 1 and not op.kernel:
+        raise UserError(
+            f"model.kernel={kernel} (kernel mixing, §2.1) is not available for model.mixing={mixing!r}")
+    if not causal and not op.unmasked:
+        raise UserError(f"model.mixing={mixing!r} is causal only; model.causal=False needs one of "
+                        f"{tuple(k for k, o in MIXING_OPS.items() if o.unmasked)}")
+    if not causal and mask_grad == "straight_through":
+        raise UserError(
+            "model.mask_grad='straight_through' needs causal mixing (causal=False has no mask)")
+
+
+def mixing_inits(spec: MixingSpec) -> tuple[Callable, Callable]:
+    """(weight init, bias init) of one matrix: the op's, or Kaiming with fan_in = n·k in the SRM
+    block (``spec.kaiming``)."""
+    if spec.kaiming:
+        return kaiming_inits(spec.n_ctx * spec.kernel)
+    return spec.op.inits(spec, spec.reference)
+
+
+def apply_matrix(a: Array, x: Array) -> Array:
+    """y = A x over the sequence axis: x [B, n, d] with A [n, n] or x [B, n, H, K] with A [H, n, n];
+    a kernel A (trailing tap axis, A.ndim == x.ndim) contracts the feature-shifted copies of x."""
+    headed = x.ndim == 4
+    if a.ndim == x.ndim:
+        return (headed_kernel_mix if headed else kernel_mix)(a, x)
+    return (headed_dense_mix if headed else dense_mix)(a, x)
+
+
+def mix_parallel(p: dict, x: Array, s: MixingSpec) -> Array:
+    """The parallel form of one mixing matrix (no bias) with implementation ``s.impl``."""
+    op = s.op
+    if s.impl not in op.impls:
+        raise ValueError(f"{s.mixing!r} mixing has only the implementations {op.impls}, got {s.impl!r}")
+    if not s.causal and not op.unmasked:
+        raise ValueError(f"{s.mixing!r} mixing is causal only (no unmasked form)")
+    if s.impl == "fft":
+        return op.fft(p, x, s)
+    return apply_matrix(op.matrix(p, s), x)
+
+
+def mix_cached_step(p: dict, cache_x: Array, pos: Array, s: MixingSpec) -> Array:
+    """Step form from the cached inputs x_{≤pos} [B, n, d | H, K]: row ``pos`` of A dotted with
+    them (one row per tap for kernel mixing)."""
+    row = s.op.row(p, pos, s)
+    return (cached_kernel_step if s.kernel > 1 else cached_mix_step)(row, cache_x)
+
+
+def causal_mix(
+    x: Array,
+    *,
+    mixing: str,
+    c: Array,
+    w: Array | None = None,
+    v: Array | None = None,
+    lam: Array | None = None,
+    decay: bool = True,
+    impl: str = "dense",
+    mask_grad: str = "masked",
+    causal: bool = True,
+) -> Array:
+    """One mixing matrix applied to x [B,N,D] (w_NxN / v_N) or x [B,N,H,K] (w_HxNxN / v_HxN),
+    plus the per-position bias c (see :data:`MIXING_OPS`). A flat ``w`` with a trailing tap axis
+    ([.., n, n, k]) is kernel mixing (§2.1), masked per tap. ``causal=False``: unmasked mixing."""
+    if mixing not in MIXING_OPS:
+        raise ValueError(f"mixing must be one of {MIXINGS}, got {mixing!r}")
+    weight = w if MIXING_OPS[mixing].weight == "w" else v
+    heads = weight.shape[0] if x.ndim == 4 else 0
+    kernel = weight.shape[-1] if weight.ndim == x.ndim else 1
+    s = MixingSpec(n_ctx=x.shape[1], d_model=x.shape[-1], mixing=mixing, heads=heads, impl=impl,
+                   mask_grad=mask_grad, decay=decay, kernel=kernel, causal=causal)
+    p = {MIXING_OPS[mixing].weight: weight, "c": c, "lam": lam}
+    return add_position_bias(mix_parallel(p, x, s), c)
+
+
+# ---------------------------------------------------------------------------------------------
+# The module
+# ---------------------------------------------------------------------------------------------
+
+
+class TokenMixing(nn.Module):
+    """Causal token mixing x [B, n, d] -> [B, n, d] (REFERENCE §2.1, §2.3, §8), one op of
+    :data:`MIXING_OPS`.
+
+    heads == 0: one matrix shared by all d features, no projections.
+    heads == H ≥ 1: per-head projection d -> d/H (bias), a per-head matrix and bias, concatenation
+    and an output projection d -> d (bias); no nonlinearity.
+    expanded: mix -> GELU -> mix (both causal, factor 1), inside each head when headed.
+    kernel = k > 1 (flat only): ``Conv1d(n, n, k)`` with positions as channels, sliding along the
+    features (of each head when headed) with "same" padding, masked per tap (§2.1, §12.13).
+    causal = False: unmasked (bidirectional) flat / kernel / Toeplitz mixing; no step form.
+
+    Parameters (leading 'heads' axis only when headed; created in this order: weight, c, lam):
+      flat:      w [H?, n, n] ('heads', 'seq_out', 'seq_in'), c [H?, n] ('heads', 'seq_out')
+      kernel:    w [H?, n, n, k] ('heads', 'seq_out', 'seq_in', None) = Conv1d weight
+                 [out position i, in position j, tap τ]; c [H?, n]
+      toeplitz:  v [H?, n]    ('heads', 'seq_in'),            c [H?, n]
+                 causal=False: v [H?, 2n−1] two-sided, T_ij = v_{i−j+n−1} (v_{n−1}: current token)
+      row / col / mixed (structured recurrent, §8):
+                 v [H?, n] ('heads', 'seq_in'), c [H?, n], lam [H?] ('heads') — the decay λ,
+                 initialised to 1 and used as clip(λ, 0.9, 1)^(1/κ) (``decay=False``: δ = 1)
+      expanded:  w1/v1, c1, w2/v2, c2 instead of w/v, c (lam1, lam2 for structured mixing)
+      headed:    proj/kernel [d, H, d/H] ('embed', 'heads', 'head_dim'), proj/bias [H, d/H],
+                 out/kernel [H, d/H, d] ('heads', 'head_dim', 'embed'), out/bias [d]
+
+    All hyper-parameters are in ``spec`` (:class:`MixingSpec`).
+
+    Call forms:
+      ``mix(x_BxNxD)`` -> y_BxNxD, the parallel form;
+      ``mix(x_BxD, pos=i, cache=cache)`` -> (y_BxD, new cache), the step form at position i (a
+      scalar, the same for every row). ``cache`` comes from :meth:`init_cache`: mode 'cached' keeps
+      the mixing inputs of every position (``x<suffix>`` [B, n, d] or [B, n, H, d/H]; O(n·d));
+      mode 'recurrent' (ops with a recurrent form) keeps the O(d) state ``s<suffix>`` (float32).
+    """
+
+    spec: MixingSpec
+
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        return ("1", "2") if self.spec.expanded else ("",)
+
     @nn.nowrap
     def init_cache(self, batch: int, mode: str = "cached") -> dict:
         """Zero cache/state for :meth:`__call__`'s step form."""
-        if not self.causal:
+        if not self.spec.causal:
             raise ValueError(
                 "unmasked (causal=False) token mixing has no step form: every output depends on "
                 "later positions"
             )
-        n, d, h = self.n_ctx, self.d_model, self.heads
+        spec = self.spec
+        n, d, h = spec.n_ctx, spec.d_model, spec.heads
         feat = (h, d // h) if h else (d,)
-        suffixes = ("1", "2") if self.expanded else ("",)
         if mode == "cached":
-            return {"x" + s: jnp.zeros((batch, n) + feat, self.dtype) for s in suffixes}
+            return {"x" + s: jnp.zeros((batch, n) + feat, spec.dtype) for s in self.suffixes}
         if mode == "recurrent":
-            if self.mixing not in SRM_MIXINGS:
+            if spec.op.recurrent is None:
                 raise ValueError(
-                    f"'recurrent' needs structured mixing {SRM_MIXINGS}; {self.mixing!r} has no "
+                    f"'recurrent' needs structured mixing {SRM_MIXINGS}; {spec.mixing!r} has no "
                     "O(1) recurrence (use mode 'cached')"
                 )
-            return {"s" + s: jnp.zeros((batch,) + feat, jnp.float32) for s in suffixes}
+            return {"s" + s: jnp.zeros((batch,) + feat, jnp.float32) for s in self.suffixes}
         raise ValueError(f"cache mode must be one of {CACHE_MODES}, got {mode!r}")
 
     def _matrix(self, suffix: str) -> dict:
-        n, h = self.n_ctx, self.heads
+        s, op, h = self.spec, self.spec.op, self.spec.heads
         head_shape, head_axes = ((h,), ("heads",)) if h else ((), ())
-        k = self.kernel
-        w_init, c_init = mixing_inits(self.mixing, self.reference, n, self.kaiming, k, self.causal)
-        out = {}
-        if self.mixing == "flat":
-            taps_shape, taps_axes = ((k,), (None,)) if k > 1 else ((), ())
-            out["w"] = self.param(
-                "w" + suffix,
-                nn.with_logical_partitioning(w_init, head_axes + ("seq_out", "seq_in") + taps_axes),
-                head_shape + (n, n) + taps_shape,
-                jnp.float32,
-            )
-        else:
-            two_sided = self.mixing == "toeplitz" and not self.causal
-            out["v"] = self.param(
-                "v" + suffix,
-                nn.with_logical_partitioning(w_init, head_axes + ("seq_in",)),
-                head_shape + ((2 * n - 1) if two_sided else n,),
-                jnp.float32,
-            )
-        out["c"] = self.param(
-            "c" + suffix,
-            nn.with_logical_partitioning(c_init, head_axes + ("seq_out",)),
-            head_shape + (n,),
-            jnp.float32,
-        )
-        if self.mixing in SRM_MIXINGS:
-            out["lam"] = self.param(
-                "lam" + suffix,
-                nn.with_logical_partitioning(layers.ones, head_axes),
-                head_shape,
-                jnp.float32,
-            )
+        w_init, c_init = mixing_inits(s)
+        shape, axes = op.weight_shape(s)
+        out = {op.weight: self.param(op.weight + suffix,
+                                     nn.with_logical_partitioning(w_init, head_axes + axes),
+                                     head_shape + shape, jnp.float32)}
+        out["c"] = self.param("c" + suffix,
+                              nn.with_logical_partitioning(c_init, head_axes + ("seq_out",)),
+                              head_shape + (s.n_ctx,), jnp.float32)
+        if op.decay:
+            out["lam"] = self.param("lam" + suffix,
+                                    nn.with_logical_partitioning(layers.ones, head_axes),
+                                    head_shape, jnp.float32)
         return out
 
     def _mix(self, z: Array, suffix: str) -> Array:
-        return causal_mix(
-            z,
-            mixing=self.mixing,
-            impl=self.impl,
-            mask_grad=self.mask_grad,
-            decay=self.decay,
-            causal=self.causal,
-            **self._matrix(suffix),
-        )
+        p = self._matrix(suffix)
+        return add_position_bias(mix_parallel(p, z, self.spec), p["c"])
 
     def _mix_step(self, z: Array, suffix: str, pos: Array, cache: dict) -> tuple[Array, dict]:
         """Step form of :meth:`_mix` for z [B, d] or [B, H, K] at position ``pos``."""
-        if not self.causal:
+        if not self.spec.causal:
             raise ValueError("unmasked (causal=False) token mixing has no step form")
-        p = self._matrix(suffix)
+        p, s = self._matrix(suffix), self.spec
         cache = dict(cache)
-        srm = self.mixing in SRM_MIXINGS
-        if srm:
-            delta = srm_delta(p["lam"], self.n_ctx, self.decay)
-            is_col = srm_is_col(self.mixing, self.heads)
         if "s" + suffix in cache:  # O(1) recurrence
-            y, cache["s" + suffix] = srm_step(cache["s" + suffix], z, p["v"], delta, is_col, pos)
+            y, cache["s" + suffix] = s.op.recurrent(cache["s" + suffix], z, p, pos, s)
             y = y.astype(z.dtype)
         else:  # cache of the mixing inputs, one matrix row
-            x_cache = jax.lax.dynamic_update_index_in_dim(
-                cache["x" + suffix], z.astype(self.dtype), pos, axis=1
-            )
-            cache["x" + suffix] = x_cache
-            if self.mixing == "flat" and self.kernel > 1:
-                y = cached_kernel_step(kernel_matrix_row(p["w"], pos), x_cache)
-            else:
-                if self.mixing == "flat":
-                    row = flat_matrix_row(p["w"], pos, self.mask_grad)
-                elif self.mixing == "toeplitz":
-                    row = toeplitz_matrix_row(p["v"], pos)
-                else:
-                    row = srm_matrix_row(p["v"], delta, is_col, pos)
-                y = cached_mix_step(row, x_cache)
+            cache["x" + suffix] = jax.lax.dynamic_update_index_in_dim(
+                cache["x" + suffix], z.astype(self.spec.dtype), pos, axis=1)
+            y = mix_cached_step(p, cache["x" + suffix], pos, s)
         y = y + position_bias_at(p["c"], pos).astype(y.dtype)
         return y, cache
 
     @nn.compact
     def __call__(self, x: Array, pos: Array | None = None, cache: dict | None = None):
-        n, d, h = self.n_ctx, self.d_model, self.heads
+        spec = self.spec
+        n, d, h = spec.n_ctx, spec.d_model, spec.heads
         step = cache is not None
         if not step and x.shape[1] != n:
             raise ValueError(f"token mixing expects {n} positions, got {x.shape[1]}")
-        if self.kernel > 1 and self.mixing != "flat":
-            raise ValueError(f"kernel > 1 needs flat mixing, got {self.mixing!r}")
-        x = x.astype(self.dtype)
+        if spec.kernel > 1 and not spec.op.kernel:
+            raise ValueError(f"kernel > 1 is not available for {spec.mixing!r} mixing")
+        x = x.astype(spec.dtype)
+        k_init, b_init = layers.linear_inits(spec.reference, d, spec.kaiming)
+
+        def linear(features, axes, name, n_in=1):
+            return layers.Linear(features, axes, n_in=n_in, kernel_init=k_init, bias_init=b_init,
+                                 dtype=spec.dtype, name=name)
+
+        z = x
         if h:
-            k_init, b_init = layers.linear_inits(self.reference, d, self.kaiming)
-            z = layers.Linear(
-                (h, d // h),
-                ("embed", "heads", "head_dim"),
-                kernel_init=k_init,
-                bias_init=b_init,
-                dtype=self.dtype,
-                name="proj",
-            )(x)
+            z = linear((h, d // h), ("embed", "heads", "head_dim"), "proj")(x)
             if not step:
                 z = nn.with_logical_constraint(z, ("batch", "length", "act_heads", None))
-        else:
-            z = x
-        if step:
-            if self.expanded:
-                u, cache = self._mix_step(z, "1", pos, cache)
-                u = layers.gelu(u, self.reference)
-                u, cache = self._mix_step(u, "2", pos, cache)
+        for i, suffix in enumerate(self.suffixes):
+            if i:
+                z = layers.gelu(z, spec.reference)
+            if step:
+                z, cache = self._mix_step(z, suffix, pos, cache)
             else:
-                u, cache = self._mix_step(z, "", pos, cache)
-        elif self.expanded:
-            u = self._mix(z, "1")
-            u = layers.gelu(u, self.reference)
-            u = self._mix(u, "2")
-        else:
-            u = self._mix(z, "")
+                z = self._mix(z, suffix)
         if h:
-            k_init, b_init = layers.linear_inits(self.reference, d, self.kaiming)
-            u = layers.Linear(
-                (d,),
-                ("heads", "head_dim", "embed"),
-                n_in=2,
-                kernel_init=k_init,
-                bias_init=b_init,
-                dtype=self.dtype,
-                name="out",
-            )(u)
-        return (u, cache) if step else u
+            z = linear((d,), ("heads", "head_dim", "embed"), "out", n_in=2)(z)
+        return (z, cache) if step else z

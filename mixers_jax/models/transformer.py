@@ -28,17 +28,15 @@ cache) attends from position ``pos`` to the cached positions ≤ pos.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mixers_jax.errors import UserError
 from mixers_jax.models import layers
+from mixers_jax.models.specs import TransformerSpec
 
 Array = jax.Array
-Dtype = Any
 
 
 def rope_cos_sin(n: int, head_dim: int, theta: float) -> tuple[Array, Array]:
@@ -52,6 +50,7 @@ def rope_cos_sin(n: int, head_dim: int, theta: float) -> tuple[Array, Array]:
 def rope_cos_sin_at(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
     """cos, sin [..., head_dim] at explicit (integer) ``positions`` [...]; see :func:`rope_cos_sin`."""
     inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    inv_freq = layers.leading_axes(inv_freq, positions.ndim + 1)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
@@ -74,28 +73,29 @@ def apply_rope(x_BxNxHxK: Array, cos_NxK: Array, sin_NxK: Array) -> Array:
 class Attention(nn.Module):
     """Causal (``causal=False``: bidirectional) multi-head self-attention with RoPE, no biases."""
 
-    d_model: int
-    n_heads: int
-    rope_theta: float = 10000.0
-    dtype: Dtype = jnp.float32
-    causal: bool = True
+    spec: TransformerSpec
 
     @nn.compact
     def __call__(self, x_BxNxD: Array, pos: Array | None = None, cache: dict | None = None,
                  positions_BxN: Array | None = None, mask_Bx1xNxN: Array | None = None):
-        h, hd = self.n_heads, self.d_model // self.n_heads
-        kw = dict(use_bias=False, kernel_init=layers.normal(0.02), dtype=self.dtype)
+        spec = self.spec
+        h, hd = spec.n_heads, spec.d_model // spec.n_heads
+
+        def linear(features, axes, name, **kw):
+            return layers.Linear(features, axes, use_bias=False, kernel_init=layers.normal(0.02),
+                                 dtype=spec.dtype, name=name, **kw)
+
         proj_axes = ("embed", "heads", "head_dim")
-        q_BxNxHxK = layers.Linear((h, hd), proj_axes, name="q", **kw)(x_BxNxD)
-        k_BxNxHxK = layers.Linear((h, hd), proj_axes, name="k", **kw)(x_BxNxD)
-        v_BxNxHxK = layers.Linear((h, hd), proj_axes, name="v", **kw)(x_BxNxD)
+        q_BxNxHxK = linear((h, hd), proj_axes, "q")(x_BxNxD)
+        k_BxNxHxK = linear((h, hd), proj_axes, "k")(x_BxNxD)
+        v_BxNxHxK = linear((h, hd), proj_axes, "v")(x_BxNxD)
+
         def out(a):
-            o = layers.Linear((self.d_model,), ("heads", "head_dim", "embed"), n_in=2, name="o", **kw)
-            return o(a)
+            return linear((spec.d_model,), ("heads", "head_dim", "embed"), "o", n_in=2)(a)
 
         if cache is not None:  # one position: x [B, d], q/k/v [B, H, hd]
             n = cache["k"].shape[1]
-            cos, sin = rope_cos_sin(n, hd, self.rope_theta)
+            cos, sin = rope_cos_sin(n, hd, spec.rope_theta)
             cos_1xK = jax.lax.dynamic_slice_in_dim(cos, pos, 1, axis=0)
             sin_1xK = jax.lax.dynamic_slice_in_dim(sin, pos, 1, axis=0)
             q_BxHxK = apply_rope(q_BxNxHxK[:, None], cos_1xK, sin_1xK)[:, 0]
@@ -109,16 +109,16 @@ class Attention(nn.Module):
             scores = jnp.where(jnp.arange(n)[None, None, :] <= pos, scores, -jnp.inf)
             probs = jax.nn.softmax(scores, axis=-1)
             a_BxHxK = jnp.einsum("bhj,bjhk->bhk", probs, v_cache.astype(jnp.float32))
-            return out(a_BxHxK.astype(self.dtype)), {"k": k_cache, "v": v_cache}
+            return out(a_BxHxK.astype(spec.dtype)), {"k": k_cache, "v": v_cache}
         if positions_BxN is None:
-            cos, sin = rope_cos_sin(x_BxNxD.shape[1], hd, self.rope_theta)
+            cos, sin = rope_cos_sin(x_BxNxD.shape[1], hd, spec.rope_theta)
         else:
-            cos, sin = rope_cos_sin_at(positions_BxN, hd, self.rope_theta)
+            cos, sin = rope_cos_sin_at(positions_BxN, hd, spec.rope_theta)
         q_BxNxHxK = apply_rope(q_BxNxHxK, cos, sin)
         k_BxNxHxK = apply_rope(k_BxNxHxK, cos, sin)
         if mask_Bx1xNxN is None:
             a_BxNxHxK = jax.nn.dot_product_attention(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK,
-                                                     is_causal=self.causal)
+                                                     is_causal=spec.causal)
         else:
             a_BxNxHxK = jax.nn.dot_product_attention(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK,
                                                      mask=mask_Bx1xNxN)
@@ -127,72 +127,48 @@ class Attention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    d_model: int
-    n_heads: int
-    mlp_ratio: int = 4
-    rope_theta: float = 10000.0
-    dtype: Dtype = jnp.float32
-    causal: bool = True
+    """x += Attn(RMSNorm x); x += SwiGLU(RMSNorm x); ``block(x_BxD, pos, cache)``: the step form."""
+
+    spec: TransformerSpec
 
     @nn.compact
     def __call__(self, x_BxNxD: Array, pos: Array | None = None, cache: dict | None = None,
                  positions_BxN: Array | None = None, mask_Bx1xNxN: Array | None = None):
         step = cache is not None
         names = ("batch", "length", "act_embed")
-        h = layers.rms_norm(self.dtype, name="attn_norm")(x_BxNxD)
-        attn = Attention(self.d_model, self.n_heads, self.rope_theta, self.dtype,
-                         causal=self.causal, name="attn")
+        spec = self.spec
+        h = layers.rms_norm(spec.dtype, name="attn_norm")(x_BxNxD)
+        attn = Attention(spec, name="attn")
         if step:
             h, cache = attn(h, pos, cache)
             x_BxNxD = x_BxNxD + h
         else:
             h = attn(h, positions_BxN=positions_BxN, mask_Bx1xNxN=mask_Bx1xNxN)
             x_BxNxD = nn.with_logical_constraint(x_BxNxD + h, names)
-        h = layers.rms_norm(self.dtype, name="mlp_norm")(x_BxNxD)
-        h = layers.SwiGLU(self.d_model, self.mlp_ratio * self.d_model, self.dtype, name="mlp")(h)
+        h = layers.rms_norm(spec.dtype, name="mlp_norm")(x_BxNxD)
+        h = layers.SwiGLU(spec.d_model, spec.mlp_ratio * spec.d_model, spec.dtype, name="mlp")(h)
         if step:
             return x_BxNxD + h, cache
         return nn.with_logical_constraint(x_BxNxD + h, names)
 
 
 class TransformerLM(nn.Module):
-    """Llama-style causal LM: tokens [B, n ≤ n_ctx] int32 -> logits [B, n, V] float32."""
+    """Llama-style causal LM: tokens [B, n ≤ n_ctx] int32 -> logits [B, n, V] float32; all
+    hyper-parameters in ``spec`` (:class:`~mixers_jax.models.specs.TransformerSpec`)."""
 
-    vocab_size: int
-    n_ctx: int
-    d_model: int
-    n_layers: int
-    n_heads: int
-    mlp_ratio: int = 4
-    rope_theta: float = 10000.0
-    tie_embeddings: bool = False
-    dtype: Dtype = jnp.float32
-    causal: bool = True  # False: bidirectional attention (encoders); no step form
+    spec: TransformerSpec
+
+    @property
+    def n_ctx(self) -> int:
+        return self.spec.n_ctx
 
     def setup(self):
-        self.embed = layers.Embed(self.vocab_size, self.d_model, layers.normal(0.02), self.dtype)
-        self.blocks = tuple(
-            TransformerBlock(
-                self.d_model,
-                self.n_heads,
-                self.mlp_ratio,
-                self.rope_theta,
-                self.dtype,
-                causal=self.causal,
-                name=f"block_{i}",
-            )
-            for i in range(self.n_layers)
-        )
-        self.final_norm = layers.rms_norm(self.dtype)
-        if not self.tie_embeddings:
-            self.head = layers.Linear(
-                (self.vocab_size,),
-                ("embed", "vocab"),
-                use_bias=False,
-                kernel_init=layers.normal(0.02),
-                dtype=self.dtype,
-                out_dtype=jnp.float32,
-            )
+        spec = self.spec
+        self.embed = layers.Embed(spec.vocab_size, spec.d_model, layers.normal(0.02), spec.dtype)
+        self.blocks = tuple(TransformerBlock(spec, name=f"block_{i}") for i in range(spec.n_layers))
+        self.final_norm = layers.rms_norm(spec.dtype)
+        if not spec.tie_embeddings:
+            self.head = layers.lm_head(spec.vocab_size, layers.normal(0.02), spec.dtype)
 
     def embed_tokens(self, tokens_BxN: Array) -> Array:
         if tokens_BxN.ndim != 2 or tokens_BxN.shape[1] > self.n_ctx:
@@ -212,9 +188,7 @@ class TransformerLM(nn.Module):
         return self.final_norm(x_BxNxD)
 
     def logits(self, h_BxNxD: Array) -> Array:
-        if self.tie_embeddings:
-            return self.embed.attend(h_BxNxD)
-        return self.head(h_BxNxD)
+        return self.embed.attend(h_BxNxD) if self.spec.tie_embeddings else self.head(h_BxNxD)
 
     def __call__(self, tokens_BxN: Array) -> Array:
         return self.logits(self.hidden(self.embed_tokens(tokens_BxN)))
@@ -222,27 +196,23 @@ class TransformerLM(nn.Module):
     @nn.nowrap
     def init_cache(self, batch: int, mode: str = "cached") -> tuple:
         """KV cache per layer: k, v [B, n_ctx, H, hd] in the compute dtype."""
-        if not self.causal:
+        spec = self.spec
+        if not spec.causal:
             raise UserError(
                 "a bidirectional (model.causal=False) transformer has no step form (generation / "
                 "compression need causal attention)"
             )
         if mode != "cached":
             raise ValueError(f"the transformer has only the 'cached' (KV cache) step, not {mode!r}")
-        shape = (batch, self.n_ctx, self.n_heads, self.d_model // self.n_heads)
+        shape = (batch, spec.n_ctx, spec.n_heads, spec.d_model // spec.n_heads)
         return tuple(
-            {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
-            for _ in range(self.n_layers)
+            {"k": jnp.zeros(shape, spec.dtype), "v": jnp.zeros(shape, spec.dtype)}
+            for _ in range(spec.n_layers)
         )
 
     def step(self, tokens_B: Array, pos: Array, cache: tuple) -> tuple[Array, tuple]:
         """Token [B] at position ``pos`` (scalar) -> (logits [B, V] float32, new KV cache)."""
-        if not self.causal:
+        if not self.spec.causal:
             raise UserError("a bidirectional (model.causal=False) transformer has no step form")
-        x = self.embed(tokens_B)
-        pos = jnp.asarray(pos, jnp.int32)
-        new = []
-        for block, c in zip(self.blocks, cache):
-            x, c = block(x, pos, c)
-            new.append(c)
-        return self.logits(self.final_norm(x)), tuple(new)
+        x, cache = layers.run_blocks_step(self.blocks, self.embed(tokens_B), pos, cache)
+        return self.logits(self.final_norm(x)), cache

@@ -1,0 +1,141 @@
+"""Model hyper-parameters, built once from ``config.model`` and validated there.
+
+``mixer_spec(cfg)`` / ``transformer_spec(cfg)`` read a flat model config (a ConfigDict, or a dict
+such as :func:`mixers_jax.config.sub_model_config` returns), check every field (bad values raise
+``UserError`` naming ``model.<field>``) and return a frozen :class:`MixerSpec` /
+:class:`TransformerSpec`. The Flax modules take the spec as their one hyper-parameter field and pass
+it down unchanged, so no field is re-declared on the modules below.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from mixers_jax.config import field
+from mixers_jax.errors import UserError
+from mixers_jax.models import layers
+from mixers_jax.models.mixing import MixingSpec, check_mixing
+
+DTYPES = ("float32", "bfloat16")
+BLOCKS = ("mixer", "srm")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerSpec:
+    """A masked mixer LM (REFERENCE §2, §8): its token-mixing layers' :class:`MixingSpec` and the
+    fields of the rest of the model (see ``mixers_jax/config.py`` for each)."""
+
+    token_mixing: MixingSpec
+    vocab_size: int
+    n_layers: int
+    mlp_ratio: int = 4
+    layer_norm: bool = True
+    residual: bool = True
+    tie_embeddings: bool = False
+    block: str = "mixer"
+
+    @property
+    def srm(self) -> bool:
+        """The SRM block (FFN first, SiLU, Kaiming init, N(0, 1) embedding; REFERENCE §8)."""
+        return self.block == "srm"
+
+    # shared with the token mixing
+    n_ctx = property(lambda self: self.token_mixing.n_ctx)
+    d_model = property(lambda self: self.token_mixing.d_model)
+    reference = property(lambda self: self.token_mixing.reference)
+    causal = property(lambda self: self.token_mixing.causal)
+    dtype = property(lambda self: self.token_mixing.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerSpec:
+    """A Llama-style transformer (REFERENCE §3)."""
+
+    vocab_size: int
+    n_ctx: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    mlp_ratio: int = 4
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    dtype: Any = jnp.float32
+    causal: bool = True  # False: bidirectional attention (encoders); no step form
+
+
+def _check_common(cfg: Any) -> None:
+    for key in ("vocab_size", "n_ctx", "d_model", "n_layers", "mlp_ratio"):
+        value = field(cfg, key)
+        if not isinstance(value, int) or value < 1:
+            raise UserError(f"model.{key} must be a positive integer, got {value!r}")
+    if field(cfg, "dtype") not in DTYPES:
+        raise UserError(f"model.dtype must be one of {DTYPES}, got {field(cfg, 'dtype')!r}")
+
+
+def mixer_spec(cfg: Any) -> MixerSpec:
+    """The checked :class:`MixerSpec` of a flat model config."""
+    _check_common(cfg)
+    mixing, impl, mask_grad = field(cfg, "mixing"), field(cfg, "mixing_impl"), field(cfg, "mask_grad")
+    heads, d = field(cfg, "heads"), field(cfg, "d_model")
+    kernel, causal = field(cfg, "kernel", 1), field(cfg, "causal", True)
+    check_mixing(mixing, impl, mask_grad, heads, kernel, causal)
+    block = field(cfg, "block", "mixer")
+    if block not in BLOCKS:
+        raise UserError(f"model.block must be one of {BLOCKS}, got {block!r}")
+    if heads and d % heads:
+        raise UserError(f"model.d_model={d} must be divisible by model.heads={heads}")
+    token_mixing = MixingSpec(
+        n_ctx=field(cfg, "n_ctx"),
+        d_model=d,
+        mixing=mixing,
+        heads=heads,
+        impl=impl,
+        expanded=bool(field(cfg, "expanded")),
+        mask_grad=mask_grad,
+        reference=bool(field(cfg, "reference")),
+        decay=bool(field(cfg, "decay", True)),
+        kaiming=block == "srm",
+        kernel=kernel,
+        causal=bool(causal),
+        dtype=layers.dtype_of(field(cfg, "dtype")),
+    )
+    return MixerSpec(
+        token_mixing=token_mixing,
+        vocab_size=field(cfg, "vocab_size"),
+        n_layers=field(cfg, "n_layers"),
+        mlp_ratio=field(cfg, "mlp_ratio"),
+        layer_norm=bool(field(cfg, "layer_norm")),
+        residual=bool(field(cfg, "residual")),
+        tie_embeddings=bool(field(cfg, "tie_embeddings")),
+        block=block,
+    )
+
+
+def transformer_spec(cfg: Any) -> TransformerSpec:
+    """The checked :class:`TransformerSpec` of a flat model config."""
+    _check_common(cfg)
+    d, h = field(cfg, "d_model"), field(cfg, "n_heads")
+    if not isinstance(h, int) or h < 1:
+        raise UserError(f"model.n_heads must be a positive integer, got {h!r}")
+    if d % h:
+        raise UserError(f"model.d_model={d} must be divisible by model.n_heads={h}")
+    if (d // h) % 2:
+        raise UserError(f"RoPE needs an even head width; d_model/n_heads = {d // h}")
+    kernel = field(cfg, "kernel", 1)
+    if kernel != 1:
+        raise UserError(
+            f"model.kernel={kernel!r}: kernel mixing is a mixer option; a transformer needs kernel=1")
+    return TransformerSpec(
+        vocab_size=field(cfg, "vocab_size"),
+        n_ctx=field(cfg, "n_ctx"),
+        d_model=d,
+        n_layers=field(cfg, "n_layers"),
+        n_heads=h,
+        mlp_ratio=field(cfg, "mlp_ratio"),
+        rope_theta=float(field(cfg, "rope_theta")),
+        tie_embeddings=bool(field(cfg, "tie_embeddings")),
+        dtype=layers.dtype_of(field(cfg, "dtype")),
+        causal=bool(field(cfg, "causal", True)),
+    )

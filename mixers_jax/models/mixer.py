@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from mixers_jax.errors import UserError
 from mixers_jax.models import layers

@@ -1,4 +1,4 @@
-"""Mixer and transformer autoencoders: a whole context -> one vector -> the context (REFERENCE §4).
+"""Mixer and transformer autoencoders: a whole context -> one vector -> the context (docs/autoencoders.md).
 
     python -m mixers_jax.train --config=configs/autoencoder.py:cpu
 
@@ -8,12 +8,14 @@ reconstruction CE (objective 'autoencode'). Presets:
 
 * smoke: seconds, for tests.
 * cpu: mixer/mixer, d256, 2+2 layers, n64, V2048 on the embedded corpus (minutes on 2 cores).
-  cpu_transformer (transformer/transformer, 8 heads, unrolled: the stronger transformer AE of §4),
+  cpu_transformer (transformer/transformer, 8 heads, unrolled: the stronger transformer AE of
+  docs/autoencoders.md#encoder-and-decoder-choices),
   cpu_unmasked (the mixer with an unmasked encoder), cpu_mixer_transformer and
   cpu_transformer_mixer (the hybrids; the transformer half runs at half the mixer's width) are the
   same budget for side-by-side comparisons (README "Autoencoders"). cpu_memory_encoder: d128
   n16 V384, 4 heads, k4: the encoder shape of memory.py:cpu, for its curriculum (stage 1 loads it frozen).
-* tinystories / tinystories_transformer: d512 L8+8 n512 V4096 (REFERENCE §11: 4.53/4.35 vs
+* tinystories / tinystories_transformer: d512 L8+8 n512 V4096
+  (docs/published_results.md#autoencoders: 4.53/4.35 vs
   5.31/5.23); fineweb: the best mixer recipe d1024 k8 L8+8 n512 repeat bf16 (≈1.5 on FineWeb);
   fineweb_transformer: d512 L8+8 H8 unrolled. Give the data with --config.data.source=...
 Variants: --config.model.expansion=unroll, --config.model.compression=4, --config.model.heads=4,

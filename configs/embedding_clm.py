@@ -1,5 +1,6 @@
 """Embedding-augmented ("oracle") causal LMs: an encoder reads the whole sequence into one small
-vector, a causal decoder predicts next tokens with it (REFERENCE §5, §7).
+vector, a causal decoder predicts next tokens with it (docs/embedding_lms.md,
+docs/metrics.md#stored-embedding-accounting).
 
     python -m mixers_jax.train --config=configs/embedding_clm.py:cpu
 

@@ -1,23 +1,26 @@
 """Information-retention probes: how much of its input does a trained encoder keep in one vector?
-(REFERENCE §7 "Information retention probe", §11.)
+(docs/metrics.md#information-retention-probe, docs/published_results.md#information-retention.)
 
     python -m mixers_jax.train --config=configs/information.py:cpu \
         --config.train.init_from=/tmp/cpu_mixer --workdir=/tmp/probe_cpu_mixer
 
 The encoder (a causal LM, an autoencoder's or a memory model's encoder, from the workdir in
 train.init_from) is loaded and frozen ('encoder' is in train.frozen; by default it gets a fresh
-trainable token embedding, REFERENCE §4 — set train.frozen_encoder_embedding=pretrained_frozen to
+trainable token embedding, docs/objectives.md#frozen-encoders —
+set train.frozen_encoder_embedding=pretrained_frozen to
 keep its own); a fresh decoder learns to reconstruct all n tokens from the single embedding at
 encoder.position (−2 for causal LMs, whose last position is untrained). The final table reports the
 eval CE H, the token accuracy and the information ratio I_e = 1 − H/9.03 (and 1 − H/ln V).
-Without train.init_from the frozen encoder is the untrained (random) control of REFERENCE §11.
+Without train.init_from the frozen encoder is the untrained (random) control
+(docs/published_results.md#information-retention).
 
 Presets (the encoder fields must match the loaded model; a mismatch is a one-line error):
 * smoke: seconds, for tests (encoder = mixer_clm.py:smoke).
 * cpu: encoder = mixer_clm.py:cpu (d256 L4 n128 V2048), mixer decoder d256 L2.
   cpu_transformer: encoder = transformer_clm.py:cpu. cpu_autoencoder: encoder =
   autoencoder.py:cpu (n64, position −1).
-* paper_mixer: decoder d1024 L8, n512, lr 5e-4, 200k steps, batch 128 (REFERENCE §7);
+* paper_mixer: decoder d1024 L8, n512, lr 5e-4, 200k steps, batch 128
+  (docs/metrics.md#information-retention-probe);
   paper_transformer: decoder d512 L8, lr 2e-4.
 """
 from mixers_jax.config import CPU, SMOKE, apply_preset, base_config

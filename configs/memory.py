@@ -1,4 +1,4 @@
-"""Chunked memory models: the main job of mixers_jax (REFERENCE §6).
+"""Chunked memory models: the main job of mixers_jax (docs/memory_models.md).
 
     python -m mixers_jax.train --config=configs/memory.py
 
@@ -16,7 +16,8 @@ Presets:
   trained on next-token loss only. cpu_full_context: a plain mixer over the whole s·n_ctx row.
   cpu_transformer: transformer encoder and decoder. cpu_rmt: the recurrent-memory (RMT-like) baseline.
   Same data and budget, for side-by-side comparisons.
-* cpu_curriculum: REFERENCE §6 curriculum at CPU scale. Stage 1 trains the decoder on blank copy with
+* cpu_curriculum: the curriculum of docs/objectives.md#curricula at CPU scale.
+  Stage 1 trains the decoder on blank copy with
   the encoder loaded from --config.train.init_from (an autoencoder workdir from
   autoencoder.py:cpu_memory_encoder, or any model whose encoder matches) and frozen; stage 2 trains
   the combined objective with the encoder still frozen.

@@ -1,4 +1,4 @@
-"""Masked-mixer causal language model (REFERENCE §2).
+"""Masked-mixer causal language model (docs/masked_mixers.md).
 
     python -m mixers_jax.train --config=configs/mixer_clm.py:cpu
 

@@ -1,4 +1,5 @@
-"""Structured recurrent mixers (SRM, REFERENCE §8): mixed column-/row-repeat heads with a learnable
+"""Structured recurrent mixers (SRM, docs/recurrent_mixers.md): mixed column-/row-repeat heads
+with a learnable
 decay clipped to [0.9, 1], FFN-first SiLU blocks, Kaiming init; generation in O(d) state per layer.
 
     python -m mixers_jax.train --config=configs/recurrent.py:cpu --workdir=/tmp/cpu_srm

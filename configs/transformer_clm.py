@@ -1,4 +1,4 @@
-"""Llama-style transformer baseline (REFERENCE §3): RMSNorm, RoPE, SwiGLU, causal attention.
+"""Llama-style transformer baseline (docs/transformer_baseline.md): RMSNorm, RoPE, SwiGLU, causal attention.
 
     python -m mixers_jax.train --config=configs/transformer_clm.py:cpu
 

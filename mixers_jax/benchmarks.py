@@ -198,7 +198,8 @@ MEMORY_CASES = {
 
 def bench_memory(cases: list[str], chunk_counts: list[int], s: Settings) -> list[dict]:
     """Training-step time of memory models (s chunks of n_ctx) vs full-context models over the same
-    s·n_ctx tokens, for each s (REFERENCE §11: memory models ≈20–25% slower per step at s = 4)."""
+    s·n_ctx tokens, for each s (published: memory models ≈20–25% slower per step at s = 4;
+    docs/published_results.md#memory-models)."""
     from mixers_jax.config import base_config
 
     records = []

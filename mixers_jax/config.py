@@ -4,7 +4,7 @@ Every file in ``configs/`` starts from :func:`base_config` and overrides fields;
 selected with ``--config=configs/NAME.py:PRESET``. The ConfigDicts are *locked*, so an unknown key
 given on the command line (``--config.model.d_modle=3``) fails loudly instead of being ignored.
 
-Field reference (defaults follow REFERENCE.md §1):
+Field reference (defaults follow docs/training.md):
 
 model.kind              'mixer' | 'transformer'
 model.vocab_size        tokenizer and embedding size (the tokenizer is trained to this size)
@@ -15,44 +15,55 @@ model.dtype             compute dtype: 'float32' or 'bfloat16' (params stay floa
 model.reference         True: published numerics (LayerNorm eps 1e-5, exact-erf GELU, PyTorch init)
                         False: tanh-approximate GELU and N(0, 0.02) init, a faster variant
 model.mixing            'flat' (one n x n matrix) | 'toeplitz' (W_ij = v_{i-j}) | structured recurrent
-                        (§8): 'col' (A_ij = v_i d^(i-j)) | 'row' (A_ij = v_j d^(i-j)) | 'mixed'
+                        (docs/recurrent_mixers.md#structured-matrices): 'col' (A_ij = v_i d^(i-j))
+                        | 'row' (A_ij = v_j d^(i-j)) | 'mixed'
                         (heads 0..H/2-1 column-repeat, the rest row-repeat; needs heads >= 2)
                         [mixer only]
-model.block             'mixer' (mix first, GELU FFN; §2.2) | 'srm' (FFN first, SiLU, Kaiming init,
-                        N(0,1) embedding; §8)
+model.block             'mixer' (mix first, GELU FFN; docs/masked_mixers.md#the-mixer-block)
+                        | 'srm' (FFN first, SiLU, Kaiming init,
+                        N(0,1) embedding; docs/recurrent_mixers.md#block-and-model)
 model.decay             structured mixing: learnable decay d = clip(lam, 0.9, 1)^(512/n), lam
                         starting at 1 (gradient 1 on [0.9, 1]); False: d = 1
-model.heads             0: one matrix shared by all features; H >= 1: per-head projections (§2.1)
+model.heads             0: one matrix shared by all features; H >= 1: per-head projections
+                        (docs/masked_mixers.md#multi-head-mixing)
 model.mixing_impl       'dense' (masked matmul; Toeplitz materialised) | 'fft' (Toeplitz only)
-model.expanded          mix -> GELU -> mix (§2.1, factor 1)
+model.expanded          mix -> GELU -> mix (factor 1, docs/masked_mixers.md#expanded-mixing)
 model.layer_norm        False: LayerNorm-free ablation
 model.residual          False: residual-free ablation
 model.tie_embeddings    share the input embedding with the LM head
-model.mask_grad         'masked' (default) | 'straight_through' (§1.1)
+model.mask_grad         'masked' (default) | 'straight_through' (docs/training.md#causal-mask-gradient)
 model.n_heads           attention heads of the transformer
 model.rope_theta        RoPE base of the transformer (1e4)
-model.kernel            token-mixing taps k of flat mixing (REFERENCE §2.1 "kernel"; 1 = plain)
+model.kernel            token-mixing taps k of flat mixing (docs/masked_mixers.md#kernel-mixing; 1 = plain)
 model.causal            False: unmasked (bidirectional) mixing / attention, for encoders
 model.encoder, decoder  sub-models of composite kinds: kind 'mixer' | 'transformer', d_model,
                         n_layers, mixing, heads, kernel, n_heads, causal; 0 / '' / -1 inherit the
                         top-level field (resolved by :func:`sub_model_config`). encoder.position: which position's hidden state is the
-                        embedding (-1; -2 for encoders taken from causal LMs, REFERENCE §4)
-model.compression       c: the embedding is compressed d -> d/c (and back) by linear maps (§4, §5)
-model.expansion         autoencoder decoder input: 'repeat' | 'unroll' (cyclic window, §4)
-model.injection         embedding_clm: 'token' | 'embedding' | 'add' (REFERENCE §5)
-model.chunks            memory models: s chunks of n_ctx tokens per row (§6)
+                        embedding (-1; -2 for encoders taken from causal LMs,
+                        docs/autoencoders.md#embedding-position)
+model.compression       c: the embedding is compressed d -> d/c (and back) by linear maps
+                        (docs/bottleneck.md#compression-and-bridge)
+model.expansion         autoencoder decoder input: 'repeat' | 'unroll'
+                        (cyclic window, docs/autoencoders.md#unrolled-expansion)
+model.injection         embedding_clm: 'token' | 'embedding' | 'add' (docs/embedding_lms.md#injection-modes)
+model.chunks            memory models: s chunks of n_ctx tokens per row
+                        (docs/memory_models.md#rows-and-chunks)
 model.memory_slots      'fixed' (s slots, fill vector) | 'variable' (transformer decoders)
 model.use_memory        False: the no-memory control (all slots hold the fill vector)
-model.rmt_overwrite     rmt baseline: overwrite the last token embedding with the state (§12.14)
+model.rmt_overwrite     rmt baseline: overwrite the last token embedding with the state
+                        (docs/memory_models.md#recurrent-memory-baseline)
 model.embed_quant       cast of the stored embedding at evaluation: none | float16 | bfloat16 |
-                        float8_e4m3fn | float8_e5m2 | int8 (REFERENCE §11 quantization)
-model.embed_bits        bits per stored embedding number in the compression accounting (§7)
-model.qat_noise         q > 0: uniform noise U(-q, q) added to the embedding in training (§12.9)
+                        float8_e4m3fn | float8_e5m2 | int8 (docs/bottleneck.md#quantization-formats)
+model.embed_bits        bits per stored embedding number in the compression accounting
+                        (docs/metrics.md#stored-embedding-accounting)
+model.qat_noise         q > 0: uniform noise U(-q, q) added to the embedding in training
+                        (docs/bottleneck.md#qat-noise)
 train.objective         clm | autoencode | copy | blank_copy | combined (objectives.py)
 train.eval_objectives   objectives evaluated (logged as eval/<name>/...); empty: the training one
 train.frozen            comma-separated top-level parameter groups that training leaves unchanged
 train.init_from         workdir whose latest checkpoint initialises the subtrees in train.init_map
-train.frozen_encoder_embedding  fresh_trainable (REFERENCE §4 default) | pretrained_frozen |
+train.frozen_encoder_embedding  fresh_trainable (default; docs/objectives.md#frozen-encoders)
+                        | pretrained_frozen |
                         pretrained_trainable: what the embedding of a loaded, frozen encoder does
 train.stages            curriculum: a tuple of dicts (name, objective, steps, frozen, init_from,
                         init_map, lr, warmup_steps); one train command runs them all
@@ -80,7 +91,8 @@ CHUNKED_KINDS = ("memory", "rmt")  # model kinds whose data rows hold model.chun
 
 
 def input_length(model_cfg: Any) -> int:
-    """Tokens per data row: n_ctx, or chunks x n_ctx for the chunked memory models (§6)."""
+    """Tokens per data row: n_ctx, or chunks x n_ctx for the chunked memory models
+    (docs/memory_models.md#rows-and-chunks)."""
     n = int(field(model_cfg, "n_ctx"))
     if field(model_cfg, "kind") in CHUNKED_KINDS:
         return n * int(field(model_cfg, "chunks"))
@@ -282,7 +294,8 @@ def clm_presets(kind: str) -> dict[str, dict]:
     """Presets shared by ``configs/mixer_clm.py`` and ``configs/transformer_clm.py``.
 
     smoke: seconds, for tests. cpu: minutes on 2 cores on the embedded corpus.
-    tinystories / fineweb: the published settings (REFERENCE §2.2, §3, §10, §11); give the data with
+    tinystories / fineweb: the published settings (docs/masked_mixers.md#published-configurations,
+    docs/transformer_baseline.md#published-configurations); give the data with
     ``--config.data.source=...``. gpu_mfu: d1024 L16 n1024 bf16 for throughput measurements.
     """
     mixer = kind == "mixer"

@@ -92,7 +92,7 @@ def eval_objective_names(train_cfg) -> tuple[str, ...]:
 def param_labels(params: Any, train_cfg) -> Any:
     """'frozen' for every leaf under a top-level group named in ``train.frozen``, else 'train'.
 
-    With ``frozen_encoder_embedding`` 'fresh_trainable' (REFERENCE §4 default) or
+    With ``frozen_encoder_embedding`` 'fresh_trainable' (the default, docs/objectives.md#frozen-encoders) or
     'pretrained_trainable', a frozen group's own token embedding (its ``embed`` child) stays trainable.
     """
     frozen = set(csv_names(train_cfg.frozen))
@@ -156,7 +156,8 @@ def merge_init_params(params: Any, source_params: Any, stage: Stage, source_name
 
     Every leaf of a target subtree must exist in the source with the same shape (extra source
     leaves, e.g. a causal LM's head, are ignored). A frozen group's ``embed`` is not copied under
-    ``frozen_encoder_embedding='fresh_trainable'`` (REFERENCE §4: a new N(0,1) embedding).
+    ``frozen_encoder_embedding='fresh_trainable'``
+    (a new N(0,1) embedding; docs/objectives.md#frozen-encoders).
     """
     frozen = set(csv_names(stage.train.frozen))
     fresh = str(stage.train.frozen_encoder_embedding) == "fresh_trainable"

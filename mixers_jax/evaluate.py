@@ -3,7 +3,7 @@
 Works for every model kind and objective: each objective named by ``--objectives`` (default:
 ``train.eval_objectives``, else ``train.objective``, of the curriculum stage that wrote the
 checkpoint) is built with ``steps.build_steps`` and summed over the evaluation rows exactly like the
-trainer's evaluation (REFERENCE §7, §12.25):
+trainer's evaluation (docs/metrics.md):
 
 * loss = Σ nll / Σ targets (token-weighted over all rows), token accuracy, and bits per byte =
   Σ nll / (ln 2 · Σ UTF-8 bytes of the targets);
@@ -14,9 +14,11 @@ trainer's evaluation (REFERENCE §7, §12.25):
   pads, the untrained first position of a causal row and copy halves are handled for any objective;
   the byte count of this text equals Σ bytes of the loss;
 * for kinds that store one embedding per sequence (``metrics.stored_numbers``: autoencoder,
-  embedding_clm) the compression accounting of REFERENCE §7 at ``model.embed_bits`` bits per number:
+  embedding_clm) the compression accounting of docs/metrics.md#stored-embedding-accounting at
+  ``model.embed_bits`` bits per number:
   loss offset, normalized loss, embedding bits per byte and total bits per byte; for autoencoders
-  also the information ratio 1 − H/H0 with H0 = 9.03 and with H0 = ln V (§12.4);
+  also the information ratio 1 − H/H0 with H0 = 9.03 and with H0 = ln V
+  (docs/metrics.md#information-retention-ratio);
 * ``--quant``: the same with ``model.embed_quant`` set to each format (none, float16, bfloat16,
   float8_e4m3fn, float8_e5m2, int8; 'all' for every one), accounted at 32 / 16 / 16 / 8 / 8 / 8 bits
   per number (int8's per-vector scale is not counted).
@@ -334,7 +336,7 @@ def format_table(result: dict) -> str:
     stored = result.get("stored_numbers")
     if stored is not None:
         lines += ["", (f"stored embedding: {stored} numbers per sequence at {result['embed_bits']:g} "
-                       "bits (model.embed_bits); REFERENCE §7 accounting"),
+                       "bits (model.embed_bits); docs/metrics.md#stored-embedding-accounting"),
                   (f"{'objective':<12}{'sequences':>10}{'loss_off':>10}{'norm_loss':>10}"
                    f"{'emb_bpb':>10}{'total_bpb':>10}")]
         for name, r in result["objectives"].items():

@@ -10,10 +10,11 @@ What is counted is what the implementation computes, not the causal minimum:
 * dense masked mixing ``einsum('ij,bjd->bid', W⊙M, x)`` is a full n×n product: n·d multiply-adds
   per token per matrix (the zero upper triangle is multiplied too; the causal minimum would be half).
   Toeplitz 'dense' is the same after materialisation. Headed: H heads × n × d/H = n·d as well.
-  Structured recurrent mixing (row / col / mixed, REFERENCE §8) is materialised as a dense n×n
+  Structured recurrent mixing (row / col / mixed, docs/recurrent_mixers.md) is materialised as a dense n×n
   matrix for training, so it counts n·d too (the O(1) recurrence used for generation costs ~2·d
   multiply-adds per token, not counted here).
-* kernel mixing (k > 1, §2.1): the k feature-shifted copies contracted with the n×n×k kernel in one
+* kernel mixing (k > 1, docs/masked_mixers.md#kernel-mixing): the k feature-shifted copies
+  contracted with the n×n×k kernel in one
   matmul: k·n·d multiply-adds per token per matrix.
 * FFT Toeplitz: per sequence and feature, one real FFT of length 2n of the input and one inverse,
   ≈ 2.5·(2n)·log2(2n) FLOPs each (the usual 5·N·log2 N estimate for a complex FFT of length N, halved
@@ -37,7 +38,7 @@ from mixers_jax.models.mixing import MixingSpec
 
 
 def mixer_forward_flops(cfg: Any) -> float:
-    """Forward FLOPs per token of the masked mixer LM (REFERENCE §2); the mixing op's share comes
+    """Forward FLOPs per token of the masked mixer LM (docs/masked_mixers.md); the mixing op's share comes
     from its entry in ``models.mixing.MIXING_OPS``."""
     n, d, L, V = field(cfg, "n_ctx"), field(cfg, "d_model"), field(cfg, "n_layers"), field(cfg, "vocab_size")
     r, heads = field(cfg, "mlp_ratio", 4), field(cfg, "heads", 0)
@@ -53,7 +54,7 @@ def mixer_forward_flops(cfg: Any) -> float:
 
 
 def transformer_forward_flops(cfg: Any) -> float:
-    """Forward FLOPs per token of the Llama-style baseline (REFERENCE §3)."""
+    """Forward FLOPs per token of the Llama-style baseline (docs/transformer_baseline.md#architecture)."""
     n, d, L, V = field(cfg, "n_ctx"), field(cfg, "d_model"), field(cfg, "n_layers"), field(cfg, "vocab_size")
     r = field(cfg, "mlp_ratio", 4)
     qkvo = 2.0 * 4 * d * d
@@ -75,7 +76,7 @@ def _sub(cfg: Any, role: str, n_ctx: int) -> tuple[dict, float, float]:
 
 
 def memory_forward_flops(cfg: Any) -> float:
-    """Forward FLOPs per row token of the chunked memory model (REFERENCE §6), N = s·n per row.
+    """Forward FLOPs per row token of the chunked memory model (docs/memory_models.md), N = s·n per row.
 
     Encoder body (no head) on (s−1)·n positions and the bottleneck on s−1 memories (skipped with
     use_memory=False); decoder body on s·(s+n) positions (memory slots included) at length n+s and
@@ -95,7 +96,8 @@ def memory_forward_flops(cfg: Any) -> float:
 
 
 def rmt_forward_flops(cfg: Any) -> float:
-    """Forward FLOPs per row token of the recurrent-memory baseline (REFERENCE §6): per chunk the
+    """Forward FLOPs per row token of the recurrent-memory baseline
+    (docs/memory_models.md#recurrent-memory-baseline): per chunk the
     decoder body on n+1 positions (state slot + tokens) and the head on the n token slots."""
     n = int(field(cfg, "n_ctx"))
     _, body, head = _sub(cfg, "decoder", n + 1)
@@ -117,7 +119,7 @@ def _bottleneck_flops(d_in: int, c: int, d_out: int) -> float:
 
 
 def autoencoder_forward_flops(cfg: Any) -> float:
-    """Forward FLOPs per input token of the autoencoder (REFERENCE §4): encoder body (no head) on the
+    """Forward FLOPs per input token of the autoencoder (docs/autoencoders.md): encoder body (no head) on the
     n tokens, the bottleneck once per row (/n), the unroll projection per position, the decoder."""
     n, c = int(field(cfg, "n_ctx")), int(field(cfg, "compression", 1))
     enc, enc_body, _ = _sub(cfg, "encoder", n)
@@ -128,7 +130,7 @@ def autoencoder_forward_flops(cfg: Any) -> float:
 
 
 def embedding_clm_forward_flops(cfg: Any) -> float:
-    """Forward FLOPs per input token of the oracle-embedding causal LM (REFERENCE §5): encoder body
+    """Forward FLOPs per input token of the oracle-embedding causal LM (docs/embedding_lms.md): encoder body
     on n tokens, bottleneck / injection once per row (/n), decoder body on n+1 positions ('token')
     or n (at width d_dec + d_enc/c for 'embedding') and its head on n."""
     n, c = int(field(cfg, "n_ctx")), int(field(cfg, "compression", 1))

@@ -4,7 +4,7 @@
         [--prompt_file=F] [--max_new_tokens=N] [--temperature=T] [--top_k=K] [--top_p=P] \\
         [--seed=S] [--batch=B] [--mode=auto|recurrent|cached|full]
 
-Modes (REFERENCE §8 "Inference modes"; all give identical greedy tokens, tested):
+Modes (docs/recurrent_mixers.md#inference-modes; all give identical greedy tokens, tested):
 
 * ``recurrent``: structured recurrent mixers only; one token per step through the O(1) recurrences
   (O(d) state per layer, memory flat in the sequence length).

@@ -1,9 +1,9 @@
 """Metrics from summed statistics, the compression accounting of stored embeddings, and the
 tensorboardX writer.
 
-Aggregation (REFERENCE §12.25): evaluation reports the *token-weighted* mean over all evaluation
+Aggregation (docs/metrics.md#aggregation): evaluation reports the *token-weighted* mean over all evaluation
 targets, so that loss and bits per byte describe the same text: bits per byte = Σ NLL (nats) /
-(ln 2 · Σ UTF-8 bytes of the targets), exactly (REFERENCE §7).
+(ln 2 · Σ UTF-8 bytes of the targets), exactly (docs/metrics.md#bits-per-byte).
 """
 from __future__ import annotations
 
@@ -49,15 +49,17 @@ def add_sums(total: dict[str, float] | None, sums: Mapping[str, object]) -> dict
 #
 # A model that stores one embedding of n_p numbers at b_p bits per sequence (autoencoders,
 # embedding-augmented LMs) has to pay for that embedding when it is compared with a causal model or a
-# compressor (REFERENCE §7). The functions below use the exact forms over an evaluation set of
+# compressor (docs/metrics.md#stored-embedding-accounting). The functions below use the exact
+# forms over an evaluation set of
 # ``sequences`` rows with Σ targets tokens and Σ bytes target bytes; with every position a target and
 # r = Σ bytes / Σ targets they reduce to the per-sequence formulas of the reference.
 
-H0_PUBLISHED = 9.03  # REFERENCE §7, §12.4: the blog's uniform-over-8000 reference entropy (nats)
+# docs/metrics.md#information-retention-ratio
+H0_PUBLISHED = 9.03  # the blog's uniform-over-8000 reference entropy (nats)
 
 
 def amortized_embedding_bpb(stored_numbers: int, bits: float, sequences: int, n_bytes: float) -> float:
-    """Embedding bits per byte b_e = n_p · b_p · sequences / Σ bytes (REFERENCE §7).
+    """Embedding bits per byte b_e = n_p · b_p · sequences / Σ bytes.
 
     The exact form of b_e = n_p b_p / (n_ctx r): every one of ``sequences`` rows stores
     ``stored_numbers`` (n_p) numbers of ``bits`` (b_p) bits, spread over the ``n_bytes`` target bytes.
@@ -66,7 +68,7 @@ def amortized_embedding_bpb(stored_numbers: int, bits: float, sequences: int, n_
 
 
 def loss_offset(stored_numbers: int, bits: float, sequences: int, tokens: float) -> float:
-    """Loss offset L_o = n_p · b_p · ln 2 · sequences / Σ targets, in nats per token (REFERENCE §7).
+    """Loss offset L_o = n_p · b_p · ln 2 · sequences / Σ targets, in nats per token.
 
     Equals n_p b_p ln 2 / n_ctx when every position of every row is a target; e.g. 64 numbers at
     4 bits with n_ctx 1024 give 0.173.
@@ -77,7 +79,7 @@ def loss_offset(stored_numbers: int, bits: float, sequences: int, tokens: float)
 def embedding_accounting(
     sums: Mapping[str, float], stored_numbers: int, bits: float, sequences: int
 ) -> dict[str, float]:
-    """Decoder loss and bits per byte plus the cost of the stored embeddings (REFERENCE §7).
+    """Decoder loss and bits per byte plus the cost of the stored embeddings.
 
     From the summed ``nll`` / ``tokens`` / ``bytes``: ``loss`` = Σ nll / Σ targets, ``bpb`` (the
     decoder's), ``loss_offset`` L_o, ``normalized_loss`` = loss + L_o, ``embedding_bpb`` b_e and
@@ -99,16 +101,16 @@ def embedding_accounting(
 
 
 def information_ratio(ce: float, h0: float = H0_PUBLISHED) -> float:
-    """Information retention I_e = 1 − H / H0 of a probe whose reconstruction CE is H (REFERENCE §7).
+    """Information retention I_e = 1 − H / H0 of a probe whose reconstruction CE is H.
 
-    ``h0`` = 9.03 reproduces the published figures (§12.4); :func:`information_ratio_exact` uses
+    ``h0`` = 9.03 reproduces the published figures; :func:`information_ratio_exact` uses
     H0 = ln V, the entropy of a uniform distribution over the vocabulary.
     """
     return 1.0 - float(ce) / float(h0)
 
 
 def information_ratio_exact(ce: float, vocab_size: int) -> float:
-    """I_e with H0 = ln V (ln 8000 = 8.987 for the published vocabulary; REFERENCE §12.4)."""
+    """I_e with H0 = ln V (ln 8000 = 8.987 for the published vocabulary)."""
     return information_ratio(ce, math.log(int(vocab_size)))
 
 

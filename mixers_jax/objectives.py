@@ -5,12 +5,13 @@ train configs and the tokenizer's pad id), so that chunked or copy objectives ca
 they need; ``OBJECTIVES`` maps each name to such a factory.
 
 ``apply_fn(params, tokens_BxN) -> logits_BxNxV``. Batches are dicts of ``tokens`` (int32),
-``loss_mask`` (1.0 where a token may be a target; pads and EOS are 0, REFERENCE §1) and
+``loss_mask`` (1.0 where a token may be a target; pads and EOS are 0,
+docs/objectives.md#targets-and-ignored-positions) and
 ``token_bytes`` (UTF-8 bytes each token decodes to). ``metrics`` are *sums* (``nll``, ``tokens``,
 ``correct``, ``bytes``) so they aggregate exactly across micro-batches, devices and eval batches;
 :mod:`mixers_jax.metrics` turns them into loss, accuracy and bits per byte.
 
-Objectives (REFERENCE §6):
+Objectives (docs/objectives.md):
 
 * ``clm``: for kinds 'memory' and 'rmt' (rows of s chunks of n tokens) the *chunked* CLM: output i of
   chunk c predicts t^(c)_{i+1} within the chunk (a chunk's first token is never a target and a chunk
@@ -62,7 +63,7 @@ def masked_sums(logits_BxNxV, targets_BxN, mask_BxN, bytes_BxN) -> dict[str, jax
 
 
 def clm(apply_fn: Callable, params, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Causal LM: output i predicts token i+1 (REFERENCE §2.2); the last output is never trained.
+    """Causal LM: output i predicts token i+1 (docs/objectives.md#clm); the last output is never trained.
 
     The loss is the token mean over the batch's counted targets.
     """
@@ -78,7 +79,8 @@ def clm(apply_fn: Callable, params, batch) -> tuple[jax.Array, dict[str, jax.Arr
 
 
 def autoencode(apply_fn: Callable, params, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Autoencoder reconstruction: output i predicts token i itself, unshifted (REFERENCE §4)."""
+    """Autoencoder reconstruction: output i predicts token i itself, unshifted
+    (docs/objectives.md#autoencode)."""
     logits_BxNxV = apply_fn(params, batch["tokens"])
     sums = masked_sums(logits_BxNxV, batch["tokens"], batch["loss_mask"], batch["token_bytes"])
     loss = sums["nll"] / jnp.maximum(sums["tokens"], 1.0)
@@ -88,7 +90,7 @@ def autoencode(apply_fn: Callable, params, batch) -> tuple[jax.Array, dict[str, 
 def chunked_sums(
     logits_BxLxV, targets_BxL, mask_BxL, bytes_BxL, chunks: int
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Within-chunk shifted CE (REFERENCE §6 "Per-chunk loss"): (Σ_c L_c, token sums).
+    """Within-chunk shifted CE (docs/objectives.md#chunked-clm): (Σ_c L_c, token sums).
 
     Rows of length L = s·n are cut into s chunks; output i of chunk c predicts label c·n + i + 1 for
     i ≤ n−2. L_c is the token-mean CE of chunk c over the batch, 0 for a chunk without targets; the
@@ -118,7 +120,7 @@ def chunked_sums(
 
 
 def shifted_sums(logits_BxNxV, targets_BxN, mask_BxN, bytes_BxN) -> dict[str, jax.Array]:
-    """Plain shifted CE sums: output i predicts label i+1 (REFERENCE §2.2)."""
+    """Plain shifted CE sums: output i predicts label i+1."""
     return masked_sums(logits_BxNxV[:, :-1], targets_BxN[:, 1:], mask_BxN[:, 1:], bytes_BxN[:, 1:])
 
 
@@ -126,7 +128,7 @@ COPY_MODES = ("copy", "blank")
 
 
 def copy_batch(batch: dict, mode: str, pad_id: int, delimiter: int = -1) -> dict[str, jax.Array]:
-    """The copy task of REFERENCE §6 built from a batch of rows of even length N.
+    """The copy task (docs/objectives.md#copy) built from a batch of rows of even length N.
 
     Returns ``tokens`` (the input: [t_{0:N/2}, t_{0:N/2}] for ``mode='copy'``, [t_{0:N/2}, pad^{N/2}]
     for ``mode='blank'``), ``targets`` ([·, t_{0:N/2}]) and ``loss_mask`` / ``token_bytes`` that are 0

@@ -28,7 +28,7 @@ from mixers_jax.models import build_model, input_length, sub_config
 def lr_schedule(train_cfg, offset: int = 0) -> Callable[[jax.Array], jax.Array]:
     """Linear warmup from 0, then linear (or cosine) decay to exactly 0 at the final step.
 
-    REFERENCE §1: lr(t) = η·t/w for t < w and η·(T−t)/(T−w) afterwards, so the first update uses lr 0.
+    lr(t) = η·t/w for t < w and η·(T−t)/(T−w) afterwards, so the first update uses lr 0.
     ``offset`` is the first global step of a curriculum stage (t counts from there).
     """
     peak, warmup, total = float(train_cfg.lr), int(train_cfg.warmup_steps), int(train_cfg.steps)
@@ -48,7 +48,7 @@ def lr_schedule(train_cfg, offset: int = 0) -> Callable[[jax.Array], jax.Array]:
 
 
 def make_optimizer(train_cfg, offset: int = 0, labels: Any = None) -> optax.GradientTransformation:
-    """AdamW (weight decay 0 by default, i.e. Adam) after global-norm clipping (REFERENCE §1).
+    """AdamW (weight decay 0 by default, i.e. Adam) after global-norm clipping (docs/training.md#optimizer).
 
     ``labels`` (a tree like the params of 'train' / 'frozen', see :func:`param_labels`): frozen
     parameters get exactly zero updates and are left out of the clipping norm and the moments.
@@ -192,7 +192,8 @@ def build_steps(config, mesh, objective: str | None = None, rules=None, pad_id: 
             (l0, s0), g0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
             zero_carry = (l0, s0, g0)
             (loss, sums, grads), _ = jax.lax.scan(body, zero_carry, micro)
-            # REFERENCE §1: the optimized loss is the mean of the micro-batches' token means.
+            # docs/training.md#gradient-accumulation: the optimized loss is the mean of the
+            # micro-batches' token means.
             loss = loss / accum
             grads = jax.tree.map(lambda g: g / accum, grads)
         if frozen_any:  # constant zeros: XLA drops the frozen groups' weight gradients

@@ -1,4 +1,5 @@
-"""Autoencoders (REFERENCE §4) and oracle-embedding causal LMs (REFERENCE §5): masks by gradients,
+"""Autoencoders (docs/autoencoders.md) and oracle-embedding causal LMs (docs/embedding_lms.md):
+masks by gradients,
 parameter trees, unroll windows, injections, quantization formats, and a real learning run."""
 import time
 
@@ -124,7 +125,8 @@ def test_encoder_tree_is_the_clm_tree_minus_head_and_loads_a_clm(kind):
 
 @pytest.mark.parametrize("n,d_dec", [(8, 16), (8, 4)], ids=["n<=d", "n>d_cyclic"])
 def test_unroll_windows_match_loop_reference(n, d_dec):
-    """X_i = w_i P + ρ, w_i = (e_σ, …, e_{σ+d/2−1}) mod d, σ = i mod d (REFERENCE §4, §12.17)."""
+    """X_i = w_i P + ρ, w_i = (e_σ, …, e_{σ+d/2−1}) mod d, σ = i mod d
+    (docs/autoencoders.md#unrolled-expansion)."""
     model = build_model(cfg(n_ctx=n, expansion="unroll", compression=2, decoder={"d_model": d_dec}))
     params = init(model, n=n)
     assert params["expand"]["proj"]["kernel"].shape == (d_dec // 2, d_dec)
@@ -141,7 +143,7 @@ def test_unroll_windows_match_loop_reference(n, d_dec):
             window = [m[b, (sigma + k) % d_dec] for k in range(d_dec // 2)]
             ref[b, i] = np.asarray(window) @ proj + rho
     np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-5)
-    if n > d_dec:  # windows repeat cyclically (§12.17)
+    if n > d_dec:  # windows repeat cyclically (docs/autoencoders.md#unrolled-expansion)
         np.testing.assert_array_equal(unroll_indices(n, d_dec)[d_dec:], unroll_indices(n, d_dec)[:-d_dec])
         np.testing.assert_allclose(x[:, d_dec:], x[:, :-d_dec], rtol=1e-6, atol=1e-6)
     # repeat: every position gets the same vector, and there is no unroll projection
@@ -293,7 +295,7 @@ def test_bad_configs_raise_one_line_user_error(top):
     assert "\n" not in str(info.value)
 
 
-# --- quantization formats of the stored embedding (REFERENCE §11 "Quantization") ---------------
+# --- quantization formats of the stored embedding (docs/bottleneck.md#quantization-formats) ---
 
 FLOAT_FORMATS = [q for q in QUANTS if q not in ("none", "int8")]
 
@@ -340,7 +342,8 @@ def _byte_windows(text: bytes, starts, n):
 
 def test_mixer_autoencoder_learns_to_reconstruct_held_out_english():
     """A byte-level (V = 256) mixer AE, d64, L1+1, n16 (8 heads, kernel 4, unrolled decoder
-    inputs; REFERENCE §4 "Options") trained with Adam for 500 steps of 32 random windows of
+    inputs; docs/autoencoders.md#encoder-and-decoder-choices)
+    trained with Adam for 500 steps of 32 random windows of
     the embedded corpus's training documents reconstructs ≥ 90% of the bytes of 256 windows from the
     held-out documents, none of which occurs anywhere in the training text (0.95-0.97 measured
     over seven seeds; the test uses seed 0)."""

@@ -1,4 +1,5 @@
-"""REFERENCE §7 accounting by hand; the evaluate CLI's numbers equal a direct computation with the
+"""Stored-embedding accounting by hand (docs/metrics.md#stored-embedding-accounting); the evaluate
+CLI's numbers equal a direct computation with the
 model; --data; --quant on a stored-embedding model; bad input exits 2 with one line and no file."""
 import json
 import math
@@ -29,7 +30,8 @@ LN2 = math.log(2.0)
 
 
 def test_loss_offset_reference_example():
-    # REFERENCE §7: 64 dims x 4 bits, n_ctx 1024 -> 0.173 nats/token (every position a target).
+    # docs/metrics.md#stored-embedding-accounting:
+    # 64 dims x 4 bits, n_ctx 1024 -> 0.173 nats/token (every position a target).
     assert metrics.loss_offset(64, 4, 1, 1024) == pytest.approx(0.17329, abs=1e-5)
     assert metrics.loss_offset(64, 4, 10, 10 * 1024) == pytest.approx(64 * 4 * LN2 / 1024)
     # Causal rows of 1024 tokens have 1023 targets: the exact form divides by the real count.
@@ -54,7 +56,7 @@ def test_embedding_bpb_and_accounting_by_hand():
 
 def test_information_ratio_both_h0():
     assert metrics.information_ratio(4.515) == pytest.approx(0.5)  # H0 = 9.03
-    # REFERENCE §11: mixer AE (validation-trained) CE 0.435 -> I_e 0.952.
+    # docs/published_results.md#information-retention: mixer AE (validation-trained) CE 0.435 -> I_e 0.952.
     assert metrics.information_ratio(0.435) == pytest.approx(0.952, abs=5e-4)
     assert metrics.information_ratio_exact(0.435, 8000) == pytest.approx(1 - 0.435 / math.log(8000))
     assert math.log(8000) == pytest.approx(8.987, abs=1e-3)
@@ -65,7 +67,8 @@ def test_stored_numbers():
     assert metrics.stored_numbers(m) is None  # mixer
     m.update({"kind": "autoencoder", "d_model": 512, "compression": 4})
     assert metrics.stored_numbers(m) == 128
-    m.encoder.d_model = 256  # §5 canonical: 256-wide encoder, c=4 -> 64-dim memory
+    # docs/embedding_lms.md#published-configurations: 256-wide encoder, c=4 -> 64-dim memory
+    m.encoder.d_model = 256
     m.kind = "embedding_clm"
     assert metrics.stored_numbers(m) == 64
     m.kind = "memory"

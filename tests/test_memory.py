@@ -1,4 +1,4 @@
-"""Chunked memory models and their objectives (REFERENCE §6): dependency structure by gradients,
+"""Chunked memory models and their objectives (docs/memory_models.md): dependency structure by gradients,
 batched == per-chunk loops, rmt == a Python loop over chunks, copy / chunked-CLM objectives, bad
 input, and a blank-copy learning test."""
 import jax

@@ -1,4 +1,4 @@
-"""Token-mixing ops against plain loop references (REFERENCE §1.1, §2.1, §2.3)."""
+"""Token-mixing ops against plain loop references (docs/masked_mixers.md)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,7 +99,7 @@ def test_straight_through_same_forward_unmasked_gradient():
     assert np.all(g_m[upper] == 0)
     assert np.all(g_st[upper] != 0)
     np.testing.assert_allclose(g_st[~upper], g_m[~upper], rtol=1e-6)
-    # REFERENCE §1.1: for k = 1 the upper entries get Σ_{b,f} dL/dy_{b,i,f} · x_{b,j,f}
+    # docs/training.md#causal-mask-gradient: for k = 1 the upper entries get Σ_{b,f} dL/dy_{b,i,f} · x_{b,j,f}
     full = np.einsum("bif,bjf->ij", np.asarray(g_out), np.asarray(x))
     np.testing.assert_allclose(g_st, full, rtol=1e-5, atol=1e-5)
 
@@ -160,7 +160,7 @@ def test_reference_mixing_inits():
     assert np.all(np.asarray(c_init(jax.random.key(0), (n,))) == 0)
 
 
-# --- kernel (k > 1) and unmasked mixing (REFERENCE §2.1 "Kernel", §12.13; §4 unmasked encoders) ---
+# --- kernel (k > 1) and unmasked mixing (docs/masked_mixers.md) ---
 
 
 def _loop_kernel_mix(w_NxNxK, x_BxNxD, c_N, causal=True):

@@ -94,7 +94,7 @@ def _n_params(tree):
 
 
 def _flat_mixer_count(v, n, d, l, tied=False):
-    block = (n * n + n) + (8 * d * d + 5 * d) + 4 * d  # REFERENCE §2.2
+    block = (n * n + n) + (8 * d * d + 5 * d) + 4 * d  # docs/masked_mixers.md#parameter-counts
     return l * block + (1 if tied else 2) * v * d
 
 
@@ -121,7 +121,7 @@ def test_flat_param_count_formula():
     ],
 )
 def test_reference_table_param_counts(d, l, n, v, heads, millions):
-    """REFERENCE §2.2 table, without allocating (jax.eval_shape)."""
+    """The table of docs/masked_mixers.md#parameter-counts, without allocating (jax.eval_shape)."""
     model = build_model(tiny_cfg(d_model=d, n_layers=l, n_ctx=n, vocab_size=v, heads=heads))
     params = _shape_params(model, n)
     total = _n_params(params)
@@ -139,7 +139,7 @@ def test_reference_table_param_counts(d, l, n, v, heads, millions):
 
 
 def test_transformer_param_count():
-    """REFERENCE §3: d512 L16 H4 Llama ≈ 75.3M params at V8000."""
+    """d512 L16 H4 Llama ≈ 75.3M params at V8000 (docs/transformer_baseline.md#published-configurations)."""
     cfg = tiny_cfg(kind="transformer", d_model=512, n_layers=16, n_heads=4, vocab_size=8000, n_ctx=512)
     total = _n_params(_shape_params(build_model(cfg), 512))
     assert round(total / 1e6, 1) == 75.3
@@ -184,7 +184,7 @@ def _gelu(x, exact):
 
 
 def _hand_mixer_forward(p, tokens, eps, exact_gelu):
-    """One flat mixer block + head written out in float64 (REFERENCE §1, §2.2)."""
+    """One flat mixer block + head written out in float64 (docs/masked_mixers.md#the-mixer-block)."""
     f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
     x = f64(p["embed"]["embedding"])[np.asarray(tokens)]
     b = p["block_0"]
@@ -280,7 +280,7 @@ def test_bad_configs_raise_user_error(overrides):
     assert "\n" not in str(info.value)
 
 
-# kernel mixing (REFERENCE §2.1): the causality test above, per-tap mask, bit-exact
+# kernel mixing (docs/masked_mixers.md#kernel-mixing): the causality test above, per-tap mask, bit-exact
 KERNEL_VARIANTS = {
     "flat_kernel4": dict(kernel=4),
     "flat_kernel3_headed": dict(kernel=3, heads=2),

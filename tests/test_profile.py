@@ -21,7 +21,7 @@ FLOP_MODELS = [
     ("mixer_toeplitz", "mixer_clm", {"mixing": "toeplitz"}),
     ("mixer_expanded", "mixer_clm", {"expanded": True}),
     ("transformer", "transformer_clm", {"n_heads": 4}),
-    # Chunked memory models (REFERENCE §6): rows of chunks x n_ctx = 2 x 32 tokens.
+    # Chunked memory models (docs/memory_models.md#rows-and-chunks): rows of chunks x n_ctx = 2 x 32 tokens.
     ("memory_mixer", "mixer_clm", {"kind": "memory", "chunks": 2, "n_ctx": 32,
                                    "encoder": {"d_model": 32}, "compression": 2}),
     ("memory_transformer_decoder", "mixer_clm",
@@ -32,7 +32,8 @@ FLOP_MODELS = [
     ("rmt_mixer", "mixer_clm", {"kind": "rmt", "chunks": 2, "n_ctx": 32}),
     ("rmt_transformer", "mixer_clm", {"kind": "rmt", "chunks": 2, "n_ctx": 32, "n_heads": 4,
                                       "decoder": {"kind": "transformer"}}),
-    # Autoencoders (REFERENCE §4) and oracle-embedding CLMs (§5); the FLOPs do not depend on the
+    # Autoencoders (docs/autoencoders.md) and oracle-embedding CLMs (docs/embedding_lms.md); the FLOPs
+    # do not depend on the
     # objective, so the smoke config's clm objective is kept.
     ("ae_mixer", "mixer_clm", {"kind": "autoencoder", "compression": 4}),
     ("ae_mixer_kernel_unroll", "mixer_clm", {"kind": "autoencoder", "expansion": "unroll",

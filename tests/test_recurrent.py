@@ -1,4 +1,5 @@
-"""configs/recurrent.py: the published SRM presets have the published shapes (REFERENCE §8)."""
+"""configs/recurrent.py: the published SRM presets have the published shapes
+(docs/recurrent_mixers.md#published-configurations)."""
 import jax
 import jax.numpy as jnp
 import pytest

@@ -1,6 +1,8 @@
-"""Step forms (DESIGN "Token mixing"): for every mixing op and the transformer, feeding tokens one at
+"""Step forms (docs/masked_mixers.md#step-forms-and-generation): for every mixing op and the transformer,
+feeding tokens one at
 a time through ``method='step'`` gives the parallel forward's logits at every position (fp32); the
-structured recurrent mixers (REFERENCE §8) match their defining formulas, carry O(d) state, and clip
+structured recurrent mixers (docs/recurrent_mixers.md#structured-matrices) match their defining formulas,
+carry O(d) state, and clip
 their decay with gradient 1 on [0.9, 1]."""
 import jax
 import jax.numpy as jnp
@@ -31,7 +33,7 @@ VARIANTS = {
     "mixed_no_decay": dict(mixing="mixed", heads=2, block="srm", decay=False),
     "mixed_expanded": dict(mixing="mixed", heads=2, block="srm", expanded=True),
     "transformer": dict(kind="transformer", n_heads=4),
-    # kernel mixing (REFERENCE §2.1, k > 1): cached mixing inputs, per-tap masked row
+    # kernel mixing (docs/masked_mixers.md#kernel-mixing, k > 1): cached mixing inputs, per-tap masked row
     "flat_kernel4": dict(kernel=4),
     "flat_kernel3_headed": dict(kernel=3, heads=2),
     "flat_kernel2_expanded_straight_through": dict(kernel=2, expanded=True, mask_grad="straight_through"),
@@ -116,7 +118,8 @@ def test_recurrent_state_does_not_grow_with_length():
 
 
 def _loop_srm(v, lam, c, x, col, n_ctx):
-    """y_i = Σ_{j≤i} A_ij x_j + c_i with A from the REFERENCE §8 table, by loops (float64)."""
+    """y_i = Σ_{j≤i} A_ij x_j + c_i with A from docs/recurrent_mixers.md#structured-matrices,
+    by loops (float64)."""
     delta = min(max(lam, 0.9), 1.0) ** (512.0 / n_ctx)
     y = np.zeros_like(x)
     for i in range(x.shape[1]):

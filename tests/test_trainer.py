@@ -84,7 +84,7 @@ def test_gradient_accumulation_matches_one_big_batch():
 def test_lr_schedule_matches_reference_formula():
     t = ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=10, steps=110, schedule="linear"))
     lr = steps_lib.lr_schedule(t)
-    assert float(lr(0)) == 0.0  # REFERENCE §1: the first update uses lr 0
+    assert float(lr(0)) == 0.0  # docs/training.md#learning-rate-schedule: the first update uses lr 0
     np.testing.assert_allclose(float(lr(5)), 5e-4, rtol=1e-6)
     np.testing.assert_allclose(float(lr(10)), 1e-3, rtol=1e-6)
     np.testing.assert_allclose(float(lr(60)), 1e-3 * 50 / 100, rtol=1e-6)

@@ -4,7 +4,7 @@ Batches are dicts of numpy arrays, each [B, n_ctx] with B the per-process batch:
 
 * ``tokens``      int32   token ids;
 * ``loss_mask``   float32 1.0 where the token may serve as a prediction target (real text), 0.0 on
-  pad/EOS tokens (pad = eos, and every EOS target is ignored: REFERENCE.md §1);
+  pad/EOS tokens (pad = eos, and every EOS target is ignored);
 * ``token_bytes`` int32   UTF-8 bytes each token contributes to the text, 0 where loss_mask is 0.
 
 The loss functions shift these themselves (``logits[:, :-1]`` against ``tokens[:, 1:]``), so exact bits
@@ -223,7 +223,7 @@ def _get(cfg, name, default):
 
 
 def check_chunked_rows(model_cfg, token_docs: Sequence[np.ndarray], packing: str) -> None:
-    """Memory models (REFERENCE §6) with ``packing='pad'``: one document per row of s·n_ctx tokens.
+    """Memory models with ``packing='pad'``: one document per row of s·n_ctx tokens.
 
     Raises UserError when even the longest document ends within the first s−1 chunks, so the last
     chunk of every row would be all pads (it would never be trained).

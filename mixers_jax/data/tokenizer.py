@@ -3,7 +3,8 @@
 Trained models use: BPE; byte fallback (the 256 pieces ``<0x00>``..``<0xFF>``); identity normalization
 (no NFKC); no dummy prefix; whitespace kept as is; digits split; whitespace-only pieces allowed.
 Ids: unk 0, bos 1, eos 2, then the byte pieces 3..258, then the learned pieces. **pad = eos**
-(sentencepiece's own pad id is disabled), as in REFERENCE.md §1. Text is encoded without BOS/EOS.
+(sentencepiece's own pad id is disabled), as in docs/objectives.md#targets-and-ignored-positions.
+Text is encoded without BOS/EOS.
 
 Exactness. For every Python string ``s`` that is valid Unicode (no lone surrogates)::
 
@@ -281,7 +282,7 @@ class Tokenizer:
 
     @property
     def pad_id(self) -> int:
-        """pad = eos (REFERENCE.md §1): pads and EOS targets are both ignored by the loss."""
+        """pad = eos: pads and EOS targets are both ignored by the loss."""
         return self.eos_id
 
     def _encode_with_meta(self, text: str) -> list[int]:

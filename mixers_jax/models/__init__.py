@@ -2,10 +2,11 @@
 
 Every model maps tokens [B, n] int32 to logits [B, n, V] float32:
 ``model.init(rng, tokens)``, ``model.apply({'params': params}, tokens)``.
-Params are float32; compute runs in ``model_cfg.dtype``. Kinds: 'mixer' (REFERENCE §2; n must equal
-n_ctx; with ``mixing`` row/col/mixed and ``block='srm'`` the structured recurrent mixer of §8),
-'transformer' (REFERENCE §3; n ≤ n_ctx), and the chunked memory models 'memory' and 'rmt'
-(REFERENCE §6; rows of n = chunks·n_ctx tokens, see ``models/memory.py``). Bad combinations raise
+Params are float32; compute runs in ``model_cfg.dtype``. Kinds: 'mixer' (docs/masked_mixers.md; n must equal
+n_ctx; with ``mixing`` row/col/mixed and ``block='srm'`` the structured recurrent mixer of
+docs/recurrent_mixers.md),
+'transformer' (docs/transformer_baseline.md; n ≤ n_ctx), and the chunked memory models 'memory' and 'rmt'
+(docs/memory_models.md; rows of n = chunks·n_ctx tokens, see ``models/memory.py``). Bad combinations raise
 ``UserError``.
 
 Step forms (generation, compression): ``cache = model.init_cache(batch, mode)`` with mode 'cached'
@@ -96,12 +97,12 @@ def _causal_decoder(sub: dict) -> None:
 
 
 def _fill(sub: dict) -> float:
-    """Fill vector value: 0 for mixer decoders, 1 (all ones) for transformer decoders (§6)."""
+    """Fill vector value: 0 for mixer decoders, 1 (all ones) for transformer decoders."""
     return 1.0 if sub["kind"] == "transformer" else 0.0
 
 
 def _build_memory(cfg: Any) -> nn.Module:
-    """Kind 'memory' (REFERENCE §6): encoder on chunks 0..s−2, bottleneck, decoder on all chunks."""
+    """Kind 'memory' (docs/memory_models.md): encoder on chunks 0..s−2, bottleneck, decoder on all chunks."""
     s = _positive_int(cfg, "chunks", 2)
     n = _positive_int(cfg, "n_ctx")
     slots = field(cfg, "memory_slots", "fixed")
@@ -124,7 +125,8 @@ def _build_memory(cfg: Any) -> nn.Module:
 
 
 def _build_rmt(cfg: Any) -> nn.Module:
-    """Kind 'rmt' (REFERENCE §6 "Recurrent memory"): one decoder of length n + 1 and a carried state."""
+    """Kind 'rmt' (docs/memory_models.md#recurrent-memory-baseline): one decoder of length n + 1 and a
+    carried state."""
     s = _positive_int(cfg, "chunks")
     n = _positive_int(cfg, "n_ctx")
     decoder, dec = _sub_model(cfg, "decoder", n + 1)
@@ -165,7 +167,7 @@ def _embedding_spec(cfg: Any, d_enc: int, n: int) -> EmbeddingSpec:
 
 
 def _build_autoencoder(cfg: Any) -> nn.Module:
-    """Kind 'autoencoder' (REFERENCE §4): encoder -> one embedding -> repeat / unroll -> decoder."""
+    """Kind 'autoencoder' (docs/autoencoders.md): encoder -> one embedding -> repeat / unroll -> decoder."""
     n = _positive_int(cfg, "n_ctx")
     encoder, enc = _sub_model(cfg, "encoder", n)
     decoder, dec = _sub_model(cfg, "decoder", n)
@@ -181,7 +183,8 @@ def _build_autoencoder(cfg: Any) -> nn.Module:
 
 
 def _build_embedding_clm(cfg: Any) -> nn.Module:
-    """Kind 'embedding_clm' (REFERENCE §5): oracle encoder embedding injected into a causal decoder."""
+    """Kind 'embedding_clm' (docs/embedding_lms.md): oracle encoder embedding injected into a causal
+    decoder."""
     n = _positive_int(cfg, "n_ctx")
     injection = field(cfg, "injection", "token")
     if injection not in INJECTIONS:
@@ -191,7 +194,7 @@ def _build_embedding_clm(cfg: Any) -> nn.Module:
     embedding = _embedding_spec(cfg, d_enc, n)
     d_dec = int(sub_config(cfg, "decoder")["d_model"])
     dec_cfg = cfg
-    if injection == "embedding":  # blocks and head run at d_dec + d_enc/c (§5)
+    if injection == "embedding":  # blocks and head run at d_dec + d_enc/c (docs/embedding_lms.md)
         dec_cfg = cfg_to_dict(cfg)
         width = d_dec + d_enc // embedding.compression
         dec_cfg["decoder"] = dict(dec_cfg.get("decoder") or {}, d_model=width)

@@ -1,4 +1,4 @@
-"""One-pass autoencoders (REFERENCE §4) and embedding-augmented "oracle" causal LMs (REFERENCE §5).
+"""One-pass autoencoders and embedding-augmented "oracle" causal LMs.
 
 Both kinds run an **encoder** (a MaskedMixerLM or TransformerLM built from ``model.encoder`` by
 ``models.sub_config``) through ``embed_tokens`` + ``hidden`` only, so the encoder never creates head
@@ -7,14 +7,15 @@ autoencoder's encoder) loads into it unchanged (``train.init_map='encoder=encode
 ``'encoder=.'``). The single embedding is e = hidden[:, model.encoder.position] (−1; −2 for encoders
 taken from causal LMs, whose last position is untrained). A transformer encoder's ``hidden`` ends
 with its final RMSNorm: we run the full Llama stack with all configured layers, not the reference's
-8-layer loop without a final norm (REFERENCE §3 "Transformer-AE layer loop", the §12.6 decision).
+8-layer loop without a final norm (docs/transformer_baseline.md#transformer-encoders-and-decoders).
 
-**'autoencoder'** (:class:`Autoencoder`, §4): tokens [B, n] -> encoder -> e [B, d_enc] ->
+**'autoencoder'** (:class:`Autoencoder`, docs/autoencoders.md): tokens [B, n] -> encoder -> e [B, d_enc] ->
 :class:`~mixers_jax.models.bottleneck.Bottleneck` (compress d_enc -> d_enc/c -> d_enc, quantize,
 QAT noise, bridge d_enc -> d_dec when the widths differ) -> n decoder inputs X [B, n, d_dec]:
 
 * ``expansion='repeat'``: X_i = e' for every i;
-* ``expansion='unroll'`` (§4, §12.17): σ = i mod d, w_i = (e'_σ, e'_{σ+1}, …, e'_{σ+d/2−1}) with
+* ``expansion='unroll'`` (docs/autoencoders.md#unrolled-expansion): σ = i mod d,
+  w_i = (e'_σ, e'_{σ+1}, …, e'_{σ+d/2−1}) with
   indices mod d (d = d_dec, even), X_i = w_i P + ρ with P [d/2, d] shared by all positions. Windows
   repeat cyclically when n > d. P exists only in unroll mode (the reference also creates it, unused,
   in repeat mode; we leave it out so that repeat models carry no dead parameters).
@@ -23,7 +24,8 @@ QAT noise, bridge d_enc -> d_dec when the widths differ) -> n decoder inputs X [
 transformer decoder runs its blocks with RoPE positions 0..n−1 and its final norm) -> its head ->
 logits [B, n, V]. Train with the ``autoencode`` objective (unshifted CE).
 
-**'embedding_clm'** (:class:`EmbeddingCLM`, §5): the encoder sees the whole row (so it is an oracle:
+**'embedding_clm'** (:class:`EmbeddingCLM`, docs/embedding_lms.md): the encoder sees the whole row
+(so it is an oracle:
 the model is for entropy estimation and compression accounting, not generation); the decoder is a
 causal LM with its own token embedding and head, and the embedding is injected by
 ``model.injection``:
@@ -32,14 +34,15 @@ causal LM with its own token embedding and head, and the embedding is injected b
   decoder gets mixing length n+1). The returned logits are the decoder outputs 1..n, so logits[:, i]
   (output i+1, holding t_i) predicts t_{i+1} exactly as in a causal LM and the ``clm`` objective
   applies unchanged (outputs 1..n−1 predict t_1..t_{n−1}; the memory slot's output 0 and output n
-  are unused, §5 table).
-* 'embedding': e' = quantize(e D + a_D) ∈ ℝ^{d_enc/c} (no up map: §5 "e′ = e D"), X_i = [e' ‖ E t_i].
+  are unused, docs/embedding_lms.md#injection-modes).
+* 'embedding': e' = quantize(e D + a_D) ∈ ℝ^{d_enc/c} (no up map), X_i = [e' ‖ E t_i].
   The token embedding E keeps the width ``model.decoder.d_model`` = d_dec and the decoder blocks and
-  head run at d_dec + d_enc/c (§5 "the decoder is that wide"). E is the top-level group
-  ``token_embed`` [V, d_dec] (N(0, 1), the PyTorch default of stand-alone embeddings, §1; N(0, 0.02²)
+  head run at d_dec + d_enc/c (docs/embedding_lms.md#embedding-injection). E is the top-level group
+  ``token_embed`` [V, d_dec] (N(0, 1), the PyTorch default of stand-alone embeddings,
+  docs/training.md#initialisation; N(0, 0.02²)
   for a mixer decoder with reference=False); the decoder's own embedding table is not created.
 * 'add': X_i = E t_i + (e' W_p + b_p) with e' = Bottleneck(e) (d_enc -> d_enc) and W_p d_enc -> d_dec
-  (group ``inject``, always present, §5 table).
+  (group ``inject``, always present).
 
 The decoder must be causal. Every output position i depends on the tokens ≤ i through the decoder and
 on all tokens through the embedding.
@@ -74,21 +77,21 @@ INJECTIONS = ("token", "embedding", "add")
 
 
 def unroll_indices(n: int, d: int) -> np.ndarray:
-    """idx [n, d/2] with idx[i, m] = (i mod d + m) mod d: the cyclic window of position i (§4)."""
+    """idx [n, d/2] with idx[i, m] = (i mod d + m) mod d: the cyclic window of position i."""
     i = np.arange(n)[:, None]
     m = np.arange(d // 2)[None, :]
     return ((i % d) + m) % d
 
 
 def unroll_windows(e_BxD: Array, n: int) -> Array:
-    """w [B, n, d/2]: w[b, i, m] = e[b, (i + m) mod d] (REFERENCE §4 "Unrolled")."""
+    """w [B, n, d/2]: w[b, i, m] = e[b, (i + m) mod d]."""
     return jnp.take(e_BxD, jnp.asarray(unroll_indices(n, e_BxD.shape[-1])), axis=-1)
 
 
 class Compress(nn.Module):
     """z = quantize(e D + a_D) (+ U(−q, q) QAT noise with a 'noise' RNG): the stored half of
     :class:`Bottleneck` (the same parameter names, init and numerics), used where the compressed
-    vector itself is injected ('embedding' injection, §5)."""
+    vector itself is injected ('embedding' injection, docs/embedding_lms.md#embedding-injection)."""
 
     d_in: int
     compression: int = 1
@@ -133,7 +136,7 @@ def _stored_vector(bottleneck: nn.Module, e_BxD: Array) -> Array:
 
 
 class Unroll(nn.Module):
-    """X_i = w_i P + ρ from the cyclic windows of e (REFERENCE §4); P [d/2, d], ρ [d]."""
+    """X_i = w_i P + ρ from the cyclic windows of e; P [d/2, d], ρ [d]."""
 
     n_ctx: int
     d_model: int
@@ -171,12 +174,12 @@ class _Encoded(nn.Module):
 
     @property
     def stored_width(self) -> int:
-        """Numbers stored per row (d_enc / c), what the compression accounting counts (§7)."""
+        """Numbers stored per row (d_enc / c), what the compression accounting counts."""
         return int(self.d_encoder) // int(self.embedding.compression)
 
 
 class Autoencoder(_Encoded):
-    """tokens [B, n] -> one embedding -> logits [B, n, V] reconstructing every token (REFERENCE §4).
+    """tokens [B, n] -> one embedding -> logits [B, n, V] reconstructing every token (docs/autoencoders.md).
 
     Methods (``model.apply(..., method=...)``): ``encode`` (tokens -> e), ``embed`` (tokens -> the
     stored z), ``decoder_inputs`` (tokens -> X [B, n, d_dec]), ``expand_embedding`` (e -> X),
@@ -221,7 +224,7 @@ class Autoencoder(_Encoded):
 
 
 class EmbeddingCLM(_Encoded):
-    """Oracle-embedding causal LM (REFERENCE §5): tokens [B, n] -> logits [B, n, V], logits[:, i]
+    """Oracle-embedding causal LM (docs/embedding_lms.md): tokens [B, n] -> logits [B, n, V], logits[:, i]
     predicting t_{i+1} (use the ``clm`` objective).
 
     Methods: ``encode``, ``embed`` (as :class:`Autoencoder`), ``memory`` (tokens -> the injected

@@ -2,13 +2,13 @@
 
 e [.., d_in] -> (compress: z = e D + a_D, d_in -> d_in / c) -> quantize / noise z ->
 (expand: e' = z U + a_U, back to d_in; only when c > 1) -> (bridge: Linear d_in -> d_out when the
-widths differ) (REFERENCE §4, §5, §6). Every map is linear, no nonlinearity.
+widths differ) (docs/bottleneck.md#compression-and-bridge). Every map is linear, no nonlinearity.
 
-``quant`` simulates storing z at lower precision (evaluation, REFERENCE §11 "Quantization of the
-memory embedding"): 'float16', 'bfloat16', 'float8_e4m3fn', 'float8_e5m2' cast z to that type and
+``quant`` simulates storing z at lower precision (evaluation, docs/bottleneck.md#quantization-formats):
+'float16', 'bfloat16', 'float8_e4m3fn', 'float8_e5m2' cast z to that type and
 back; 'int8' rounds to 127 levels of a per-vector absmax scale (the scale is one extra number per
 vector). ``qat_noise = q > 0`` adds U(−q, q) to z in training (when the caller passes a 'noise'
-RNG), the symmetric form of REFERENCE §12.9.
+RNG), the symmetric form (docs/bottleneck.md#qat-noise).
 """
 from __future__ import annotations
 

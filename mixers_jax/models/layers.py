@@ -3,7 +3,8 @@
 Every parameter is created through ``nn.with_logical_partitioning(init, names)`` with names from
 ``LOGICAL_AXES``; the sharding rules (``mixers_jax/sharding.py``) map them onto mesh axes.
 
-Numerics (REFERENCE §1): with ``reference=True`` the layers reproduce the published PyTorch models
+Numerics (docs/training.md#reference-numerics): with ``reference=True``
+the layers reproduce the published PyTorch models
 (LayerNorm eps 1e-5, exact-erf GELU, PyTorch-default inits); with ``reference=False`` GELU is the
 tanh approximation and linears/embeddings are drawn from N(0, 0.02²) with zero biases.
 """
@@ -23,8 +24,8 @@ Init = Callable[..., Array]
 # The only logical axis names a parameter may carry.
 LOGICAL_AXES = ("vocab", "embed", "mlp", "heads", "head_dim", "seq_out", "seq_in", "norm")
 
-LAYER_NORM_EPS = 1e-5  # REFERENCE §1 (PyTorch default; Flax's default is 1e-6)
-RMS_NORM_EPS = 1e-6  # Llama (REFERENCE §3)
+LAYER_NORM_EPS = 1e-5  # docs/training.md#reference-numerics (PyTorch default; Flax's default is 1e-6)
+RMS_NORM_EPS = 1e-6  # Llama (docs/transformer_baseline.md#architecture)
 
 
 def dtype_of(name: str | Dtype) -> Dtype:
@@ -46,7 +47,7 @@ def leading_axes(a: Array, ndim: int) -> Array:
 
 
 def uniform_fan_in(fan_in: int) -> Init:
-    """PyTorch's Linear/Conv default: U(-1/sqrt(fan_in), +1/sqrt(fan_in)) (REFERENCE §1)."""
+    """PyTorch's Linear/Conv default: U(-1/sqrt(fan_in), +1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(fan_in)
 
     def init(key, shape, dtype=jnp.float32):
@@ -68,7 +69,7 @@ ones = nn.initializers.ones_init()
 
 def linear_inits(reference: bool, fan_in: int, kaiming: bool = False) -> tuple[Init, Init]:
     """(kernel_init, bias_init): PyTorch defaults if ``reference`` else N(0, 0.02²) and zeros;
-    ``kaiming`` (SRM models, REFERENCE §1): N(0, 2/fan_in) and zeros."""
+    ``kaiming`` (SRM models, docs/training.md#initialisation): N(0, 2/fan_in) and zeros."""
     if kaiming:
         return normal(math.sqrt(2.0 / fan_in)), zeros
     if reference:
@@ -168,7 +169,7 @@ class Embed(nn.Module):
 
 
 def layer_norm(dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
-    """LayerNorm over features, eps 1e-5, affine (γ=1, β=0), exact two-pass variance (REFERENCE §1)."""
+    """LayerNorm over features, eps 1e-5, affine (γ=1, β=0), exact two-pass variance."""
     return nn.LayerNorm(
         epsilon=LAYER_NORM_EPS,
         dtype=dtype,
@@ -181,7 +182,7 @@ def layer_norm(dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
 
 
 def rms_norm(dtype: Dtype, name: str | None = None) -> nn.RMSNorm:
-    """Llama RMSNorm, eps 1e-6, weight 1 (REFERENCE §3)."""
+    """Llama RMSNorm, eps 1e-6, weight 1."""
     return nn.RMSNorm(
         epsilon=RMS_NORM_EPS,
         dtype=dtype,
@@ -192,9 +193,9 @@ def rms_norm(dtype: Dtype, name: str | None = None) -> nn.RMSNorm:
 
 
 class MLP(nn.Module):
-    """Mixer channel MLP: FFN(z) = GELU(z A + a) C + a′ with A: d -> r·d, C: r·d -> d (REFERENCE §2.2).
+    """Mixer channel MLP: FFN(z) = GELU(z A + a) C + a′ with A: d -> r·d, C: r·d -> d.
 
-    ``activation='silu'`` and ``kaiming=True`` give the SRM block's FFN (REFERENCE §8). Works on any
+    ``activation='silu'`` and ``kaiming=True`` give the SRM block's FFN. Works on any
     leading shape ([B, N, d] or one position [B, d]).
     """
 
@@ -220,7 +221,7 @@ class MLP(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """Llama MLP: down(silu(gate x) ⊙ up x), no biases, N(0, 0.02²) init (REFERENCE §3)."""
+    """Llama MLP: down(silu(gate x) ⊙ up x), no biases, N(0, 0.02²) init."""
 
     d_model: int
     hidden: int

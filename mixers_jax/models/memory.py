@@ -1,4 +1,4 @@
-"""Chunked memory models (REFERENCE §6): kind 'memory' and the recurrent-memory baseline 'rmt'.
+"""Chunked memory models (docs/memory_models.md): kind 'memory' and the recurrent-memory baseline 'rmt'.
 
 A data row holds N = s·n tokens (s = ``model.chunks``, n = ``model.n_ctx``); chunk c is
 t^(c) = t[c·n : (c+1)·n]. Both kinds return logits [B, s·n, V] whose entry c·n + i is the output at
@@ -19,7 +19,8 @@ chunk c's token slot i, i.e. the prediction of t^(c)_{i+1} (the chunked objectiv
   c..c+n−1 for the tokens, and an attention mask that hides the s−c unused slots from every other
   position (each unused slot still attends to itself, so no softmax row is empty); this equals the
   variable-length input exactly (tested against a per-chunk loop).
-* ``use_memory=False`` (no-memory control, §6 "Controls"): every slot holds f and the encoder is not
+* ``use_memory=False`` (no-memory control, docs/memory_models.md#controls):
+  every slot holds f and the encoder is not
   run. Its parameters (``encoder``, ``bottleneck``) are still created at ``init``, so the parameter
   tree, checkpoints and ``train.frozen``/``init_map`` groups are the same with and without memory;
   they receive zero gradients.
@@ -27,7 +28,8 @@ chunk c's token slot i, i.e. the prediction of t^(c)_{i+1} (the chunked objectiv
 Parameter groups: ``encoder`` (embed + blocks [+ final_norm]), ``bottleneck`` (down/up/bridge, as
 needed), ``decoder`` (embed + blocks [+ final_norm] + head).
 
-**'rmt'** (:class:`RecurrentMemoryLM`, §6 "Recurrent memory", §12.14): one decoder and a state
+**'rmt'** (:class:`RecurrentMemoryLM`, docs/memory_models.md#recurrent-memory-baseline):
+one decoder and a state
 r ∈ ℝ^d, r_0 = f. Per chunk: token embeddings, the last one overwritten by r when
 ``rmt_overwrite``, r prepended (length n + 1); r <- decoder hidden state at the last position;
 outputs 1..n are the token slots. ``nn.scan`` (a lifted ``jax.lax.scan``) over chunks with full
@@ -49,7 +51,7 @@ ACT = ("batch", "length", "act_embed")
 
 
 def fixed_slots(m_BxCxD: Array | None, fill_D: Array, chunks: int) -> Array:
-    """Memory slots of every chunk: slots_BxSxSxD[b, c, j] = m_j if j < c else f (REFERENCE §6).
+    """Memory slots of every chunk: slots_BxSxSxD[b, c, j] = m_j if j < c else f.
 
     ``m_BxCxD`` holds the memories of chunks 0..s−2 (C = s−1); None gives all-fill slots
     [1, s, s, D].
@@ -65,7 +67,7 @@ def fixed_slots(m_BxCxD: Array | None, fill_D: Array, chunks: int) -> Array:
 
 def variable_layout(chunks: int, n: int) -> tuple[Array, Array]:
     """RoPE positions [s, s+n] and attention mask [s, s+n, s+n] that make the fixed s + n layout of
-    chunk c compute exactly the variable-length input [m_0..m_{c−1}, E t^(c)] (REFERENCE §6)."""
+    chunk c compute exactly the variable-length input [m_0..m_{c−1}, E t^(c)]."""
     s, t = int(chunks), int(chunks) + int(n)
     c_S1 = jnp.arange(s)[:, None]
     slot_1xT = jnp.arange(t)[None, :]
@@ -78,7 +80,7 @@ def variable_layout(chunks: int, n: int) -> tuple[Array, Array]:
 
 
 class MemoryLM(nn.Module):
-    """Chunked memory model: tokens [B, s·n] -> logits [B, s·n, V] (REFERENCE §6; module docstring).
+    """Chunked memory model: tokens [B, s·n] -> logits [B, s·n, V] (docs/memory_models.md; module docstring).
 
     ``encoder`` / ``decoder`` are built by ``models.build_model`` from ``sub_config(model, role)``
     with lengths n and n + s. Methods for tests and tools: ``embed_encoder`` (tokens -> encoder input
@@ -160,7 +162,8 @@ class MemoryLM(nn.Module):
 
 
 class RecurrentMemoryLM(nn.Module):
-    """RMT-like baseline: tokens [B, s·n] -> logits [B, s·n, V] (REFERENCE §6, §12.14).
+    """RMT-like baseline: tokens [B, s·n] -> logits [B, s·n, V]
+    (docs/memory_models.md#recurrent-memory-baseline).
 
     ``embed`` (tokens -> per-chunk token embeddings) and ``run`` (embeddings -> logits) split the
     forward for gradient tests."""

@@ -1,6 +1,6 @@
-"""Masked mixer language model (REFERENCE §2): embedding -> L mixer blocks -> LM head, no final norm.
+"""Masked mixer language model (docs/masked_mixers.md): embedding -> L mixer blocks -> LM head, no final norm.
 
-Block (pre-norm, token mixing first; REFERENCE §2.2):
+Block (pre-norm, token mixing first; docs/masked_mixers.md#the-mixer-block):
     x <- x + Mix(LN1 x);   x <- x + FFN(LN2 x),   FFN(z) = GELU(z A + a) C + a'
 ``layer_norm=False`` drops both LNs, ``residual=False`` drops both residual additions (ablations).
 No positional encoding: positions live in the rows of the mixing matrices, so the context length is
@@ -36,7 +36,8 @@ Variants:
   when expanded; a leading [H] axis when headed).
 * kernel mixing (k > 1, ``Conv1d(n, n, k)``): ``mix/w`` [n, n, k] <- ``conv.weight`` as is (all taps).
 
-**Re-mask on load (REFERENCE §1.1).** The reference trained with the straight-through mask and
+**Re-mask on load (docs/training.md#causal-mask-gradient).**
+The reference trained with the straight-through mask and
 overwrote its stored weights with the masked value only at the start of each forward, so its
 checkpoints (and our own ``mask_grad='straight_through'`` parameters) hold non-zero, drifting entries
 above the diagonal. They never affect our forward pass (the mask is applied functionally), but
@@ -57,8 +58,8 @@ Array = jax.Array
 
 
 class MixerBlock(nn.Module):
-    """block='mixer': x <- x + Mix(LN1 x); x <- x + FFN(LN2 x) (REFERENCE §2.2).
-    block='srm':   x <- x + FFN(LN2 x); x <- x + Mix(LN1 x), FFN with SiLU, Kaiming init (§8).
+    """block='mixer': x <- x + Mix(LN1 x); x <- x + FFN(LN2 x).
+    block='srm':   x <- x + FFN(LN2 x); x <- x + Mix(LN1 x), FFN with SiLU, Kaiming init.
 
     ``block(x_BxNxD)`` is the parallel form; ``block(x_BxD, pos, cache)`` -> (x_BxD, cache) the step
     form at position ``pos`` (the FFN and norms are position-wise, so only the mixing has a cache).
@@ -113,15 +114,17 @@ class MixerBlock(nn.Module):
 
 
 class MaskedMixerLM(nn.Module):
-    """Masked mixer LM: tokens [B, n_ctx] int32 -> logits [B, n_ctx, V] float32 (REFERENCE §2.2).
+    """Masked mixer LM: tokens [B, n_ctx] int32 -> logits [B, n_ctx, V] float32.
 
     Methods usable with ``model.apply(..., method=...)``: ``embed_tokens`` (tokens -> x),
     ``hidden`` (x -> last block output), ``logits`` (hidden -> fp32 logits), ``step`` (one token at
     one position with a carried cache; ``model.init_cache(batch, mode)`` makes the cache).
     ``block='srm'`` with ``mixing`` in ('row', 'col', 'mixed') is the structured recurrent mixer
-    (REFERENCE §8): FFN-first SiLU blocks, Kaiming init, N(0, 1) embedding. ``kernel`` = k > 1 is
-    the kernel mixer of §2.1 (``mix/w`` [n, n, k]); ``causal=False`` unmasked (bidirectional)
-    mixing, e.g. for encoders (§4). All hyper-parameters are in ``spec``
+    (docs/recurrent_mixers.md): FFN-first SiLU blocks, Kaiming init, N(0, 1) embedding. ``kernel`` = k > 1 is
+    the kernel mixer of docs/masked_mixers.md#kernel-mixing (``mix/w`` [n, n, k]);
+    ``causal=False`` unmasked (bidirectional)
+    mixing, e.g. for encoders (docs/autoencoders.md#encoder-and-decoder-choices).
+    All hyper-parameters are in ``spec``
     (:class:`~mixers_jax.models.specs.MixerSpec`).
     """
 

@@ -1,6 +1,6 @@
-"""Token-mixing ops: causal mixing over the sequence axis (REFERENCE §1.1, §2.1, §2.3).
+"""Token-mixing ops: causal mixing over the sequence axis (docs/masked_mixers.md).
 
-Convention (REFERENCE notation): a mixing matrix W is indexed [output position i, input position j],
+Convention (docs/README.md#notation): a mixing matrix W is indexed [output position i, input position j],
 ``y_i = Σ_{j≤i} W_ij x_j + c_i``, the same matrix shared by every feature (or, headed, by every
 feature of one head). Causal means W_ij = 0 for j > i.
 
@@ -9,10 +9,12 @@ The file has three layers:
 * pure functions of the math (``causal_mask``, ``mask_weight``, ``dense_causal_mix``,
   ``toeplitz_matrix``, ``toeplitz_mix_fft``, the ``headed_*`` variants, ``add_position_bias``);
   each is the **parallel form** (whole sequence at once). The **step forms** (one new position i;
-  DESIGN "Token mixing") sit next to them: ``flat_matrix_row`` / ``toeplitz_matrix_row`` /
+  docs/masked_mixers.md#step-forms-and-generation) sit next to them:
+  ``flat_matrix_row`` / ``toeplitz_matrix_row`` /
   ``srm_matrix_row`` give row i of the matrix and ``cached_mix_step`` dots it with a cache of the
   inputs x_{≤i} (O(n·d) state); structured mixing also has the O(1) recurrence ``srm_step``.
-  Structured recurrent mixing (``srm_matrix``, REFERENCE §8): column-repeat A_ij = v_i δ^(i−j),
+  Structured recurrent mixing (``srm_matrix``, docs/recurrent_mixers.md#structured-matrices):
+  column-repeat A_ij = v_i δ^(i−j),
   row-repeat A_ij = v_j δ^(i−j), δ = clip(λ, 0.9, 1)^(1/κ), κ = n/512, materialised as dense.
 * **the table of mixing ops**, :data:`MIXING_OPS`: one frozen :class:`MixingOp` per op ('flat',
   'toeplitz', 'row', 'col', 'mixed') with its weight (name, shape, logical axes) and inits, its
@@ -35,7 +37,8 @@ Implementations and what they compute (flops.py counts exactly this):
 * 'dense', flat: ``einsum('ij,bjd->bid', W⊙M, x)``, the full n×n product (the zero upper triangle is
   multiplied too): n·d multiply-adds per token per matrix.
 * 'dense', Toeplitz: the n×n matrix T_ij = v_{i−j} (j ≤ i) is materialised (a gather), then as flat.
-* 'dense', flat kernel (k > 1, §2.1): the k feature-shifted copies of x ([B, n, k, d], "same"
+* 'dense', flat kernel (k > 1, docs/masked_mixers.md#kernel-mixing):
+  the k feature-shifted copies of x ([B, n, k, d], "same"
   zero padding, extra pad on the right) contracted with W ⊙ M [n, n, k] over (j, τ) in one
   dot_general: k·n·d multiply-adds per token.
 * 'fft', Toeplitz only: causal convolution via real FFTs of length 2n along the sequence,
@@ -43,11 +46,12 @@ Implementations and what they compute (flops.py counts exactly this):
   (~1e-7 relative in fp32) from inputs at p, so FFT is causal only up to round-off. The FFT always
   runs in float32 (the result is cast back to the compute dtype).
 
-Unmasked mixing (``causal=False``, encoders and retrieval heads, REFERENCE §4, §9): flat and kernel
+Unmasked mixing (``causal=False``, encoders and retrieval heads,
+docs/masked_mixers.md#unmasked-mixing): flat and kernel
 matrices without the mask; Toeplitz becomes two-sided, T_ij = v_{i−j+n−1} with v of length 2n−1
 ('fft': real FFTs of length 4n). Structured mixing is causal only. Unmasked mixing has no step form.
 
-Initialisation (``reference`` flag, REFERENCE §1):
+Initialisation (``reference`` flag, docs/training.md#initialisation):
 
 * reference=True (PyTorch defaults of the published models): flat W, c ~ U(±1/√n) (Conv1d(n, n, 1),
   fan_in = n); Toeplitz v ~ N(0, 1), c = 0.
@@ -89,11 +93,12 @@ def causal_mask(n: int) -> Array:
 
 
 def mask_weight(w_xNxN: Array, mask_grad: str = "masked", taps: bool = False) -> Array:
-    """W_eff = W ⊙ M over the last two axes (REFERENCE §1.1).
+    """W_eff = W ⊙ M over the last two axes (docs/training.md#causal-mask-gradient).
 
     'masked': value and gradient masked (upper entries get zero gradient).
     'straight_through': W − sg(W ⊙ (1−M)); the same value bit for bit, unmasked gradient.
-    ``taps=True``: w is a kernel [..., n, n, k] and the mask is applied to every tap (§12.13).
+    ``taps=True``: w is a kernel [..., n, n, k] and the mask is applied to every tap
+    (docs/masked_mixers.md#kernel-mixing).
     """
     m_NxN = causal_mask(w_xNxN.shape[-2] if taps else w_xNxN.shape[-1])
     if taps:
@@ -117,7 +122,7 @@ def dense_mix(w_NxN: Array, x_BxNxD: Array) -> Array:
 
 
 def dense_causal_mix(w_NxN: Array, x_BxNxD: Array, mask_grad: str = "masked") -> Array:
-    """y_i = Σ_{j≤i} W_ij x_j (REFERENCE §2.1, flat, k = 1)."""
+    """y_i = Σ_{j≤i} W_ij x_j (flat, k = 1)."""
     return dense_mix(mask_weight(w_NxN, mask_grad), x_BxNxD)
 
 
@@ -127,7 +132,7 @@ def headed_dense_mix(w_HxNxN: Array, x_BxNxHxK: Array) -> Array:
 
 
 def headed_dense_causal_mix(w_HxNxN: Array, x_BxNxHxK: Array, mask_grad: str = "masked") -> Array:
-    """Per head h: y^h_i = Σ_{j≤i} W^h_ij x^h_j (REFERENCE §2.1, multi-headed)."""
+    """Per head h: y^h_i = Σ_{j≤i} W^h_ij x^h_j (multi-headed)."""
     return headed_dense_mix(mask_weight(w_HxNxN, mask_grad), x_BxNxHxK)
 
 
@@ -141,14 +146,14 @@ def add_position_bias(y_BxNx_: Array, c: Array) -> Array:
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernel ("multi-kernel", k > 1) mixing: parallel forms (REFERENCE §2.1 "Kernel", §12.13)
+# Kernel ("multi-kernel", k > 1) mixing: parallel forms (docs/masked_mixers.md#kernel-mixing)
 # ---------------------------------------------------------------------------------------------
 
 
 def feature_taps(x: Array, k: int) -> Array:
     """x [..., F] -> [..., k, F] with tap τ holding x̃[..., f + τ − P_L], x̃ zero outside [0, F).
 
-    "Same" padding with the extra pad on the right: P_L = ⌊(k−1)/2⌋, P_R = k−1−P_L (§2.1, §12.13).
+    "Same" padding with the extra pad on the right: P_L = ⌊(k−1)/2⌋, P_R = k−1−P_L.
     """
     f, p_left = x.shape[-1], (k - 1) // 2
     x_pad = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(p_left, k - 1 - p_left)])
@@ -171,7 +176,7 @@ def headed_kernel_mix(w_HxNxNxK: Array, x_BxNxHxK: Array) -> Array:
 
 
 # ---------------------------------------------------------------------------------------------
-# Toeplitz mixing: parallel forms (REFERENCE §2.3)
+# Toeplitz mixing: parallel forms (docs/masked_mixers.md#toeplitz-mixing)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -189,7 +194,7 @@ def toeplitz_matrix(v_xN: Array) -> Array:
 
 
 def toeplitz_mix_fft(v_N: Array, x_BxNxD: Array) -> Array:
-    """y_i = Σ_{j≤i} v_{i−j} x_j by FFT: O(d·n log n) instead of O(d·n²) (REFERENCE §2.3)."""
+    """y_i = Σ_{j≤i} v_{i−j} x_j by FFT: O(d·n log n) instead of O(d·n²)."""
     n, dtype = x_BxNxD.shape[1], x_BxNxD.dtype
     xf_BxFxD = jnp.fft.rfft(x_BxNxD.astype(jnp.float32), n=2 * n, axis=1)
     vf_F = jnp.fft.rfft(v_N.astype(jnp.float32), n=2 * n)
@@ -241,14 +246,14 @@ def toeplitz_two_sided_fft(v_xM: Array, x: Array) -> Array:
 
 
 # ---------------------------------------------------------------------------------------------
-# Structured recurrent mixing (REFERENCE §8): row- / column-repeat with a clipped decay
+# Structured recurrent mixing (docs/recurrent_mixers.md): row- / column-repeat with a clipped decay
 # ---------------------------------------------------------------------------------------------
 
 
 def clip_decay(lam: Array) -> Array:
     """clip(λ, 0.9, 1) whose gradient is 1 on the closed interval [0.9, 1] and 0 outside.
 
-    REFERENCE §1 "Clipped decay": λ starts at exactly 1.0, so a clip with gradient 1/2 at a tie
+    docs/recurrent_mixers.md#decay-and-its-clip: λ starts at exactly 1.0, so a clip with gradient 1/2 at a tie
     (``jnp.clip``'s) would change the dynamics.
     """
     inside = (lam >= DECAY_MIN) & (lam <= DECAY_MAX)
@@ -256,7 +261,8 @@ def clip_decay(lam: Array) -> Array:
 
 
 def srm_kappa(n: int) -> float:
-    """κ = n/512 for headed (and head-less) structured mixing (REFERENCE §8)."""
+    """κ = n/512 for headed (and head-less) structured mixing
+    (docs/recurrent_mixers.md#decay-and-its-clip)."""
     return n / 512.0
 
 
@@ -276,7 +282,7 @@ def _lags(n: int) -> tuple[Array, Array]:
 
 def srm_is_col(mixing: str, heads: int) -> Array:
     """bool [H] (or [] head-less): which heads are column-repeat. 'mixed': heads 0..H/2−1 column,
-    the rest row (REFERENCE §8 "Mixed heads")."""
+    the rest row (docs/recurrent_mixers.md#mixed-heads)."""
     if mixing == "col":
         return jnp.ones((heads,) if heads else (), bool)
     if mixing == "row":
@@ -287,7 +293,7 @@ def srm_is_col(mixing: str, heads: int) -> Array:
 
 
 def srm_matrix(v_xN: Array, delta_x: Array, is_col_x: Array) -> Array:
-    """The structured matrix A [..., n, n] (j ≤ i, else 0; REFERENCE §8 table):
+    """The structured matrix A [..., n, n] (j ≤ i, else 0; docs/recurrent_mixers.md#structured-matrices):
 
     column-repeat A_ij = v_i δ^(i−j),  row-repeat A_ij = v_j δ^(i−j).
     Leading axes of v (heads) match those of δ and is_col.
@@ -318,7 +324,8 @@ def srm_matrix_row(v_xN: Array, delta_x: Array, is_col_x: Array, pos: Array) -> 
 
 
 def srm_step(s: Array, z: Array, v_xN: Array, delta_x: Array, is_col_x: Array, pos: Array):
-    """One step of the O(1) recurrence at absolute position ``pos`` (REFERENCE §8 table):
+    """One step of the O(1) recurrence at absolute position ``pos``
+    (docs/recurrent_mixers.md#structured-matrices):
 
     column-repeat  s_i = x_i + δ s_{i−1},     y_i = v_i s_i
     row-repeat     s_i = v_i x_i + δ s_{i−1},  y_i = s_i
@@ -407,7 +414,7 @@ def row_scaled_kernel_normal(key, shape, dtype=jnp.float32):
 
 def kaiming_inits(fan_in: int):
     """v ~ N(0, 2/fan_in), c = 0: structured vectors, and every mixing op in the SRM block
-    (REFERENCE §1 "Init (SRM)")."""
+    (docs/training.md#initialisation)."""
     return layers.normal(math.sqrt(2.0 / fan_in)), layers.zeros
 
 
@@ -560,7 +567,7 @@ def _toeplitz_flops(s: MixingSpec, d: int) -> float:
     return dense_flops_per_token(s, d)
 
 
-# structured recurrent (row / col / mixed, REFERENCE §8): column-repeat A_ij = v_i δ^(i−j),
+# structured recurrent (row / col / mixed, docs/recurrent_mixers.md): column-repeat A_ij = v_i δ^(i−j),
 # row-repeat A_ij = v_j δ^(i−j), δ = clip(λ, 0.9, 1)^(1/κ).
 
 
@@ -629,7 +636,7 @@ def check_mixing(mixing: Any, impl: Any, mask_grad: Any, heads: Any, kernel: Any
         raise UserError(f"model.kernel must be an integer >= 1, got {kernel!r}")
     if kernel > 1 and not op.kernel:
         raise UserError(
-            f"model.kernel={kernel} (kernel mixing, §2.1) is not available for model.mixing={mixing!r}")
+            f"model.kernel={kernel} (kernel mixing) is not available for model.mixing={mixing!r}")
     if not causal and not op.unmasked:
         raise UserError(f"model.mixing={mixing!r} is causal only; model.causal=False needs one of "
                         f"{tuple(k for k, o in MIXING_OPS.items() if o.unmasked)}")
@@ -689,7 +696,8 @@ def causal_mix(
 ) -> Array:
     """One mixing matrix applied to x [B,N,D] (w_NxN / v_N) or x [B,N,H,K] (w_HxNxN / v_HxN),
     plus the per-position bias c (see :data:`MIXING_OPS`). A flat ``w`` with a trailing tap axis
-    ([.., n, n, k]) is kernel mixing (§2.1), masked per tap. ``causal=False``: unmasked mixing."""
+    ([.., n, n, k]) is kernel mixing (docs/masked_mixers.md#kernel-mixing), masked per tap.
+    ``causal=False``: unmasked mixing."""
     if mixing not in MIXING_OPS:
         raise ValueError(f"mixing must be one of {MIXINGS}, got {mixing!r}")
     weight = w if MIXING_OPS[mixing].weight == "w" else v
@@ -707,7 +715,8 @@ def causal_mix(
 
 
 class TokenMixing(nn.Module):
-    """Causal token mixing x [B, n, d] -> [B, n, d] (REFERENCE §2.1, §2.3, §8), one op of
+    """Causal token mixing x [B, n, d] -> [B, n, d] (docs/masked_mixers.md, docs/recurrent_mixers.md),
+    one op of
     :data:`MIXING_OPS`.
 
     heads == 0: one matrix shared by all d features, no projections.
@@ -715,7 +724,8 @@ class TokenMixing(nn.Module):
     and an output projection d -> d (bias); no nonlinearity.
     expanded: mix -> GELU -> mix (both causal, factor 1), inside each head when headed.
     kernel = k > 1 (flat only): ``Conv1d(n, n, k)`` with positions as channels, sliding along the
-    features (of each head when headed) with "same" padding, masked per tap (§2.1, §12.13).
+    features (of each head when headed) with "same" padding,
+    masked per tap (docs/masked_mixers.md#kernel-mixing).
     causal = False: unmasked (bidirectional) flat / kernel / Toeplitz mixing; no step form.
 
     Parameters (leading 'heads' axis only when headed; created in this order: weight, c, lam):
@@ -724,7 +734,7 @@ class TokenMixing(nn.Module):
                  [out position i, in position j, tap τ]; c [H?, n]
       toeplitz:  v [H?, n]    ('heads', 'seq_in'),            c [H?, n]
                  causal=False: v [H?, 2n−1] two-sided, T_ij = v_{i−j+n−1} (v_{n−1}: current token)
-      row / col / mixed (structured recurrent, §8):
+      row / col / mixed (structured recurrent, docs/recurrent_mixers.md):
                  v [H?, n] ('heads', 'seq_in'), c [H?, n], lam [H?] ('heads') — the decay λ,
                  initialised to 1 and used as clip(λ, 0.9, 1)^(1/κ) (``decay=False``: δ = 1)
       expanded:  w1/v1, c1, w2/v2, c2 instead of w/v, c (lam1, lam2 for structured mixing)

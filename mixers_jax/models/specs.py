@@ -24,7 +24,8 @@ BLOCKS = ("mixer", "srm")
 
 @dataclasses.dataclass(frozen=True)
 class MixerSpec:
-    """A masked mixer LM (REFERENCE §2, §8): its token-mixing layers' :class:`MixingSpec` and the
+    """A masked mixer LM (docs/masked_mixers.md, docs/recurrent_mixers.md):
+    its token-mixing layers' :class:`MixingSpec` and the
     fields of the rest of the model (see ``mixers_jax/config.py`` for each)."""
 
     token_mixing: MixingSpec
@@ -38,7 +39,8 @@ class MixerSpec:
 
     @property
     def srm(self) -> bool:
-        """The SRM block (FFN first, SiLU, Kaiming init, N(0, 1) embedding; REFERENCE §8)."""
+        """The SRM block (FFN first, SiLU, Kaiming init, N(0, 1) embedding;
+        docs/recurrent_mixers.md#block-and-model)."""
         return self.block == "srm"
 
     # shared with the token mixing
@@ -51,7 +53,7 @@ class MixerSpec:
 
 @dataclasses.dataclass(frozen=True)
 class TransformerSpec:
-    """A Llama-style transformer (REFERENCE §3)."""
+    """A Llama-style transformer (docs/transformer_baseline.md)."""
 
     vocab_size: int
     n_ctx: int

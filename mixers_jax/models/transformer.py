@@ -1,14 +1,15 @@
-"""Llama-style transformer baseline (REFERENCE §3).
+"""Llama-style transformer baseline (docs/transformer_baseline.md).
 
 embedding -> L x [x += Attn(RMSNorm x); x += SwiGLU(RMSNorm x)] -> final RMSNorm -> head (no bias).
 Full multi-head attention (no GQA), no biases anywhere, RoPE (θ = rope_theta, HF "rotate-half"
 layout), RMSNorm eps 1e-6, SwiGLU intermediate mlp_ratio·d, every weight ~ N(0, 0.02²).
 Causal attention is ``jax.nn.dot_product_attention(q, k, v, is_causal=True)``; inputs may be
 shorter than n_ctx (RoPE positions 0..n−1); ``causal=False`` makes it bidirectional
-(``is_causal=False``, for encoders, REFERENCE §4; no step form). ``hidden(x, positions=, mask=)``
+(``is_causal=False``, for encoders, docs/autoencoders.md#encoder-and-decoder-choices; no step form).
+``hidden(x, positions=, mask=)``
 optionally takes explicit RoPE positions [B, n] and a boolean attention mask [B, 1, n, n] (True =
 may attend; it replaces the causal mask, so it must include causality): memory models use them to
-lay out variable-length inputs in one fixed-length batch (REFERENCE §6 "Variable positions").
+lay out variable-length inputs in one fixed-length batch (docs/memory_models.md#variable-positions).
 
 Parameter tree and the Hugging Face ``LlamaForCausalLM`` state dict (HF Linear weights are [out, in]):
 

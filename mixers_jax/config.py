@@ -62,9 +62,13 @@ sharding                '3d' | 'dp' | 'fsdp' | 'tp' | 'fsdp_tp' (see README "Sha
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Any
 
 import ml_collections
+
+from mixers_jax.errors import UserError
 
 
 def field(cfg: Any, key: str, default: Any = None) -> Any:
@@ -326,11 +330,6 @@ def clm_config(kind: str, family: str, arg: str | None) -> ml_collections.Config
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """Loads ``path/to/config.py[:preset]`` the way ``--config=`` does (for tools and tests)."""
-    import importlib.util
-    import os
-
-    from mixers_jax.errors import UserError
-
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path}")

@@ -21,7 +21,7 @@ reconstruction CE (objective 'autoencode'). Presets:
 Variants: --config.model.expansion=unroll, --config.model.compression=4, --config.model.heads=4,
 --config.model.encoder.causal=False, --config.model.decoder.kind=transformer, ...
 """
-from mixers_jax.config import CPU, SMOKE, apply_preset, base_config
+from mixers_jax.config import CPU, PAPER, SMOKE, family_config
 
 _CPU_AE = dict(CPU, **{
     "model.n_ctx": 64, "model.n_layers": 2, "model.n_heads": 8, "train.batch_size": 32,
@@ -32,12 +32,8 @@ _TRANSFORMER = {"model.encoder.kind": "transformer", "model.decoder.kind": "tran
 
 
 def _paper(d, layers, vocab, lr, batch, extra=()):
-    return dict({
-        "model.n_ctx": 512, "model.d_model": d, "model.n_layers": layers, "model.vocab_size": vocab,
-        "model.dtype": "bfloat16", "train.steps": 200_000, "train.batch_size": batch,
-        "train.warmup_steps": 500, "train.lr": lr, "train.log_every": 100, "train.eval_every": 5000,
-        "train.eval_batches": 50, "train.checkpoint_every": 5000, "data.packing": "pad",
-    }, **dict(extra))
+    return {**PAPER, "model.n_ctx": 512, "model.d_model": d, "model.n_layers": layers,
+            "model.vocab_size": vocab, "train.batch_size": batch, "train.lr": lr, **dict(extra)}
 
 
 PRESETS_DICT = {
@@ -63,8 +59,5 @@ PRESETS = tuple(PRESETS_DICT)
 
 
 def get_config(arg=None):
-    c = base_config()
-    c.name = f"autoencoder-{arg}" if arg else "autoencoder"
-    c.model.kind = "autoencoder"
-    c.train.objective = "autoencode"
-    return apply_preset(c, PRESETS_DICT, arg)
+    return family_config("autoencoder", PRESETS_DICT, arg,
+                         {"model.kind": "autoencoder", "train.objective": "autoencode"})

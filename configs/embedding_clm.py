@@ -21,22 +21,20 @@ numbers at model.embed_bits bits each. Presets:
 Variants: --config.model.injection=embedding|add, --config.model.embed_quant=float8_e4m3fn,
 --config.model.qat_noise=0.0625 (noise-injection QAT), --config.model.compression=4.
 """
-from mixers_jax.config import CPU, SMOKE, apply_preset, base_config
+from mixers_jax.config import CPU, PAPER, SMOKE, family_config
 
 _CPU = dict(CPU, **{"model.encoder.d_model": 128, "model.encoder.n_layers": 2,
                     "model.compression": 2, "model.n_heads": 4})
 
 
 def _paper(kind, lr, batch, d_dec, extra=()):
-    return dict({
-        "model.encoder.kind": kind, "model.decoder.kind": kind, "model.encoder.d_model": 256,
-        "model.encoder.n_layers": 16, "model.compression": 4, "model.embed_bits": 4,
-        "model.n_ctx": 1024, "model.d_model": d_dec, "model.n_layers": 16, "model.n_heads": 4,
-        "model.vocab_size": 8000, "model.dtype": "bfloat16", "train.steps": 200_000,
-        "train.batch_size": batch, "train.warmup_steps": 500, "train.lr": lr,
-        "train.log_every": 100, "train.eval_every": 5000, "train.eval_batches": 50,
-        "train.checkpoint_every": 5000, "data.packing": "pad",
-    }, **dict(extra))
+    return {
+        **PAPER, "model.encoder.kind": kind, "model.decoder.kind": kind,
+        "model.encoder.d_model": 256, "model.encoder.n_layers": 16, "model.compression": 4,
+        "model.embed_bits": 4, "model.n_ctx": 1024, "model.d_model": d_dec, "model.n_layers": 16,
+        "model.n_heads": 4, "model.vocab_size": 8000, "train.batch_size": batch, "train.lr": lr,
+        **dict(extra),
+    }
 
 
 PRESETS_DICT = {
@@ -52,8 +50,5 @@ PRESETS = tuple(PRESETS_DICT)
 
 
 def get_config(arg=None):
-    c = base_config()
-    c.name = f"embedding_clm-{arg}" if arg else "embedding_clm"
-    c.model.kind = "embedding_clm"
-    c.model.injection = "token"
-    return apply_preset(c, PRESETS_DICT, arg)
+    return family_config("embedding_clm", PRESETS_DICT, arg,
+                         {"model.kind": "embedding_clm", "model.injection": "token"})

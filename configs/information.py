@@ -23,7 +23,7 @@ Presets (the encoder fields must match the loaded model; a mismatch is a one-lin
   (docs/metrics.md#information-retention-probe);
   paper_transformer: decoder d512 L8, lr 2e-4.
 """
-from mixers_jax.config import CPU, SMOKE, apply_preset, base_config
+from mixers_jax.config import CPU, PAPER, SMOKE, family_config
 
 _PROBE = {"train.frozen": "encoder", "model.encoder.position": -2}
 _CPU = dict(CPU, **_PROBE, **{"model.encoder.n_layers": 4, "model.n_layers": 2,
@@ -32,16 +32,13 @@ _CPU = dict(CPU, **_PROBE, **{"model.encoder.n_layers": 4, "model.n_layers": 2,
 
 
 def _paper(kind, d, lr):
-    return dict(_PROBE, **{
-        "model.encoder.kind": kind, "model.decoder.kind": kind, "model.n_ctx": 512,
-        "model.d_model": d, "model.n_layers": 8, "model.vocab_size": 8000, "model.n_heads": 4,
-        "model.expansion": "unroll" if kind == "transformer" else "repeat",
-        "model.encoder.position": -2 if kind == "mixer" else -1,
-        "model.dtype": "bfloat16", "train.steps": 200_000, "train.batch_size": 128,
-        "train.warmup_steps": 500, "train.lr": lr, "train.log_every": 100,
-        "train.eval_every": 5000, "train.eval_batches": 50, "train.checkpoint_every": 5000,
-        "data.packing": "pad",
-    })
+    return {
+        **_PROBE, **PAPER, "model.encoder.kind": kind, "model.decoder.kind": kind,
+        "model.n_ctx": 512, "model.d_model": d, "model.n_layers": 8, "model.vocab_size": 8000,
+        "model.n_heads": 4, "model.expansion": "unroll" if kind == "transformer" else "repeat",
+        "model.encoder.position": -2 if kind == "mixer" else -1, "train.batch_size": 128,
+        "train.lr": lr,
+    }
 
 
 PRESETS_DICT = {
@@ -59,8 +56,5 @@ PRESETS = tuple(PRESETS_DICT)
 
 
 def get_config(arg=None):
-    c = base_config()
-    c.name = f"information-{arg}" if arg else "information"
-    c.model.kind = "autoencoder"
-    c.train.objective = "autoencode"
-    return apply_preset(c, PRESETS_DICT, arg)
+    return family_config("information", PRESETS_DICT, arg,
+                         {"model.kind": "autoencoder", "train.objective": "autoencode"})

@@ -26,7 +26,7 @@ Presets:
   transformer curriculum (blank copy with a frozen autoencoder encoder, 100k steps, then combined).
 Give the data with --config.data.source=... for the paper presets.
 """
-from mixers_jax.config import CPU, SMOKE, apply_preset, base_config
+from mixers_jax.config import CPU, PAPER, SMOKE, family_config
 
 _EVAL = ("clm", "copy", "blank_copy")
 # CPU scale (README "Memory models"): short chunks of a small, nearly character-level vocabulary,
@@ -45,15 +45,12 @@ _TRANSFORMER = {"model.encoder.kind": "transformer", "model.decoder.kind": "tran
 
 
 def _paper(kind, d_enc, d_dec, lr, batch, steps, extra=()):
-    return dict({
-        "model.encoder.kind": kind, "model.decoder.kind": kind, "model.n_ctx": 256,
+    return {
+        **PAPER, "model.encoder.kind": kind, "model.decoder.kind": kind, "model.n_ctx": 256,
         "model.chunks": 4, "model.encoder.d_model": d_enc, "model.d_model": d_dec,
         "model.n_layers": 16, "model.n_heads": 4, "model.vocab_size": 8000,
-        "model.dtype": "bfloat16", "train.steps": steps, "train.batch_size": batch,
-        "train.warmup_steps": 500, "train.lr": lr, "train.log_every": 100,
-        "train.eval_every": 5000, "train.eval_batches": 50, "train.checkpoint_every": 5000,
-        "data.packing": "pad",
-    }, **dict(extra))
+        "train.steps": steps, "train.batch_size": batch, "train.lr": lr, **dict(extra),
+    }
 
 
 def _curriculum(first_steps, second_steps, lr):
@@ -81,9 +78,6 @@ PRESETS = tuple(PRESETS_DICT)
 
 
 def get_config(arg=None):
-    c = base_config()
-    c.name = f"memory-{arg}" if arg else "memory"
-    c.model.kind = "memory"
-    c.train.objective = "combined"
-    c.train.eval_objectives = _EVAL
-    return apply_preset(c, PRESETS_DICT, arg or "cpu")
+    return family_config("memory", PRESETS_DICT, arg, {
+        "model.kind": "memory", "train.objective": "combined", "train.eval_objectives": _EVAL,
+    }, default="cpu")

@@ -14,13 +14,11 @@ Presets:
 * fineweb_n1024: the n1024 version (global batch 64) used for the inference comparison.
 Variants: --config.model.mixing=row|col, --config.model.decay=False, --config.model.block=mixer.
 """
-from mixers_jax.config import CPU, SMOKE, apply_preset, base_config
+from mixers_jax.config import CPU, PAPER, SMOKE, family_config
 
 _PUBLISHED = {
-    "model.d_model": 1024, "model.n_layers": 16, "model.heads": 4, "model.vocab_size": 8000,
-    "model.dtype": "bfloat16", "train.steps": 200_000, "train.lr": 5e-4, "train.warmup_steps": 50,
-    "train.log_every": 100, "train.eval_every": 5000, "train.eval_batches": 50,
-    "train.checkpoint_every": 5000, "data.packing": "pad",
+    **PAPER, "model.d_model": 1024, "model.n_layers": 16, "model.heads": 4,
+    "model.vocab_size": 8000, "train.lr": 5e-4, "train.warmup_steps": 50,
 }
 
 PRESETS_DICT = {
@@ -33,8 +31,7 @@ PRESETS = tuple(PRESETS_DICT)
 
 
 def get_config(arg=None):
-    c = base_config()
-    c.model.update(dict(kind="mixer", mixing="mixed", heads=4, block="srm", decay=True))
-    c.train.update(dict(lr=5e-4, warmup_steps=50))
-    c.name = f"recurrent-{arg}" if arg else "recurrent"
-    return apply_preset(c, PRESETS_DICT, arg)
+    return family_config("recurrent", PRESETS_DICT, arg, {
+        "model.kind": "mixer", "model.mixing": "mixed", "model.heads": 4, "model.block": "srm",
+        "model.decay": True, "train.lr": 5e-4, "train.warmup_steps": 50,
+    })

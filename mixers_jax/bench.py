@@ -13,7 +13,6 @@ import json
 
 from absl import flags
 
-from mixers_jax import benchmarks as bm
 from mixers_jax import cli
 from mixers_jax.errors import UserError
 from mixers_jax.fileio import write_atomic
@@ -72,6 +71,9 @@ def _selected_cases(known) -> list[str]:
 
 def main(argv: list[str]) -> None:
     del argv  # positional arguments are refused by cli.run
+    from mixers_jax import benchmarks as bm  # jax: loaded after --help
+    from mixers_jax.environment import environment
+
     s = bm.Settings(d_model=_D.value, n_layers=_L.value, n_ctx=_N.value, batch=_B.value,
                     vocab=_V.value, heads=_HEADS.value, dtype=_DTYPE.value, steps=_STEPS.value,
                     new_tokens=_NEW_TOKENS.value)
@@ -87,7 +89,7 @@ def main(argv: list[str]) -> None:
     else:
         cases = _selected_cases(bm.MIXING_CASES)
         contexts = _positive_ints(_CONTEXTS)
-    env = bm.environment()
+    env = environment()
     print(f"# {env['device']} x{env['device_count']}, jax {env['jax']}, python {env['python']}")
     if suite == "train":
         records = bm.bench_train(cases, s)

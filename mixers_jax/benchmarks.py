@@ -26,11 +26,21 @@ wall time.
 from __future__ import annotations
 
 import dataclasses
-import os
-import platform
 import statistics
 import time
 from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixers_jax import flops as flops_lib
+from mixers_jax import sharding
+from mixers_jax import steps as steps_lib
+from mixers_jax.config import base_config, input_length
+from mixers_jax.generation import Generator
+from mixers_jax.models import build_model, mixing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +60,6 @@ class Settings:
 
 
 def _median_time(fn: Callable[[], object], repeats: int) -> float:
-    import jax
-
     jax.block_until_ready(fn())  # warm-up
     times = []
     for _ in range(repeats):
@@ -59,24 +67,6 @@ def _median_time(fn: Callable[[], object], repeats: int) -> float:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def environment() -> dict:
-    import flax
-    import jax
-    import optax
-
-    dev = jax.devices()[0]
-    return {
-        "device": f"{dev.platform}:{dev.device_kind}",
-        "device_count": jax.device_count(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "flax": flax.__version__,
-        "optax": optax.__version__,
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
 
 
 def _memory_bytes(compiled) -> int | None:
@@ -108,8 +98,6 @@ TRAIN_CASES = {
 
 
 def bench_train(cases: list[str], s: Settings) -> list[dict]:
-    from mixers_jax.config import base_config
-
     records = []
     for name in cases:
         spec = dict(TRAIN_CASES[name])
@@ -134,14 +122,6 @@ def bench_train(cases: list[str], s: Settings) -> list[dict]:
 def _time_train_step(name: str, config, s: Settings) -> dict:
     """Median time of one compiled optimizer step of ``config`` on random tokens, with its
     compile time, memory, analytic and XLA FLOPs per token, parameters and MFU where known."""
-    import jax
-    import numpy as np
-
-    from mixers_jax import flops as flops_lib
-    from mixers_jax import sharding
-    from mixers_jax import steps as steps_lib
-    from mixers_jax.models import input_length
-
     config.train.update(dict(batch_size=s.batch, steps=10**6, warmup_steps=10))
     config.mesh.update(dict(data=-1, fsdp=1, tensor=1))
     mesh = sharding.make_mesh(config.mesh)
@@ -200,8 +180,6 @@ def bench_memory(cases: list[str], chunk_counts: list[int], s: Settings) -> list
     """Training-step time of memory models (s chunks of n_ctx) vs full-context models over the same
     s·n_ctx tokens, for each s (published: memory models ≈20–25% slower per step at s = 4;
     docs/published_results.md#memory-models)."""
-    from mixers_jax.config import base_config
-
     records = []
     for k in chunk_counts:
         for name in cases:
@@ -230,11 +208,6 @@ def bench_memory(cases: list[str], chunk_counts: list[int], s: Settings) -> list
 
 
 def bench_mixing(contexts: list[int], s: Settings, cases: list[str] | None = None) -> list[dict]:
-    import jax
-    import jax.numpy as jnp
-
-    from mixers_jax.models import mixing
-
     b, d = s.batch, s.d_model
     records = []
     impls = {
@@ -281,14 +254,6 @@ GEN_CASES = {
 
 
 def bench_generate(cases: list[str], contexts: list[int], batches: list[int], s: Settings) -> list[dict]:
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    from mixers_jax.config import base_config
-    from mixers_jax.generate import Generator
-    from mixers_jax.models import build_model
-
     records = []
     new = s.new_tokens
     for n in contexts:

@@ -33,9 +33,12 @@ import math
 import struct
 from typing import Iterable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mixers_jax.errors import UserError
+from mixers_jax.generation import resolve_mode
 
 MAGIC = b"MXAC"
 VERSION = 1
@@ -163,11 +166,6 @@ class ModelCoder:
     """The model's integer frequency tables for W windows advancing in lockstep (see module doc)."""
 
     def __init__(self, run):
-        import jax
-        import jax.numpy as jnp
-
-        from mixers_jax.generate import resolve_mode
-
         self.run = run
         self.n_ctx = int(run.config.model.n_ctx)
         self.eos = int(run.tokenizer.eos_id)
@@ -182,7 +180,6 @@ class ModelCoder:
             return cache, counts, jax.nn.log_softmax(logits, axis=-1)
 
         self._step = jax.jit(step, donate_argnums=0)
-        self._jnp = jnp
 
     def windows(self, n_tokens: int) -> int:
         return -(-n_tokens // (self.n_ctx - 1)) if n_tokens else 0
@@ -197,7 +194,7 @@ class ModelCoder:
         cache = self.run.model.init_cache(w, self.mode)
         steps = min(per, n_tokens)
         for t in range(steps):
-            cache, counts, logp = self._step(cache, self._jnp.asarray(grid[:, t]), self._jnp.int32(t))
+            cache, counts, logp = self._step(cache, jnp.asarray(grid[:, t]), jnp.int32(t))
             fill(t, np.asarray(counts), logp, grid)
         return grid
 

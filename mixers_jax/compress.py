@@ -18,7 +18,7 @@ import os
 
 from absl import flags
 
-from mixers_jax import cli, codec
+from mixers_jax import cli
 from mixers_jax.errors import UserError
 from mixers_jax.fileio import read_bytes, write_atomic
 from mixers_jax.metrics import compressor_bpb
@@ -39,6 +39,7 @@ def main(argv: list[str]) -> None:
         raise UserError(f"output {dst} exists; pass --force to overwrite it")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # bit-reproducible logits: CPU, both ways
     logging.getLogger("absl").setLevel(logging.ERROR)
+    from mixers_jax import codec  # jax, the models: loaded after --help
     from mixers_jax.workdir import load_run  # jax, orbax: loaded after --help
 
     data = read_bytes(src)

@@ -73,9 +73,13 @@ sharding                '3d' | 'dp' | 'fsdp' | 'tp' | 'fsdp_tp' (see README "Sha
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Any
 
 import ml_collections
+
+from mixers_jax.errors import UserError
 
 
 def field(cfg: Any, key: str, default: Any = None) -> Any:
@@ -262,15 +266,32 @@ def apply_preset(
     if arg:
         if arg not in presets:
             raise ValueError(f"unknown preset {arg!r}; choose one of: {', '.join(sorted(presets))}")
-        for dotted, value in presets[arg].items():
-            node = config
-            *parents, leaf = dotted.split(".")
-            for p in parents:
-                node = node[p]
-            if leaf not in node:
-                raise KeyError(f"preset {arg!r} sets unknown key {dotted!r}")
-            node[leaf] = value
+        set_fields(config, presets[arg], f"preset {arg!r}")
     return finalize(config)
+
+
+def set_fields(config: ml_collections.ConfigDict, values: dict, what: str = "") -> None:
+    """Sets ``values`` ({'model.d_model': 256, ...}, dotted keys) in ``config``; a key the schema
+    lacks raises ``KeyError`` naming ``what`` sets it."""
+    for dotted, value in values.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise KeyError(f"{what or 'config'} sets unknown key {dotted!r}")
+        node[leaf] = value
+
+
+def family_config(family: str, presets: dict, arg: str | None, fields: dict | None = None,
+                  default: str | None = None) -> ml_collections.ConfigDict:
+    """The config of the experiment family of ``configs/<family>.py``: :func:`base_config` with
+    the family's ``fields`` (dotted keys) set, named ``family`` (``family-arg`` with a preset),
+    then preset ``arg`` (or ``default`` when none is given) applied; locked."""
+    c = base_config()
+    c.name = f"{family}-{arg}" if arg else family
+    set_fields(c, fields or {}, f"family {family!r}")
+    return apply_preset(c, presets, arg or default)
 
 
 # Sizes and schedules shared by every family's `smoke` and `cpu` presets (embedded corpus).
@@ -288,6 +309,13 @@ CPU = {
     "train.checkpoint_every": 500,
     "data.tokenizer_max_chars": 4_000_000,
 }
+# The schedule of the published full-size runs (every family's paper-scale presets add their sizes,
+# batch and learning rate): bf16 compute, 200k steps, 500 warmup steps, one document per row.
+PAPER = {
+    "model.dtype": "bfloat16", "train.steps": 200_000, "train.warmup_steps": 500,
+    "train.log_every": 100, "train.eval_every": 5000, "train.eval_batches": 50,
+    "train.checkpoint_every": 5000, "data.packing": "pad",
+}
 
 
 def clm_presets(kind: str) -> dict[str, dict]:
@@ -303,20 +331,14 @@ def clm_presets(kind: str) -> dict[str, dict]:
         "smoke": dict(SMOKE, **{"model.n_heads": 2}),
         "cpu": dict(CPU, **{"model.n_heads": 4, "train.lr": 1e-3 if mixer else 5e-4}),
         "tinystories": {
-            "model.n_ctx": 512, "model.d_model": 512, "model.n_layers": 8, "model.vocab_size": 4096,
-            "model.n_heads": 4, "model.dtype": "bfloat16",
-            "train.steps": 200_000, "train.batch_size": 16 if mixer else 32,
-            "train.warmup_steps": 500, "train.lr": 5e-4 if mixer else 2e-4,
-            "train.log_every": 100, "train.eval_every": 5000, "train.eval_batches": 50,
-            "train.checkpoint_every": 5000, "data.packing": "pad",
+            **PAPER, "model.n_ctx": 512, "model.d_model": 512, "model.n_layers": 8,
+            "model.vocab_size": 4096, "model.n_heads": 4, "train.batch_size": 16 if mixer else 32,
+            "train.lr": 5e-4 if mixer else 2e-4,
         },
         "fineweb": {
-            "model.n_ctx": 512, "model.d_model": 1024 if mixer else 512, "model.n_layers": 16,
-            "model.vocab_size": 8000, "model.n_heads": 4, "model.dtype": "bfloat16",
-            "train.steps": 200_000, "train.batch_size": 128, "train.warmup_steps": 500,
-            "train.lr": 5e-4 if mixer else 2e-4,
-            "train.log_every": 100, "train.eval_every": 5000, "train.eval_batches": 50,
-            "train.checkpoint_every": 5000, "data.packing": "pad",
+            **PAPER, "model.n_ctx": 512, "model.d_model": 1024 if mixer else 512,
+            "model.n_layers": 16, "model.vocab_size": 8000, "model.n_heads": 4,
+            "train.batch_size": 128, "train.lr": 5e-4 if mixer else 2e-4,
         },
         "gpu_mfu": {
             "model.n_ctx": 1024, "model.d_model": 1024, "model.n_layers": 16,
@@ -329,21 +351,12 @@ def clm_presets(kind: str) -> dict[str, dict]:
 
 def clm_config(kind: str, family: str, arg: str | None) -> ml_collections.ConfigDict:
     """A causal-LM config of ``kind`` ('mixer' | 'transformer') with preset ``arg`` applied."""
-    c = base_config()
-    c.model.kind = kind
-    if kind == "transformer":
-        c.train.lr = 2e-4
-    c.name = f"{family}-{arg}" if arg else family
-    return apply_preset(c, clm_presets(kind), arg)
+    fields = {"model.kind": kind, **({"train.lr": 2e-4} if kind == "transformer" else {})}
+    return family_config(family, clm_presets(kind), arg, fields)
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """Loads ``path/to/config.py[:preset]`` the way ``--config=`` does (for tools and tests)."""
-    import importlib.util
-    import os
-
-    from mixers_jax.errors import UserError
-
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path}")

@@ -18,6 +18,7 @@ line naming them; an unwritable output raises the OSError.
 """
 from __future__ import annotations
 
+import csv as csv_lib
 import glob
 import io
 import json
@@ -27,7 +28,9 @@ import sys
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
+from mixers_jax.config import base_config, input_length, sub_model_config
 from mixers_jax.errors import UserError
 from mixers_jax.fileio import read_bytes, write_atomic
 
@@ -94,7 +97,6 @@ def event_files(logdir: str) -> list[str]:
 
 def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
     """{tag: [(step, value), ...] sorted by step} of every scalar in the event files under ``logdir``."""
-    from google.protobuf.message import DecodeError
     from tensorboardX.proto import event_pb2
 
     series: dict[str, dict[int, float]] = {}
@@ -118,17 +120,6 @@ def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
 # --------------------------------------------------------------------------- runs
 
 
-def _sub(model: dict, role: str) -> dict:
-    """The encoder / decoder fields with the 0 / '' / -1 "inherit" convention resolved."""
-    sub = dict(model.get(role) or {})
-    out = {"kind": sub.get("kind", "mixer")}
-    for key in ("d_model", "n_layers", "mixing", "heads", "n_heads", "kernel"):
-        value = sub.get(key)
-        inherit = value is None or value == "" or value == (-1 if key == "heads" else 0)
-        out[key] = model.get(key) if inherit else value
-    return out
-
-
 def _describe(m: dict) -> str:
     text = f"{m.get('kind')} d{m.get('d_model')} L{m.get('n_layers')}"
     if m.get("kind") == "mixer":
@@ -150,7 +141,7 @@ def run_label(config: dict) -> str:
         body = _describe(m)
     else:
         roles = ("decoder",) if kind in _DECODER_ONLY else ("encoder", "decoder")
-        subs = [f"{role[:3]} {_describe(_sub(m, role))}" for role in roles]
+        subs = [f"{role[:3]} {_describe(sub_model_config(m, role))}" for role in roles]
         body = f"{kind} " + " / ".join(subs)
         if int(m.get("compression", 1) or 1) > 1:
             body += f" c{m.get('compression')}"
@@ -159,9 +150,6 @@ def run_label(config: dict) -> str:
 
 def tokens_per_step(config: dict) -> int:
     """Training tokens per optimizer step: train.batch_size × row length (input_length)."""
-    from mixers_jax.config import base_config
-    from mixers_jax.models import input_length
-
     model = dict(base_config().model.to_dict(), **config.get("model", {}))
     batch = int(config.get("train", {}).get("batch_size", base_config().train.batch_size))
     return batch * input_length(model)
@@ -272,8 +260,7 @@ def plot_runs(
 
 
 def points_csv(points: Sequence[dict]) -> str:
-    import csv as csv_lib
-
+    """The plotted points as CSV (label, workdir, metric, step, x, value; values as repr floats)."""
     buf = io.StringIO()
     writer = csv_lib.writer(buf, lineterminator="\n")
     writer.writerow(["label", "workdir", "metric", "step", "x", "value"])

@@ -16,7 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
-from mixers_jax.models import sub_config
+from mixers_jax.config import field, sub_model_config
 
 LN2 = math.log(2.0)
 
@@ -115,23 +115,21 @@ def information_ratio_exact(ce: float, vocab_size: int) -> float:
 
 
 STORED_EMBEDDING_KINDS = ("autoencoder", "embedding_clm")
+# Bits per stored number of each ``model.embed_quant`` format in the accounting (int8's per-vector
+# scale is not counted).
+QUANT_BITS = {
+    "none": 32, "float16": 16, "bfloat16": 16, "float8_e4m3fn": 8, "float8_e5m2": 8, "int8": 8,
+}
 
 
 def stored_numbers(model_cfg) -> int | None:
     """Numbers stored per sequence: d_enc // compression for kinds that keep one embedding per
     sequence ('autoencoder', 'embedding_clm'; d_enc is the encoder width); None for other kinds."""
-    kind = _field(model_cfg, "kind")
+    kind = field(model_cfg, "kind")
     if kind not in STORED_EMBEDDING_KINDS:
         return None
-    d_enc = int(sub_config(model_cfg, "encoder")["d_model"])
-    return d_enc // max(1, int(_field(model_cfg, "compression", 1) or 1))
-
-
-def _field(cfg, key: str, default=None):
-    try:
-        return cfg[key]
-    except (KeyError, TypeError):
-        return getattr(cfg, key, default)
+    d_enc = int(sub_model_config(model_cfg, "encoder")["d_model"])
+    return d_enc // max(1, int(field(model_cfg, "compression", 1) or 1))
 
 
 # --------------------------------------------------------------------------- evaluation scores
@@ -162,13 +160,13 @@ def accounting(model_cfg, sums, sequences: int, bits: float | None = None) -> di
     out = {}
     n_p = stored_numbers(model_cfg)
     if n_p:
-        b_p = float(_field(model_cfg, "embed_bits") if bits is None else bits)
+        b_p = float(field(model_cfg, "embed_bits") if bits is None else bits)
         acc = embedding_accounting(sums, n_p, b_p, sequences)
         out.update({k: acc[k] for k in ("loss_offset", "normalized_loss", "embedding_bpb", "total_bpb")})
-    if _field(model_cfg, "kind") == "autoencoder":
+    if field(model_cfg, "kind") == "autoencoder":
         loss = float(sums["nll"]) / max(float(sums["tokens"]), 1.0)
         out["information_ratio"] = information_ratio(loss)
-        out["information_ratio_exact"] = information_ratio_exact(loss, int(_field(model_cfg, "vocab_size")))
+        out["information_ratio_exact"] = information_ratio_exact(loss, int(field(model_cfg, "vocab_size")))
     return out
 
 
@@ -188,16 +186,59 @@ def log_eval(writer, log, step: int, evals: dict[str, dict[str, float]]) -> None
             f"bits/byte {ev['bpb']:.4f}{extra}")
 
 
-def results_table(evals: dict[str, dict[str, float]], compressors: dict[str, float]) -> str:
-    """The final evaluation as a small text table (one row per objective) and the compressors."""
-    extras = [k for k in ("copy_accuracy", "normalized_loss", "total_bpb", "information_ratio")
-              if any(k in ev for ev in evals.values())]
-    lines = [f"{'objective':<12} {'loss':>8} {'accuracy':>9} {'bits/byte':>10}"
-             + "".join(f" {k:>17}" for k in extras)]
+COMPRESSORS = ("gzip-9", "bz2-9", "xz-9e")  # the names :func:`compressor_bpb` reports
+
+
+def format_cell(v, width: int = 10, prec: int = 4) -> str:
+    """A right-aligned table cell; '-' for a missing or non-finite number."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return f"{'-':>{width}}"
+    if isinstance(v, float):
+        return f"{v:>{width}.{prec}f}"
+    return f"{v:>{width}}"
+
+
+def results_table(evals: Mapping[str, Mapping], compressors: Mapping[str, float] | None = None) -> str:
+    """The final evaluation as a text table (the trainer's end of training and ``evaluate``).
+
+    ``evals``: {objective: scores} (:func:`summarize_sums` + :func:`accounting`; a ``compressors``
+    entry {name: bits per byte} gives that row's compressor columns). One row per objective and per
+    prefixed sum (``combined/copy``): loss, accuracy, bits/byte, targets, bytes and the classical
+    compressors' bits per byte on the same target bytes (``compressors``: those of the first
+    objective's text). Scores with the stored-embedding accounting add a second table (sequences,
+    loss offset, normalized loss, embedding and total bits per byte) and the information ratios.
+    """
+    rows = []  # (label, scores, compressors)
+    for i, (name, ev) in enumerate(evals.items()):
+        comp = ev.get("compressors") or (compressors if i == 0 else None) or {}
+        rows.append((name, ev, comp))
+        # Sums an objective reports under a prefix (the copy pass of 'combined': copy_loss, ...).
+        for p in sorted(k[:-5] for k in ev if k.endswith("_loss") and k != "normalized_loss"):
+            if all(f"{p}_{m}" in ev for m in ("accuracy", "bpb", "tokens", "bytes")):
+                rows.append((f"{name}/{p}", {m: ev[f"{p}_{m}"] for m in
+                                             ("loss", "accuracy", "bpb", "tokens", "bytes")}, {}))
+    w = max([12] + [len(row[0]) + 2 for row in rows])
+    lines = [f"{'objective':<{w}}" + "".join(
+        f"{h:>10}" for h in ["loss", "accuracy", "bits/byte", "targets", "bytes", *COMPRESSORS])]
+    for label, ev, comp in rows:
+        lines.append(f"{label:<{w}}{format_cell(ev['loss'])}{format_cell(ev['accuracy'])}{format_cell(ev['bpb'])}"
+                     f"{format_cell(int(ev['tokens']))}{format_cell(int(ev['bytes']))}"
+                     + "".join(format_cell(comp.get(c)) for c in COMPRESSORS))
+    lines.append("(compressors: bits per byte on the same target bytes)")
+    stored = {name: ev for name, ev in evals.items() if "total_bpb" in ev}
+    if stored:
+        lines += ["", (f"{'objective':<{w}}{'sequences':>10}{'loss_off':>10}{'norm_loss':>10}"
+                       f"{'emb_bpb':>10}{'total_bpb':>10}")]
+        for name, ev in stored.items():
+            lines.append(f"{name:<{w}}{format_cell(ev.get('sequences'))}{format_cell(ev['loss_offset'])}"
+                         f"{format_cell(ev['normalized_loss'])}{format_cell(ev['embedding_bpb'])}"
+                         f"{format_cell(ev['total_bpb'])}")
     for name, ev in evals.items():
-        lines.append(f"{name:<12} {ev['loss']:>8.4f} {ev['accuracy']:>9.4f} {ev['bpb']:>10.4f}"
-                     + "".join(f" {ev.get(k, float('nan')):>17.4f}" for k in extras))
-    lines.append("same eval text, bits/byte: " + " | ".join(f"{k} {v:.4f}" for k, v in compressors.items()))
+        if "information_ratio" in ev:
+            exact = f" = {ev['h0_exact']:.4f}" if "h0_exact" in ev else ""
+            lines.append(f"{name}: information ratio 1 - H/H0 = {ev['information_ratio']:.4f} "
+                         f"(H0 = {ev.get('h0', H0_PUBLISHED):g}), "
+                         f"{ev['information_ratio_exact']:.4f} (H0 = ln V{exact})")
     return "\n".join(lines)
 
 

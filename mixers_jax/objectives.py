@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from mixers_jax.config import CHUNKED_KINDS, input_length
+from mixers_jax.errors import UserError
 
 
 def token_nll(logits_BxNxV: jax.Array, targets_BxN: jax.Array) -> jax.Array:
@@ -185,7 +186,6 @@ def _loss_terms(logits, targets, mask, nbytes, chunks: int) -> tuple[jax.Array, 
 
 
 def _row_length(ctx: ObjectiveContext, name: str) -> int:
-    from mixers_jax.errors import UserError
     length = input_length(ctx.model)
     if length % 2:
         raise UserError(
@@ -225,8 +225,6 @@ def _copy_factory(mode: str, name: str) -> Callable[[ObjectiveContext], Objectiv
 
 
 def _combined_factory(ctx: ObjectiveContext) -> Objective:
-    from mixers_jax.errors import UserError
-
     length = _row_length(ctx, "combined")
     mode = str(ctx.train.copy_pass)
     if mode not in COPY_MODES:
@@ -265,8 +263,6 @@ OBJECTIVES: dict[str, Callable[[ObjectiveContext], Objective]] = {
 
 def build(name: str, ctx: ObjectiveContext) -> Objective:
     """The loss function called ``name`` for the model and settings in ``ctx``."""
-    from mixers_jax.errors import UserError
-
     if name not in OBJECTIVES:
         raise UserError(f"unknown objective {name!r}; choose one of: {', '.join(sorted(OBJECTIVES))}")
     return OBJECTIVES[name](ctx)

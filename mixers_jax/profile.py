@@ -32,7 +32,7 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from mixers_jax import cli, profiling
+from mixers_jax import cli
 from mixers_jax.errors import UserError
 
 FLAGS = cli.flag_values()
@@ -77,7 +77,7 @@ def _fake_devices_for_aot(argv) -> None:
 def main(argv: list[str]) -> None:
     del argv  # positional arguments are refused by cli.run
     logging.set_verbosity(logging.WARNING)
-    from mixers_jax import sharding  # jax: after the fake-device setup, and --help stays fast
+    from mixers_jax import profiling, sharding  # jax: after the fake-device setup; fast --help
 
     what = profiling.parse_what(_WHAT.value)
     if _MESH.value:

@@ -25,8 +25,15 @@ import time
 from collections import defaultdict
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jex_core
 
+from mixers_jax import flops as flops_lib
+from mixers_jax import sharding, trainer
+from mixers_jax import steps as steps_lib
+from mixers_jax.config import input_length
 from mixers_jax.errors import UserError
 
 WHATS = ("jaxpr", "hlo", "cost", "memory", "trace", "aot")
@@ -40,12 +47,6 @@ def setup(config, mesh_text: str | None = None, devices=None):
 
     Nothing is allocated: the state and the batch are ShapeDtypeStructs carrying shardings.
     """
-    import jax
-    import jax.numpy as jnp
-
-    from mixers_jax import sharding, trainer
-    from mixers_jax import steps as steps_lib
-
     trainer.validate(config)
     sizes, rules = sharding.resolve(config)
     if mesh_text:
@@ -57,8 +58,6 @@ def setup(config, mesh_text: str | None = None, devices=None):
         devices = list(devices)[:n]
     mesh = sharding.make_mesh(sizes, devices)
     steps = steps_lib.build_steps(config, mesh, rules=rules)
-    from mixers_jax.models import input_length
-
     rows, n_ctx = int(config.train.batch_size), input_length(config.model)  # s·n for memory models
     bsh = sharding.batch_sharding(mesh)
     batch = {
@@ -70,8 +69,6 @@ def setup(config, mesh_text: str | None = None, devices=None):
 
 
 def forward_fn(steps):
-    import jax
-
     def forward(params, tokens):
         return steps.model.apply({"params": params}, tokens)
 
@@ -100,8 +97,6 @@ def _conv_flops(eqn) -> float:
 
 def _sub_jaxprs(eqn):
     """(jaxpr, multiplicity) of the sub-computations of a higher-order primitive."""
-    from jax.extend import core as jex_core
-
     name = eqn.primitive.name
     mult = float(eqn.params.get("length", 1)) if name == "scan" else 1.0
     if name == "cond":
@@ -153,14 +148,10 @@ def count_flops(jaxpr) -> dict[str, Any]:
 
 
 def train_step_jaxpr(steps, state, batch):
-    import jax
-
     return jax.make_jaxpr(steps.train_step)(state, batch)
 
 
 def forward_jaxpr(steps, state, batch):
-    import jax
-
     return jax.make_jaxpr(forward_fn(steps))(state.params, batch["tokens"])
 
 
@@ -181,8 +172,6 @@ def memory_report(compiled) -> dict[str, int | None]:
 
 def state_bytes_per_device(abstract_state) -> dict[str, int]:
     """Bytes of parameters and optimizer state on the most loaded device, from the shardings."""
-    import jax
-
     def per_device(tree):
         total = 0
         for leaf in jax.tree.leaves(tree):
@@ -261,10 +250,6 @@ def summarize_trace(trace_dir: str) -> dict[str, Any]:
 
 def run_trace(config, steps, state_abstract, batch_abstract, out_dir: str, n_steps: int) -> dict:
     """Runs 2 warm-up steps and ``n_steps`` traced steps on random tokens; times them; MFU."""
-    import jax
-
-    from mixers_jax import flops as flops_lib
-
     rng = np.random.default_rng(0)
     shape = batch_abstract["tokens"].shape
 
@@ -330,10 +315,6 @@ def _fmt_bytes(n) -> str:
 def profile(config, what: list[str], out_dir: str, mesh_text: str | None = None, n_steps: int = 5,
             echo=print) -> dict[str, Any]:
     """Runs the requested analyses; writes files under ``out_dir``; returns the report dict."""
-    import jax
-
-    from mixers_jax import flops as flops_lib
-
     if "aot" in what and not mesh_text:
         raise UserError("--what=aot needs --mesh=DATAxFSDPxTENSOR, e.g. --mesh=2x2x2")
     if "aot" in what and jax.devices()[0].platform != "cpu":

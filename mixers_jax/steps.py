@@ -19,7 +19,9 @@ from mixers_jax import metrics as metrics_lib
 from mixers_jax import objectives, sharding
 from mixers_jax.curriculum import FROZEN, TRAINABLE, eval_objective_names, param_labels
 from mixers_jax.errors import UserError
-from mixers_jax.models import build_model, input_length, sub_config
+from mixers_jax.config import input_length
+from mixers_jax.config import sub_model_config as sub_config
+from mixers_jax.models import build_model
 
 
 # --------------------------------------------------------------------------- optimizer

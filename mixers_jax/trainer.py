@@ -28,7 +28,7 @@ from mixers_jax.curriculum import (Stage, check_stage, csv_names, init_map, merg
                                    stage_at, stage_config, stages)
 from mixers_jax.data import pipeline
 from mixers_jax.errors import UserError
-from mixers_jax.models import input_length
+from mixers_jax.config import input_length
 from mixers_jax.steps import Steps, TrainState, build_steps, evaluate_all
 
 

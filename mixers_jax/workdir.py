@@ -27,12 +27,12 @@ import ml_collections
 import numpy as np
 
 from mixers_jax import checkpoint as ckpt_lib
-from mixers_jax.config import base_config
+from mixers_jax.config import base_config, input_length
 from mixers_jax.curriculum import Stage, init_sources, param_labels, stage_at, stages
 from mixers_jax.data.tokenizer import Tokenizer
 from mixers_jax.errors import UserError
 from mixers_jax.fileio import write_atomic
-from mixers_jax.models import build_model, input_length
+from mixers_jax.models import build_model
 from mixers_jax.steps import TrainState, make_optimizer
 
 CONFIG_FILE = "config.json"

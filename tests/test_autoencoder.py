@@ -14,7 +14,8 @@ from flax import linen as nn
 from mixers_jax import flops, objectives
 from mixers_jax.config import base_config
 from mixers_jax.errors import UserError
-from mixers_jax.models import build_model, layers, sub_config
+from mixers_jax.config import sub_model_config as sub_config
+from mixers_jax.models import build_model, layers
 from mixers_jax.metrics import stored_numbers
 from mixers_jax.models.autoencoder import unroll_indices
 from mixers_jax.models.bottleneck import QUANTS, quantize

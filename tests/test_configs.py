@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import pytest
 
 from mixers_jax import curriculum, trainer
-from mixers_jax.config import load_config
+from mixers_jax.config import input_length, load_config
 from mixers_jax.errors import UserError
-from mixers_jax.models import build_model, input_length
+from mixers_jax.models import build_model
 from tests_util import CONFIGS, config_path
 
 

@@ -17,7 +17,7 @@ from run_util import make_workdir, sample_text
 from tests_util import REPO, exit_status
 
 from mixers_jax import checkpoint as ckpt_lib
-from mixers_jax import evaluate, metrics, target_bytes
+from mixers_jax import evaluate, evaluation, metrics, target_bytes
 from mixers_jax.config import base_config
 from mixers_jax.data import pipeline, sources
 from mixers_jax.models import MODEL_KINDS
@@ -99,17 +99,17 @@ def test_target_text_rows_and_layers():
 
 
 def test_parse_quants_and_objectives():
-    assert evaluate.parse_quants("") == []
-    assert evaluate.parse_quants("all") == list(evaluate.QUANT_BITS)
-    assert evaluate.parse_quants("int8, float16,int8") == ["int8", "float16"]
-    with pytest.raises(evaluate.UserError, match="unknown --quant format 'fp4'"):
-        evaluate.parse_quants("float16,fp4")
+    assert evaluation.parse_quants("") == []
+    assert evaluation.parse_quants("all") == list(metrics.QUANT_BITS)
+    assert evaluation.parse_quants("int8, float16,int8") == ["int8", "float16"]
+    with pytest.raises(evaluation.UserError, match="unknown --quant format 'fp4'"):
+        evaluation.parse_quants("float16,fp4")
     c = base_config()
-    assert evaluate.parse_objectives("", c) == ["clm"]
+    assert evaluation.parse_objectives("", c) == ["clm"]
     c.train.eval_objectives = ("autoencode", "clm")
-    assert evaluate.parse_objectives("", c) == ["autoencode", "clm"]
-    with pytest.raises(evaluate.UserError, match="unknown objective 'nope'"):
-        evaluate.parse_objectives("clm,nope", c)
+    assert evaluation.parse_objectives("", c) == ["autoencode", "clm"]
+    with pytest.raises(evaluation.UserError, match="unknown objective 'nope'"):
+        evaluation.parse_objectives("clm,nope", c)
 
 
 # --------------------------------------------------------------------------- the CLI
@@ -196,9 +196,9 @@ def test_validation_rows_are_the_trainers(clm_run):
     cfg = with_defaults(run.config)
     data = pipeline.build_data(cfg, tokenizer=run.tokenizer, save_tokenizer=False)
     trainer_rows = np.concatenate([b["tokens"] for b in data.eval_batches])
-    ours = evaluate.eval_rows(cfg, run.tokenizer, max_rows=len(trainer_rows))
+    ours = evaluation.eval_rows(cfg, run.tokenizer, max_rows=len(trainer_rows))
     np.testing.assert_array_equal(ours.rows, trainer_rows)
-    everything = evaluate.eval_rows(cfg, run.tokenizer)
+    everything = evaluation.eval_rows(cfg, run.tokenizer)
     np.testing.assert_array_equal(everything.rows[: len(trainer_rows)], trainer_rows)
 
 
@@ -325,7 +325,7 @@ def test_cli_stored_embedding_accounting_and_quant(tmp_path, monkeypatch, capsys
         "none": 32, "float16": 16, "float8_e5m2": 8, "int8": 8}
     assert q["none"]["loss"] == pytest.approx(r["loss"], rel=1e-6)  # the run's embed_quant is none
     for name, v in q.items():
-        bits = evaluate.QUANT_BITS[name]
+        bits = metrics.QUANT_BITS[name]
         assert v["total_bpb"] == pytest.approx(v["bpb"] + 16 * bits * seq / nbytes)
     # The sweep really rebuilds the model with each format: a coarse cast changes the loss.
     assert q["float8_e5m2"]["loss"] != q["none"]["loss"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from mixers_jax import generate
+from mixers_jax import generation
 from mixers_jax.config import base_config
 from mixers_jax.errors import UserError
 from mixers_jax.models import build_model
@@ -46,7 +46,7 @@ def test_greedy_tokens_identical_across_modes(name):
     cfg, model, params = _model(overrides)
     outs = {}
     for mode in modes:
-        gen = generate.Generator(model, params, cfg, mode=mode, temperature=0.0)
+        gen = generation.Generator(model, params, cfg, mode=mode, temperature=0.0)
         outs[mode] = gen.generate(PROMPTS, max_new=8)
     ref = outs[modes[0]]
     for i, p in enumerate(PROMPTS):
@@ -60,30 +60,30 @@ def test_greedy_tokens_identical_across_modes(name):
         for t in range(len(p) - 1, len(p) + 7):
             assert ref[i, t + 1] == logits[i, t].argmax()
     # a batch row equals generating that prompt alone
-    alone = generate.Generator(model, params, cfg, mode=modes[0]).generate([PROMPTS[1]], 8)
+    alone = generation.Generator(model, params, cfg, mode=modes[0]).generate([PROMPTS[1]], 8)
     np.testing.assert_array_equal(alone[0], ref[1])
 
 
 def test_stops_at_context_and_rejects_long_prompts():
     cfg, model, params = _model(dict(mixing="row", block="srm"))
-    gen = generate.Generator(model, params, cfg, mode="recurrent")
+    gen = generation.Generator(model, params, cfg, mode="recurrent")
     out = gen.generate([[1, 2]], max_new=100)
     assert out.shape == (1, N) and (out[0, 2:] != 2).any()
     assert gen.end_position([[1, 2]], 100) == (N, True)
     with pytest.raises(UserError, match="n_ctx"):
         gen.start([list(range(N + 1))])
     with pytest.raises(UserError, match="recurrent"):
-        generate.resolve_mode(_model({})[0], "recurrent")
+        generation.resolve_mode(_model({})[0], "recurrent")
 
 
 def test_sampling_filters():
     logits = jnp.asarray([[0.0, 3.0, 1.0, 2.0]] * 64)
     keys = jax.random.split(jax.random.key(0), 64)
-    top1 = jax.vmap(lambda lg, k: generate.sample_logits(lg[None], k, 1.0, 1, 1.0))(logits, keys)
+    top1 = jax.vmap(lambda lg, k: generation.sample_logits(lg[None], k, 1.0, 1, 1.0))(logits, keys)
     assert set(np.asarray(top1).ravel()) == {1}
-    top2 = jax.vmap(lambda lg, k: generate.sample_logits(lg[None], k, 5.0, 2, 1.0))(logits, keys)
+    top2 = jax.vmap(lambda lg, k: generation.sample_logits(lg[None], k, 5.0, 2, 1.0))(logits, keys)
     assert set(np.asarray(top2).ravel()) == {1, 3}
-    nucleus = jax.vmap(lambda lg, k: generate.sample_logits(lg[None], k, 1.0, 0, 0.5))(logits, keys)
+    nucleus = jax.vmap(lambda lg, k: generation.sample_logits(lg[None], k, 1.0, 0, 0.5))(logits, keys)
     assert set(np.asarray(nucleus).ravel()) == {1}  # p(1) ≈ 0.64 > 0.5
 
 

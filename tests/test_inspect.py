@@ -1,5 +1,6 @@
-"""inspect: structure errors are 0 for matrices of that structure, heatmaps and JSON are written;
-the effective matrices are the ones the forward pass applies, for every mixing op."""
+"""inspect (mixers_jax/structure.py): structure errors are 0 for matrices of that structure,
+heatmaps and JSON are written; the effective matrices are the ones the forward pass applies, for
+every mixing op."""
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from mixers_jax import inspect as insp
+from mixers_jax import structure
 from mixers_jax.config import base_config
 from mixers_jax.models import build_model, mixing
 from mixers_jax.models.specs import mixer_spec
@@ -25,21 +26,21 @@ def test_structure_errors_recognise_structures():
     rng = np.random.default_rng(0)
     n = 12
     t = np.asarray(mixing.toeplitz_matrix(jnp.asarray(rng.standard_normal(n))), np.float64)
-    assert insp.toeplitz_error(t) < 1e-6
+    assert structure.toeplitz_error(t) < 1e-6
     v = rng.standard_normal(n)
     for kind in ("col", "row"):
         a = np.asarray(mixing.srm_matrix(jnp.asarray(v, jnp.float32), jnp.float32(0.8),
                                          jnp.asarray(kind == "col")), np.float64)
-        err, delta = insp.repeat_error(a, kind)
+        err, delta = structure.repeat_error(a, kind)
         assert err < 1e-5 and abs(delta - 0.8) < 1e-9
-        assert insp.toeplitz_error(a) > 0.1
+        assert structure.toeplitz_error(a) > 0.1
     dense = np.tril(rng.standard_normal((n, n)))
-    assert min(insp.analyse(dense)[k] for k in ("toeplitz", "col_repeat", "row_repeat")) > 0.3
+    assert min(structure.analyse(dense)[k] for k in ("toeplitz", "col_repeat", "row_repeat")) > 0.3
 
 
 def test_inspect_writes_heatmaps(tmp_path):
     run = load_run(make_workdir(str(tmp_path / "run"), mixing="mixed", heads=2, block="srm"))
-    records = insp.inspect_run(run, str(tmp_path / "out"))
+    records = structure.inspect_run(run, str(tmp_path / "out"))
     assert [r["matrix"] for r in records] == ["layer0_head0", "layer0_head1", "layer1_head0", "layer1_head1"]
     assert records[0]["col_repeat"] < 1e-5 and records[1]["row_repeat"] < 1e-5  # mixed: col, then row
     assert (tmp_path / "out" / "layer1_head1.png").read_bytes()[:4] == b"\x89PNG"
@@ -50,7 +51,7 @@ def test_inspect_writes_heatmaps(tmp_path):
 def test_kernel_mixing_gives_one_causal_matrix_per_tap(tmp_path):
     """k = 3 taps, 2 heads: 2 layers x 3 taps x 2 heads matrices, each the masked slice of w."""
     run = load_run(make_workdir(str(tmp_path / "run"), heads=2, kernel=3))
-    mats = insp.effective_matrices(run)
+    mats = structure.effective_matrices(run)
     assert [name for name, _ in mats[:6]] == [
         "layer0_head0_tap0", "layer0_head1_tap0", "layer0_head0_tap1", "layer0_head1_tap1",
         "layer0_head0_tap2", "layer0_head1_tap2"]
@@ -121,7 +122,7 @@ def test_effective_matrix_is_what_the_forward_applies(name, causal, impl):
         mix_p["proj"] = {"kernel": eye[:, :, None], "bias": jnp.zeros((heads, 1))}
         mix_p["out"] = {"kernel": eye[:, None, :], "bias": jnp.zeros((heads,))}
     params = dict(params, block_0=dict(params["block_0"], mix=mix_p))
-    mats = insp.effective_matrices(SimpleNamespace(config=SimpleNamespace(model=cfg), params=params))
+    mats = structure.effective_matrices(SimpleNamespace(config=SimpleNamespace(model=cfg), params=params))
 
     layer = mixing.TokenMixing(mixer_spec(cfg).token_mixing)
     jac_NxDxNxD = jax.jacfwd(lambda x: layer.apply({"params": mix_p}, x[None])[0])(jnp.zeros((n, d)))

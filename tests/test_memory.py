@@ -10,9 +10,10 @@ from flax import linen as nn
 
 from mixers_jax import objectives
 from mixers_jax.config import base_config
+from mixers_jax.config import sub_model_config as sub_config
 from mixers_jax.data import pipeline
 from mixers_jax.errors import UserError
-from mixers_jax.models import build_model, sub_config
+from mixers_jax.models import build_model
 from mixers_jax.models.bottleneck import Bottleneck
 
 V, N, S, D = 32, 8, 3, 32

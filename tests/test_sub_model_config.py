@@ -1,9 +1,8 @@
 """config.sub_model_config: explicit inheritance of encoder / decoder fields from the top-level
 model fields; configs saved with the 0 / '' / -1 sentinels (every existing config.json) resolve
-to the top-level values, and ``models.sub_config`` is the same function."""
+to the top-level values."""
 import json
 
-from mixers_jax import models
 from mixers_jax.config import SUB_MODEL_FIELDS, base_config, sub_model_config
 
 
@@ -42,7 +41,3 @@ def test_causal_is_the_roles_own_unless_absent():
     assert sub_model_config(m, "decoder")["causal"] is True  # the role's default True
     del m["decoder"]["causal"]
     assert sub_model_config(m, "decoder")["causal"] is False  # absent: inherited
-
-
-def test_models_sub_config_is_the_config_function():
-    assert models.sub_config is sub_model_config

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from mixers_jax.config import CHUNKED_KINDS, input_length
+from mixers_jax.config import CHUNKED_KINDS, field, input_length
 from mixers_jax.data.sources import load_documents, split_documents
 from mixers_jax.data.tokenizer import Tokenizer
 from mixers_jax.errors import UserError
@@ -218,17 +218,13 @@ class DataBundle:
     tokenizer_trained: bool = False  # True: trained by this call
 
 
-def _get(cfg, name, default):
-    return getattr(cfg, name, default) if cfg is not None else default
-
-
 def check_chunked_rows(model_cfg, token_docs: Sequence[np.ndarray], packing: str) -> None:
     """Memory models with ``packing='pad'``: one document per row of s·n_ctx tokens.
 
     Raises UserError when even the longest document ends within the first s−1 chunks, so the last
     chunk of every row would be all pads (it would never be trained).
     """
-    kind = _get(model_cfg, "kind", "mixer")
+    kind = field(model_cfg, "kind", "mixer")
     if packing != "pad" or kind not in CHUNKED_KINDS or not token_docs:
         return
     s, n = int(model_cfg.chunks), int(model_cfg.n_ctx)
@@ -266,7 +262,7 @@ def build_data(
     data_cfg = config.data
     vocab_size = int(config.model.vocab_size)
     n_ctx = input_length(config.model)  # row length: chunks x n_ctx for memory models
-    packing = _check_packing(str(_get(data_cfg, "packing", "concat")))
+    packing = _check_packing(str(field(data_cfg, "packing", "concat")))
     global_batch = int(config.train.batch_size)
     if global_batch < 1 or global_batch % process_count:
         raise UserError(
@@ -274,11 +270,11 @@ def build_data(
             f"{process_count}"
         )
     batch = global_batch // process_count
-    val_fraction = float(_get(data_cfg, "val_fraction", 0.05))
+    val_fraction = float(field(data_cfg, "val_fraction", 0.05))
 
     docs = load_documents(data_cfg)
     train_docs, val_docs = split_documents(docs, val_fraction)
-    source = _get(data_cfg, "source", "embedded")
+    source = field(data_cfg, "source", "embedded")
     if not train_docs:
         raise UserError(f"data at {source} leaves no training documents (val_fraction={val_fraction})")
     if val_fraction > 0 and not val_docs:
@@ -290,7 +286,7 @@ def build_data(
     trained = False
     tok_path: str | None = None
     if tokenizer is None:
-        configured = str(_get(data_cfg, "tokenizer_model", "") or "")
+        configured = str(field(data_cfg, "tokenizer_model", "") or "")
         run_path = tokenizer_path
         if configured:
             if not os.path.isfile(configured):
@@ -305,7 +301,7 @@ def build_data(
                 train_docs,
                 vocab_size,
                 model_path=None,  # written below, after every check
-                max_chars=int(_get(data_cfg, "tokenizer_max_chars", 20_000_000)),
+                max_chars=int(field(data_cfg, "tokenizer_max_chars", 20_000_000)),
             )
             trained = True
             tok_path = run_path

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 
-from mixers_jax.config import CHUNKED_KINDS, cfg_to_dict, field, input_length, sub_model_config
+from mixers_jax.config import cfg_to_dict, field, sub_model_config
 from mixers_jax.errors import UserError
 from mixers_jax.models import layers
 from mixers_jax.models.autoencoder import EXPANSIONS, INJECTIONS, Autoencoder, EmbeddingCLM
@@ -33,10 +33,7 @@ from mixers_jax.models.transformer import TransformerLM
 
 __all__ = [
     "build_model",
-    "input_length",
     "register",
-    "sub_config",
-    "CHUNKED_KINDS",
     "MODEL_KINDS",
     "Autoencoder",
     "EmbeddingCLM",
@@ -64,11 +61,6 @@ MODEL_KINDS: dict[str, Callable[[Any], nn.Module]] = {
     "transformer": _build_transformer,
 }
 
-# The sub-model config of a composite model's encoder / decoder (explicit inheritance from the
-# top-level fields; see mixers_jax.config.sub_model_config).
-sub_config = sub_model_config
-
-
 SUB_KINDS = ("mixer", "transformer")  # what an encoder / decoder of a composite model may be
 MEMORY_SLOTS = ("fixed", "variable")
 
@@ -82,7 +74,7 @@ def _positive_int(cfg: Any, key: str, minimum: int = 1) -> int:
 
 def _sub_model(model_cfg: Any, role: str, n_ctx: int) -> tuple[nn.Module, dict]:
     """Builds the ``role`` sub-model of length ``n_ctx``; its config errors name ``model.<role>``."""
-    sub = sub_config(model_cfg, role, n_ctx=n_ctx)
+    sub = sub_model_config(model_cfg, role, n_ctx=n_ctx)
     if sub["kind"] not in SUB_KINDS:
         raise UserError(f"model.{role}.kind must be one of {SUB_KINDS}, got {sub['kind']!r}")
     try:
@@ -192,7 +184,7 @@ def _build_embedding_clm(cfg: Any) -> nn.Module:
     encoder, enc = _sub_model(cfg, "encoder", n)
     d_enc = int(enc["d_model"])
     embedding = _embedding_spec(cfg, d_enc, n)
-    d_dec = int(sub_config(cfg, "decoder")["d_model"])
+    d_dec = int(sub_model_config(cfg, "decoder")["d_model"])
     dec_cfg = cfg
     if injection == "embedding":  # blocks and head run at d_dec + d_enc/c (docs/embedding_lms.md)
         dec_cfg = cfg_to_dict(cfg)

@@ -1,8 +1,8 @@
 """One-pass autoencoders and embedding-augmented "oracle" causal LMs.
 
 Both kinds run an **encoder** (a MaskedMixerLM or TransformerLM built from ``model.encoder`` by
-``models.sub_config``) through ``embed_tokens`` + ``hidden`` only, so the encoder never creates head
-parameters: its parameter tree is a causal LM's tree minus ``head`` and a trained CLM (or another
+``config.sub_model_config``) through ``embed_tokens`` + ``hidden`` only, so the encoder never creates
+head parameters: its parameter tree is a causal LM's tree minus ``head`` and a trained CLM (or another
 autoencoder's encoder) loads into it unchanged (``train.init_map='encoder=encoder'`` or
 ``'encoder=.'``). The single embedding is e = hidden[:, model.encoder.position] (−1; −2 for encoders
 taken from causal LMs, whose last position is untrained). A transformer encoder's ``hidden`` ends

@@ -82,8 +82,8 @@ def variable_layout(chunks: int, n: int) -> tuple[Array, Array]:
 class MemoryLM(nn.Module):
     """Chunked memory model: tokens [B, s·n] -> logits [B, s·n, V] (docs/memory_models.md; module docstring).
 
-    ``encoder`` / ``decoder`` are built by ``models.build_model`` from ``sub_config(model, role)``
-    with lengths n and n + s. Methods for tests and tools: ``embed_encoder`` (tokens -> encoder input
+    ``encoder`` / ``decoder`` are built by ``models.build_model`` from
+    ``config.sub_model_config(model, role)`` with lengths n and n + s. Methods for tests and tools: ``embed_encoder`` (tokens -> encoder input
     embeddings of chunks 0..s−2), ``encode`` (those embeddings -> memories), ``embed_decoder``
     (tokens -> decoder token embeddings per chunk), ``decode`` (embeddings, memories -> logits).
     """

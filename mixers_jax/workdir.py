@@ -137,7 +137,10 @@ def config_changes(workdir: str, config) -> list[tuple[str, Any, Any]]:
     saved = _read_saved(workdir)
     if saved is None:
         return []
-    old, new = _flatten(with_defaults(saved).to_dict()), _flatten(config.to_dict())
+    def as_json(cfg) -> dict:  # as config.json holds it (tuples are lists there)
+        return _flatten(json.loads(json.dumps(cfg.to_dict())))
+
+    old, new = as_json(with_defaults(saved)), as_json(config)
     return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 

@@ -259,13 +259,27 @@ def test_non_finite_evaluation_stops_the_run(tmp_path, monkeypatch):
     def nan_eval(steps, params, eval_batches):
         return {"clm": {"loss": float("nan"), "accuracy": 0.0, "bpb": float("nan")}}
 
+    from mixers_jax.data.sources import embedded_corpus
+
+    data = tmp_path / "data"  # the smoke corpus as files, one with 3 bytes of invalid UTF-8
+    data.mkdir()
+    for i, doc in enumerate(embedded_corpus()[:300]):
+        (data / f"{i:03d}.txt").write_bytes(doc.encode() + (b" \xff\xfe\xff" if i == 7 else b""))
+    config = _smoke(checkpoint_every=1)
+    config.unlock()
+    config.data.source = str(data)
     monkeypatch.setattr(trainer, "evaluate_all", nan_eval)
     workdir = str(tmp_path / "run")
-    summary = trainer.run(_smoke(checkpoint_every=1), workdir)
+    summary = trainer.run(config, workdir)
     assert summary["diverged"]["step"] == 3  # the first evaluation (eval_every=3), before its save
     assert summary["diverged"]["what"] == "non-finite evaluation loss nan (clm)"
     assert summary["diverged"]["last_good_step"] == 2
     assert Checkpointer(f"{workdir}/checkpoints", read_only=True).all_steps() == [1, 2]
+    # The source statistics reach results.json and the log.
+    results = json.loads(open(f"{workdir}/results.json").read())
+    assert results["data"]["replaced_bytes"] == 3 and results["data"]["source_files"] == 300
+    assert "data: 3 bytes of invalid UTF-8 in 300 file(s) were read as U+FFFD" in open(
+        f"{workdir}/log.txt").read()
 
 
 @pytest.fixture(scope="module")

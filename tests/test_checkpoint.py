@@ -129,6 +129,8 @@ def test_damaged_latest_falls_back_to_older(tmp_path, kind):
     assert reader_log == [f"checkpoint 8 is damaged ({problem})"] or problem in reader_log[0]
     step, params = reader.restore_latest(lambda s: reader.restore_params(s, _abstract(states[s].params)))
     assert step == 6
+    assert reader_log[-1].startswith("checkpoint 8 is damaged (") and reader_log[-1].endswith(
+        "; reading 6 instead")
     _assert_same(params, states[6].params)
     with pytest.raises(ckpt_lib.CheckpointDamagedError, match="checkpoint 8 .* is damaged"):
         reader.restore(8, _abstract(states[8]))

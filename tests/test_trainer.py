@@ -107,18 +107,6 @@ def test_lr_schedule_matches_reference_formula():
     np.testing.assert_allclose(float(steps_lib.lr_schedule(t)(60)), 5e-4, rtol=1e-5)
 
 
-def test_resume_equals_uninterrupted_bit_exact(tmp_path):
-    config = load_config(config_path("mixer_clm", "smoke"))
-    full = trainer.run(config, str(tmp_path / "full"), record_batches=True)
-    first = trainer.run(config, str(tmp_path / "split"), stop_at_step=3, record_batches=True)
-    assert first["preempted"] and first["final_step"] == 3
-    second = trainer.run(config, str(tmp_path / "split"), record_batches=True)
-    assert second["start_step"] == 3
-    assert first["batch_digests"] + second["batch_digests"] == full["batch_digests"]
-    jax.tree.map(np.testing.assert_array_equal, full["params"], second["params"])
-    assert full["eval"] == second["eval"]
-
-
 def test_workdir_from_before_a_new_model_field_still_resumes(tmp_path):
     import json
 
@@ -188,11 +176,10 @@ def test_workdir_that_is_a_file_is_refused_before_anything_is_written(tmp_path):
     assert workdir.read_text() == "not a folder"
 
 
-def test_init_from_a_workdir_without_checkpoints_is_refused_before_anything_is_written(tmp_path):
-    import shutil
-
+def test_init_from_a_workdir_without_checkpoints_is_refused_before_anything_is_written(smoke_runs,
+                                                                                      tmp_path):
     source = tmp_path / "source"
-    trainer.run(load_config(config_path("mixer_clm", "smoke")), str(source), stop_at_step=1)
+    shutil.copytree(smoke_runs[2], source)
     for step in (source / workdir_lib.CHECKPOINTS_DIR).iterdir():
         shutil.rmtree(step)
     config = load_config(config_path("mixer_clm", "smoke"))
@@ -287,9 +274,11 @@ def smoke_runs(tmp_path_factory):
     """An uninterrupted smoke run (checkpoint every step) and one stopped at step 4."""
     root = tmp_path_factory.mktemp("runs")
     config = _smoke(checkpoint_every=1)
-    full = trainer.run(config, str(root / "full"))
+    full = trainer.run(config, str(root / "full"), record_batches=True)
     stopped = str(root / "stopped")
-    trainer.run(config, stopped, stop_at_step=4)
+    first = trainer.run(config, stopped, stop_at_step=4, record_batches=True)
+    assert first["preempted"] and first["final_step"] == 4
+    full["first_digests"] = first["batch_digests"]
     return config, full, stopped
 
 
@@ -297,6 +286,15 @@ def _copy(stopped, tmp_path):
     workdir = str(tmp_path / "run")
     shutil.copytree(stopped, workdir)
     return workdir
+
+
+def test_resume_equals_uninterrupted_bit_exact(smoke_runs, tmp_path):
+    config, full, stopped = smoke_runs
+    second = trainer.run(config, _copy(stopped, tmp_path), record_batches=True)
+    assert second["start_step"] == 4
+    assert full["first_digests"] + second["batch_digests"] == full["batch_digests"]
+    jax.tree.map(np.testing.assert_array_equal, full["params"], second["params"])
+    assert full["eval"] == second["eval"]
 
 
 @pytest.mark.parametrize("kind", [k for k in CORRUPTIONS if k != "flipped byte"])

@@ -368,8 +368,10 @@ def test_load_run_builds_no_optimizer(smoke_runs, monkeypatch):
 
     monkeypatch.setattr(optax, "adamw", no_optimizer)
     _, full, _ = smoke_runs
+    before = snapshot(full["workdir"])
     run = workdir_lib.load_run(full["workdir"])
     assert run.step == 6
+    assert snapshot(full["workdir"]) == before  # a reader writes nothing
     jax.tree.map(np.testing.assert_array_equal, full["params"], run.params)
 
 

@@ -433,7 +433,8 @@ class Checkpointer:
                         self._log(f"checkpoint {bad} is damaged ({why}); reading {step} instead")
                         continue
                     moved = os.path.basename(self.set_aside(bad))
-                    self._log(f"checkpoint {bad} is damaged ({why}); moved to {moved}; resuming from {step}")
+                    self._log(f"checkpoint {bad} is damaged ({why}); moved to {moved}; "
+                              f"resuming from {step}")
                 if not verdict.recorded:
                     self._log(_UNVERIFIED.format(step=step))
                 return step, result

@@ -112,6 +112,8 @@ def run(
 
 
 def _run_locked(config, workdir: str, *, stop_at_step, record_batches) -> dict:
+    """``run`` while holding the workdir: every check (model, stages, data settings, tokenizer of a
+    resume, the data itself) before the first write, then config.json, the checkpointer, the loop."""
     stage_list = stages(config)
     resuming = workdir_lib.check_workdir_compatible(config, workdir)
     process_index, process_count = jax.process_index(), jax.process_count()
@@ -460,11 +462,14 @@ class _Loop:
         summary["compressors"] = baselines
         self.log(metrics_lib.results_table(summary["evals"], baselines))
         summary["params"] = self.state.params if step == self.total else None
+        self.write_results(summary)
+        return summary
+
+
+    def write_results(self, summary: dict) -> None:
         if jax.process_index() == 0:
             workdir_lib.write_results(
                 self.workdir, {k: v for k, v in summary.items() if k not in ("params", "batch_digests")})
-        return summary
-
 
     def diverged(self, e: Diverged, summary: dict) -> dict:
         """Stops a diverged run: one log line naming the step and the last good (saved, hence
@@ -483,9 +488,7 @@ class _Loop:
             preempted=False, final_step=e.step, params=None, data=self.data.stats,
             diverged={"step": e.step, "what": e.what, "last_good_step": self.last_saved,
                       "checkpoints": self.checkpointer.directory, "message": message})
-        if jax.process_index() == 0:
-            workdir_lib.write_results(
-                self.workdir, {k: v for k, v in summary.items() if k not in ("params", "batch_digests")})
+        self.write_results(summary)
         return summary
 
 

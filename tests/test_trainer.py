@@ -9,12 +9,11 @@ import shutil
 import sys
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from mixers_jax import objectives, sharding, trainer
+from mixers_jax import sharding, trainer
 from mixers_jax import workdir as workdir_lib
 from mixers_jax import steps as steps_lib
 from mixers_jax.errors import UserError
@@ -229,8 +228,9 @@ def test_divergence_names_the_step_and_a_really_good_checkpoint(tmp_path, capsys
     status = _train_cli(monkeypatch, f"--workdir={workdir}", "--config.train.lr=1e6",
                         "--config.train.checkpoint_every=1")
     assert status == 1
-    match = _one_error_line(capsys, rf"^error: training diverged at step (\d+) \((non-finite [^)]*)\); "
-                                    rf"last good checkpoint: step (\d+) in {re.escape(workdir)}/checkpoints$")
+    match = _one_error_line(
+        capsys, rf"^error: training diverged at step (\d+) \((non-finite [^)]*)\); "
+                rf"last good checkpoint: step (\d+) in {re.escape(workdir)}/checkpoints$")
     bad, good = int(match.group(1)), int(match.group(3))
     assert good == bad - 1
     assert Checkpointer(f"{workdir}/checkpoints", read_only=True).all_steps()[-1] == good

@@ -429,10 +429,12 @@ class Checkpointer:
                     damaged.append((step, str(e)))
                     continue
                 for bad, why in damaged:
-                    where = ""
-                    if not self.read_only:
-                        where = f"; moved to {os.path.basename(self.set_aside(bad))}"
-                    self._log(f"checkpoint {bad} is damaged ({why}){where}; resuming from {step}")
+                    if self.read_only:  # a reader moves nothing
+                        self._log(f"checkpoint {bad} is damaged ({why}); reading {step} instead")
+                        continue
+                    moved = os.path.basename(self.set_aside(bad))
+                    self._log(f"checkpoint {bad} is damaged ({why}); moved to {moved}; "
+                              f"resuming from {step}")
                 if not verdict.recorded:
                     self._log(_UNVERIFIED.format(step=step))
                 return step, result

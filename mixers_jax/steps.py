@@ -203,7 +203,10 @@ def build_steps(config, mesh, objective: str | None = None, rules=None, pad_id: 
                 lambda g, lab: jnp.zeros_like(g) if lab == FROZEN else g, grads, labels)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        stats = dict(sums, loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
+        # ``finite``: the state after the update (what a checkpoint of this step would hold) has no
+        # NaN or infinity; one on-device bool, read by the loop with the loss.
+        stats = dict(sums, loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(state.step),
+                     finite=ckpt_lib.all_finite((params, opt_state)))
         return TrainState(state.step + 1, params, opt_state), stats
 
     def eval_step(params, batch):

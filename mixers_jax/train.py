@@ -3,9 +3,11 @@
 Config values are overridden with ``--config.section.key=value``; an unknown key or preset stops
 with a one-line message. Without ``--workdir`` the run goes to ``workdirs/<config name>``.
 
-Exit status: 0 finished; 1 failure (an OSError in one line); 2 bad flag, config, data or workdir;
-75 preempted (SIGTERM or Ctrl-C saved a checkpoint: rerun the same command to resume);
-130 interrupted before training started.
+Exit status: 0 finished; 1 failure: an OSError in one line, or training diverged (a NaN or an
+infinity in the loss, gradient norm, parameters or evaluation; the line names the step and the last
+good checkpoint, results.json records it); 2 bad flag, config, data or workdir (also: the workdir
+is in use by another run); 75 preempted (SIGTERM or Ctrl-C saved a checkpoint: rerun the same
+command to resume); 130 interrupted before training started.
 """
 from __future__ import annotations
 
@@ -65,6 +67,12 @@ def main(argv: list[str]) -> None:
 
     _maybe_initialize_distributed()
     summary = trainer.run(config, workdir)
+    if summary.get("diverged"):
+        # Exit 1, not 2: the input was valid and the run trained (and wrote checkpoints); its
+        # numbers failed. The line names the last good checkpoint to resume or inspect from.
+        if summary.get("is_main", True):
+            cli.error(summary["diverged"]["message"])
+        return cli.EXIT_FAILURE
     if summary.get("preempted"):
         raise Preempted(f"saved step {summary['final_step']} in {workdir}; rerun the same command "
                         "to resume")

@@ -1,10 +1,15 @@
 """The training loop: mesh, state, data, checkpoints, logging (``run``).
 
-``run(config, workdir)`` trains one model. It validates everything that can be wrong with the
-input *before* it writes into the workdir, resumes automatically from the workdir's latest
-checkpoint, stops on a non-finite loss without saving the broken state, and turns SIGTERM into
-"save, then exit cleanly". The compiled steps are :mod:`mixers_jax.steps`, the stages of a
-curriculum :mod:`mixers_jax.curriculum`, the workdir format :mod:`mixers_jax.workdir`.
+``run(config, workdir)`` trains one model. It holds the workdir's lock (:mod:`mixers_jax.lock`)
+for its whole life, validates everything that can be wrong with the input *before* it writes into
+the workdir, and resumes automatically from the workdir's newest intact checkpoint (a damaged newer
+one is set aside with a message). A resume must use the same model, data settings, seed and
+tokenizer as the checkpoint; other settings (train.*) may change and are recorded in the workdir's
+history. The run stops on a non-finite loss, gradient norm, post-update state or evaluation
+without saving the broken state, and records the divergence (the summary, results.json, the log);
+SIGTERM and Ctrl-C become "save, then exit cleanly". The compiled steps are
+:mod:`mixers_jax.steps`, the stages of a curriculum :mod:`mixers_jax.curriculum`, the workdir
+format :mod:`mixers_jax.workdir`.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from mixers_jax.curriculum import (Stage, check_stage, csv_names, init_map, merg
 from mixers_jax.data import pipeline
 from mixers_jax.errors import UserError
 from mixers_jax.config import input_length
+from mixers_jax.lock import WorkdirLock
 from mixers_jax.steps import Steps, TrainState, build_steps, evaluate_all
 
 
@@ -92,8 +98,23 @@ def run(
     stage it belongs to, so a run killed mid-stage resumes mid-stage.
     """
     validate(config)
-    stage_list = stages(config)
     workdir = os.path.abspath(workdir)
+    workdir_lib.check_is_folder(workdir)
+    # One run per workdir: process 0 holds the lock until the run ends (a second run stops here,
+    # before it reads or writes anything else).
+    lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
+    try:
+        return _run_locked(config, workdir, stop_at_step=stop_at_step,
+                           record_batches=record_batches)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(config, workdir: str, *, stop_at_step, record_batches) -> dict:
+    """``run`` while holding the workdir: every check (model, stages, data settings, tokenizer of a
+    resume, the data itself) before the first write, then config.json, the checkpointer, the loop."""
+    stage_list = stages(config)
     resuming = workdir_lib.check_workdir_compatible(config, workdir)
     process_index, process_count = jax.process_index(), jax.process_count()
     is_main = process_index == 0
@@ -107,33 +128,70 @@ def run(
         source = workdir_lib.init_source(st, abstract=True) if str(st.train.init_from) else None
         check_stage(config, st, first.abstract_state.params, source)
     config = workdir_lib.with_init_tokenizer(config, stage_list)
+    changes = workdir_lib.config_changes(workdir, config) if resuming else []
+    restored_tokenizer = None
+    if workdir_lib.checkpoint_steps(workdir):
+        workdir_lib.check_resume_changes(workdir, changes)
+        restored_tokenizer = workdir_lib.resume_tokenizer(config, workdir)
 
+    tokenizer_path = os.path.join(workdir, workdir_lib.TOKENIZER_FILE)
     data = pipeline.build_data(
         config,
-        tokenizer_path=os.path.join(workdir, workdir_lib.TOKENIZER_FILE),
+        tokenizer_path=tokenizer_path,
         process_index=process_index,
         process_count=process_count,
+        tokenizer=restored_tokenizer,
     )
     # Nothing is written to the workdir before this point (build_data writes the tokenizer only
     # after its own checks passed).
     os.makedirs(workdir, exist_ok=True)
-    if is_main and not resuming:
-        workdir_lib.write_config(workdir, config)
-
     log = workdir_lib.Log(workdir, is_main)
+    if is_main:
+        if restored_tokenizer is not None:
+            restored_tokenizer.save(tokenizer_path)
+            log(f"{tokenizer_path} was missing: restored it from the latest checkpoint")
+        workdir_lib.write_config(workdir, config)  # always the config the run is using
+    if changes:
+        log(f"resuming with changed settings: {workdir_lib.describe_changes(changes)}")
+    if data.stats.get("replaced_bytes"):
+        log(f"data: {data.stats['replaced_bytes']} bytes of invalid UTF-8 in "
+            f"{data.stats['source_files']} file(s) were read as U+FFFD")
+
     writer = metrics_lib.Writer(os.path.join(workdir, workdir_lib.TB_DIR), enabled=is_main)
-    checkpointer = ckpt_lib.Checkpointer(
-        os.path.join(workdir, workdir_lib.CHECKPOINTS_DIR), keep=int(config.train.keep_checkpoints)
-    )
-    runner = _Runner(config, mesh, rules, stage_list, pad_id=data.tokenizer.pad_id)
+    checkpointer = None
     try:
+        checkpointer = ckpt_lib.Checkpointer(
+            os.path.join(workdir, workdir_lib.CHECKPOINTS_DIR),
+            keep=int(config.train.keep_checkpoints), log=log)
+        runner = _Runner(config, mesh, rules, stage_list, pad_id=data.tokenizer.pad_id)
         loop = _Loop(config, workdir, runner, data, checkpointer, writer, log,
-                     stop_at_step=stop_at_step, record_batches=record_batches)
+                     stop_at_step=stop_at_step, record_batches=record_batches, changes=changes)
         return loop.run()
     finally:
-        checkpointer.close()
+        if checkpointer is not None:
+            checkpointer.close()
         writer.close()
         log.close()
+
+
+class Diverged(Exception):
+    """Training produced a NaN or an infinity (loss, gradient norm, state or evaluation)."""
+
+    def __init__(self, step: int, what: str):
+        super().__init__(f"training diverged at step {step} ({what})")
+        self.step, self.what = step, what
+
+
+def _non_finite(stats: dict) -> str:
+    """What is non-finite in one step's host-side stats ('' when nothing is)."""
+    loss, grad_norm = float(stats["loss"]), float(stats["grad_norm"])
+    if not math.isfinite(loss):
+        return f"non-finite loss {loss}"
+    if not math.isfinite(grad_norm):
+        return f"non-finite gradient norm {grad_norm}"
+    if not bool(stats["finite"]):
+        return "non-finite parameters or optimizer state after the update"
+    return ""
 
 
 class _Runner:
@@ -174,10 +232,11 @@ class _Loop:
     pieces: start or resume, step, log, evaluate, save, change stage, finish."""
 
     def __init__(self, config, workdir, runner: _Runner, data, checkpointer, writer, log, *,
-                 stop_at_step, record_batches):
+                 stop_at_step, record_batches, changes=()):
         self.config, self.workdir, self.runner, self.data = config, workdir, runner, data
         self.checkpointer, self.writer, self.log = checkpointer, writer, log
         self.stop_at_step, self.record_batches = stop_at_step, record_batches
+        self.changes = list(changes)
         self.stage_list = runner.stages
         self.total = self.stage_list[-1].end
         self.tokens_per_step = int(config.train.batch_size) * input_length(config.model)
@@ -199,11 +258,15 @@ class _Loop:
 
     def start(self) -> None:
         """The stage, compiled steps and state to go on from: the latest checkpoint, or a new init."""
-        latest = self.checkpointer.latest_step()
-        if latest is not None:
-            self.stage = stage_at(self.stage_list, latest)
-            self.steps = self.runner.steps(self.stage)
-            self.state, data_state, _ = self.checkpointer.restore(latest, self.steps.abstract_state)
+        def restore(step: int):
+            stage = stage_at(self.stage_list, step)
+            steps = self.runner.steps(stage)
+            return stage, steps, self.checkpointer.restore(step, steps.abstract_state)
+
+        found = self.checkpointer.restore_latest(restore)  # older if the newest is damaged
+        latest = None if found is None else found[0]
+        if found is not None:
+            self.stage, self.steps, (self.state, data_state, _) = found[1]
             pipeline.set_iterator_state(self.data.train_iter, data_state)
             self.log(f"resumed from {self.checkpointer.directory} at step {latest}")
             if latest == self.stage.end and self.stage.index + 1 < len(self.stage_list):
@@ -223,6 +286,8 @@ class _Loop:
             )
             self.state = self.runner.enter(self.stage, state.params, 0, self.log)
         self.last_saved = latest
+        if jax.process_index() == 0:
+            workdir_lib.record_start(self.workdir, latest or 0, self.changes)
 
     # ----------------------------------------------------------------- pieces of a step
 
@@ -235,17 +300,15 @@ class _Loop:
         self.last_saved = step
 
     def flush_pending(self) -> list[tuple[int, dict]]:
-        """Pulls pending stats to the host; raises on the first non-finite loss."""
+        """Pulls pending stats to the host; raises Diverged at the first step whose loss, gradient
+        norm or post-update state is not finite."""
         pending, self.pending = self.pending, []
         host = jax.device_get([s for _, s in pending])
         for (step, _), stats in zip(pending, host):
-            if not math.isfinite(float(stats["loss"])):
-                where = (f"step {self.last_saved} in {self.checkpointer.directory}"
-                         if self.last_saved is not None else "none")
-                raise UserError(
-                    f"non-finite loss {float(stats['loss'])} at step {step}; stopped. "
-                    f"Last good checkpoint: {where}"
-                )
+            what = _non_finite(stats)
+            if what:
+                raise Diverged(step, what)
+            del stats["finite"]
         return [(step, stats) for (step, _), stats in zip(pending, host)]
 
     def next_stage(self, step: int) -> None:
@@ -320,9 +383,17 @@ class _Loop:
         )
         self.restart_window()
 
+    def evaluate_checked(self, step: int) -> dict:
+        """evaluate_all of the current params; raises Diverged on a non-finite evaluation loss."""
+        evals = evaluate_all(self.steps, self.state.params, self.data.eval_batches)
+        for name, ev in evals.items():
+            if not math.isfinite(float(ev["loss"])):
+                raise Diverged(step, f"non-finite evaluation loss {float(ev['loss'])} ({name})")
+        return evals
+
     def evaluate(self, step: int, summary: dict) -> None:
         self.flush_pending()
-        evals = evaluate_all(self.steps, self.state.params, self.data.eval_batches)
+        evals = self.evaluate_checked(step)
         metrics_lib.log_eval(self.writer, self.log, step, evals)
         summary["evals"] = evals
         summary["eval"] = next(iter(evals.values()))
@@ -332,12 +403,19 @@ class _Loop:
 
     def run(self) -> dict:
         self.start()
+        summary: dict[str, Any] = {}
+        try:
+            return self.train(summary)
+        except Diverged as e:
+            return self.diverged(e, summary)
+
+    def train(self, summary: dict) -> dict:
         t_cfg, total, stop_at_step = self.config.train, self.total, self.stop_at_step
         step = int(jax.device_get(self.state.step))
-        summary: dict[str, Any] = {
+        summary.update({
             "workdir": self.workdir, "start_step": step, "batch_digests": [],
             "is_main": jax.process_index() == 0,
-        }
+        })
         with ckpt_lib.PreemptionGuard() as guard:
             while step < total:
                 if step == self.stage.end:  # the next curriculum stage
@@ -373,7 +451,7 @@ class _Loop:
         )
         data = self.data
         if "evals" not in summary:
-            summary["evals"] = evaluate_all(self.steps, self.state.params, data.eval_batches)
+            summary["evals"] = self.evaluate_checked(step)
             summary["eval"] = next(iter(summary["evals"].values()))
         first_objective = next(iter(summary["evals"]))
         text, _, _ = target_bytes.exact_target_text(
@@ -384,9 +462,33 @@ class _Loop:
         summary["compressors"] = baselines
         self.log(metrics_lib.results_table(summary["evals"], baselines))
         summary["params"] = self.state.params if step == self.total else None
+        self.write_results(summary)
+        return summary
+
+
+    def write_results(self, summary: dict) -> None:
         if jax.process_index() == 0:
             workdir_lib.write_results(
                 self.workdir, {k: v for k, v in summary.items() if k not in ("params", "batch_digests")})
+
+    def diverged(self, e: Diverged, summary: dict) -> dict:
+        """Stops a diverged run: one log line naming the step and the last good (saved, hence
+        finite) checkpoint; the divergence goes into the summary and results.json."""
+        if self.tracing:
+            jax.profiler.stop_trace()
+            self.tracing = False
+        self.pending = []
+        for key in ("eval", "evals"):  # an earlier evaluation is no result of this run
+            summary.pop(key, None)
+        good = (f"step {self.last_saved} in {self.checkpointer.directory}"
+                if self.last_saved is not None else "none")
+        message = f"{e}; last good checkpoint: {good}"
+        self.log(message)
+        summary.update(
+            preempted=False, final_step=e.step, params=None, data=self.data.stats,
+            diverged={"step": e.step, "what": e.what, "last_good_step": self.last_saved,
+                      "checkpoints": self.checkpointer.directory, "message": message})
+        self.write_results(summary)
         return summary
 
 

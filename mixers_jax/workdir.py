@@ -2,15 +2,21 @@
 
 A workdir written by ``trainer.run`` holds
 
-* ``config.json``      the run's config (:func:`write_config`; read back on top of today's defaults
-  by :func:`load_config`, so a workdir from before a new field still loads);
-* ``tokenizer.model``  the sentencepiece model the run reads text with;
-* ``checkpoints/<step>/`` orbax items state/data/meta (the state is ``steps.TrainState``);
+* ``config.json``      the config the run is using now, rewritten at every start and resume
+  (:func:`write_config`; read back on top of today's defaults by :func:`load_config`, so a workdir
+  from before a new field still loads);
+* ``history.jsonl``    one JSON line per start or resume (:func:`record_start`): time, host, pid,
+  start step, command line and the settings changed since the previous start;
+* ``tokenizer.model``  the sentencepiece model the run reads text with (also in every checkpoint);
+* ``checkpoints/<step>/`` the items params / opt_state / data / meta (:mod:`mixers_jax.checkpoint`);
+* ``run.lock``         held by the training run while it is live (:mod:`mixers_jax.lock`);
 * ``log.txt``          the progress lines (:class:`Log`); ``tb/`` the tensorboard scalars;
-* ``results.json``     the final evaluation (:func:`write_results`); ``profile/`` an optional trace.
+* ``results.json``     the final evaluation, or the divergence that stopped the run
+  (:func:`write_results`); ``profile/`` an optional trace.
 
-:func:`load_run` rebuilds the model from the config and restores the latest checkpoint's params onto
-one device (whatever mesh the run trained on).
+:func:`load_run` rebuilds the model from the config and restores the newest intact checkpoint's
+params onto one device (whatever mesh the run trained on), without an optimizer. It never writes
+and never takes the lock; while a run is live it reads the newest *complete* checkpoint only.
 """
 from __future__ import annotations
 
@@ -18,6 +24,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import socket
+import sys
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -28,14 +37,15 @@ import numpy as np
 
 from mixers_jax import checkpoint as ckpt_lib
 from mixers_jax.config import base_config, input_length
-from mixers_jax.curriculum import Stage, init_sources, param_labels, stage_at, stages
+from mixers_jax.curriculum import Stage, init_sources
 from mixers_jax.data.tokenizer import Tokenizer
 from mixers_jax.errors import UserError
 from mixers_jax.fileio import write_atomic
+from mixers_jax.lock import live_run
 from mixers_jax.models import build_model
-from mixers_jax.steps import TrainState, make_optimizer
 
 CONFIG_FILE = "config.json"
+HISTORY_FILE = "history.jsonl"
 TOKENIZER_FILE = "tokenizer.model"
 RESULTS_FILE = "results.json"
 LOG_FILE = "log.txt"
@@ -115,6 +125,39 @@ def check_workdir_compatible(config, workdir: str) -> bool:
     return True
 
 
+# Settings a resumed run may not change: the data iterator's saved state (which rows come next)
+# only means the same thing for the same documents, split, packing, tokenizer and shuffle seed.
+FIXED_ON_RESUME = ("data.", "seed")
+
+
+def config_changes(workdir: str, config) -> list[tuple[str, Any, Any]]:
+    """``(key, saved value, new value)`` for every setting of ``config`` that differs from the
+    workdir's ``config.json`` (a field added to the schema since counts as its default); [] when
+    there is no saved config."""
+    saved = _read_saved(workdir)
+    if saved is None:
+        return []
+    def as_json(cfg) -> dict:  # as config.json holds it (tuples are lists there)
+        return _flatten(json.loads(json.dumps(cfg.to_dict())))
+
+    old, new = as_json(with_defaults(saved)), as_json(config)
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def check_resume_changes(workdir: str, changes: list[tuple[str, Any, Any]]) -> None:
+    """UserError when ``changes`` touch a setting the data iterator depends on (data.*, seed)."""
+    fixed = [c for c in changes if c[0] == "seed" or c[0].startswith(FIXED_ON_RESUME[0])]
+    if fixed:
+        shown = ", ".join(f"{k}={old!r} (saved) vs {new!r}" for k, old, new in fixed[:3])
+        raise UserError(f"workdir {workdir} was trained with other data settings ({shown}); data.* and "
+                        "seed cannot change on resume (the saved data order would no longer match); "
+                        "use another --workdir")
+
+
+def describe_changes(changes: list[tuple[str, Any, Any]]) -> str:
+    return ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes)
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -128,6 +171,21 @@ def write_config(workdir: str, config) -> None:
 
 def write_results(workdir: str, results: dict) -> None:
     _write_json_atomic(os.path.join(workdir, RESULTS_FILE), results)
+
+
+def record_start(workdir: str, start_step: int, changes: list[tuple[str, Any, Any]]) -> None:
+    """Appends one line to ``history.jsonl``: who started the run when, at which step, with which
+    command line, and the settings changed since the previous start."""
+    entry = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "start_step": int(start_step),
+        "argv": list(sys.argv[1:]),
+        "changed": {k: [old, new] for k, old, new in changes},
+    }
+    with open(os.path.join(workdir, HISTORY_FILE), "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry, sort_keys=True, default=repr) + "\n")
 
 
 class Log:
@@ -180,8 +238,19 @@ def fingerprint(params: Any, tokenizer_proto: bytes, model_cfg: dict) -> bytes:
     return h.digest()
 
 
+def abstract_params(model_cfg, model=None) -> Any:
+    """The parameter tree of ``model_cfg`` as ShapeDtypeStructs (unboxed; no array is made)."""
+    model = model or build_model(model_cfg)
+    n_in = input_length(model_cfg)
+    shapes = jax.eval_shape(
+        lambda r: model.init(r, jnp.zeros((1, n_in), jnp.int32))["params"], jax.random.key(0))
+    return nn.meta.unbox(shapes)
+
+
 def load_run(workdir: str, step: int | None = None) -> Run:
-    """(config, model, params, tokenizer) of the latest (or given) checkpoint in ``workdir``."""
+    """(config, model, params, tokenizer) of the newest intact (or the given) checkpoint in
+    ``workdir``, on one device. Reads only: no lock, no write; a damaged newer checkpoint is
+    reported and skipped; while a run is live there, only complete checkpoints are read."""
     workdir = os.path.abspath(workdir)
     if not os.path.isdir(workdir):
         raise UserError(f"workdir {workdir} does not exist")
@@ -194,43 +263,68 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     ckpt_dir = os.path.join(workdir, CHECKPOINTS_DIR)
     if not os.path.isdir(ckpt_dir):
         raise UserError(f"{workdir} has no {CHECKPOINTS_DIR}/")
-    checkpointer = ckpt_lib.Checkpointer(ckpt_dir, keep=10**6)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            abstract_params(config.model, model))
+    checkpointer = ckpt_lib.Checkpointer(ckpt_dir, read_only=True)
     try:
-        steps = checkpointer.all_steps()
-        if not steps:
-            raise UserError(f"{workdir} has no checkpoint yet")
         if step is None:
-            step = max(steps)
-        elif step not in steps:
-            raise UserError(f"{workdir} has no checkpoint at step {step} (has {sorted(steps)})")
-        # The optimizer state's structure is that of the stage that wrote the checkpoint.
-        stage = stage_at(stages(config), step)
-        n_in = input_length(config.model)
-
-        def init_params(rng):
-            return model.init(rng, jnp.zeros((1, n_in), jnp.int32))["params"]
-
-        labels = param_labels(nn.meta.unbox(jax.eval_shape(init_params, jax.random.key(0))),
-                              stage.train)
-        tx = make_optimizer(stage.train, stage.start, labels)
-
-        def init(rng):
-            params = init_params(rng)
-            return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-
-        abstract = nn.meta.unbox(jax.eval_shape(init, jax.random.key(0)))
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract
-        )
-        try:
-            state, _, _ = checkpointer.restore(step, abstract)
-        except Exception as e:  # noqa: BLE001 - orbax raises many kinds; report one line
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"cannot restore {ckpt_dir}/{step}: {first}") from None
+            live = live_run(workdir) is not None
+            found = checkpointer.restore_latest(
+                lambda s: checkpointer.restore_params(s, abstract), complete_only=live)
+            if found is None:
+                raise UserError(f"{workdir} has no {'complete ' if live else ''}checkpoint yet")
+            step, params = found
+        else:
+            params = checkpointer.restore_params(int(step), abstract)
     finally:
         checkpointer.close()
-    return Run(workdir, config, model, state.params, tokenizer, int(step))
+    return Run(workdir, config, model, params, tokenizer, int(step))
+
+
+def checkpoint_tokenizer(workdir: str) -> tuple[int, bytes] | None:
+    """(step, serialized tokenizer) from the meta of the newest intact checkpoint in ``workdir``;
+    None without a checkpoint (or one from a version that did not store it). Reads only."""
+    ckpt_dir = os.path.join(workdir, CHECKPOINTS_DIR)
+    if not os.path.isdir(ckpt_dir):
+        return None
+    checkpointer = ckpt_lib.Checkpointer(ckpt_dir, read_only=True, log=lambda _: None)
+    try:
+        step = checkpointer.latest_intact_step()
+        if step is None:
+            return None
+        blob = checkpointer.restore_meta(step).get("tokenizer")
+    finally:
+        checkpointer.close()
+    return (step, ckpt_lib.decode_bytes(blob)) if blob else None
+
+
+def resume_tokenizer(config, workdir: str) -> Tokenizer | None:
+    """The tokenizer check of a resumed run, before anything is written.
+
+    The tokenizer the data pipeline would use (``data.tokenizer_model``, else the workdir's
+    ``tokenizer.model``) must be the one the checkpoint was trained with (same serialized model):
+    UserError otherwise. When neither exists (the workdir's file was deleted), the checkpoint's
+    tokenizer is returned, to be used and written back instead of training a new one; else None.
+    """
+    saved = checkpoint_tokenizer(workdir)
+    if saved is None:
+        return None
+    step, blob = saved
+    configured = str(config.data.tokenizer_model or "")
+    path = configured or os.path.join(workdir, TOKENIZER_FILE)
+    if not os.path.isfile(path):
+        if configured:
+            return None  # build_data reports the missing file
+        return Tokenizer.from_serialized(blob)
+    current = Tokenizer.load(path).serialized()
+    if current != blob:
+        digest = lambda b: hashlib.sha256(b).hexdigest()[:12]  # noqa: E731
+        raise UserError(
+            f"tokenizer {path} (sha256 {digest(current)}...) is not the one checkpoint {step} in "
+            f"{os.path.join(workdir, CHECKPOINTS_DIR)} was trained with (sha256 {digest(blob)}...); "
+            "resume with the same tokenizer or use another --workdir")
+    return None
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -238,7 +332,7 @@ def checkpoint_steps(workdir: str) -> list[int]:
     ckpt_dir = os.path.join(workdir, CHECKPOINTS_DIR)
     if not os.path.isdir(ckpt_dir):
         return []
-    checkpointer = ckpt_lib.Checkpointer(ckpt_dir, keep=10**6)
+    checkpointer = ckpt_lib.Checkpointer(ckpt_dir, read_only=True)
     try:
         return sorted(checkpointer.all_steps())
     finally:
@@ -256,11 +350,7 @@ def init_source(stage: Stage, abstract: bool = False) -> tuple[Any, ml_collectio
         if not checkpoint_steps(path):
             raise UserError(f"train.init_from {path} has no checkpoint yet ({CHECKPOINTS_DIR}/ is empty)")
         cfg = load_config(path)
-        model = build_model(cfg.model)
-        shapes = jax.eval_shape(
-            lambda r: model.init(r, jnp.zeros((1, input_length(cfg.model)), jnp.int32))["params"],
-            jax.random.key(0))
-        return nn.meta.unbox(shapes), cfg
+        return abstract_params(cfg.model), cfg
     run = load_run(path)
     return jax.device_get(run.params), run.config
 

@@ -15,6 +15,7 @@ import pytest
 
 from mixers_jax import checkpoint as ckpt_lib
 from mixers_jax.errors import UserError
+from tests_util import CORRUPTIONS, flip_byte
 
 
 @flax.struct.dataclass
@@ -114,38 +115,6 @@ def test_non_finite_state_is_not_saved(tmp_path, where):
     assert ck.all_steps() == [6] and os.listdir(ck.directory) == ["6"]
 
 
-def _largest_array_file(step_dir, item="params"):
-    files = []
-    for dirpath, _, names in os.walk(os.path.join(step_dir, item)):
-        files += [os.path.join(dirpath, n) for n in names if os.sep + "d" + os.sep in os.path.join(dirpath, n)]
-    return max(files, key=os.path.getsize)
-
-
-def _truncate(step_dir):
-    path = _largest_array_file(step_dir)
-    with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2)
-
-
-def _flip_byte(step_dir):
-    path = _largest_array_file(step_dir)
-    with open(path, "r+b") as f:
-        f.seek(os.path.getsize(path) // 2)
-        b = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([b[0] ^ 0x10]))
-
-
-CORRUPTIONS = {
-    "truncated array file": (_truncate, "bytes, expected"),
-    "params metadata deleted": (lambda d: os.remove(os.path.join(d, "params", "_METADATA")),
-                                "params/_METADATA: missing"),
-    "data metadata deleted": (lambda d: os.remove(os.path.join(d, "data", "metadata")),
-                              "data/metadata: missing"),
-    "flipped byte": (_flip_byte, "hash mismatch"),
-}
-
-
 @pytest.mark.parametrize("kind", list(CORRUPTIONS))
 def test_damaged_latest_falls_back_to_older(tmp_path, kind):
     ck, states, messages = _saved(tmp_path)
@@ -160,6 +129,8 @@ def test_damaged_latest_falls_back_to_older(tmp_path, kind):
     assert reader_log == [f"checkpoint 8 is damaged ({problem})"] or problem in reader_log[0]
     step, params = reader.restore_latest(lambda s: reader.restore_params(s, _abstract(states[s].params)))
     assert step == 6
+    assert reader_log[-1].startswith("checkpoint 8 is damaged (") and reader_log[-1].endswith(
+        "; reading 6 instead")
     _assert_same(params, states[6].params)
     with pytest.raises(ckpt_lib.CheckpointDamagedError, match="checkpoint 8 .* is damaged"):
         reader.restore(8, _abstract(states[8]))
@@ -183,7 +154,7 @@ def test_damaged_latest_falls_back_to_older(tmp_path, kind):
 def test_no_intact_checkpoint_names_the_folder(tmp_path):
     ck, states, _ = _saved(tmp_path)
     for s in (6, 8):
-        _flip_byte(ck.step_dir(s))
+        flip_byte(ck.step_dir(s))
     ck.close()
     reader = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), read_only=True, log=lambda m: None)
     with pytest.raises(ckpt_lib.CheckpointDamagedError, match=f"no intact checkpoint in {tmp_path}/ckpt"):

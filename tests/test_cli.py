@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from tests_util import REPO, config_path
+from mixers_jax import workdir as workdir_lib
+from tests_util import REPO, config_path, snapshot
 
 SMOKE = config_path("mixer_clm", "smoke")
 
@@ -30,18 +31,6 @@ def _train(*args, timeout=300):
         [sys.executable, "-m", "mixers_jax.train", *args],
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout,
     )
-
-
-def _snapshot(path):
-    if not os.path.exists(path):
-        return None
-    out = {}
-    for root, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(root, f)
-            st = os.stat(p)
-            out[os.path.relpath(p, path)] = (st.st_size, st.st_mtime_ns)
-    return out
 
 
 def _assert_one_line_error(proc, pattern):
@@ -78,10 +67,10 @@ def test_rerun_of_finished_workdir_resumes_and_does_nothing(smoke_run):
 
 def test_resume_with_different_model_shape_is_refused(smoke_run):
     workdir, _ = smoke_run
-    before = _snapshot(workdir)
+    before = snapshot(workdir)
     proc = _train(f"--config={SMOKE}", f"--workdir={workdir}", "--config.model.d_model=64")
     _assert_one_line_error(proc, r"holds a different model.*model\.d_model=32 \(saved\) vs 64")
-    assert _snapshot(workdir) == before
+    assert snapshot(workdir) == before
 
 
 @pytest.mark.parametrize(
@@ -141,11 +130,11 @@ def test_corpus_smaller_than_one_window(tmp_path, smoke_run):
     assert not os.path.exists(workdir)
 
 
-def _start_long_run(workdir):
+def _start_long_run(workdir, *args):
     proc = subprocess.Popen(
         [sys.executable, "-m", "mixers_jax.train", f"--config={SMOKE}", f"--workdir={workdir}",
          "--config.train.steps=100000", "--config.train.log_every=1",
-         "--config.train.eval_every=100000", "--config.train.checkpoint_every=100000"],
+         "--config.train.eval_every=100000", "--config.train.checkpoint_every=100000", *args],
         cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     deadline = time.time() + 240
@@ -175,14 +164,35 @@ def test_sigterm_saves_exits_75_and_rerun_resumes(tmp_path):
     assert f"at step {saved[0]}" in done.stdout and f"done: {total} steps" in done.stdout
 
 
-def test_ctrl_c_during_training_is_not_a_traceback(tmp_path):
-    proc, _ = _start_long_run(str(tmp_path / "run"))
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    # 75 once the preemption guard saves on SIGINT; 130 (interrupted) where it does not
-    assert proc.returncode in (75, 130), err[-3000:]
+def test_second_run_on_a_live_workdir_fails_fast_readers_read_and_ctrl_c_saves(tmp_path):
+    """Two real processes: the live run holds the workdir; a second train fails in one line (exit 2)
+    without touching it; a reader (load_run) reads a complete checkpoint; Ctrl-C saves, exits 75."""
+    workdir = str(tmp_path / "run")
+    proc, lines = _start_long_run(workdir, "--config.train.checkpoint_every=2")
+    try:
+        deadline = time.time() + 120  # until a first checkpoint is complete
+        while not workdir_lib.checkpoint_steps(workdir) and time.time() < deadline:
+            time.sleep(0.2)
+        ckpt_dir = os.path.join(workdir, "checkpoints")
+        config_before = snapshot(os.path.join(workdir, "config.json"))
+        t0 = time.time()
+        second = _train(f"--config={SMOKE}", f"--workdir={workdir}", "--config.train.steps=7")
+        assert second.returncode == 2, second.stderr[-3000:]
+        _assert_one_line_error(second, rf"^error: workdir {re.escape(workdir)} is in use by pid "
+                                       rf"{proc.pid} on ")
+        assert time.time() - t0 < 60
+        assert snapshot(os.path.join(workdir, "config.json")) == config_before
+        run = workdir_lib.load_run(workdir)  # never waits for, nor takes, the lock
+        assert os.path.isfile(os.path.join(ckpt_dir, str(run.step), "mixers_jax_integrity.json"))
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    assert "SIGINT: saved step" in "".join(lines) + out
     assert "Traceback" not in err, err[-3000:]
-    assert err.strip().splitlines()[-1].startswith(("preempted: ", "interrupted")), err
+    assert err.strip().splitlines()[-1].startswith("preempted: saved step"), err
+    assert not os.path.exists(os.path.join(workdir, "run.lock"))  # released at the end
 
 
 def test_config_file_with_a_syntax_error(tmp_path):

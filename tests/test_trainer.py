@@ -1,16 +1,29 @@
-"""Trainer: sharded == single device, exact resume, accumulation, schedule, non-finite stop."""
+"""Trainer: sharded == single device, exact resume, accumulation, schedule, and the reliability of a
+run: divergence, damaged checkpoints, the tokenizer / config / data settings on resume, full disk,
+read-only workdir."""
+import errno
+import json
+import os
+import re
+import shutil
+import sys
+
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from mixers_jax import objectives, sharding, trainer
+from mixers_jax import sharding, trainer
 from mixers_jax import workdir as workdir_lib
 from mixers_jax import steps as steps_lib
 from mixers_jax.errors import UserError
 from mixers_jax.config import load_config
-from tests_util import config_path
+from mixers_jax import train as train_cli
+from mixers_jax.checkpoint import Checkpointer
+from mixers_jax.data.tokenizer import Tokenizer
+from tests_util import CORRUPTIONS, config_path, exit_status, snapshot
+
+SMOKE = config_path("mixer_clm", "smoke")
 
 
 def _tiny(name, **model):
@@ -93,35 +106,6 @@ def test_lr_schedule_matches_reference_formula():
     np.testing.assert_allclose(float(steps_lib.lr_schedule(t)(60)), 5e-4, rtol=1e-5)
 
 
-def test_resume_equals_uninterrupted_bit_exact(tmp_path):
-    config = load_config(config_path("mixer_clm", "smoke"))
-    full = trainer.run(config, str(tmp_path / "full"), record_batches=True)
-    first = trainer.run(config, str(tmp_path / "split"), stop_at_step=3, record_batches=True)
-    assert first["preempted"] and first["final_step"] == 3
-    second = trainer.run(config, str(tmp_path / "split"), record_batches=True)
-    assert second["start_step"] == 3
-    assert first["batch_digests"] + second["batch_digests"] == full["batch_digests"]
-    jax.tree.map(np.testing.assert_array_equal, full["params"], second["params"])
-    assert full["eval"] == second["eval"]
-
-
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    config = load_config(config_path("mixer_clm", "smoke"))
-    workdir = str(tmp_path / "run")
-    trainer.run(config, workdir, stop_at_step=3)
-
-    def poisoned(apply_fn, params, batch):
-        loss, sums = objectives.clm(apply_fn, params, batch)
-        return loss * jnp.nan, sums
-
-    monkeypatch.setitem(objectives.OBJECTIVES, "clm", lambda ctx: poisoned)
-    with pytest.raises(UserError, match=r"non-finite loss .* at step 4.*step 3"):
-        trainer.run(config, workdir)
-    from mixers_jax.checkpoint import Checkpointer
-
-    assert Checkpointer(f"{workdir}/checkpoints").all_steps() == [3]
-
-
 def test_workdir_from_before_a_new_model_field_still_resumes(tmp_path):
     import json
 
@@ -191,11 +175,10 @@ def test_workdir_that_is_a_file_is_refused_before_anything_is_written(tmp_path):
     assert workdir.read_text() == "not a folder"
 
 
-def test_init_from_a_workdir_without_checkpoints_is_refused_before_anything_is_written(tmp_path):
-    import shutil
-
+def test_init_from_a_workdir_without_checkpoints_is_refused_before_anything_is_written(smoke_runs,
+                                                                                      tmp_path):
     source = tmp_path / "source"
-    trainer.run(load_config(config_path("mixer_clm", "smoke")), str(source), stop_at_step=1)
+    shutil.copytree(smoke_runs[2], source)
     for step in (source / workdir_lib.CHECKPOINTS_DIR).iterdir():
         shutil.rmtree(step)
     config = load_config(config_path("mixer_clm", "smoke"))
@@ -205,3 +188,232 @@ def test_init_from_a_workdir_without_checkpoints_is_refused_before_anything_is_w
     with pytest.raises(UserError, match=r"init_from .*source has no checkpoint yet"):
         trainer.run(config, str(target))
     assert not target.exists()
+
+
+# --------------------------------------------------------------------------- reliability
+
+
+def _smoke(**train):
+    config = load_config(SMOKE)
+    config.unlock()
+    config.train.update(train)
+    config.lock()
+    return config
+
+
+def _train_cli(monkeypatch, *args) -> int:
+    """The exit status of ``python -m mixers_jax.train`` on the smoke preset, run in this process
+    (the config flag reads its overrides from sys.argv)."""
+    argv = ["train", f"--config={SMOKE}", *args]
+    monkeypatch.setattr(sys, "argv", argv)
+    for name in list(train_cli.FLAGS):  # a previous call's override flags would be defined twice
+        if name.startswith("config."):
+            delattr(train_cli.FLAGS, name)
+    return exit_status(train_cli, argv)
+
+
+def _one_error_line(capsys, pattern):
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    match = re.search(pattern, lines[0])
+    assert match, lines[0]
+    return match
+
+
+def test_divergence_names_the_step_and_a_really_good_checkpoint(tmp_path, capsys, monkeypatch):
+    """lr=1e6: the state goes non-finite after an update whose loss was still finite; the run stops
+    there (exit 1, one line), records it, and the named checkpoint is finite."""
+    workdir = str(tmp_path / "run")
+    status = _train_cli(monkeypatch, f"--workdir={workdir}", "--config.train.lr=1e6",
+                        "--config.train.checkpoint_every=1")
+    assert status == 1
+    match = _one_error_line(
+        capsys, rf"^error: training diverged at step (\d+) \((non-finite [^)]*)\); "
+                rf"last good checkpoint: step (\d+) in {re.escape(workdir)}/checkpoints$")
+    bad, good = int(match.group(1)), int(match.group(3))
+    assert good == bad - 1
+    assert Checkpointer(f"{workdir}/checkpoints", read_only=True).all_steps()[-1] == good
+    run = workdir_lib.load_run(workdir, good)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(run.params))
+    results = json.loads(open(f"{workdir}/results.json").read())
+    assert results["diverged"]["step"] == bad and results["diverged"]["last_good_step"] == good
+    assert "eval" not in results
+    assert match.group(0)[len("error: "):] in open(f"{workdir}/log.txt").read()
+
+
+def test_non_finite_evaluation_stops_the_run(tmp_path, monkeypatch):
+    def nan_eval(steps, params, eval_batches):
+        return {"clm": {"loss": float("nan"), "accuracy": 0.0, "bpb": float("nan")}}
+
+    from mixers_jax.data.sources import embedded_corpus
+
+    data = tmp_path / "data"  # the smoke corpus as files, one with 3 bytes of invalid UTF-8
+    data.mkdir()
+    for i, doc in enumerate(embedded_corpus()[:300]):
+        (data / f"{i:03d}.txt").write_bytes(doc.encode() + (b" \xff\xfe\xff" if i == 7 else b""))
+    config = _smoke(checkpoint_every=1)
+    config.unlock()
+    config.data.source = str(data)
+    monkeypatch.setattr(trainer, "evaluate_all", nan_eval)
+    workdir = str(tmp_path / "run")
+    summary = trainer.run(config, workdir)
+    assert summary["diverged"]["step"] == 3  # the first evaluation (eval_every=3), before its save
+    assert summary["diverged"]["what"] == "non-finite evaluation loss nan (clm)"
+    assert summary["diverged"]["last_good_step"] == 2
+    assert Checkpointer(f"{workdir}/checkpoints", read_only=True).all_steps() == [1, 2]
+    # The source statistics reach results.json and the log.
+    results = json.loads(open(f"{workdir}/results.json").read())
+    assert results["data"]["replaced_bytes"] == 3 and results["data"]["source_files"] == 300
+    assert "data: 3 bytes of invalid UTF-8 in 300 file(s) were read as U+FFFD" in open(
+        f"{workdir}/log.txt").read()
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    """An uninterrupted smoke run (checkpoint every step) and one stopped at step 4."""
+    root = tmp_path_factory.mktemp("runs")
+    config = _smoke(checkpoint_every=1)
+    full = trainer.run(config, str(root / "full"), record_batches=True)
+    stopped = str(root / "stopped")
+    first = trainer.run(config, stopped, stop_at_step=4, record_batches=True)
+    assert first["preempted"] and first["final_step"] == 4
+    full["first_digests"] = first["batch_digests"]
+    return config, full, stopped
+
+
+def _copy(stopped, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(stopped, workdir)
+    return workdir
+
+
+def test_resume_equals_uninterrupted_bit_exact(smoke_runs, tmp_path):
+    config, full, stopped = smoke_runs
+    second = trainer.run(config, _copy(stopped, tmp_path), record_batches=True)
+    assert second["start_step"] == 4
+    assert full["first_digests"] + second["batch_digests"] == full["batch_digests"]
+    jax.tree.map(np.testing.assert_array_equal, full["params"], second["params"])
+    assert full["eval"] == second["eval"]
+
+
+@pytest.mark.parametrize("kind", [k for k in CORRUPTIONS if k != "flipped byte"])
+def test_resume_after_a_damaged_latest_checkpoint_gives_the_same_result(smoke_runs, tmp_path, kind,
+                                                                        capsys):
+    config, full, stopped = smoke_runs
+    workdir = _copy(stopped, tmp_path)
+    corrupt, problem = CORRUPTIONS[kind]
+    corrupt(os.path.join(workdir, "checkpoints", "4"))
+    capsys.readouterr()
+    resumed = trainer.run(config, workdir)
+    assert resumed["start_step"] == 3
+    out = capsys.readouterr().out
+    assert re.search(rf"checkpoint 4 is damaged \(.*{re.escape(problem)}.*\); moved to 4\.damaged; "
+                     r"resuming from 3", out), out
+    jax.tree.map(np.testing.assert_array_equal, full["params"], resumed["params"])
+    assert full["eval"] == resumed["eval"]
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "4.damaged"))
+
+
+def test_resume_accepts_train_changes_records_them_and_refuses_data_and_seed(smoke_runs, tmp_path):
+    config, _, stopped = smoke_runs
+    workdir = _copy(stopped, tmp_path)
+    for key, value in (("data.max_documents", 200), ("data.packing", "pad"), ("seed", 7)):
+        changed = load_config(SMOKE)
+        changed.unlock()
+        section, _, name = key.rpartition(".")
+        (changed[section] if section else changed)[name] = value
+        before = snapshot(workdir)
+        with pytest.raises(UserError, match=rf"other data settings \({re.escape(key)}=.*\(saved\) vs "
+                                            rf"{value!r}\); data\.\* and seed cannot change on resume"):
+            trainer.run(changed, workdir)
+        assert snapshot(workdir) == before
+    longer = _smoke(checkpoint_every=1, steps=5)
+    summary = trainer.run(longer, workdir)
+    assert summary["final_step"] == 5
+    assert workdir_lib.load_config(workdir).train.steps == 5  # config.json: the config in use
+    history = [json.loads(ln) for ln in open(os.path.join(workdir, workdir_lib.HISTORY_FILE))]
+    assert [h["start_step"] for h in history] == [0, 4]
+    assert history[0]["changed"] == {} and history[1]["changed"] == {"train.steps": [6, 5]}
+    assert history[1]["pid"] == os.getpid()
+    assert "resuming with changed settings: train.steps 6 -> 5" in open(
+        os.path.join(workdir, workdir_lib.LOG_FILE)).read()
+
+
+def test_resume_checks_the_tokenizer_and_restores_a_deleted_one(smoke_runs, tmp_path):
+    config, _, stopped = smoke_runs
+    workdir = _copy(stopped, tmp_path)
+    tok_file = os.path.join(workdir, workdir_lib.TOKENIZER_FILE)
+    original = open(tok_file, "rb").read()
+    other = Tokenizer.train(["a completely different text to learn pieces from"] * 50, 320)
+    other.save(tok_file)
+    before = snapshot(workdir)
+    with pytest.raises(UserError, match=rf"tokenizer {re.escape(tok_file)} .* is not the one checkpoint 4 "
+                                        r"in .* was trained with"):
+        trainer.run(config, workdir)
+    assert snapshot(workdir) == before
+    os.remove(tok_file)
+    summary = trainer.run(config, workdir, stop_at_step=5)
+    assert summary["start_step"] == 4 and summary["final_step"] == 5
+    assert open(tok_file, "rb").read() == original
+    assert "was missing: restored it from the latest checkpoint" in open(
+        os.path.join(workdir, workdir_lib.LOG_FILE)).read()
+
+
+def test_load_run_builds_no_optimizer(smoke_runs, monkeypatch):
+    import optax
+
+    def no_optimizer(*args, **kwargs):
+        raise AssertionError("load_run built an optimizer")
+
+    monkeypatch.setattr(optax, "adamw", no_optimizer)
+    _, full, _ = smoke_runs
+    before = snapshot(full["workdir"])
+    run = workdir_lib.load_run(full["workdir"])
+    assert run.step == 6
+    assert snapshot(full["workdir"]) == before  # a reader writes nothing
+    jax.tree.map(np.testing.assert_array_equal, full["params"], run.params)
+
+
+def test_disk_full_during_a_save_is_one_line_and_the_next_resume_works(smoke_runs, tmp_path,
+                                                                       monkeypatch, capsys):
+    import orbax.checkpoint as ocp
+
+    _, _, stopped = smoke_runs
+    workdir = _copy(stopped, tmp_path)
+    save = ocp.CheckpointManager.save
+
+    def full_disk(self, step, *args, **kwargs):  # a part is written, then the disk is full
+        partial = os.path.join(str(self.directory), f"{step}.orbax-checkpoint-tmp-1")
+        os.makedirs(os.path.join(partial, "params"))
+        open(os.path.join(partial, "params", "part"), "wb").write(b"x" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    args = (f"--workdir={workdir}", "--config.train.checkpoint_every=1")
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+    assert _train_cli(monkeypatch, *args) == 1
+    _one_error_line(capsys, rf"^error: cannot write checkpoint 5 to {re.escape(workdir)}/checkpoints: "
+                            r"No space left on device$")
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "3", "4"]
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    summary = trainer.run(_smoke(checkpoint_every=1), workdir)
+    assert summary["start_step"] == 4 and summary["final_step"] == 6
+
+
+def test_resume_in_a_read_only_workdir_is_one_line(smoke_runs, monkeypatch, capsys):
+    """As on a read-only file system: the first write into the workdir fails (tests run as root, so
+    permissions would not stop them); nothing is changed, exit 1."""
+    _, _, stopped = smoke_runs
+    before = snapshot(stopped)
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if str(path).startswith(stopped) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    assert _train_cli(monkeypatch, f"--workdir={stopped}", "--config.train.checkpoint_every=1") == 1
+    _one_error_line(capsys, rf"^error: {re.escape(stopped)}/run\.lock: Read-only file system$")
+    monkeypatch.undo()
+    assert snapshot(stopped) == before

@@ -34,7 +34,7 @@ import grain
 import numpy as np
 
 from mixers_jax.config import CHUNKED_KINDS, field, input_length
-from mixers_jax.data.sources import load_documents, split_documents
+from mixers_jax.data.sources import read_documents, split_documents
 from mixers_jax.data.tokenizer import Tokenizer
 from mixers_jax.errors import UserError
 
@@ -272,7 +272,7 @@ def build_data(
     batch = global_batch // process_count
     val_fraction = float(field(data_cfg, "val_fraction", 0.05))
 
-    docs = load_documents(data_cfg)
+    docs, source_stats = read_documents(data_cfg)
     train_docs, val_docs = split_documents(docs, val_fraction)
     source = field(data_cfg, "source", "embedded")
     if not train_docs:
@@ -352,6 +352,7 @@ def build_data(
         "per_process_batch": batch,
         "vocab_size": tokenizer.vocab_size,
         "tokenizer": "trained" if trained else (tok_path or "given"),
+        **source_stats.as_dict(),  # source_files, replaced_bytes (invalid UTF-8, read as U+FFFD)
     }
     stats["train_bytes_per_token"] = stats["train_bytes"] / max(1, stats["train_tokens"])
     return DataBundle(tokenizer, train_iter, eval_batches, stats, tok_path, trained)

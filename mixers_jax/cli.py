@@ -8,7 +8,9 @@ one exit status:
 ====  ============================================================================================
 0     finished.
 1     failure. An unexpected internal error keeps its traceback; an ``OSError`` (permission denied,
-      disk full, ...) is one line ``error: <what>: <strerror>``.
+      disk full, ...) is one line ``error: <what>: <strerror>``; a training run that diverged (a
+      non-finite loss, gradient norm, state or evaluation) is one line naming the step and the
+      last good checkpoint.
 2     user error: a bad flag (unknown, bad value, missing required flag, unexpected positional
       argument), config key or value, data or workdir. One line ``error: ...``; nothing written.
 75    preempted (``EX_TEMPFAIL``): SIGTERM or Ctrl-C during training saved a checkpoint; rerun the

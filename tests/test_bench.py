@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from tests_util import REPO, exit_status
+from tests_util import REPO, exit_status, xla_flags_with_devices
 
 
 def test_memory_suite_runs_and_writes_records(tmp_path):
     out = tmp_path / "bench.json"
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags_with_devices(None), JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-m", "mixers_jax.bench", "--suite=memory", "--chunks=2,3", "--n_ctx=8",
          "--d_model=32", "--n_layers=1", "--vocab=64", "--batch=2", "--steps=1",

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests_util import REPO, config_path, exit_status
+from tests_util import REPO, config_path, exit_status, xla_flags_with_devices
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 STEPS = 3
@@ -29,7 +29,7 @@ def _free_port():
 def _env(devices):
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags_with_devices(devices)
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     return env

@@ -11,7 +11,7 @@ import pytest
 from mixers_jax import profiling, trainer
 from mixers_jax.config import load_config
 from mixers_jax.errors import UserError
-from tests_util import REPO, config_path, exit_status
+from tests_util import REPO, config_path, exit_status, xla_flags_with_devices
 
 # Model kinds whose jaxpr FLOPs must match flops.py within 2%: (id, config module, model
 # overrides; nested dicts update model.encoder / model.decoder).
@@ -166,7 +166,7 @@ def test_profile_steps_captures_a_trace_during_a_real_run(tmp_path):
 
 def _cli(*args, devices=1):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags_with_devices(devices)
     return subprocess.run([sys.executable, "-m", "mixers_jax.profile", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 

@@ -57,7 +57,7 @@ def dependency(fn, x_BxNxD):
         r = jnp.asarray(np.random.default_rng(9).standard_normal(y.shape[-1]), y.dtype)
         return jnp.sum(y @ r, axis=0)  # [N_out]
 
-    return np.abs(np.asarray(jax.jacrev(projected)(x_BxNxD))).max(axis=(1, 3))
+    return np.abs(np.asarray(jax.jit(jax.jacrev(projected))(x_BxNxD))).max(axis=(1, 3))
 
 
 SUB_MODELS = {  # encoder / decoder variants: plain, headed, kernel (per-tap mask), transformer

@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from mixers_jax import codec
 from mixers_jax.errors import UserError
 from mixers_jax.workdir import load_run
 from run_util import make_workdir, sample_text
-from tests_util import REPO
+from tests_util import REPO, exit_status
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +97,20 @@ def test_piece_bytes_are_the_one_token_byte_table(runs):
     assert b"".join(pieces[i] for i in tok.encode(text)) == text.encode()
 
 
-def _compress(*args):
+def _compress_subprocess(*args):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, "-m", "mixers_jax.compress", *args],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+
+
+def _compress(capsys, *args):
+    """The command run in this process (its exit status and printed output, like a subprocess's)."""
+    from mixers_jax import compress
+
+    capsys.readouterr()
+    status = exit_status(compress, ["compress", *args])
+    printed = capsys.readouterr()
+    return types.SimpleNamespace(returncode=status, stdout=printed.out, stderr=printed.err)
 
 
 def _one_line(r, status, pattern):
@@ -108,40 +119,41 @@ def _one_line(r, status, pattern):
     assert re.search(pattern, r.stderr), r.stderr
 
 
-def test_cli(runs, tmp_path):
+def test_cli(runs, tmp_path, capsys):
+    """The command's own entry point (a subprocess) encodes; decoding runs in this process."""
     run, other = runs
     src, packed, out = tmp_path / "in.bin", tmp_path / "x.mxac", tmp_path / "out.bin"
     src.write_bytes(CASES["invalid_utf8"] + TEXT[:300])
-    r = _compress("encode", f"--workdir={run.workdir}", str(src), str(packed))
+    r = _compress_subprocess("encode", f"--workdir={run.workdir}", str(src), str(packed))
     assert r.returncode == 0, r.stderr
     assert "bits/byte" in r.stdout and "model estimate" in r.stdout and "xz-9e" in r.stdout
-    r = _compress("decode", f"--workdir={other.workdir}", str(packed), str(out))
+    r = _compress(capsys, "decode", f"--workdir={other.workdir}", str(packed), str(out))
     _one_line(r, 2, "another model")
     assert not out.exists()
-    r = _compress("decode", f"--workdir={run.workdir}", str(packed), str(out))
+    r = _compress(capsys, "decode", f"--workdir={run.workdir}", str(packed), str(out))
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == src.read_bytes()
 
 
-def test_cli_refuses_to_overwrite_without_force(runs, tmp_path):
+def test_cli_refuses_to_overwrite_without_force(runs, tmp_path, capsys):
     run, _ = runs
     src, packed, out = tmp_path / "in.bin", tmp_path / "x.mxac", tmp_path / "out.bin"
     src.write_bytes(TEXT[:200])
     packed.write_bytes(b"precious")
-    r = _compress("encode", f"--workdir={run.workdir}", str(src), str(packed))
+    r = _compress(capsys, "encode", f"--workdir={run.workdir}", str(src), str(packed))
     _one_line(r, 2, r"exists; pass --force")
     assert packed.read_bytes() == b"precious"
-    r = _compress("encode", "--force", f"--workdir={run.workdir}", str(src), str(packed))
+    r = _compress(capsys, "encode", "--force", f"--workdir={run.workdir}", str(src), str(packed))
     assert r.returncode == 0, r.stderr
     out.write_bytes(b"keep me")
-    r = _compress("decode", f"--workdir={run.workdir}", str(packed), str(out))
+    r = _compress(capsys, "decode", f"--workdir={run.workdir}", str(packed), str(out))
     _one_line(r, 2, r"exists; pass --force")
     assert out.read_bytes() == b"keep me"
-    r = _compress("decode", "--force", f"--workdir={run.workdir}", str(packed), str(out))
+    r = _compress(capsys, "decode", "--force", f"--workdir={run.workdir}", str(packed), str(out))
     assert r.returncode == 0 and out.read_bytes() == src.read_bytes(), r.stderr
 
 
-def test_cli_unwritable_output_is_one_line_status_1(runs, tmp_path):
+def test_cli_unwritable_output_is_one_line_status_1(runs, tmp_path, capsys):
     if os.geteuid() == 0:
         locked = "/proc/mixers_jax_cannot_write_here/x.mxac"  # root ignores file modes
     else:
@@ -150,7 +162,7 @@ def test_cli_unwritable_output_is_one_line_status_1(runs, tmp_path):
         locked = str(folder / "x.mxac")
     src = tmp_path / "in.bin"
     src.write_bytes(TEXT[:100])
-    r = _compress("encode", f"--workdir={runs[0].workdir}", str(src), locked)
+    r = _compress(capsys, "encode", f"--workdir={runs[0].workdir}", str(src), locked)
     _one_line(r, 1, r"^error: .*x\.mxac: \S")
 
 
@@ -161,6 +173,6 @@ def test_cli_unwritable_output_is_one_line_status_1(runs, tmp_path):
     (["encode", "a", "b"], r"--workdir is required"),
     (["encode", "--workdir=W", "--level=3", "a", "b"], r"Unknown command line flag 'level'"),
 ])
-def test_cli_bad_arguments(tmp_path, args, pattern):
-    r = _compress(*args)
+def test_cli_bad_arguments(capsys, args, pattern):
+    r = _compress(capsys, *args)
     _one_line(r, 2, pattern)

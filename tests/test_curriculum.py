@@ -53,14 +53,27 @@ def test_stages_split_steps_and_restart_the_schedule():
         curriculum.stages(_config(stages=({"steps": 2, "lr_peak": 1.0},)))
 
 
-@pytest.mark.parametrize("kill_at", [3, 4])  # at the stage boundary, and mid-stage
-def test_curriculum_killed_then_resumed_equals_uninterrupted(tmp_path, kill_at):
+def _curriculum_config():
     stages = ({"objective": "clm", "steps": 3},
               {"name": "head_only", "objective": "clm", "steps": 3, "frozen": "embed,block_0,block_1",
                "lr": 3e-3, "warmup_steps": 1})
-    config = _config(stages=stages, eval_every=100, checkpoint_every=100)
-    full = trainer.run(config, str(tmp_path / "full"), record_batches=True)
+    return _config(stages=stages, eval_every=100, checkpoint_every=100)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_curriculum(tmp_path_factory):
+    """One uninterrupted run of the two-stage curriculum, shared by the kill / resume cases."""
+    full = trainer.run(_curriculum_config(), str(tmp_path_factory.mktemp("curriculum") / "full"),
+                       record_batches=True)
     assert full["final_step"] == 6
+    return full
+
+
+@pytest.mark.parametrize("kill_at", [3, 4])  # at the stage boundary, and mid-stage
+def test_curriculum_killed_then_resumed_equals_uninterrupted(tmp_path, kill_at,
+                                                             uninterrupted_curriculum):
+    config = _curriculum_config()
+    full = uninterrupted_curriculum
     part = str(tmp_path / "part")
     first = trainer.run(config, part, stop_at_step=kill_at, record_batches=True)
     second = trainer.run(config, part, record_batches=True)

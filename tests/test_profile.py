@@ -11,7 +11,7 @@ import pytest
 from mixers_jax import profiling, trainer
 from mixers_jax.config import load_config
 from mixers_jax.errors import UserError
-from tests_util import REPO, config_path
+from tests_util import REPO, config_path, exit_status, xla_flags_with_devices
 
 # Model kinds whose jaxpr FLOPs must match flops.py within 2%: (id, config module, model
 # overrides; nested dicts update model.encoder / model.decoder).
@@ -167,7 +167,7 @@ def test_profile_steps_captures_a_trace_during_a_real_run(tmp_path):
 
 def _cli(*args, devices=1):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags_with_devices(devices)
     return subprocess.run([sys.executable, "-m", "mixers_jax.profile", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -187,7 +187,7 @@ def test_aot_cli_on_16_fake_devices(tmp_path):
     "args,pattern",
     [
         (["--what=flame"], "unknown --what='flame'"),
-        (["--what=memory", "--mesh=4x4x4"], "needs 64 devices, but 1 are available"),
+        (["--what=memory", "--mesh=4x4x4"], "needs 64 devices, but 8 are available"),
         (["--what=memory", "--mesh=2x2"], "DATAxFSDPxTENSOR"),
         (["--what=aot"], "needs --mesh"),
         (["--what=memory", "--config.sharding=zero3"], "unknown sharding preset 'zero3'"),
@@ -196,11 +196,17 @@ def test_aot_cli_on_16_fake_devices(tmp_path):
         (["--what=memory", "extra"], "unexpected arguments: extra"),
     ],
 )
-def test_bad_input_gives_one_line(tmp_path, args, pattern):
+def test_bad_input_gives_one_line(tmp_path, capsys, monkeypatch, args, pattern):
+    """In this process (8 fake devices); the command's own entry point runs in the AOT test above."""
     import re
 
-    proc = _cli(f"--config={config_path('mixer_clm', 'smoke')}", f"--out={tmp_path}", *args)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and re.search(pattern, errors[0]), proc.stderr
-    assert "Traceback" not in proc.stderr
+    from mixers_jax import profile
+
+    argv = ["profile", f"--config={config_path('mixer_clm', 'smoke')}", f"--out={tmp_path}", *args]
+    monkeypatch.setattr(sys, "argv", argv)  # where ml_collections finds the --config.* overrides
+    status = exit_status(profile, argv)
+    err = capsys.readouterr().err
+    assert status == 2, err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and re.search(pattern, errors[0]), err
+    assert "Traceback" not in err

@@ -1,5 +1,6 @@
 """Helpers shared by the tests."""
 import os
+import re
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -65,3 +66,12 @@ CORRUPTIONS = {
                               "data/metadata: missing"),
     "flipped byte": (flip_byte, "hash mismatch"),
 }
+
+
+def xla_flags_with_devices(devices: int | None) -> str:
+    """This process's XLA_FLAGS (conftest.py's settings) for a subprocess with ``devices`` fake CPU
+    devices (None: the platform's own one)."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    if devices is not None:
+        flags += f" --xla_force_host_platform_device_count={devices}"
+    return " ".join(flags.split())

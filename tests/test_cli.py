@@ -13,14 +13,14 @@ import time
 import pytest
 
 from mixers_jax import workdir as workdir_lib
-from tests_util import REPO, config_path, snapshot
+from tests_util import REPO, config_path, snapshot, xla_flags_with_devices
 
 SMOKE = config_path("mixer_clm", "smoke")
 
 
 def _env():
     env = dict(os.environ)
-    env["XLA_FLAGS"] = ""  # a user's machine: one CPU device
+    env["XLA_FLAGS"] = xla_flags_with_devices(None)  # a user's machine: one CPU device
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONUNBUFFERED"] = "1"
     return env

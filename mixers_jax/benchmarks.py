@@ -40,7 +40,7 @@ from mixers_jax import sharding
 from mixers_jax import steps as steps_lib
 from mixers_jax.config import base_config, input_length
 from mixers_jax.generation import Generator
-from mixers_jax.models import build_model, mixing
+from mixers_jax.models import build_model, mixing_math
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,9 +211,9 @@ def bench_mixing(contexts: list[int], s: Settings, cases: list[str] | None = Non
     b, d = s.batch, s.d_model
     records = []
     impls = {
-        "flat_dense": lambda p, x: mixing.dense_causal_mix(p, x),
-        "toeplitz_dense": lambda p, x: mixing.toeplitz_mix_dense(p, x),
-        "toeplitz_fft": lambda p, x: mixing.toeplitz_mix_fft(p, x),
+        "flat_dense": lambda p, x: mixing_math.dense_causal_mix(p, x),
+        "toeplitz_dense": lambda p, x: mixing_math.toeplitz_mix_dense(p, x),
+        "toeplitz_fft": lambda p, x: mixing_math.toeplitz_mix_fft(p, x),
     }
     for n in contexts:
         key = jax.random.key(n)

@@ -15,7 +15,7 @@ from flax import linen as nn
 
 from mixers_jax import structure
 from mixers_jax.config import base_config
-from mixers_jax.models import build_model, mixing
+from mixers_jax.models import build_model, mixing, mixing_math
 from mixers_jax.models.specs import mixer_spec
 from mixers_jax.workdir import load_run
 from run_util import make_workdir
@@ -25,11 +25,11 @@ from tests_util import REPO
 def test_structure_errors_recognise_structures():
     rng = np.random.default_rng(0)
     n = 12
-    t = np.asarray(mixing.toeplitz_matrix(jnp.asarray(rng.standard_normal(n))), np.float64)
+    t = np.asarray(mixing_math.toeplitz_matrix(jnp.asarray(rng.standard_normal(n))), np.float64)
     assert structure.toeplitz_error(t) < 1e-6
     v = rng.standard_normal(n)
     for kind in ("col", "row"):
-        a = np.asarray(mixing.srm_matrix(jnp.asarray(v, jnp.float32), jnp.float32(0.8),
+        a = np.asarray(mixing_math.srm_matrix(jnp.asarray(v, jnp.float32), jnp.float32(0.8),
                                          jnp.asarray(kind == "col")), np.float64)
         err, delta = structure.repeat_error(a, kind)
         assert err < 1e-5 and abs(delta - 0.8) < 1e-9

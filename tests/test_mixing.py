@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from mixers_jax.models import mixing
+from mixers_jax.models import mixing, mixing_math
 
 
 def _rand(seed, *shape):
@@ -25,7 +25,7 @@ def _loop_causal_mix(w_NxN, x_BxNxD, c_N):
 
 
 def test_causal_mask():
-    m = np.asarray(mixing.causal_mask(4))
+    m = np.asarray(mixing_math.causal_mask(4))
     assert m.dtype == bool
     np.testing.assert_array_equal(m, np.tril(np.ones((4, 4), bool)))
 
@@ -33,7 +33,7 @@ def test_causal_mask():
 def test_toeplitz_matrix_matches_loops():
     n = 9
     v = _rand(0, n)
-    t = np.asarray(mixing.toeplitz_matrix(jnp.asarray(v)))
+    t = np.asarray(mixing_math.toeplitz_matrix(jnp.asarray(v)))
     ref = np.zeros((n, n), np.float32)
     for i in range(n):
         for j in range(i + 1):
@@ -41,15 +41,15 @@ def test_toeplitz_matrix_matches_loops():
     np.testing.assert_array_equal(t, ref)
     # headed: one matrix per row of v
     v_h = _rand(1, 3, n)
-    t_h = np.asarray(mixing.toeplitz_matrix(jnp.asarray(v_h)))
+    t_h = np.asarray(mixing_math.toeplitz_matrix(jnp.asarray(v_h)))
     for h in range(3):
-        np.testing.assert_array_equal(t_h[h], np.asarray(mixing.toeplitz_matrix(jnp.asarray(v_h[h]))))
+        np.testing.assert_array_equal(t_h[h], np.asarray(mixing_math.toeplitz_matrix(jnp.asarray(v_h[h]))))
 
 
 def test_dense_causal_mix_matches_loop():
     n, d = 12, 5
     w, x, c = _rand(0, n, n), _rand(1, 2, n, d), _rand(2, n)
-    y = mixing.add_position_bias(mixing.dense_causal_mix(jnp.asarray(w), jnp.asarray(x)), jnp.asarray(c))
+    y = mixing_math.add_position_bias(mixing_math.dense_causal_mix(jnp.asarray(w), jnp.asarray(x)), jnp.asarray(c))
     np.testing.assert_allclose(np.asarray(y), _loop_causal_mix(w, x, c), rtol=1e-5, atol=1e-5)
     # causal_mix dispatcher, flat
     y2 = mixing.causal_mix(jnp.asarray(x), mixing="flat", w=jnp.asarray(w), c=jnp.asarray(c))
@@ -59,12 +59,12 @@ def test_dense_causal_mix_matches_loop():
 @pytest.mark.parametrize("n", [1, 7, 64, 512])
 def test_toeplitz_fft_equals_dense(n):
     v, x = _rand(n, n), _rand(n + 1, 2, n, 6)
-    dense = np.asarray(mixing.toeplitz_mix_dense(jnp.asarray(v), jnp.asarray(x)))
-    fft = np.asarray(mixing.toeplitz_mix_fft(jnp.asarray(v), jnp.asarray(x)))
+    dense = np.asarray(mixing_math.toeplitz_mix_dense(jnp.asarray(v), jnp.asarray(x)))
+    fft = np.asarray(mixing_math.toeplitz_mix_fft(jnp.asarray(v), jnp.asarray(x)))
     scale = np.abs(dense).max()
     np.testing.assert_allclose(fft, dense, rtol=0, atol=2e-6 * scale)
     # the dense Toeplitz path against the loop definition
-    t = np.asarray(mixing.toeplitz_matrix(jnp.asarray(v)))
+    t = np.asarray(mixing_math.toeplitz_matrix(jnp.asarray(v)))
     if n <= 64:
         np.testing.assert_allclose(dense, _loop_causal_mix(t, x, np.zeros(n)), rtol=1e-5, atol=1e-4)
 
@@ -72,14 +72,14 @@ def test_toeplitz_fft_equals_dense(n):
 def test_headed_toeplitz_fft_equals_dense():
     n, h, k = 128, 3, 4
     v, x = _rand(0, h, n), _rand(1, 2, n, h, k)
-    dense = np.asarray(mixing.headed_toeplitz_mix_dense(jnp.asarray(v), jnp.asarray(x)))
-    fft = np.asarray(mixing.headed_toeplitz_mix_fft(jnp.asarray(v), jnp.asarray(x)))
+    dense = np.asarray(mixing_math.headed_toeplitz_mix_dense(jnp.asarray(v), jnp.asarray(x)))
+    fft = np.asarray(mixing_math.headed_toeplitz_mix_fft(jnp.asarray(v), jnp.asarray(x)))
     np.testing.assert_allclose(fft, dense, rtol=0, atol=2e-6 * np.abs(dense).max())
 
 
 def test_fft_bf16_input_returns_bf16():
     v, x = jnp.asarray(_rand(0, 16)), jnp.asarray(_rand(1, 1, 16, 4)).astype(jnp.bfloat16)
-    assert mixing.toeplitz_mix_fft(v, x).dtype == jnp.bfloat16
+    assert mixing_math.toeplitz_mix_fft(v, x).dtype == jnp.bfloat16
 
 
 def test_straight_through_same_forward_unmasked_gradient():
@@ -88,10 +88,10 @@ def test_straight_through_same_forward_unmasked_gradient():
     g_out = jnp.asarray(_rand(2, 2, n, d))
 
     def loss(w, mode):
-        return jnp.sum(mixing.dense_causal_mix(w, x, mode) * g_out)
+        return jnp.sum(mixing_math.dense_causal_mix(w, x, mode) * g_out)
 
-    y_m = mixing.dense_causal_mix(w, x, "masked")
-    y_st = mixing.dense_causal_mix(w, x, "straight_through")
+    y_m = mixing_math.dense_causal_mix(w, x, "masked")
+    y_st = mixing_math.dense_causal_mix(w, x, "straight_through")
     np.testing.assert_array_equal(np.asarray(y_st), np.asarray(y_m))  # bit-identical forward
     g_m = np.asarray(jax.grad(loss)(w, "masked"))
     g_st = np.asarray(jax.grad(loss)(w, "straight_through"))
@@ -192,7 +192,7 @@ def test_kernel_mix_matches_loop(k, causal):
 
 def test_kernel_padding_is_asymmetric_extra_pad_right():
     """k=4: output feature f reads features f−1 .. f+2 (P_L = 1, P_R = 2)."""
-    taps = np.asarray(mixing.feature_taps(jnp.arange(1.0, 6.0), 4))  # x = [1..5]
+    taps = np.asarray(mixing_math.feature_taps(jnp.arange(1.0, 6.0), 4))  # x = [1..5]
     np.testing.assert_array_equal(taps[:, 0], [0, 1, 2, 3])  # f = 0 reads x_{-1}=0, x_0, x_1, x_2
     np.testing.assert_array_equal(taps[:, 4], [4, 5, 0, 0])  # f = 4 reads x_3, x_4, 0, 0
 
@@ -222,8 +222,8 @@ def test_kernel_module_headed_and_one_tap_matches_flat():
                                   np.asarray(default.apply({"params": p0}, x)))
     # a one-tap kernel computes the flat mix
     w = jnp.asarray(_rand(3, n, n))
-    np.testing.assert_allclose(np.asarray(mixing.kernel_mix(mixing.mask_weight(w)[..., None], x)),
-                               np.asarray(mixing.dense_causal_mix(w, x)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(mixing_math.kernel_mix(mixing_math.mask_weight(w)[..., None], x)),
+                               np.asarray(mixing_math.dense_causal_mix(w, x)), rtol=1e-5, atol=1e-6)
 
 
 def test_kernel_reference_init_uses_fan_in_n_times_k():
@@ -243,7 +243,7 @@ def test_unmasked_flat_and_two_sided_toeplitz_match_loops():
     ref = np.einsum("ij,bjd->bid", w.astype(np.float64), x) + c[None, :, None]
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
     v = _rand(3, 2 * n - 1)
-    t = np.asarray(mixing.toeplitz_matrix_two_sided(jnp.asarray(v)))
+    t = np.asarray(mixing_math.toeplitz_matrix_two_sided(jnp.asarray(v)))
     for i in range(n):
         for j in range(n):
             assert t[i, j] == v[i - j + n - 1]  # v_{n-1}: current token; v_{n-1+m}: m back
@@ -256,13 +256,13 @@ def test_unmasked_flat_and_two_sided_toeplitz_match_loops():
 @pytest.mark.parametrize("n", [1, 5, 64])
 def test_two_sided_toeplitz_fft_equals_dense(n):
     v, x = _rand(n, 2 * n - 1), _rand(n + 1, 2, n, 3)
-    dense = np.asarray(mixing.dense_mix(mixing.toeplitz_matrix_two_sided(jnp.asarray(v)), jnp.asarray(x)))
-    fft = np.asarray(mixing.toeplitz_two_sided_fft(jnp.asarray(v), jnp.asarray(x)))
+    dense = np.asarray(mixing_math.dense_mix(mixing_math.toeplitz_matrix_two_sided(jnp.asarray(v)), jnp.asarray(x)))
+    fft = np.asarray(mixing_math.toeplitz_two_sided_fft(jnp.asarray(v), jnp.asarray(x)))
     np.testing.assert_allclose(fft, dense, rtol=0, atol=2e-6 * np.abs(dense).max())
     vh, xh = _rand(7, 2, 2 * n - 1), _rand(8, 2, n, 2, 3)  # headed
-    dense_h = np.asarray(mixing.headed_dense_mix(mixing.toeplitz_matrix_two_sided(jnp.asarray(vh)),
+    dense_h = np.asarray(mixing_math.headed_dense_mix(mixing_math.toeplitz_matrix_two_sided(jnp.asarray(vh)),
                                                  jnp.asarray(xh)))
-    fft_h = np.asarray(mixing.toeplitz_two_sided_fft(jnp.asarray(vh), jnp.asarray(xh)))
+    fft_h = np.asarray(mixing_math.toeplitz_two_sided_fft(jnp.asarray(vh), jnp.asarray(xh)))
     np.testing.assert_allclose(fft_h, dense_h, rtol=0, atol=2e-6 * np.abs(dense_h).max())
 
 

@@ -12,7 +12,7 @@ from flax import linen as nn
 
 from mixers_jax.config import base_config
 from mixers_jax.errors import UserError
-from mixers_jax.models import build_model, mixing
+from mixers_jax.models import build_model, mixing, mixing_math
 
 V, N, D, L, B = 64, 16, 32, 2, 3
 
@@ -147,22 +147,22 @@ def test_srm_parallel_matches_loops(kind, lam):
 
 
 def test_mixed_heads_are_half_column_half_row():
-    is_col = np.asarray(mixing.srm_is_col("mixed", 4))
+    is_col = np.asarray(mixing_math.srm_is_col("mixed", 4))
     np.testing.assert_array_equal(is_col, [True, True, False, False])
     v = jnp.arange(1.0, 5.0)[None].repeat(4, 0) * jnp.arange(1.0, 5.0)[:, None]  # [H=4, n=4]
-    a = np.asarray(mixing.srm_matrix(v, jnp.ones(4), mixing.srm_is_col("mixed", 4)))
+    a = np.asarray(mixing_math.srm_matrix(v, jnp.ones(4), mixing_math.srm_is_col("mixed", 4)))
     np.testing.assert_allclose(a[0], np.tril(np.asarray(v[0])[:, None] * np.ones((4, 4))))  # v_i
     np.testing.assert_allclose(a[3], np.tril(np.ones((4, 4)) * np.asarray(v[3])[None, :]))  # v_j
 
 
 def test_clipped_decay_value_and_gradient():
     lam = jnp.asarray([0.85, 0.9, 0.95, 1.0, 1.05], jnp.float32)
-    np.testing.assert_allclose(np.asarray(mixing.clip_decay(lam)), [0.9, 0.9, 0.95, 1.0, 1.0])
-    grad = jax.vmap(jax.grad(mixing.clip_decay))(lam)
+    np.testing.assert_allclose(np.asarray(mixing_math.clip_decay(lam)), [0.9, 0.9, 0.95, 1.0, 1.0])
+    grad = jax.vmap(jax.grad(mixing_math.clip_decay))(lam)
     np.testing.assert_array_equal(np.asarray(grad), [0.0, 1.0, 1.0, 1.0, 0.0])
     # κ = n/512: δ = clip(λ)^(512/n)
-    np.testing.assert_allclose(float(mixing.srm_delta(jnp.float32(0.95), 1024)), 0.95**0.5, rtol=1e-6)
-    assert float(mixing.srm_delta(jnp.float32(0.95), 1024, decay=False)) == 1.0
+    np.testing.assert_allclose(float(mixing_math.srm_delta(jnp.float32(0.95), 1024)), 0.95**0.5, rtol=1e-6)
+    assert float(mixing_math.srm_delta(jnp.float32(0.95), 1024, decay=False)) == 1.0
 
 
 def test_srm_init_and_gradient_reaches_decay():

@@ -41,7 +41,7 @@ The reference trained with the straight-through mask and
 overwrote its stored weights with the masked value only at the start of each forward, so its
 checkpoints (and our own ``mask_grad='straight_through'`` parameters) hold non-zero, drifting entries
 above the diagonal. They never affect our forward pass (the mask is applied functionally), but
-importers and anything reading ``w`` directly must apply ``w = tril(w)`` (``mixing.mask_weight``).
+importers and anything reading ``w`` directly must apply ``w = tril(w)`` (``mixing_math.mask_weight``).
 """
 from __future__ import annotations
 

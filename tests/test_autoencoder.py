@@ -348,10 +348,10 @@ def test_mixer_autoencoder_learns_to_reconstruct_held_out_english():
     the embedded corpus's training documents reconstructs ≥ 90% of the bytes of 256 windows from the
     held-out documents, none of which occurs anywhere in the training text (0.95-0.97 measured
     over seven seeds; the test uses seed 0)."""
-    from mixers_jax.data import sources
+    from mixers_jax.data import embedded, sources
 
     n, steps, batch = 16, 500, 32
-    train_docs, val_docs = sources.split_documents(sources.embedded_corpus(), 0.05)
+    train_docs, val_docs = sources.split_documents(embedded.embedded_corpus(), 0.05)
     train = "\n".join(train_docs).encode("utf-8")
     val = "\n".join(val_docs).encode("utf-8")
     rng = np.random.default_rng(0)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mixers_jax.config import base_config
-from mixers_jax.data import sources
+from mixers_jax.data import embedded, sources
 from mixers_jax.data.pipeline import (
     build_data,
     count_windows,
@@ -21,7 +21,8 @@ from mixers_jax.data.pipeline import (
     set_iterator_state,
     tokenize_documents,
 )
-from mixers_jax.data.sources import embedded_corpus, load_documents, split_documents
+from mixers_jax.data.embedded import embedded_corpus
+from mixers_jax.data.sources import load_documents, split_documents
 from mixers_jax.data.tokenizer import Tokenizer
 from mixers_jax.errors import UserError
 from mixers_jax.workdir import TOKENIZER_FILE
@@ -230,7 +231,7 @@ def test_split_is_deterministic_disjoint_and_ordered():
 
 def test_embedded_corpus_and_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MIXERS_JAX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(sources, "_memo", {})
+    monkeypatch.setattr(embedded, "_memo", {})
     docs = embedded_corpus()
     text = "\n".join(docs)
     assert len(text.encode()) > 1_000_000 and len(docs) > 200
@@ -238,15 +239,15 @@ def test_embedded_corpus_and_cache(tmp_path, monkeypatch):
         assert word in text
     (cache,) = os.listdir(tmp_path / "cache")
     assert cache.startswith("embedded_corpus-")
-    sources._memo.clear()
+    embedded._memo.clear()
     assert embedded_corpus() == docs  # read back from the cache
     assert load_documents(_cfg(source="embedded", max_documents=5)) == docs[:5]
     path = tmp_path / "cache" / cache
     path.write_bytes(path.read_bytes()[:-100])  # corrupt: rebuilt, never trusted
-    sources._memo.clear()
-    monkeypatch.setattr(sources, "build_embedded_corpus", lambda: ["rebuilt"])
+    embedded._memo.clear()
+    monkeypatch.setattr(embedded, "build_embedded_corpus", lambda: ["rebuilt"])
     assert embedded_corpus() == ["rebuilt"]
-    sources._memo.clear()
+    embedded._memo.clear()
     assert embedded_corpus() == ["rebuilt"]  # and the cache was rewritten
 
 

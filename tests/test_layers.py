@@ -20,8 +20,8 @@ PACKAGE = "mixers_jax"
 LAYERS = {
     "base": ["__init__", "errors", "fileio", "cli"],
     "config": ["config"],
-    "data and models": ["data", "data.sources", "data.tokenizer", "data.pipeline", "models",
-                        "models.*", "sharding"],
+    "data and models": ["data", "data.chunking", "data.embedded", "data.sources", "data.tokenizer",
+                        "data.pipeline", "models", "models.*", "sharding"],
     "training parts": ["objectives", "metrics", "target_bytes", "checkpoint", "lock", "flops"],
     "training setup": ["steps", "curriculum", "workdir"],
     "trainer": ["trainer"],

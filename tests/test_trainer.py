@@ -246,7 +246,7 @@ def test_non_finite_evaluation_stops_the_run(tmp_path, monkeypatch):
     def nan_eval(steps, params, eval_batches):
         return {"clm": {"loss": float("nan"), "accuracy": 0.0, "bpb": float("nan")}}
 
-    from mixers_jax.data.sources import embedded_corpus
+    from mixers_jax.data.embedded import embedded_corpus
 
     data = tmp_path / "data"  # the smoke corpus as files, one with 3 bytes of invalid UTF-8
     data.mkdir()

@@ -8,9 +8,9 @@ import importlib
 
 _EXPORTS = {
     "load_documents": "sources",
-    "embedded_corpus": "sources",
+    "embedded_corpus": "embedded",
     "split_documents": "sources",
-    "chunk_text": "sources",
+    "chunk_text": "chunking",
     "Tokenizer": "tokenizer",
     "tokenize_documents": "pipeline",
     "count_windows": "pipeline",

@@ -78,3 +78,23 @@ def test_missing_arguments_exit_2_with_one_line(script, args):
                           timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("status,requeued", [(75, True), (0, False), (2, False)])
+def test_slurm_requeues_a_preempted_run(tmp_path, status, requeued):
+    """Exit status 75 (preempted, checkpoint saved) puts the job back in the queue; others end it.
+    ``srun`` and ``scontrol`` are stand-ins that record their calls."""
+    calls = tmp_path / "calls"
+    for name, body in (("srun", f"echo srun >> {calls}; exit {status}"),
+                       ("scontrol", f'echo "scontrol $*" >> {calls}')):
+        stub = tmp_path / name
+        stub.write_text(f"#!/bin/sh\n{body}\n")
+        stub.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{tmp_path}:/usr/bin:/bin", SLURM_JOB_ID="123", SLURM_JOB_NUM_NODES="1")
+    proc = subprocess.run(["bash", os.path.join(LAUNCH, "slurm.sbatch"), *TRAIN], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert proc.returncode == status
+    lines = calls.read_text().splitlines()
+    assert lines[0] == "srun"
+    assert ("scontrol requeue 123" in lines) == requeued

@@ -61,6 +61,11 @@ class CheckpointDamagedError(UserError):
     """A checkpoint fails its integrity record, or orbax cannot read it."""
 
 
+class CheckpointMismatchError(UserError):
+    """An intact checkpoint (its integrity record verified) that does not fit the restore target:
+    the run's configuration changed the shapes or the structure of what it stores."""
+
+
 class CheckpointWriteError(OSError):
     """A save failed (disk full, permissions, ...); nothing of it is left behind."""
 
@@ -154,16 +159,19 @@ def verify_step_dir(step: int, step_dir: str) -> Verdict:
             files = json.loads(f.read())["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return Verdict(step, True, f"{INTEGRITY_FILE}: unreadable ({e})")
-    for rel, want in files.items():
-        path = os.path.join(step_dir, rel)
-        if not os.path.isfile(path):
-            return Verdict(step, True, f"{rel}: missing")
-        size = os.path.getsize(path)
-        if size != want["size"]:
-            return Verdict(step, True, f"{rel}: {size} bytes, expected {want['size']}")
-    for rel, want in files.items():
-        if _sha256(os.path.join(step_dir, rel)) != want["sha256"]:
-            return Verdict(step, True, f"{rel}: hash mismatch")
+    try:
+        for rel, want in files.items():
+            path = os.path.join(step_dir, rel)
+            if not os.path.isfile(path):
+                return Verdict(step, True, f"{rel}: missing")
+            size = os.path.getsize(path)
+            if size != want["size"]:
+                return Verdict(step, True, f"{rel}: {size} bytes, expected {want['size']}")
+        for rel, want in files.items():
+            if _sha256(os.path.join(step_dir, rel)) != want["sha256"]:
+                return Verdict(step, True, f"{rel}: hash mismatch")
+    except OSError as e:  # e.g. the step was deleted while being read (a live run keeps k)
+        return Verdict(step, True, f"unreadable ({e.strerror or e})")
     return Verdict(step, True)
 
 
@@ -426,6 +434,12 @@ class Checkpointer:
                 try:
                     result = restore_step(step)
                 except CheckpointDamagedError as e:
+                    if not os.path.isdir(self.step_dir(step)):
+                        continue  # removed meanwhile by the live run (it keeps the last k)
+                    if verdict.recorded:  # the files are exactly those written: not damage
+                        raise CheckpointMismatchError(
+                            f"checkpoint {step} in {self.directory} is intact but does not fit this "
+                            f"run's configuration: {str(e).split(': ', 1)[-1]}") from None
                     damaged.append((step, str(e)))
                     continue
                 for bad, why in damaged:
@@ -438,6 +452,8 @@ class Checkpointer:
                 if not verdict.recorded:
                     self._log(_UNVERIFIED.format(step=step))
                 return step, result
+            if not os.path.isdir(self.step_dir(step)):
+                continue  # removed meanwhile by the live run (it keeps the last k)
             damaged.append((step, verdict.problem))
         if damaged:
             details = "; ".join(f"{s}: {why}" for s, why in damaged)

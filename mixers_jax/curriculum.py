@@ -71,11 +71,14 @@ def stages(config) -> list[Stage]:
 
 
 def stage_at(stage_list: list[Stage], step: int) -> Stage:
-    """The stage that produced a checkpoint at ``step`` (step 0: the first)."""
+    """The stage that produced a checkpoint at ``step`` (step 0: the first); UserError for a step
+    beyond the last stage."""
+    if step <= 0:
+        return stage_list[0]
     for st in stage_list:
         if st.start < step <= st.end:
             return st
-    return stage_list[0]
+    raise UserError(f"step {step} lies beyond the run's last step {stage_list[-1].end}")
 
 
 def stage_config(config, stage: Stage):

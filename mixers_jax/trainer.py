@@ -56,8 +56,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"train.lr must be positive, got {t.lr}")
     if t.warmup_steps < 0:
         raise UserError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
-    if t.keep_checkpoints < 1:
-        raise UserError(f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+    ckpt_lib.check_keep(t.keep_checkpoints)
     if t.schedule not in ("linear", "cosine"):
         raise UserError(f"train.schedule must be 'linear' or 'cosine', got {t.schedule!r}")
     if config.data.packing not in ("concat", "pad"):
@@ -130,8 +129,10 @@ def _run_locked(config, workdir: str, *, stop_at_step, record_batches) -> dict:
     config = workdir_lib.with_init_tokenizer(config, stage_list)
     changes = workdir_lib.config_changes(workdir, config) if resuming else []
     restored_tokenizer = None
-    if workdir_lib.checkpoint_steps(workdir):
+    saved_steps = workdir_lib.checkpoint_steps(workdir)
+    if saved_steps:
         workdir_lib.check_resume_changes(workdir, changes)
+        workdir_lib.check_resume_length(workdir, max(saved_steps), stage_list[-1].end)
         restored_tokenizer = workdir_lib.resume_tokenizer(config, workdir)
 
     tokenizer_path = os.path.join(workdir, workdir_lib.TOKENIZER_FILE)

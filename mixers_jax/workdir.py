@@ -111,23 +111,27 @@ def check_workdir_compatible(config, workdir: str) -> bool:
     """True when ``workdir`` holds an earlier run of this model; raises if it holds another model
     (a field added to the schema after the workdir was made counts as its default value)."""
     check_is_folder(workdir)
-    saved = _read_saved(workdir)
-    if saved is None:
+    if _read_saved(workdir) is None:
         return False
-    old = _flatten(with_defaults({"model": saved.get("model", {})}).model.to_dict(), "model.")
-    new = _flatten(config.model.to_dict(), "model.")
-    diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    diff = [c for c in config_changes(workdir, config) if c[0].startswith("model.")]
     if diff:
-        shown = ", ".join(f"{k}={old.get(k)!r} (saved) vs {new.get(k)!r}" for k in diff[:3])
+        shown = ", ".join(f"{k}={old!r} (saved) vs {new!r}" for k, old, new in diff[:3])
         raise UserError(
             f"workdir {workdir} holds a different model ({shown}); use another --workdir"
         )
     return True
 
 
-# Settings a resumed run may not change: the data iterator's saved state (which rows come next)
-# only means the same thing for the same documents, split, packing, tokenizer and shuffle seed.
-FIXED_ON_RESUME = ("data.", "seed")
+# Settings a resumed run may not change (a key, or a section ending in '.'): the data iterator's
+# saved state (which rows come next) only means the same thing for the same documents, split,
+# packing, tokenizer, shuffle seed and batch size; the saved optimizer state has the structure that
+# the frozen groups and the stages give it.
+FIXED_ON_RESUME = ("data.", "seed", "train.batch_size", "train.frozen", "train.stages",
+                   "train.frozen_encoder_embedding")
+
+
+def _fixed_on_resume(key: str) -> bool:
+    return any(key.startswith(f) if f.endswith(".") else key == f for f in FIXED_ON_RESUME)
 
 
 def config_changes(workdir: str, config) -> list[tuple[str, Any, Any]]:
@@ -145,13 +149,23 @@ def config_changes(workdir: str, config) -> list[tuple[str, Any, Any]]:
 
 
 def check_resume_changes(workdir: str, changes: list[tuple[str, Any, Any]]) -> None:
-    """UserError when ``changes`` touch a setting the data iterator depends on (data.*, seed)."""
-    fixed = [c for c in changes if c[0] == "seed" or c[0].startswith(FIXED_ON_RESUME[0])]
+    """UserError when ``changes`` touch a setting of :data:`FIXED_ON_RESUME`."""
+    fixed = [c for c in changes if _fixed_on_resume(c[0])]
     if fixed:
         shown = ", ".join(f"{k}={old!r} (saved) vs {new!r}" for k, old, new in fixed[:3])
-        raise UserError(f"workdir {workdir} was trained with other data settings ({shown}); data.* and "
-                        "seed cannot change on resume (the saved data order would no longer match); "
-                        "use another --workdir")
+        raise UserError(f"workdir {workdir} was trained with other settings ({shown}); data.*, seed, "
+                        "train.batch_size, train.frozen and train.stages cannot change on resume (the "
+                        "saved data order and optimizer state would no longer match); use another "
+                        "--workdir")
+
+
+def check_resume_length(workdir: str, latest_step: int, total_steps: int) -> None:
+    """UserError when the workdir's newest checkpoint lies beyond the run's last step (train.steps
+    or the stages were shortened): the run would have nothing to train and no stage to resume."""
+    if latest_step > total_steps:
+        raise UserError(f"workdir {workdir} holds a checkpoint at step {latest_step}, beyond this "
+                        f"run's {total_steps} steps; give at least that many steps or another "
+                        "--workdir")
 
 
 def describe_changes(changes: list[tuple[str, Any, Any]]) -> str:

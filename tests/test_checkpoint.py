@@ -165,6 +165,19 @@ def test_no_intact_checkpoint_names_the_folder(tmp_path):
     assert empty.restore_latest(lambda s: 1 / 0) is None and empty.latest_intact_step() is None
 
 
+def test_intact_checkpoint_that_does_not_fit_the_config_is_not_called_damaged(tmp_path):
+    """A verified checkpoint whose structure differs from the restore target (the run's settings
+    changed) is a one-line error; nothing is set aside and no older step is silently used."""
+    ck, states, messages = _saved(tmp_path)
+    other = _abstract(states[8]).replace(
+        params={"dense": {"kernel": jax.ShapeDtypeStruct((16, 4), jnp.float32)}})
+    with pytest.raises(ckpt_lib.CheckpointMismatchError,
+                       match="checkpoint 8 in .* is intact but does not fit this run's configuration"):
+        ck.restore_latest(lambda s: ck.restore(s, other))
+    assert ck.all_steps() == [6, 8] and not messages
+    ck.close()
+
+
 def _write_legacy(directory, steps_states):
     """A checkpoint folder as older versions wrote it: one ``state`` item, no integrity record."""
     manager = ocp.CheckpointManager(

@@ -318,16 +318,22 @@ def test_resume_after_a_damaged_latest_checkpoint_gives_the_same_result(smoke_ru
 def test_resume_accepts_train_changes_records_them_and_refuses_data_and_seed(smoke_runs, tmp_path):
     config, _, stopped = smoke_runs
     workdir = _copy(stopped, tmp_path)
-    for key, value in (("data.max_documents", 200), ("data.packing", "pad"), ("seed", 7)):
+    for key, value in (("data.max_documents", 200), ("data.packing", "pad"), ("seed", 7),
+                       ("train.batch_size", 16), ("train.frozen", "embed")):
         changed = load_config(SMOKE)
         changed.unlock()
         section, _, name = key.rpartition(".")
         (changed[section] if section else changed)[name] = value
         before = snapshot(workdir)
-        with pytest.raises(UserError, match=rf"other data settings \({re.escape(key)}=.*\(saved\) vs "
-                                            rf"{value!r}\); data\.\* and seed cannot change on resume"):
+        with pytest.raises(UserError, match=rf"other settings \({re.escape(key)}=.*\(saved\) vs "
+                                            rf"{value!r}\); data\.\*, seed, .* cannot change on resume"):
             trainer.run(changed, workdir)
         assert snapshot(workdir) == before
+    shorter = _smoke(checkpoint_every=1, steps=3)  # the workdir holds step 4
+    before = snapshot(workdir)
+    with pytest.raises(UserError, match=r"checkpoint at step 4, beyond this run's 3 steps"):
+        trainer.run(shorter, workdir)
+    assert snapshot(workdir) == before
     longer = _smoke(checkpoint_every=1, steps=5)
     summary = trainer.run(longer, workdir)
     assert summary["final_step"] == 5

@@ -58,7 +58,10 @@ model.embed_bits        bits per stored embedding number in the compression acco
                         (docs/metrics.md#stored-embedding-accounting)
 model.qat_noise         q > 0: uniform noise U(-q, q) added to the embedding in training
                         (docs/bottleneck.md#qat-noise)
-train.objective         clm | autoencode | copy | blank_copy | combined (objectives.py)
+data.split              hash (default: data.val_fraction held out by a hash of the text) | first
+                        (the first data.test_documents documents of the source held out)
+train.objective         clm | autoencode | copy | blank_copy | combined (objectives.py);
+                        copy_full / blank_copy_full: the copy ones on rows without pads only
 train.eval_objectives   objectives evaluated (logged as eval/<name>/...); empty: the training one
 train.frozen            comma-separated top-level parameter groups that training leaves unchanged
 train.init_from         workdir whose latest checkpoint initialises the subtrees in train.init_map
@@ -204,7 +207,9 @@ def base_config() -> ml_collections.ConfigDict:
             format="auto",  # auto | text | jsonl | parquet
             text_field="text",  # JSONL / Parquet column holding the text
             val_fraction=0.05,  # share of documents (chosen by a hash of the text) held out
-            packing="concat",  # concat (stream + EOS, cut windows) | pad (one document per row)
+            split="hash",  # hash (val_fraction by a hash of the text) | first (test_documents)
+            test_documents=0,  # split='first': the first N documents of the source are held out
+            packing="concat",  # concat (stream + EOS, cut windows) | pad (one doc per row, truncated)
             tokenizer_model="",  # existing sentencepiece .model; empty: train one in the workdir
             tokenizer_max_chars=20_000_000,  # training text cap for the tokenizer trainer
             max_documents=0,  # 0: all

@@ -38,7 +38,7 @@ import numpy as np
 
 from mixers_jax import metrics, sharding
 from mixers_jax import objectives as objectives_lib
-from mixers_jax.config import input_length
+from mixers_jax.config import field, input_length
 from mixers_jax.curriculum import eval_objective_names, stage_at, stage_config, stages
 from mixers_jax.data import pipeline, sources
 from mixers_jax.environment import environment
@@ -115,10 +115,10 @@ def eval_rows(config, tokenizer, data: str | None = None, max_rows: int = 0,
         docs = sources.load_documents(data_cfg)
         what = str(data)
     else:
-        val_fraction = float(config.data.val_fraction)
-        if val_fraction <= 0:
+        split = str(field(config.data, "split", "hash"))
+        if split == "hash" and float(config.data.val_fraction) <= 0:
             raise UserError("the run has no validation split (data.val_fraction=0); give --data=PATH")
-        docs = sources.split_documents(sources.load_documents(config.data), val_fraction)[1]
+        docs = sources.split_for_config(sources.load_documents(config.data), config.data)[1]
         what = f"validation split of {config.data.source}"
         if not docs:
             raise UserError(f"the {what} is empty; give --data=PATH")

@@ -21,6 +21,8 @@ Objectives (docs/objectives.md):
   reports it). Other kinds: the plain shifted CLM.
 * ``copy``: input [t_{0:N/2}, t_{0:N/2}], labels [∅^{N/2}, t_{0:N/2}] (pads of the copied half stay ∅).
 * ``blank_copy``: input [t_{0:N/2}, pad^{N/2}], the same labels; the copy must come from the memories.
+* ``copy_full`` / ``blank_copy_full``: ``copy`` / ``blank_copy`` counted only on rows with no pad
+  token (every chunk real text, the published copy evaluation); other rows contribute no targets.
 * ``combined``: two passes per batch, (t, CLM labels) and the copy pass (``train.copy_pass`` 'blank'
   or 'copy'), L = L_clm + L_copy (per-chunk losses of both summed, divided by s once). With
   ``train.copy_delimiter`` D ≥ 0 the copy pass writes D at input positions N/2..N/2+2 and makes labels
@@ -208,12 +210,32 @@ def _clm_factory(ctx: ObjectiveContext) -> Objective:
     return chunked_clm
 
 
-def _copy_factory(mode: str, name: str) -> Callable[[ObjectiveContext], Objective]:
+def full_rows(tokens_BxN: jax.Array, pad_id: int) -> jax.Array:
+    """bool [B]: True for a row with no pad token (every chunk is real text; pad = eos, so under
+    concat packing a row holding a document boundary is not full either)."""
+    return jnp.all(tokens_BxN != pad_id, axis=1)
+
+
+def keep_full_rows(batch: dict, pad_id: int) -> dict:
+    """``batch`` with ``loss_mask`` and ``token_bytes`` zeroed on every row that holds a pad, so
+    only full rows count (docs/objectives.md#full-row-copy-evaluation)."""
+    keep_Bx1 = full_rows(batch["tokens"], pad_id)[:, None]
+    return dict(
+        batch,
+        loss_mask=jnp.where(keep_Bx1, batch["loss_mask"], jnp.zeros_like(batch["loss_mask"])),
+        token_bytes=jnp.where(keep_Bx1, batch["token_bytes"], jnp.zeros_like(batch["token_bytes"])),
+    )
+
+
+def _copy_factory(mode: str, name: str, full_only: bool = False
+                  ) -> Callable[[ObjectiveContext], Objective]:
     def factory(ctx: ObjectiveContext) -> Objective:
         _row_length(ctx, name)
         chunks, pad_id = _chunks(ctx), int(ctx.pad_id)
 
         def copy_loss(apply_fn: Callable, params, batch):
+            if full_only:
+                batch = keep_full_rows(batch, pad_id)
             cb = copy_batch(batch, mode, pad_id)
             total, s, sums = _loss_terms(apply_fn(params, cb["tokens"]), cb["targets"],
                                          cb["loss_mask"], cb["token_bytes"], chunks)
@@ -257,6 +279,8 @@ OBJECTIVES: dict[str, Callable[[ObjectiveContext], Objective]] = {
     "autoencode": lambda ctx: autoencode,
     "copy": _copy_factory("copy", "copy"),
     "blank_copy": _copy_factory("blank", "blank_copy"),
+    "copy_full": _copy_factory("copy", "copy_full", full_only=True),
+    "blank_copy_full": _copy_factory("blank", "blank_copy_full", full_only=True),
     "combined": _combined_factory,
 }
 

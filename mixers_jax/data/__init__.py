@@ -10,6 +10,8 @@ _EXPORTS = {
     "load_documents": "sources",
     "embedded_corpus": "embedded",
     "split_documents": "sources",
+    "split_first": "sources",
+    "split_for_config": "sources",
     "chunk_text": "chunking",
     "Tokenizer": "tokenizer",
     "tokenize_documents": "pipeline",

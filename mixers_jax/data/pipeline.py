@@ -14,8 +14,13 @@ Packing:
 
 * ``concat``: all documents streamed, each followed by one EOS, cut into consecutive non-overlapping
   n_ctx windows; the tail shorter than n_ctx is dropped. A window's first token is never a target.
-* ``pad``: one document per row, truncated to n_ctx, right-padded with pad_id (= eos). No EOS is added
-  to a document (the first pad plays that role as an input, but is never a target).
+* ``pad``: one document per row, truncated to its first n_ctx tokens (the rest of the document is
+  dropped, not carried into another row), right-padded with pad_id (= eos: the tokenizer has a single
+  id for both). No EOS is added to a document (the first pad plays that role as an input, but is never
+  a target). This is the published convention; there is no separate 'truncate' packing.
+
+Split (``data.split``): 'hash' (default; ``data.val_fraction`` by a hash of each text) or 'first'
+(the first ``data.test_documents`` documents of the source are held out, the rest train).
 
 Multi-host: the rows (windows or documents) are cut to a multiple of ``process_count`` and process p
 takes rows ``p, p + P, p + 2P, ...``, so every process has the same number of rows and of batches
@@ -34,7 +39,7 @@ import grain
 import numpy as np
 
 from mixers_jax.config import CHUNKED_KINDS, field, input_length
-from mixers_jax.data.sources import read_documents, split_documents
+from mixers_jax.data.sources import read_documents, split_for_config
 from mixers_jax.data.tokenizer import Tokenizer
 from mixers_jax.errors import UserError
 
@@ -117,7 +122,7 @@ def _too_small(
     n_tokens = sum(len(d) for d in token_docs)
     unit = f"windows of n_ctx={n_ctx}" if packing == "concat" else "documents (packing=pad)"
     per = f" ({rows // process_count} per process over {process_count})" if process_count > 1 else ""
-    more = "more data" if split == "train" else "a larger data.val_fraction"
+    more = "more data" if split == "train" else "a larger data.val_fraction or data.test_documents"
     smaller_ctx = "a smaller model.n_ctx, " if packing == "concat" else ""
     hint = f"use {more}, {smaller_ctx}or a smaller train.batch_size"
     return UserError(
@@ -273,11 +278,14 @@ def build_data(
     val_fraction = float(field(data_cfg, "val_fraction", 0.05))
 
     docs, source_stats = read_documents(data_cfg)
-    train_docs, val_docs = split_documents(docs, val_fraction)
+    train_docs, val_docs = split_for_config(docs, data_cfg)
+    split = str(field(data_cfg, "split", "hash"))
     source = field(data_cfg, "source", "embedded")
     if not train_docs:
-        raise UserError(f"data at {source} leaves no training documents (val_fraction={val_fraction})")
-    if val_fraction > 0 and not val_docs:
+        held = (f"test_documents={field(data_cfg, 'test_documents', 0)}" if split == "first"
+                else f"val_fraction={val_fraction}")
+        raise UserError(f"data at {source} leaves no training documents ({held})")
+    if split == "hash" and val_fraction > 0 and not val_docs:
         raise UserError(
             f"data at {source} has a single distinct document; the validation split would be empty "
             "(use more documents or data.val_fraction=0)"

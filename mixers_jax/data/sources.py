@@ -36,6 +36,7 @@ import os
 import threading
 from typing import Iterator
 
+from mixers_jax.config import field as _field
 from mixers_jax.errors import UserError
 from mixers_jax.data.chunking import chunk_text
 from mixers_jax.data.embedded import embedded_corpus
@@ -341,6 +342,8 @@ def _read_parquet_file(path: str, field: str, stats: SourceStats) -> Iterator[st
 # --------------------------------------------------------------------------------------------------
 # Deterministic split
 
+SPLITS = ("hash", "first")
+
 
 def _doc_hash(doc: str) -> int:
     digest = hashlib.blake2b(doc.encode("utf-8", errors="surrogatepass"), digest_size=8).digest()
@@ -373,3 +376,30 @@ def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], li
     train = [d for d, v in zip(docs, is_val) if not v]
     val = [d for d, v in zip(docs, is_val) if v]
     return train, val
+
+
+def split_first(docs: list[str], test_documents: int) -> tuple[list[str], list[str]]:
+    """(train, test) = (docs[N:], docs[:N]): the first N documents of the source, in source order,
+    are held out (the published convention: FineWeb's first 50k documents).
+
+    Raises:
+        UserError: N < 1, or N larger than the source.
+    """
+    n = int(test_documents)
+    if n < 1:
+        raise UserError(f"data.split='first' needs data.test_documents >= 1, got {n}")
+    if n > len(docs):
+        raise UserError(
+            f"data.test_documents={n} is larger than the source ({len(docs)} documents)")
+    return list(docs[n:]), list(docs[:n])
+
+
+def split_for_config(docs: list[str], data_cfg) -> tuple[list[str], list[str]]:
+    """(train, held out) as ``data.split`` says: 'hash' (default, :func:`split_documents` with
+    ``data.val_fraction``) or 'first' (:func:`split_first` with ``data.test_documents``)."""
+    split = str(_field(data_cfg, "split", "hash"))
+    if split == "hash":
+        return split_documents(docs, float(_field(data_cfg, "val_fraction", 0.05)))
+    if split == "first":
+        return split_first(docs, int(_field(data_cfg, "test_documents", 0)))
+    raise UserError(f"unknown data.split {split!r}; choose one of: {', '.join(SPLITS)}")

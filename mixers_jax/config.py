@@ -34,6 +34,8 @@ model.tie_embeddings    share the input embedding with the LM head
 model.mask_grad         'masked' (default) | 'straight_through' (docs/training.md#causal-mask-gradient)
 model.n_heads           attention heads of the transformer
 model.rope_theta        RoPE base of the transformer (1e4)
+model.transformer       'llama' (RMSNorm, RoPE, SwiGLU, no biases) | 'gpt' (learned positions,
+                        LayerNorm, GELU MLP, biases; docs/transformer_baseline.md)
 model.kernel            token-mixing taps k of flat mixing (docs/masked_mixers.md#kernel-mixing; 1 = plain)
 model.causal            False: unmasked (bidirectional) mixing / attention, for encoders
 model.encoder, decoder  sub-models of composite kinds: kind 'mixer' | 'transformer', d_model,
@@ -176,6 +178,7 @@ def base_config() -> ml_collections.ConfigDict:
             # transformer fields
             n_heads=4,
             rope_theta=10000.0,
+            transformer="llama",
             # composite models (autoencoder, embedding_clm, memory, rmt): the encoder and the
             # decoder are each a mixer or a transformer; 0 / '' / -1 inherit the field above.
             encoder=ml_collections.ConfigDict(dict(

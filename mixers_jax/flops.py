@@ -54,12 +54,14 @@ def mixer_forward_flops(cfg: Any) -> float:
 
 
 def transformer_forward_flops(cfg: Any) -> float:
-    """Forward FLOPs per token of the Llama-style baseline (docs/transformer_baseline.md#architecture)."""
+    """Forward FLOPs per token of the Llama-style baseline (docs/transformer_baseline.md#architecture);
+    ``transformer='gpt'``: the MLP has two matrices (fc1, fc2), 2·2·r·d² (biases are not counted)."""
     n, d, L, V = field(cfg, "n_ctx"), field(cfg, "d_model"), field(cfg, "n_layers"), field(cfg, "vocab_size")
     r = field(cfg, "mlp_ratio", 4)
     qkvo = 2.0 * 4 * d * d
     attn = 2.0 * 2 * n * d  # QK^T and AV, full n x n
-    mlp = 2.0 * 3 * r * d * d  # gate, up, down
+    n_mlp = 2 if field(cfg, "transformer", "llama") == "gpt" else 3  # fc1, fc2 | gate, up, down
+    mlp = 2.0 * n_mlp * r * d * d
     head = 2.0 * d * V
     return L * (qkvo + attn + mlp) + head
 

@@ -45,6 +45,7 @@ def _xla_flops_per_token(cfg):
         ("toeplitz_dense", dict(mixing="toeplitz")),
         ("toeplitz_fft", dict(mixing="toeplitz", mixing_impl="fft")),
         ("transformer", dict(kind="transformer", n_heads=4)),
+        ("gpt", dict(kind="transformer", transformer="gpt", n_heads=4)),
     ],
 )
 def test_flops_per_token_matches_xla(name, overrides):

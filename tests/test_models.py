@@ -36,6 +36,7 @@ VARIANTS = {
     "srm_row": dict(mixing="row", block="srm"),
     "srm_mixed": dict(mixing="mixed", heads=2, block="srm"),
     "transformer": dict(kind="transformer", n_heads=4),
+    "gpt": dict(kind="transformer", transformer="gpt", n_heads=4),
 }
 
 
@@ -145,6 +146,38 @@ def test_transformer_param_count():
     cfg = tiny_cfg(kind="transformer", d_model=512, n_layers=16, n_heads=4, vocab_size=8000, n_ctx=512)
     total = _n_params(_shape_params(build_model(cfg), 512))
     assert round(total / 1e6, 1) == 75.3
+
+
+def _gpt_count(v, n, d, l, r=4):
+    """Original GPT (models/transformer.py): V·d + n·d + L·(4d² + 4d + 2r·d² + r·d + d + 4d) + 2d + d·V."""
+    return v * d + n * d + l * (4 * d * d + 4 * d + 2 * r * d * d + r * d + d + 4 * d) + 2 * d + d * v
+
+
+def test_gpt_param_count_formula():
+    """Every tensor of the GPT tree is where the formula puts it; the published d512 L8 H4 n512
+    shape at V4096 (tinystories) is 29.7M parameters."""
+    params = _init(build_model(tiny_cfg(kind="transformer", transformer="gpt", n_heads=4)))
+    assert _n_params(params) == _gpt_count(V, N, D, L)
+    block = params["block_0"]
+    assert set(block["attn"]["q"]) == {"kernel", "bias"} and set(block["mlp"]["fc1"]) == {"kernel", "bias"}
+    assert set(block["attn_norm"]) == {"scale", "bias"} and "bias" not in params["head"]
+    assert params["pos_embed"]["embedding"].shape == (N, D)
+    cfg = tiny_cfg(kind="transformer", transformer="gpt", d_model=512, n_layers=8, n_heads=4,
+                   vocab_size=4096, n_ctx=512)
+    total = _n_params(_shape_params(build_model(cfg), 512))
+    assert total == _gpt_count(4096, 512, 512, 8)
+    assert round(total / 1e6, 1) == 29.7
+
+
+def test_gpt_positions_are_learned():
+    """GPT logits depend on the learned position table; shifting the table changes them."""
+    model = build_model(tiny_cfg(kind="transformer", transformer="gpt", n_heads=4))
+    params = _init(model)
+    tokens = _tokens(1)
+    base = model.apply({"params": params}, tokens)
+    table = params["pos_embed"]["embedding"]
+    rolled = {**params, "pos_embed": {"embedding": jnp.roll(table, 1, axis=0)}}
+    assert np.abs(np.asarray(model.apply({"params": rolled}, tokens) - base)).max() > 1e-3
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -274,6 +307,7 @@ def test_mixer_requires_n_ctx_tokens():
         dict(causal=False, mixing="row", block="srm"),
         dict(causal=False, mask_grad="straight_through"),
         dict(kind="transformer", kernel=4),
+        dict(kind="transformer", transformer="bert"),
     ],
 )
 def test_bad_configs_raise_user_error(overrides):
@@ -302,6 +336,7 @@ UNMASKED_VARIANTS = {
     "toeplitz": dict(causal=False, mixing="toeplitz"),
     "toeplitz_fft_headed": dict(causal=False, mixing="toeplitz", mixing_impl="fft", heads=2),
     "transformer": dict(kind="transformer", n_heads=4, causal=False),
+    "gpt": dict(kind="transformer", transformer="gpt", n_heads=4, causal=False),
 }
 
 

@@ -33,6 +33,7 @@ VARIANTS = {
     "mixed_no_decay": dict(mixing="mixed", heads=2, block="srm", decay=False),
     "mixed_expanded": dict(mixing="mixed", heads=2, block="srm", expanded=True),
     "transformer": dict(kind="transformer", n_heads=4),
+    "gpt": dict(kind="transformer", transformer="gpt", n_heads=4),
     # kernel mixing (docs/masked_mixers.md#kernel-mixing, k > 1): cached mixing inputs, per-tap masked row
     "flat_kernel4": dict(kernel=4),
     "flat_kernel3_headed": dict(kernel=3, heads=2),

@@ -20,6 +20,7 @@ from mixers_jax.models.mixing import MixingSpec, check_mixing
 
 DTYPES = ("float32", "bfloat16")
 BLOCKS = ("mixer", "srm")
+TRANSFORMERS = ("llama", "gpt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +54,8 @@ class MixerSpec:
 
 @dataclasses.dataclass(frozen=True)
 class TransformerSpec:
-    """A Llama-style transformer (docs/transformer_baseline.md)."""
+    """A Llama-style (or, ``transformer='gpt'``, original-GPT) transformer
+    (docs/transformer_baseline.md)."""
 
     vocab_size: int
     n_ctx: int
@@ -65,6 +67,12 @@ class TransformerSpec:
     tie_embeddings: bool = False
     dtype: Any = jnp.float32
     causal: bool = True  # False: bidirectional attention (encoders); no step form
+    transformer: str = "llama"  # 'gpt': learned positions, LayerNorm, GELU MLP, biases
+
+    @property
+    def gpt(self) -> bool:
+        """The original-GPT layout (docs/transformer_baseline.md#original-gpt-baseline)."""
+        return self.transformer == "gpt"
 
 
 def _check_common(cfg: Any) -> None:
@@ -123,7 +131,10 @@ def transformer_spec(cfg: Any) -> TransformerSpec:
         raise UserError(f"model.n_heads must be a positive integer, got {h!r}")
     if d % h:
         raise UserError(f"model.d_model={d} must be divisible by model.n_heads={h}")
-    if (d // h) % 2:
+    arch = field(cfg, "transformer", "llama")
+    if arch not in TRANSFORMERS:
+        raise UserError(f"model.transformer must be one of {TRANSFORMERS}, got {arch!r}")
+    if arch == "llama" and (d // h) % 2:
         raise UserError(f"RoPE needs an even head width; d_model/n_heads = {d // h}")
     kernel = field(cfg, "kernel", 1)
     if kernel != 1:
@@ -140,4 +151,5 @@ def transformer_spec(cfg: Any) -> TransformerSpec:
         tie_embeddings=bool(field(cfg, "tie_embeddings")),
         dtype=layers.dtype_of(field(cfg, "dtype")),
         causal=bool(field(cfg, "causal", True)),
+        transformer=arch,
     )

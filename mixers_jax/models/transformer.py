@@ -1,4 +1,4 @@
-"""Llama-style transformer baseline (docs/transformer_baseline.md).
+"""Llama-style (or original-GPT) transformer baseline (docs/transformer_baseline.md).
 
 embedding -> L x [x += Attn(RMSNorm x); x += SwiGLU(RMSNorm x)] -> final RMSNorm -> head (no bias).
 Full multi-head attention (no GQA), no biases anywhere, RoPE (θ = rope_theta, HF "rotate-half"
@@ -22,6 +22,16 @@ Parameter tree and the Hugging Face ``LlamaForCausalLM`` state dict (HF Linear w
     block_{i}/mlp/down/kernel [F, d]           ...mlp.down_proj.weight.T
     final_norm/scale [d]                       model.norm.weight
     head/kernel [d, V]                         lm_head.weight.T   (absent if tied)
+
+``transformer='gpt'`` (``spec.gpt``) is the original-GPT layout instead: a learned position table
+``pos_embed/embedding`` [n_ctx, d] added to the input of ``hidden`` (positions 0..n−1 or the
+explicit ``positions``), no RoPE, LayerNorm (with bias) for ``attn_norm``/``mlp_norm``/
+``final_norm``, the GELU (tanh) ``layers.MLP`` ``mlp/fc1`` d -> r·d, ``mlp/fc2`` r·d -> d, and
+biases on q, k, v, o and both MLP layers (the LM head stays bias-free); N(0, 0.02²) weights, zero
+biases. Parameter count (untied, mlp_ratio r):
+V·d + n·d + L·(4d² + 4d + 2r·d² + r·d + d + 4d) + 2d + d·V
+(embedding, positions, per block q/k/v/o + biases, fc1 + fc2 + biases, two LayerNorms; final
+LayerNorm, head).
 
 Step form with a KV cache: ``model.init_cache(batch)`` gives per layer ``k``, ``v`` [B, n_ctx, H, hd]
 (keys after RoPE); ``model.apply(vars, tokens_B, pos, cache, method='step')`` -> (logits [B, V],
@@ -83,7 +93,7 @@ class Attention(nn.Module):
         h, hd = spec.n_heads, spec.d_model // spec.n_heads
 
         def linear(features, axes, name, **kw):
-            return layers.Linear(features, axes, use_bias=False, kernel_init=layers.normal(0.02),
+            return layers.Linear(features, axes, use_bias=spec.gpt, kernel_init=layers.normal(0.02),
                                  dtype=spec.dtype, name=name, **kw)
 
         proj_axes = ("embed", "heads", "head_dim")
@@ -96,11 +106,13 @@ class Attention(nn.Module):
 
         if cache is not None:  # one position: x [B, d], q/k/v [B, H, hd]
             n = cache["k"].shape[1]
-            cos, sin = rope_cos_sin(n, hd, spec.rope_theta)
-            cos_1xK = jax.lax.dynamic_slice_in_dim(cos, pos, 1, axis=0)
-            sin_1xK = jax.lax.dynamic_slice_in_dim(sin, pos, 1, axis=0)
-            q_BxHxK = apply_rope(q_BxNxHxK[:, None], cos_1xK, sin_1xK)[:, 0]
-            k_BxHxK = apply_rope(k_BxNxHxK[:, None], cos_1xK, sin_1xK)[:, 0]
+            q_BxHxK, k_BxHxK = q_BxNxHxK, k_BxNxHxK
+            if not spec.gpt:
+                cos, sin = rope_cos_sin(n, hd, spec.rope_theta)
+                cos_1xK = jax.lax.dynamic_slice_in_dim(cos, pos, 1, axis=0)
+                sin_1xK = jax.lax.dynamic_slice_in_dim(sin, pos, 1, axis=0)
+                q_BxHxK = apply_rope(q_BxNxHxK[:, None], cos_1xK, sin_1xK)[:, 0]
+                k_BxHxK = apply_rope(k_BxNxHxK[:, None], cos_1xK, sin_1xK)[:, 0]
             k_cache = jax.lax.dynamic_update_index_in_dim(
                 cache["k"], k_BxHxK.astype(cache["k"].dtype), pos, axis=1)
             v_cache = jax.lax.dynamic_update_index_in_dim(
@@ -111,12 +123,13 @@ class Attention(nn.Module):
             probs = jax.nn.softmax(scores, axis=-1)
             a_BxHxK = jnp.einsum("bhj,bjhk->bhk", probs, v_cache.astype(jnp.float32))
             return out(a_BxHxK.astype(spec.dtype)), {"k": k_cache, "v": v_cache}
-        if positions_BxN is None:
-            cos, sin = rope_cos_sin(x_BxNxD.shape[1], hd, spec.rope_theta)
-        else:
-            cos, sin = rope_cos_sin_at(positions_BxN, hd, spec.rope_theta)
-        q_BxNxHxK = apply_rope(q_BxNxHxK, cos, sin)
-        k_BxNxHxK = apply_rope(k_BxNxHxK, cos, sin)
+        if not spec.gpt:
+            if positions_BxN is None:
+                cos, sin = rope_cos_sin(x_BxNxD.shape[1], hd, spec.rope_theta)
+            else:
+                cos, sin = rope_cos_sin_at(positions_BxN, hd, spec.rope_theta)
+            q_BxNxHxK = apply_rope(q_BxNxHxK, cos, sin)
+            k_BxNxHxK = apply_rope(k_BxNxHxK, cos, sin)
         if mask_Bx1xNxN is None:
             a_BxNxHxK = jax.nn.dot_product_attention(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK,
                                                      is_causal=spec.causal)
@@ -125,6 +138,18 @@ class Attention(nn.Module):
                                                      mask=mask_Bx1xNxN)
         a_BxNxHxK = nn.with_logical_constraint(a_BxNxHxK, ("batch", "length", "act_heads", None))
         return out(a_BxNxHxK)
+
+
+def norm(spec: TransformerSpec, name: str | None = None) -> nn.Module:
+    """RMSNorm (Llama) or LayerNorm with bias (GPT)."""
+    return (layers.layer_norm if spec.gpt else layers.rms_norm)(spec.dtype, name=name)
+
+
+def mlp(spec: TransformerSpec) -> nn.Module:
+    """SwiGLU (Llama) or the biased GELU MLP d -> r·d -> d, N(0, 0.02²) weights (GPT)."""
+    if spec.gpt:
+        return layers.MLP(spec.d_model, spec.mlp_ratio, reference=False, dtype=spec.dtype, name="mlp")
+    return layers.SwiGLU(spec.d_model, spec.mlp_ratio * spec.d_model, spec.dtype, name="mlp")
 
 
 class TransformerBlock(nn.Module):
@@ -138,7 +163,7 @@ class TransformerBlock(nn.Module):
         step = cache is not None
         names = ("batch", "length", "act_embed")
         spec = self.spec
-        h = layers.rms_norm(spec.dtype, name="attn_norm")(x_BxNxD)
+        h = norm(spec, "attn_norm")(x_BxNxD)
         attn = Attention(spec, name="attn")
         if step:
             h, cache = attn(h, pos, cache)
@@ -146,8 +171,8 @@ class TransformerBlock(nn.Module):
         else:
             h = attn(h, positions_BxN=positions_BxN, mask_Bx1xNxN=mask_Bx1xNxN)
             x_BxNxD = nn.with_logical_constraint(x_BxNxD + h, names)
-        h = layers.rms_norm(spec.dtype, name="mlp_norm")(x_BxNxD)
-        h = layers.SwiGLU(spec.d_model, spec.mlp_ratio * spec.d_model, spec.dtype, name="mlp")(h)
+        h = norm(spec, "mlp_norm")(x_BxNxD)
+        h = mlp(spec)(h)
         if step:
             return x_BxNxD + h, cache
         return nn.with_logical_constraint(x_BxNxD + h, names)
@@ -167,7 +192,9 @@ class TransformerLM(nn.Module):
         spec = self.spec
         self.embed = layers.Embed(spec.vocab_size, spec.d_model, layers.normal(0.02), spec.dtype)
         self.blocks = tuple(TransformerBlock(spec, name=f"block_{i}") for i in range(spec.n_layers))
-        self.final_norm = layers.rms_norm(spec.dtype)
+        self.final_norm = norm(spec)
+        if spec.gpt:
+            self.pos_embed = layers.Embed(spec.n_ctx, spec.d_model, layers.normal(0.02), spec.dtype)
         if not spec.tie_embeddings:
             self.head = layers.lm_head(spec.vocab_size, layers.normal(0.02), spec.dtype)
 
@@ -183,10 +210,19 @@ class TransformerLM(nn.Module):
     def hidden(self, x_BxNxD: Array, positions_BxN: Array | None = None,
                mask_Bx1xNxN: Array | None = None) -> Array:
         """Block outputs followed by the final RMSNorm. Optional RoPE ``positions_BxN`` (default
-        0..n−1) and boolean attention mask (default causal; a given mask must include causality)."""
+        0..n−1) and boolean attention mask (default causal; a given mask must include causality).
+        GPT: first adds the learned position embeddings at those positions."""
+        if self.spec.gpt:
+            x_BxNxD = self.add_positions(x_BxNxD, positions_BxN)
         for block in self.blocks:
             x_BxNxD = block(x_BxNxD, positions_BxN=positions_BxN, mask_Bx1xNxN=mask_Bx1xNxN)
         return self.final_norm(x_BxNxD)
+
+    def add_positions(self, x: Array, positions: Array | None) -> Array:
+        """x [B, N, d] (or [B, d]) + GPT's learned position embeddings at ``positions`` [B, N]
+        (or a scalar; None: 0..N−1)."""
+        p = self.pos_embed(jnp.arange(x.shape[1]) if positions is None else positions)
+        return x + layers.leading_axes(p, x.ndim)
 
     def logits(self, h_BxNxD: Array) -> Array:
         return self.embed.attend(h_BxNxD) if self.spec.tie_embeddings else self.head(h_BxNxD)
@@ -215,5 +251,8 @@ class TransformerLM(nn.Module):
         """Token [B] at position ``pos`` (scalar) -> (logits [B, V] float32, new KV cache)."""
         if not self.spec.causal:
             raise UserError("a bidirectional (model.causal=False) transformer has no step form")
-        x, cache = layers.run_blocks_step(self.blocks, self.embed(tokens_B), pos, cache)
+        x_BxD = self.embed(tokens_B)
+        if self.spec.gpt:
+            x_BxD = self.add_positions(x_BxD, jnp.asarray(pos, jnp.int32))
+        x, cache = layers.run_blocks_step(self.blocks, x_BxD, pos, cache)
         return self.logits(self.final_norm(x)), cache

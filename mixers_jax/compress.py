@@ -4,7 +4,11 @@
     python -m mixers_jax.compress decode --workdir=DIR IN OUT [--force]
 
 encode prints the achieved bits per byte beside the model's own estimate and gzip / bz2 / xz on the
-same file. OUT is written atomically; an existing OUT is refused unless ``--force``. Runs on the CPU
+same file. With an autoencoder or embedding_clm workdir the stream stores each window's quantized
+embedding before the arithmetic-coded tokens; the line then splits the payload into embedding and
+residual bits and adds the model's estimate (Σ −log2 p + embedding bits) and the trainer's
+accounting (total bpb at ``model.embed_bits``). A stream decodes only with the kind of model that
+made it. OUT is written atomically; an existing OUT is refused unless ``--force``. Runs on the CPU
 (encode and decode must see bit-identical logits).
 
 Exit status: 0 done; 1 an OSError (e.g. OUT not writable), one line; 2 bad flags or arguments, an
@@ -50,8 +54,15 @@ def main(argv: list[str]) -> None:
         n = max(len(data), 1)
         line = (f"{len(data)} bytes -> {len(stream)} bytes ({st['tokens']} tokens, "
                 f"{st['windows']} windows): achieved {8 * len(stream) / n:.4f} bits/byte "
-                f"(payload only {8 * st['payload_bytes'] / n:.4f}) | model estimate "
-                f"{st['model_bits'] / n:.4f}")
+                f"(payload only {8 * st['payload_bytes'] / n:.4f}")
+        if "embedding_bits" in st:  # a stored-embedding model: the payload's two parts
+            line += (f" = embedding {st['embedding_bits'] / n:.4f} ({st['stored_numbers']} x "
+                     f"{st['embed_quant']} per window) + residual {st['residual_bits'] / n:.4f}) | "
+                     f"model estimate {(st['model_bits'] + st['embedding_bits']) / n:.4f} "
+                     f"(decoder {st['model_bits'] / n:.4f}) | accounting total bpb "
+                     f"{st['accounting_total_bpb']:.4f} (model.embed_bits={st['accounting_embed_bits']})")
+        else:
+            line += f") | model estimate {st['model_bits'] / n:.4f}"
         if data:
             line += "".join(f" | {k} {v:.4f}" for k, v in compressor_bpb(data).items())
         print(line)

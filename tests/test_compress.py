@@ -122,15 +122,22 @@ def _one_line(r, status, pattern):
 def test_cli(runs, tmp_path, capsys):
     """The command's own entry point (a subprocess) encodes; decoding runs in this process."""
     run, other = runs
-    src, packed, out = tmp_path / "in.bin", tmp_path / "x.mxac", tmp_path / "out.bin"
+    src, packed = tmp_path / "in.bin", tmp_path / "x.mxac"
     src.write_bytes(CASES["invalid_utf8"] + TEXT[:300])
     r = _compress_subprocess("encode", f"--workdir={run.workdir}", str(src), str(packed))
     assert r.returncode == 0, r.stderr
     assert "bits/byte" in r.stdout and "model estimate" in r.stdout and "xz-9e" in r.stdout
-    r = _compress(capsys, "decode", f"--workdir={other.workdir}", str(packed), str(out))
-    _one_line(r, 2, "another model")
+    _decode_refused_then_exact(capsys, other, run, tmp_path, "another model")
+
+
+def _decode_refused_then_exact(capsys, wrong, right, tmp_path, pattern):
+    """x.mxac: decoding with ``wrong`` is a one-line error (exit 2, nothing written); with
+    ``right`` it rebuilds in.bin exactly."""
+    src, packed, out = tmp_path / "in.bin", tmp_path / "x.mxac", tmp_path / "out.bin"
+    r = _compress(capsys, "decode", f"--workdir={wrong.workdir}", str(packed), str(out))
+    _one_line(r, 2, pattern)
     assert not out.exists()
-    r = _compress(capsys, "decode", f"--workdir={run.workdir}", str(packed), str(out))
+    r = _compress(capsys, "decode", f"--workdir={right.workdir}", str(packed), str(out))
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == src.read_bytes()
 
@@ -176,3 +183,137 @@ def test_cli_unwritable_output_is_one_line_status_1(runs, tmp_path, capsys):
 def test_cli_bad_arguments(capsys, args, pattern):
     r = _compress(capsys, *args)
     _one_line(r, 2, pattern)
+
+
+# --------------------------------------------------------------------------- stored-embedding streams
+
+
+@pytest.fixture(scope="module")
+def embedding_runs(tmp_path_factory):
+    """An autoencoder (c = 2, float16) and an embedding_clm ('token' injection, bfloat16)."""
+    base = tmp_path_factory.mktemp("compress_embedding")
+    ae = make_workdir(str(base / "ae"), seed=2, kind="autoencoder", compression=2,
+                      embed_quant="float16", embed_bits=16)
+    clm = make_workdir(str(base / "clm"), seed=3, kind="embedding_clm", embed_quant="bfloat16",
+                       embed_bits=16)
+    return load_run(ae), load_run(clm)
+
+
+EMB_CASES = {
+    "empty": b"",
+    "random": np.random.default_rng(1).integers(0, 256, 2000, dtype=np.uint8).tobytes(),
+    "invalid_utf8": CASES["invalid_utf8"],
+    "text": sample_text()[:3000].encode(),
+}
+
+
+@pytest.mark.parametrize("name", list(EMB_CASES))
+def test_embedding_round_trip(embedding_runs, name):
+    data = EMB_CASES[name]
+    for run in embedding_runs:
+        stream, stats = codec.encode_bytes(data, run)
+        assert codec.decode_bytes(stream, run) == data
+        assert stats["compressed_bytes"] == len(stream) == stats["header_bytes"] + stats["payload_bytes"]
+        per_window = run.config.model.d_model // run.config.model.compression * 16
+        assert stats["embedding_bits"] == stats["windows"] * per_window
+        assert stats["embedding_bits"] + stats["residual_bits"] == 8 * stats["payload_bytes"]
+
+
+def _direct_nll_bits(run, data):
+    """Σ −log2 p of the data's tokens under the model's own forward (the trainer's path: the encoder,
+    the quantizing bottleneck, the decoder) on the codec's windows."""
+    import jax
+
+    tok = run.tokenizer
+    tokens, _ = codec.bytes_to_tokens(data, tok, tok.piece_bytes())
+    grid = codec.window_grid(tokens, run.config.model.n_ctx, tok.eos_id)
+    logp = np.asarray(jax.nn.log_softmax(run.model.apply({"params": run.params}, grid), -1), np.float64)
+    if run.config.model.kind == "autoencoder":  # logits[:, i] reconstructs token i
+        logp = logp[:, 1:]
+    else:  # logits[:, i] predicts token i + 1
+        logp = logp[:, :-1]
+    picked = np.take_along_axis(logp, grid[:, 1:, None], -1)[..., 0].reshape(-1)[: len(tokens)]
+    return -picked.sum() / np.log(2.0)
+
+
+def test_embedding_bits_match_the_estimate_and_the_accounting(embedding_runs):
+    from mixers_jax.metrics import amortized_embedding_bpb
+
+    data = EMB_CASES["text"]
+    for run in embedding_runs:
+        _, st = codec.encode_bytes(data, run)
+        achieved = st["embedding_bits"] + st["residual_bits"]
+        estimate = st["model_bits"] + st["embedding_bits"]
+        assert abs(achieved - estimate) <= 0.01 * estimate
+        assert abs(st["residual_bits"] - st["model_bits"]) <= 0.01 * st["model_bits"]
+        # the coder's conditioning (the stored vector read back) is the model's own forward
+        assert st["model_bits"] == pytest.approx(_direct_nll_bits(run, data), rel=1e-4)
+        embedding_bpb = amortized_embedding_bpb(st["stored_numbers"], 16, st["windows"], len(data))
+        assert st["embedding_bits"] / len(data) == pytest.approx(embedding_bpb, rel=1e-12)
+        assert 8 * st["payload_bytes"] / len(data) == pytest.approx(st["accounting_total_bpb"], rel=0.01)
+
+
+def test_embedding_int8_and_none_formats(tmp_path):
+    """int8 stores 8-bit numbers plus one float32 scale per window; 'none' stores float32."""
+    data = EMB_CASES["invalid_utf8"] + EMB_CASES["text"][:300]
+    for quant, bits, extra in (("int8", 8, 32), ("none", 16, 0)):
+        run = load_run(make_workdir(str(tmp_path / quant), seed=4, kind="autoencoder",
+                                    embed_quant=quant, embed_bits=bits))
+        stream, st = codec.encode_bytes(data, run)
+        assert codec.decode_bytes(stream, run) == data
+        per = {"int8": 8, "none": 32}[quant]
+        assert st["embedding_bits"] == st["windows"] * (run.config.model.d_model * per + extra)
+
+
+def _edited_workdir(run, dst, **model_fields):
+    """A copy of ``run``'s workdir whose config.json has ``model_fields`` changed."""
+    import json
+    import shutil
+
+    shutil.copytree(run.workdir, dst)
+    path = os.path.join(dst, "config.json")
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg["model"].update(model_fields)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(cfg, f)
+    return load_run(dst)
+
+
+def test_embedding_format_mismatch(embedding_runs, tmp_path):
+    ae, _ = embedding_runs
+    stream, _ = codec.encode_bytes(EMB_CASES["text"][:400], ae)
+    other = _edited_workdir(ae, str(tmp_path / "bf16"), embed_quant="bfloat16")
+    with pytest.raises(UserError, match=r"embedding format mismatch: .*'float16'.*'bfloat16'"):
+        codec.decode_bytes(stream, other)
+    wrong_bits = _edited_workdir(ae, str(tmp_path / "bits8"), embed_bits=8)
+    with pytest.raises(UserError, match=r"model.embed_bits=8 but model.embed_quant='float16' stores 16"):
+        codec.encode_bytes(b"abc", wrong_bits)
+
+
+def test_embedding_stream_kind_errors(runs, embedding_runs):
+    causal, _ = runs
+    ae, clm = embedding_runs
+    causal_stream, _ = codec.encode_bytes(TEXT[:300], causal)
+    ae_stream, _ = codec.encode_bytes(TEXT[:300], ae)
+    assert causal_stream[4] == codec.VERSION == 1 and ae_stream[4] == codec.EMBEDDING_VERSION
+    with pytest.raises(UserError, match="made by a causal LM; .* holds a model.kind='autoencoder'"):
+        codec.decode_bytes(causal_stream, ae)
+    with pytest.raises(UserError, match="made by a stored-embedding model .* model.kind='mixer'"):
+        codec.decode_bytes(ae_stream, causal)
+    with pytest.raises(UserError, match="made by a model.kind='autoencoder' model; .*'embedding_clm'"):
+        codec.decode_bytes(ae_stream, clm)
+    with pytest.raises(UserError, match="truncated"):
+        codec.decode_bytes(ae_stream[:-2], ae)
+
+
+def test_embedding_cli(runs, embedding_runs, tmp_path, capsys):
+    causal, _ = runs
+    ae, _ = embedding_runs
+    src, packed = tmp_path / "in.bin", tmp_path / "x.mxac"
+    src.write_bytes(CASES["invalid_utf8"] + TEXT[:300])
+    r = _compress(capsys, "encode", f"--workdir={ae.workdir}", str(src), str(packed))
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"= embedding [\d.]+ \(16 x float16 per window\) \+ residual [\d.]+\)", r.stdout)
+    assert "accounting total bpb" in r.stdout and "xz-9e" in r.stdout
+    _decode_refused_then_exact(capsys, causal, ae, tmp_path, "made by a stored-embedding model")

@@ -28,7 +28,8 @@ Give the data with --config.data.source=... for the paper presets.
 """
 from mixers_jax.config import CPU, PAPER, SMOKE, family_config
 
-_EVAL = ("clm", "copy", "blank_copy")
+# copy_full / blank_copy_full: the same on full rows only (no pad in any chunk), as published.
+_EVAL = ("clm", "copy", "blank_copy", "copy_full", "blank_copy_full")
 # CPU scale (README "Memory models"): short chunks of a small, nearly character-level vocabulary,
 # headed mixing (and k = 4 taps in the encoder) and a high learning rate, so that the memories are
 # learned within the 10-minute budget; the published decoder is flat (no heads, k = 1), see paper_*.

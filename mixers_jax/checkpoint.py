@@ -246,10 +246,6 @@ class Checkpointer:
 
     # ---- listing
 
-    def latest_step(self) -> int | None:
-        """The newest step on disk, intact or not (see :meth:`latest_intact_step`)."""
-        return self._manager.latest_step()
-
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 

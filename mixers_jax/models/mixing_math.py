@@ -97,11 +97,6 @@ def headed_dense_mix(w_HxNxN: Array, x_BxNxHxK: Array) -> Array:
     return jnp.einsum("hij,bjhk->bihk", w_HxNxN.astype(x_BxNxHxK.dtype), x_BxNxHxK)
 
 
-def headed_dense_causal_mix(w_HxNxN: Array, x_BxNxHxK: Array, mask_grad: str = "masked") -> Array:
-    """Per head h: y^h_i = Σ_{j≤i} W^h_ij x^h_j (multi-headed)."""
-    return headed_dense_mix(mask_weight(w_HxNxN, mask_grad), x_BxNxHxK)
-
-
 def add_position_bias(y_BxNx_: Array, c: Array) -> Array:
     """Adds the per-output-position bias: c_N to y [B, N, D], or c_HxN to y [B, N, H, K]."""
     if c.ndim == 1:

@@ -172,3 +172,31 @@ def test_fp16_run_resumes_with_its_loss_scale_exactly(tmp_path):
     resumed = trainer.run(config, str(tmp_path / "part"))
     assert resumed["start_step"] == 3
     jax.tree.map(np.testing.assert_array_equal, full["params"], resumed["params"])
+
+
+def test_fp16_with_gradient_accumulation_reports_the_unscaled_gradient():
+    """Accumulated S·loss gradients are unscaled: the fp16 step's gradient norm is the float32
+    step's (to fp16 accuracy), not S times it, and the update is applied."""
+    mesh = _mesh()
+
+    def first_steps(dtype):
+        config = _config("mixer", dtype=dtype)
+        config.unlock()
+        config.train.grad_accum = 2
+        config.lock()
+        steps = steps_lib.build_steps(config, mesh)
+        batch = sharding.global_batch(_batch(config, config.train.batch_size), mesh)
+        state = steps.init(jax.random.key(0))
+        before = jax.device_get(state.params)
+        norms = []
+        for _ in range(2):  # step 0 has lr 0
+            state, stats = steps.train_step(state, batch)
+            norms.append(float(stats["grad_norm"]))
+        moved = any(not np.array_equal(a, b) for a, b in
+                    zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.params))))
+        return norms, stats, moved
+
+    norms16, stats, moved = first_steps("float16")
+    norms32, _, _ = first_steps("float32")
+    assert not bool(stats["skipped"]) and moved
+    np.testing.assert_allclose(norms16[0], norms32[0], rtol=0.05)

@@ -11,7 +11,14 @@ model.vocab_size        tokenizer and embedding size (the tokenizer is trained t
 model.n_ctx             context length; a masked mixer's mixing matrices are n_ctx x n_ctx
 model.d_model, n_layers width and depth
 model.mlp_ratio         channel-MLP expansion (4 in every published model)
-model.dtype             compute dtype: 'float32' or 'bfloat16' (params stay float32; logits fp32)
+model.dtype             compute dtype: 'float32' | 'bfloat16' | 'float16' (params stay float32;
+                        logits fp32; float16 trains with dynamic loss scaling,
+                        docs/training.md#precision)
+model.dropout_embed     dropout rate on the token embeddings in training (0 = off)
+model.dropout_resid     dropout rate on each mixing / attention and MLP output before its
+                        residual add, in training (0 = off)
+model.dropout_attn      dropout rate on the attention probabilities in training (transformer
+                        only; 0 = off)
 model.reference         True: published numerics (LayerNorm eps 1e-5, exact-erf GELU, PyTorch init)
                         False: tanh-approximate GELU and N(0, 0.02) init, a faster variant
 model.mixing            'flat' (one n x n matrix) | 'toeplitz' (W_ij = v_{i-j}) | structured recurrent
@@ -161,6 +168,9 @@ def base_config() -> ml_collections.ConfigDict:
             n_layers=8,
             mlp_ratio=4,
             dtype="float32",
+            dropout_embed=0.0,
+            dropout_resid=0.0,
+            dropout_attn=0.0,
             reference=True,
             # masked-mixer fields
             mixing="flat",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -22,6 +22,7 @@ from mixers_jax.errors import UserError
 from mixers_jax.config import input_length
 from mixers_jax.config import sub_model_config as sub_config
 from mixers_jax.models import build_model
+from mixers_jax.models.specs import DROPOUTS as DROPOUT_FIELDS
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -68,6 +69,58 @@ def make_optimizer(train_cfg, offset: int = 0, labels: Any = None) -> optax.Grad
     if labels is None or FROZEN not in jax.tree.leaves(labels):
         return tx
     return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
+
+
+# --------------------------------------------------------------------------- fp16 loss scaling
+
+LOSS_SCALE_INIT = 2.0 ** 15  # the first loss scale of a float16 run
+LOSS_SCALE_GROWTH_STEPS = 2000  # finite steps in a row after which the scale doubles
+MAX_CONSECUTIVE_SKIPS = 10  # the trainer calls a run diverged after this many skips in a row
+
+
+class LossScaleState(NamedTuple):
+    scale: jax.Array  # float32 scalar S: the loss is multiplied by S before differentiation
+    good_steps: jax.Array  # finite steps since the scale last changed
+    inner: Any  # optax.apply_if_finite's state (skip counters) around the optimizer's state
+
+
+def dynamic_loss_scale(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Dynamic loss scaling around ``tx`` (for float16 compute; docs/training.md#precision).
+
+    ``update`` takes the gradients of S·loss, divides them by S, and hands them to
+    ``optax.apply_if_finite(tx)``, which applies a zero update (params and ``tx``'s state
+    unchanged) when any gradient is NaN/inf and counts the skip (``notfinite_count`` in a row,
+    ``total_notfinite`` overall). S halves on a skipped step (never below 1) and doubles after
+    ``LOSS_SCALE_GROWTH_STEPS`` finite steps in a row. The state lives in the optimizer state, so
+    checkpoints keep it and a resumed run continues with the same scale.
+    """
+    # The trainer stops after MAX_CONSECUTIVE_SKIPS, so apply_if_finite must never let a
+    # non-finite update through on its own.
+    skipping = optax.apply_if_finite(tx, max_consecutive_errors=2 ** 30)
+
+    def init(params):
+        return LossScaleState(jnp.asarray(LOSS_SCALE_INIT, jnp.float32), jnp.zeros((), jnp.int32),
+                              skipping.init(params))
+
+    def update(scaled_grads, state, params=None):
+        grads = jax.tree.map(lambda g: g / state.scale.astype(g.dtype), scaled_grads)
+        updates, inner = skipping.update(grads, state.inner, params)
+        finite = inner.last_finite
+        good = jnp.where(finite, state.good_steps + 1, 0)
+        grow = good >= LOSS_SCALE_GROWTH_STEPS
+        scale = jnp.where(finite, jnp.where(grow, state.scale * 2.0, state.scale),
+                          jnp.maximum(state.scale * 0.5, 1.0))
+        return updates, LossScaleState(scale, jnp.where(grow, 0, good), inner)
+
+    return optax.GradientTransformation(init, update)
+
+
+def loss_scale_stats(opt_state: LossScaleState) -> dict:
+    """The train stats of a loss-scaled step: the scale for the next step, whether this step was
+    skipped, skips in a row and in total."""
+    inner = opt_state.inner
+    return {"loss_scale": opt_state.scale, "skipped": jnp.logical_not(inner.last_finite),
+            "consecutive_skips": inner.notfinite_count, "skipped_steps": inner.total_notfinite}
 
 
 # --------------------------------------------------------------------------- state and steps
@@ -134,6 +187,7 @@ def build_steps(config, mesh, objective: str | None = None, rules=None, pad_id: 
     eval_fns = {name: objectives.build(name, ctx) for name in eval_objective_names(config.train)}
     n_in = input_length(config.model)
     noise_key = jax.random.fold_in(jax.random.key(int(config.seed)), 0x5EED)
+    dropout_key = jax.random.fold_in(jax.random.key(int(config.seed)), 0xD209)
     accum = int(config.train.grad_accum)
     schedule = lr_schedule(config.train, offset)
 
@@ -149,6 +203,10 @@ def build_steps(config, mesh, objective: str | None = None, rules=None, pad_id: 
 
     labels = param_labels(nn.meta.unbox(jax.eval_shape(init_params, jax.random.key(0))), config.train)
     tx = make_optimizer(config.train, offset, labels)
+    loss_scaled = config.model.dtype == "float16"
+    if loss_scaled:
+        tx = dynamic_loss_scale(tx)
+    dropout_on = any(float(config.model.get(k, 0.0)) for k in DROPOUT_FIELDS)
     frozen_any = FROZEN in jax.tree.leaves(labels)
 
     def init_boxed(rng):
@@ -175,8 +233,21 @@ def build_steps(config, mesh, objective: str | None = None, rules=None, pad_id: 
 
     def train_step(state: TrainState, batch):
         rngs = {"noise": jax.random.fold_in(noise_key, state.step)}
+        if dropout_on:  # no 'dropout' stream at all when every rate is 0
+            rngs["dropout"] = jax.random.fold_in(dropout_key, state.step)
         train_apply = functools.partial(apply_fn, rngs=rngs)
-        grad_fn = jax.value_and_grad(lambda p, b: loss_fn(train_apply, p, b), has_aux=True)
+        if loss_scaled:  # differentiate S·loss, report the loss (the scale is undone in tx)
+            def scaled_loss(p, b):
+                loss, sums = loss_fn(train_apply, p, b)
+                return loss * state.opt_state.scale, (loss, sums)
+
+            scaled_grad = jax.grad(scaled_loss, has_aux=True)
+
+            def grad_fn(p, b):
+                grads, (loss, sums) = scaled_grad(p, b)
+                return (loss, sums), grads
+        else:
+            grad_fn = jax.value_and_grad(lambda p, b: loss_fn(train_apply, p, b), has_aux=True)
         if accum == 1:
             (loss, sums), grads = grad_fn(state.params, batch)
         else:
@@ -205,8 +276,12 @@ def build_steps(config, mesh, objective: str | None = None, rules=None, pad_id: 
         params = optax.apply_updates(state.params, updates)
         # ``finite``: the state after the update (what a checkpoint of this step would hold) has no
         # NaN or infinity; one on-device bool, read by the loop with the loss.
-        stats = dict(sums, loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(state.step),
+        # grad_norm: of the gradients of the (unscaled) loss; under loss scaling tx unscales them
+        grad_norm = optax.tree.norm(grads) / state.opt_state.scale if loss_scaled else optax.tree.norm(grads)
+        stats = dict(sums, loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
                      finite=ckpt_lib.all_finite((params, opt_state)))
+        if loss_scaled:
+            stats.update(loss_scale_stats(opt_state))
         return TrainState(state.step + 1, params, opt_state), stats
 
     def eval_step(params, batch):

@@ -35,7 +35,8 @@ from mixers_jax.data import pipeline
 from mixers_jax.errors import UserError
 from mixers_jax.config import input_length
 from mixers_jax.lock import WorkdirLock
-from mixers_jax.steps import Steps, TrainState, build_steps, evaluate_all
+from mixers_jax.models.specs import DTYPES
+from mixers_jax.steps import MAX_CONSECUTIVE_SKIPS, Steps, TrainState, build_steps, evaluate_all
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -61,8 +62,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"train.schedule must be 'linear' or 'cosine', got {t.schedule!r}")
     if config.data.packing not in ("concat", "pad"):
         raise UserError(f"data.packing must be 'concat' or 'pad', got {config.data.packing!r}")
-    if config.model.dtype not in ("float32", "bfloat16"):
-        raise UserError(f"model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}")
+    if config.model.dtype not in DTYPES:
+        raise UserError(f"model.dtype must be one of {DTYPES}, got {config.model.dtype!r}")
     profile_window(config)
     sharding.resolve(config)
 
@@ -184,8 +185,17 @@ class Diverged(Exception):
 
 
 def _non_finite(stats: dict) -> str:
-    """What is non-finite in one step's host-side stats ('' when nothing is)."""
+    """What is non-finite in one step's host-side stats ('' when nothing is).
+
+    Under loss scaling (float16) a step with a non-finite loss or gradient was skipped (params and
+    optimizer state unchanged), which is not divergence; ``MAX_CONSECUTIVE_SKIPS`` skips in a row
+    are (halving the scale that often did not help, so the forward itself overflows)."""
     loss, grad_norm = float(stats["loss"]), float(stats["grad_norm"])
+    if "skipped" in stats and bool(stats["skipped"]):
+        if int(stats["consecutive_skips"]) >= MAX_CONSECUTIVE_SKIPS:
+            return (f"{int(stats['consecutive_skips'])} consecutive steps skipped under loss "
+                    f"scaling; last loss {loss}, gradient norm {grad_norm}")
+        return ""
     if not math.isfinite(loss):
         return f"non-finite loss {loss}"
     if not math.isfinite(grad_norm):
@@ -309,7 +319,8 @@ class _Loop:
             what = _non_finite(stats)
             if what:
                 raise Diverged(step, what)
-            del stats["finite"]
+            for key in ("finite", "skipped", "consecutive_skips"):
+                stats.pop(key, None)
         return [(step, stats) for (step, _), stats in zip(pending, host)]
 
     def next_stage(self, step: int) -> None:
@@ -372,6 +383,9 @@ class _Loop:
             self.config.model, last, int(self.config.train.batch_size)).items()})
         if len(self.stage_list) > 1:
             scalars["train/stage"] = float(self.stage.index)
+        for key in ("loss_scale", "skipped_steps"):  # float16 runs (dynamic loss scaling)
+            if key in last:
+                scalars[f"train/{key}"] = float(last[key])
         if window_steps:
             scalars.update({"perf/tokens_per_s": tok_s, "perf/step_s": step_s})
             if self.peak_total:

@@ -29,7 +29,7 @@ RMS_NORM_EPS = 1e-6  # Llama (docs/transformer_baseline.md#architecture)
 
 
 def dtype_of(name: str | Dtype) -> Dtype:
-    """'float32' | 'bfloat16' (or a dtype) -> jnp dtype."""
+    """'float32' | 'bfloat16' | 'float16' (or a dtype) -> jnp dtype."""
     if isinstance(name, str):
         return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
     return name
@@ -80,6 +80,17 @@ def linear_inits(reference: bool, fan_in: int, kaiming: bool = False) -> tuple[I
 def gelu(x: Array, reference: bool) -> Array:
     """Exact erf GELU for the reference numerics, the tanh approximation otherwise."""
     return nn.gelu(x, approximate=not reference)
+
+
+def dropout(module: nn.Module, x: Array, rate: float) -> Array:
+    """Inverted dropout: x·m/(1−p), m ~ Bernoulli(1−p) elementwise, drawn from ``module``'s
+    'dropout' RNG stream. Identity (no RNG drawn) when p = 0 or when the apply has no 'dropout'
+    RNG (evaluation, generation, step forms): only the train step passes one."""
+    if rate == 0.0 or not module.has_rng("dropout"):
+        return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(module.make_rng("dropout"), keep, x.shape)
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,6 +88,7 @@ class MixerBlock(nn.Module):
             return layers.layer_norm(spec.dtype, name=name)(x) if spec.layer_norm else x
 
         def residual(x, h):
+            h = layers.dropout(self, h, spec.dropout_resid)
             return constrain(x + h if spec.residual else h)
 
         def mix_part(x, cache):
@@ -150,7 +151,7 @@ class MaskedMixerLM(nn.Module):
                 f"matrices are n_ctx x n_ctx); got input of shape {tuple(tokens_BxN.shape)}; "
                 "pad or truncate to n_ctx"
             )
-        x_BxNxD = self.embed(tokens_BxN)
+        x_BxNxD = layers.dropout(self, self.embed(tokens_BxN), self.spec.dropout_embed)
         return nn.with_logical_constraint(x_BxNxD, ("batch", "length", "act_embed"))
 
     def hidden(self, x_BxNxD: Array) -> Array:

@@ -18,9 +18,10 @@ from mixers_jax.errors import UserError
 from mixers_jax.models import layers
 from mixers_jax.models.mixing import MixingSpec, check_mixing
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float16")
 BLOCKS = ("mixer", "srm")
 TRANSFORMERS = ("llama", "gpt")
+DROPOUTS = ("dropout_embed", "dropout_resid", "dropout_attn")  # dropout_attn: transformer only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,8 @@ class MixerSpec:
     residual: bool = True
     tie_embeddings: bool = False
     block: str = "mixer"
+    dropout_embed: float = 0.0  # dropout rates (training only; layers.dropout)
+    dropout_resid: float = 0.0
 
     @property
     def srm(self) -> bool:
@@ -68,6 +71,9 @@ class TransformerSpec:
     dtype: Any = jnp.float32
     causal: bool = True  # False: bidirectional attention (encoders); no step form
     transformer: str = "llama"  # 'gpt': learned positions, LayerNorm, GELU MLP, biases
+    dropout_embed: float = 0.0  # dropout rates (training only; layers.dropout)
+    dropout_resid: float = 0.0
+    dropout_attn: float = 0.0
 
     @property
     def gpt(self) -> bool:
@@ -82,6 +88,14 @@ def _check_common(cfg: Any) -> None:
             raise UserError(f"model.{key} must be a positive integer, got {value!r}")
     if field(cfg, "dtype") not in DTYPES:
         raise UserError(f"model.dtype must be one of {DTYPES}, got {field(cfg, 'dtype')!r}")
+    for key in DROPOUTS:
+        rate = field(cfg, key, 0.0)
+        if not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+            raise UserError(f"model.{key} must be a rate in [0, 1), got {rate!r}")
+
+
+def _dropouts(cfg: Any, keys=("dropout_embed", "dropout_resid")) -> dict:
+    return {key: float(field(cfg, key, 0.0)) for key in keys}
 
 
 def mixer_spec(cfg: Any) -> MixerSpec:
@@ -120,6 +134,7 @@ def mixer_spec(cfg: Any) -> MixerSpec:
         residual=bool(field(cfg, "residual")),
         tie_embeddings=bool(field(cfg, "tie_embeddings")),
         block=block,
+        **_dropouts(cfg),
     )
 
 
@@ -152,4 +167,5 @@ def transformer_spec(cfg: Any) -> TransformerSpec:
         dtype=layers.dtype_of(field(cfg, "dtype")),
         causal=bool(field(cfg, "causal", True)),
         transformer=arch,
+        **_dropouts(cfg, DROPOUTS),
     )

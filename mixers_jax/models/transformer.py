@@ -130,7 +130,12 @@ class Attention(nn.Module):
                 cos, sin = rope_cos_sin_at(positions_BxN, hd, spec.rope_theta)
             q_BxNxHxK = apply_rope(q_BxNxHxK, cos, sin)
             k_BxNxHxK = apply_rope(k_BxNxHxK, cos, sin)
-        if mask_Bx1xNxN is None:
+        if spec.dtype == jnp.float16:  # fp16 scores overflow (XLA:CPU has no f16 attention): fp32 core
+            q_BxNxHxK, k_BxNxHxK, v_BxNxHxK = (
+                a.astype(jnp.float32) for a in (q_BxNxHxK, k_BxNxHxK, v_BxNxHxK))
+        if spec.dropout_attn and self.has_rng("dropout"):
+            a_BxNxHxK = self._attention_dropout(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK, mask_Bx1xNxN)
+        elif mask_Bx1xNxN is None:
             a_BxNxHxK = jax.nn.dot_product_attention(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK,
                                                      is_causal=spec.causal)
         else:
@@ -138,6 +143,20 @@ class Attention(nn.Module):
                                                      mask=mask_Bx1xNxN)
         a_BxNxHxK = nn.with_logical_constraint(a_BxNxHxK, ("batch", "length", "act_heads", None))
         return out(a_BxNxHxK)
+
+    def _attention_dropout(self, q_BxNxHxK, k_BxNxHxK, v_BxNxHxK, mask_Bx1xNxN):
+        """softmax(q·kᵀ/√hd + mask) with dropout on the probabilities, then ·v (float32 scores;
+        the explicit form of ``dot_product_attention``, used only when attention dropout is on)."""
+        n, hd = q_BxNxHxK.shape[1], q_BxNxHxK.shape[-1]
+        scores_BxHxNxN = jnp.einsum("bihk,bjhk->bhij", q_BxNxHxK.astype(jnp.float32),
+                                    k_BxNxHxK.astype(jnp.float32)) / jnp.sqrt(jnp.float32(hd))
+        if mask_Bx1xNxN is None:
+            mask_Bx1xNxN = (jnp.tril(jnp.ones((n, n), bool)) if self.spec.causal
+                            else jnp.ones((n, n), bool))[None, None]
+        probs = jax.nn.softmax(jnp.where(mask_Bx1xNxN, scores_BxHxNxN, -jnp.inf), axis=-1)
+        probs = layers.dropout(self, probs, self.spec.dropout_attn)
+        a_BxNxHxK = jnp.einsum("bhij,bjhk->bihk", probs, v_BxNxHxK.astype(jnp.float32))
+        return a_BxNxHxK.astype(q_BxNxHxK.dtype)
 
 
 def norm(spec: TransformerSpec, name: str | None = None) -> nn.Module:
@@ -170,9 +189,11 @@ class TransformerBlock(nn.Module):
             x_BxNxD = x_BxNxD + h
         else:
             h = attn(h, positions_BxN=positions_BxN, mask_Bx1xNxN=mask_Bx1xNxN)
+            h = layers.dropout(self, h, spec.dropout_resid)
             x_BxNxD = nn.with_logical_constraint(x_BxNxD + h, names)
         h = norm(spec, "mlp_norm")(x_BxNxD)
         h = mlp(spec)(h)
+        h = layers.dropout(self, h, spec.dropout_resid)
         if step:
             return x_BxNxD + h, cache
         return nn.with_logical_constraint(x_BxNxD + h, names)
@@ -204,7 +225,7 @@ class TransformerLM(nn.Module):
                 f"the transformer takes at most n_ctx={self.n_ctx} tokens per row; got input of "
                 f"shape {tuple(tokens_BxN.shape)}"
             )
-        x_BxNxD = self.embed(tokens_BxN)
+        x_BxNxD = layers.dropout(self, self.embed(tokens_BxN), self.spec.dropout_embed)
         return nn.with_logical_constraint(x_BxNxD, ("batch", "length", "act_embed"))
 
     def hidden(self, x_BxNxD: Array, positions_BxN: Array | None = None,

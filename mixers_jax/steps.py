@@ -146,7 +146,6 @@ class Steps:
     eval_step: Callable[[Any, dict], dict]
     eval_steps: dict[str, Callable[[Any, dict], dict]] = dataclasses.field(default_factory=dict)
     fresh_state: Callable[[Any, jax.Array], TrainState] | None = None
-    labels: Any = None
     config: Any = None
 
 
@@ -309,7 +308,6 @@ def build_steps(config, mesh, objective: str | None = None, rules=None, pad_id: 
         eval_steps={name: jit_eval(fn) for name, fn in eval_fns.items()},
         fresh_state=jax.jit(fresh_state, in_shardings=(state_shardings.params, repl),
                             out_shardings=state_shardings),
-        labels=labels,
         config=config,
     )
 

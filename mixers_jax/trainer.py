@@ -13,6 +13,7 @@ format :mod:`mixers_jax.workdir`.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -147,33 +148,29 @@ def _run_locked(config, workdir: str, *, stop_at_step, record_batches) -> dict:
     # Nothing is written to the workdir before this point (build_data writes the tokenizer only
     # after its own checks passed).
     os.makedirs(workdir, exist_ok=True)
-    log = workdir_lib.Log(workdir, is_main)
-    if is_main:
-        if restored_tokenizer is not None:
-            restored_tokenizer.save(tokenizer_path)
-            log(f"{tokenizer_path} was missing: restored it from the latest checkpoint")
-        workdir_lib.write_config(workdir, config)  # always the config the run is using
-    if changes:
-        log(f"resuming with changed settings: {workdir_lib.describe_changes(changes)}")
-    if data.stats.get("replaced_bytes"):
-        log(f"data: {data.stats['replaced_bytes']} bytes of invalid UTF-8 in "
-            f"{data.stats['source_files']} file(s) were read as U+FFFD")
-
-    writer = metrics_lib.Writer(os.path.join(workdir, workdir_lib.TB_DIR), enabled=is_main)
-    checkpointer = None
-    try:
+    with contextlib.ExitStack() as resources:  # closed in reverse order whatever happens
+        log = workdir_lib.Log(workdir, is_main)
+        resources.callback(log.close)
+        if is_main:
+            if restored_tokenizer is not None:
+                restored_tokenizer.save(tokenizer_path)
+                log(f"{tokenizer_path} was missing: restored it from the latest checkpoint")
+            workdir_lib.write_config(workdir, config)  # always the config the run is using
+        if changes:
+            log(f"resuming with changed settings: {workdir_lib.describe_changes(changes)}")
+        if data.stats.get("replaced_bytes"):
+            log(f"data: {data.stats['replaced_bytes']} bytes of invalid UTF-8 in "
+                f"{data.stats['source_files']} file(s) were read as U+FFFD")
+        writer = metrics_lib.Writer(os.path.join(workdir, workdir_lib.TB_DIR), enabled=is_main)
+        resources.callback(writer.close)
         checkpointer = ckpt_lib.Checkpointer(
             os.path.join(workdir, workdir_lib.CHECKPOINTS_DIR),
             keep=int(config.train.keep_checkpoints), log=log)
+        resources.callback(checkpointer.close)
         runner = _Runner(config, mesh, rules, stage_list, pad_id=data.tokenizer.pad_id)
         loop = _Loop(config, workdir, runner, data, checkpointer, writer, log,
                      stop_at_step=stop_at_step, record_batches=record_batches, changes=changes)
         return loop.run()
-    finally:
-        if checkpointer is not None:
-            checkpointer.close()
-        writer.close()
-        log.close()
 
 
 class Diverged(Exception):
@@ -423,6 +420,10 @@ class _Loop:
             return self.train(summary)
         except Diverged as e:
             return self.diverged(e, summary)
+        finally:
+            if self.tracing:  # a trace left running would fail the next run in this process
+                jax.profiler.stop_trace()
+                self.tracing = False
 
     def train(self, summary: dict) -> dict:
         t_cfg, total, stop_at_step = self.config.train, self.total, self.stop_at_step
@@ -446,8 +447,6 @@ class _Loop:
                     self.save(step)
                     self.restart_window()
                 if guard.requested or stop:
-                    if self.tracing:
-                        jax.profiler.stop_trace()
                     why = guard.requested or f"stop_at_step={stop_at_step}"
                     self.log(f"{why}: saved step {step} in {self.checkpointer.directory}; exiting")
                     summary.update(preempted=True, final_step=step)
@@ -489,9 +488,6 @@ class _Loop:
     def diverged(self, e: Diverged, summary: dict) -> dict:
         """Stops a diverged run: one log line naming the step and the last good (saved, hence
         finite) checkpoint; the divergence goes into the summary and results.json."""
-        if self.tracing:
-            jax.profiler.stop_trace()
-            self.tracing = False
         self.pending = []
         for key in ("eval", "evals"):  # an earlier evaluation is no result of this run
             summary.pop(key, None)

@@ -8,7 +8,11 @@ wall time.
 * ``train``: one optimizer step (forward, backward, AdamW) of the flat, headed and Toeplitz mixers
   and the transformer at equal width, depth and context: step time, tokens/s, compile time, the
   compiled step's memory (XLA memory analysis; the allocator's peak on accelerators), analytic
-  FLOPs per token next to XLA's cost analysis, and MFU where the device's peak is known.
+  FLOPs per token next to XLA's cost analysis, and MFU where the device's peak is known. The suite
+  first measures the machine's own yardstick in the same run, the FLOP/s of one XLA 1024×1024
+  matmul in the suite's dtype (:func:`matmul_rate`), and reports each case's training FLOP rate
+  (analytic FLOPs per token × tokens/s) as a fraction of it (``matmul_fraction``), so that figures
+  compare across machines of different speed.
 * ``mixing``: one token-mixing op (forward + backward) for each implementation (dense masked
   matmul, Toeplitz materialised, Toeplitz by FFT) over contexts 256 ... 4096.
 * ``generate``: tokens/s (batch × new tokens / wall time of one compiled ``lax.scan`` generating
@@ -69,6 +73,14 @@ def _median_time(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def matmul_rate(dtype: str = "float32", repeats: int = 5, size: int = 1024) -> float:
+    """FLOP/s of one jitted XLA ``size``×``size`` matmul on the default device (2·size³ FLOPs per
+    product; median of ``repeats`` after a warm-up)."""
+    a_NxN = jax.random.normal(jax.random.key(0), (size, size), jnp.float32).astype(dtype)
+    product = jax.jit(lambda x: x @ x)
+    return 2.0 * size**3 / _median_time(lambda: product(a_NxN), repeats)
+
+
 def _memory_bytes(compiled) -> int | None:
     try:
         m = compiled.memory_analysis()
@@ -98,6 +110,9 @@ TRAIN_CASES = {
 
 
 def bench_train(cases: list[str], s: Settings) -> list[dict]:
+    rate = matmul_rate(s.dtype, s.steps)
+    print(f"# XLA 1024x1024 {s.dtype} matmul: {rate / 1e9:.1f} GFLOP/s per device "
+          f"(x{jax.device_count()} devices)")
     records = []
     for name in cases:
         spec = dict(TRAIN_CASES[name])
@@ -109,9 +124,12 @@ def bench_train(cases: list[str], s: Settings) -> list[dict]:
                  n_heads=s.heads, dtype=s.dtype, **spec)
         )
         rec = _time_train_step(name, config, s)
+        rec["matmul_flops_per_s"] = rate
+        rec["flop_rate"] = rec["flops_per_token"] * rec["tokens_per_s"]
+        rec["matmul_fraction"] = rec["flop_rate"] / (rate * jax.device_count())
         records.append(rec)
         _print_row(rec, ["case", "step_s", "tokens_per_s", "compile_s", "memory_bytes",
-                         "flops_per_token", "xla_flops_per_token", "mfu"])
+                         "flops_per_token", "xla_flops_per_token", "matmul_fraction", "mfu"])
     base = {r["case"]: r for r in records}
     if "mixer_flat" in base and "transformer" in base:
         ratio = base["transformer"]["step_s"] / base["mixer_flat"]["step_s"]

@@ -51,3 +51,19 @@ def test_bad_flags_are_one_line_status_2(capsys, args, pattern):
     lines = capsys.readouterr().err.strip().splitlines()
     assert status == 2, lines
     assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(pattern, lines[0]), lines
+
+
+def test_train_suite_reports_a_fraction_of_the_same_runs_matmul_rate(capsys):
+    """The train suite measures the XLA matmul rate first and quotes every case against it."""
+    from mixers_jax import benchmarks as bm
+
+    rate = bm.matmul_rate("float32", repeats=1, size=128)
+    assert rate > 0
+    s = bm.Settings(d_model=32, n_layers=1, n_ctx=16, batch=8, vocab=64, heads=2, steps=1)
+    (rec,) = bm.bench_train(["mixer_flat"], s)
+    out = capsys.readouterr().out
+    assert "1024x1024 float32 matmul:" in out and "GFLOP/s per device" in out
+    assert rec["flop_rate"] == pytest.approx(rec["flops_per_token"] * rec["tokens_per_s"])
+    assert rec["matmul_fraction"] == pytest.approx(
+        rec["flop_rate"] / (rec["matmul_flops_per_s"] * 8))  # the 8 fake test devices
+    assert 0 < rec["matmul_fraction"] < 1

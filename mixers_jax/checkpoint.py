@@ -256,26 +256,10 @@ class Checkpointer:
         return self._verdicts[step]
 
     def latest_intact_step(self, *, complete_only: bool = False) -> int | None:
-        """The newest step that passes :meth:`verify` (None: no checkpoint at all).
-
-        A damaged newer step is reported in one line. ``complete_only`` (a reader while the run is
-        live) also skips steps without an integrity record, which may be a save in progress.
-        Raises CheckpointDamagedError when there are damaged checkpoints and none is intact.
-        """
-        damaged = []
-        for step in reversed(self.all_steps()):
-            verdict = self.verify(step)
-            if not verdict.ok:
-                self._log(f"checkpoint {step} is damaged ({verdict.problem})")
-                damaged.append(step)
-            elif verdict.recorded or not complete_only:
-                if not verdict.recorded:
-                    self._log(_UNVERIFIED.format(step=step))
-                return step
-        if damaged:
-            raise CheckpointDamagedError(f"no intact checkpoint in {self.directory} "
-                                         f"(damaged: {', '.join(map(str, damaged))})")
-        return None
+        """The step :meth:`restore_latest` would restore (None: no checkpoint at all), with the
+        same reports, fallback and errors."""
+        found = self.restore_latest(lambda step: step, complete_only=complete_only)
+        return None if found is None else found[0]
 
     # ---- saving
 
@@ -416,7 +400,8 @@ class Checkpointer:
         a CheckpointDamagedError from it, or a failed integrity check, moves on to the next older
         step, reported in one line, e.g. "checkpoint 8 is damaged (params/_METADATA: missing);
         resuming from 6". A writer sets damaged newer steps aside (:meth:`set_aside`) so that the
-        resumed run can save those steps again. ``complete_only``: see :meth:`latest_intact_step`.
+        resumed run can save those steps again. ``complete_only`` (a reader while the run is live)
+        also skips steps without an integrity record, which may be a save in progress.
         Raises CheckpointDamagedError naming the folder when checkpoints exist but none restores
         (with ``complete_only``, steps without a record alone give None: nothing complete yet).
         """

@@ -297,17 +297,19 @@ def load_run(workdir: str, step: int | None = None) -> Run:
 
 
 def checkpoint_tokenizer(workdir: str) -> tuple[int, bytes] | None:
-    """(step, serialized tokenizer) from the meta of the newest intact checkpoint in ``workdir``;
-    None without a checkpoint (or one from a version that did not store it). Reads only."""
+    """(step, serialized tokenizer) from the meta of the checkpoint a resume restores (the newest
+    intact one, with the same fallback); None without a checkpoint (or one from a version that did
+    not store it). Reads only."""
     ckpt_dir = os.path.join(workdir, CHECKPOINTS_DIR)
     if not os.path.isdir(ckpt_dir):
         return None
     checkpointer = ckpt_lib.Checkpointer(ckpt_dir, read_only=True, log=lambda _: None)
     try:
-        step = checkpointer.latest_intact_step()
-        if step is None:
+        found = checkpointer.restore_latest(checkpointer.restore_meta)
+        if found is None:
             return None
-        blob = checkpointer.restore_meta(step).get("tokenizer")
+        step, meta = found
+        blob = meta.get("tokenizer")
     finally:
         checkpointer.close()
     return (step, ckpt_lib.decode_bytes(blob)) if blob else None

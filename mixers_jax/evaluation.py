@@ -178,17 +178,16 @@ def evaluate_run(
     quant_list = parse_quants(quants)
     if max_rows < 0 or batch_size < 0 or devices < 0:
         raise UserError("--max_rows, --batch_size and --devices must be >= 0")
-    run = load_run(workdir, step)
-    config = with_defaults(run.config)
-    # The train settings (objective, copy pass, eval objectives) of the stage that wrote the checkpoint.
-    stage = stage_at(stages(config), run.step)
-    config = with_defaults(stage_config(config, stage))
-    names = parse_objectives(objectives, config)
-    tok = run.tokenizer
-
     all_devices = jax.local_devices()
     if devices > len(all_devices):
         raise UserError(f"--devices={devices}, but only {len(all_devices)} are available")
+    run = load_run(workdir, step)  # its config already holds every field at its default
+    # The train settings (objective, copy pass, eval objectives) of the stage that wrote the checkpoint.
+    stage = stage_at(stages(run.config), run.step)
+    config = stage_config(run.config, stage)
+    names = parse_objectives(objectives, config)
+    tok = run.tokenizer
+
     devs = all_devices[: devices or len(all_devices)]
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devs)
     n_dev = sharding.batch_divisor(mesh)

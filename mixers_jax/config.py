@@ -35,8 +35,12 @@ model.heads             0: one matrix shared by all features; H >= 1: per-head p
                         (docs/masked_mixers.md#multi-head-mixing)
 model.mixing_impl       'dense' (masked matmul; Toeplitz materialised) | 'fft' (Toeplitz only)
 model.expanded          mix -> GELU -> mix (factor 1, docs/masked_mixers.md#expanded-mixing)
-model.layer_norm        False: LayerNorm-free ablation
-model.residual          False: residual-free ablation
+model.layer_norm        False: norm-free ablation (mixer: both block LayerNorms; transformer: both
+                        block norms and the final norm; docs/ablations.md)
+model.residual          False: residual-free ablation (every block's residual additions)
+model.mlp               the channel sublayer of every block: 'mlp' (default) | 'none' (no MLP and
+                        no MLP norm) | 'attention' (transformer only: a second attention, with
+                        its norm, in the MLP's place; docs/ablations.md)
 model.tie_embeddings    share the input embedding with the LM head
 model.mask_grad         'masked' (default) | 'straight_through' (docs/training.md#causal-mask-gradient)
 model.n_heads           attention heads of the transformer
@@ -79,6 +83,11 @@ train.frozen_encoder_embedding  fresh_trainable (default; docs/objectives.md#fro
                         pretrained_trainable: what the embedding of a loaded, frozen encoder does
 train.stages            curriculum: a tuple of dicts (name, objective, steps, frozen, init_from,
                         init_map, lr, warmup_steps); one train command runs them all
+train.on_divergence    what a non-finite loss, gradient norm, state or evaluation does: 'fail'
+                        (default: the run stops with status 1) | 'record' (the run stops and
+                        reports "diverged at step N" as its result, in the table and results.json,
+                        status 0; for ablations, docs/ablations.md). Either way no non-finite state
+                        is saved and the last good checkpoint is named.
 train.profile_steps     'a:b' captures a jax.profiler trace of steps a..b-1 into <workdir>/profile
 mesh.data|fsdp|tensor   mesh axis sizes (-1 takes the remaining devices)
 sharding                '3d' | 'dp' | 'fsdp' | 'tp' | 'fsdp_tp' (see README "Sharding strategies")
@@ -177,8 +186,9 @@ def base_config() -> ml_collections.ConfigDict:
             heads=0,
             mixing_impl="dense",
             expanded=False,
-            layer_norm=True,
+            layer_norm=True,  # ablation switches (mixer and transformer; docs/ablations.md)
             residual=True,
+            mlp="mlp",
             tie_embeddings=False,
             mask_grad="masked",
             block="mixer",
@@ -257,6 +267,7 @@ def base_config() -> ml_collections.ConfigDict:
             init_map="",  # 'target=source,...' subtrees copied from init_from ('.' = root)
             frozen_encoder_embedding="fresh_trainable",  # | pretrained_frozen | pretrained_trainable
             stages=(),  # curriculum: dicts with objective, steps, frozen, init_from, init_map, lr, ...
+            on_divergence="fail",  # fail (exit 1) | record (the divergence step is the result; exit 0)
         )
     )
 

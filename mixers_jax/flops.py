@@ -48,20 +48,21 @@ def mixer_forward_flops(cfg: Any) -> float:
                       causal=field(cfg, "causal", True))
     mix = n_mix * spec.op.flops_per_token(spec, d)
     proj = 2.0 * (2 * d * d) if heads else 0.0  # in-projection d->d, out-projection d->d
-    ffn = 2.0 * (2 * r * d * d)
+    ffn = 2.0 * (2 * r * d * d) if field(cfg, "mlp", "mlp") != "none" else 0.0
     head = 2.0 * d * V
     return L * (mix + proj + ffn) + head
 
 
 def transformer_forward_flops(cfg: Any) -> float:
     """Forward FLOPs per token of the Llama-style baseline (docs/transformer_baseline.md#architecture);
-    ``transformer='gpt'``: the MLP has two matrices (fc1, fc2), 2·2·r·d² (biases are not counted)."""
+    ``transformer='gpt'``: the MLP has two matrices (fc1, fc2), 2·2·r·d² (biases are not counted).
+    Ablations: ``mlp='none'`` counts no MLP, ``mlp='attention'`` a second attention in its place."""
     n, d, L, V = field(cfg, "n_ctx"), field(cfg, "d_model"), field(cfg, "n_layers"), field(cfg, "vocab_size")
     r = field(cfg, "mlp_ratio", 4)
     qkvo = 2.0 * 4 * d * d
     attn = 2.0 * 2 * n * d  # QK^T and AV, full n x n
     n_mlp = 2 if field(cfg, "transformer", "llama") == "gpt" else 3  # fc1, fc2 | gate, up, down
-    mlp = 2.0 * n_mlp * r * d * d
+    mlp = {"none": 0.0, "attention": qkvo + attn}.get(field(cfg, "mlp", "mlp"), 2.0 * n_mlp * r * d * d)
     head = 2.0 * d * V
     return L * (qkvo + attn + mlp) + head
 

@@ -198,6 +198,22 @@ def format_cell(v, width: int = 10, prec: int = 4) -> str:
     return f"{v:>{width}}"
 
 
+def outcome(results: Mapping) -> str:
+    """A run's result in one cell: the final evaluation loss, or "diverged at step N" for a run
+    that stopped on a non-finite value (a trainer summary or its results.json)."""
+    if results.get("diverged"):
+        return f"diverged at step {results['diverged']['step']}"
+    return f"{float(results['eval']['loss']):.4f}"
+
+
+def diverged_table(diverged: Mapping, objective: str) -> str:
+    """The results table of a run whose divergence is its result (train.on_divergence=record)."""
+    w = max(12, len(objective) + 2)
+    return "\n".join([f"{'objective':<{w}}result",
+                      f"{objective:<{w}}{outcome({'diverged': diverged})} ({diverged['what']})",
+                      f"(last good checkpoint: step {diverged['last_good_step']})"])
+
+
 def results_table(evals: Mapping[str, Mapping], compressors: Mapping[str, float] | None = None) -> str:
     """The final evaluation as a text table (the trainer's end of training and ``evaluate``).
 

@@ -5,7 +5,8 @@ with a one-line message. Without ``--workdir`` the run goes to ``workdirs/<confi
 
 Exit status: 0 finished; 1 failure: an OSError in one line, or training diverged (a NaN or an
 infinity in the loss, gradient norm, parameters or evaluation; the line names the step and the last
-good checkpoint, results.json records it); 2 bad flag, config, data or workdir (also: the workdir
+good checkpoint, results.json records it), unless train.on_divergence=record makes the divergence
+step the run's result (status 0, "done: diverged at step N ..."); 2 bad flag, config, data or workdir (also: the workdir
 is in use by another run); 75 preempted (SIGTERM or Ctrl-C saved a checkpoint: rerun the same
 command to resume); 130 interrupted before training started.
 """
@@ -67,6 +68,13 @@ def main(argv: list[str]) -> None:
 
     _maybe_initialize_distributed()
     summary = trainer.run(config, workdir)
+    if summary.get("diverged", {}).get("recorded"):
+        # train.on_divergence=record: the divergence step is this run's result, not a failure.
+        if summary.get("is_main", True):
+            d = summary["diverged"]
+            print(f"done: diverged at step {d['step']} ({d['what']}; train.on_divergence=record); "
+                  f"last good checkpoint: step {d['last_good_step']}; workdir {summary['workdir']}")
+        return
     if summary.get("diverged"):
         # Exit 1, not 2: the input was valid and the run trained (and wrote checkpoints); its
         # numbers failed. The line names the last good checkpoint to resume or inspect from.

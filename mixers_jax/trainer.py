@@ -39,6 +39,8 @@ from mixers_jax.lock import WorkdirLock
 from mixers_jax.models.specs import DTYPES
 from mixers_jax.steps import MAX_CONSECUTIVE_SKIPS, Steps, TrainState, build_steps, evaluate_all
 
+ON_DIVERGENCE = ("fail", "record")  # train.on_divergence
+
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks the config fields the trainer relies on; raises UserError naming the problem."""
@@ -59,6 +61,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if t.warmup_steps < 0:
         raise UserError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     ckpt_lib.check_keep(t.keep_checkpoints)
+    if t.on_divergence not in ON_DIVERGENCE:
+        raise UserError(f"train.on_divergence must be one of {ON_DIVERGENCE}, got {t.on_divergence!r}")
     if t.schedule not in ("linear", "cosine"):
         raise UserError(f"train.schedule must be 'linear' or 'cosine', got {t.schedule!r}")
     if config.data.packing not in ("concat", "pad"):
@@ -487,18 +491,24 @@ class _Loop:
 
     def diverged(self, e: Diverged, summary: dict) -> dict:
         """Stops a diverged run: one log line naming the step and the last good (saved, hence
-        finite) checkpoint; the divergence goes into the summary and results.json."""
+        finite) checkpoint; the divergence goes into the summary and results.json. With
+        ``train.on_divergence='record'`` the divergence is the run's result (``recorded``): the
+        results table says "diverged at step N" and the command exits 0."""
         self.pending = []
         for key in ("eval", "evals"):  # an earlier evaluation is no result of this run
             summary.pop(key, None)
         good = (f"step {self.last_saved} in {self.checkpointer.directory}"
                 if self.last_saved is not None else "none")
+        recorded = str(self.config.train.on_divergence) == "record"
         message = f"{e}; last good checkpoint: {good}"
         self.log(message)
-        summary.update(
-            preempted=False, final_step=e.step, params=None, data=self.data.stats,
-            diverged={"step": e.step, "what": e.what, "last_good_step": self.last_saved,
-                      "checkpoints": self.checkpointer.directory, "message": message})
+        diverged = {"step": e.step, "what": e.what, "last_good_step": self.last_saved,
+                    "checkpoints": self.checkpointer.directory, "message": message,
+                    "recorded": recorded}
+        if recorded:
+            self.log(metrics_lib.diverged_table(diverged, self.stage.train.objective))
+        summary.update(preempted=False, final_step=e.step, params=None, data=self.data.stats,
+                       diverged=diverged)
         self.write_results(summary)
         return summary
 

@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from mixers_jax import metrics as metrics_lib
 from mixers_jax import sharding, trainer
 from mixers_jax import workdir as workdir_lib
 from mixers_jax import steps as steps_lib
@@ -238,8 +239,42 @@ def test_divergence_names_the_step_and_a_really_good_checkpoint(tmp_path, capsys
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(run.params))
     results = json.loads(open(f"{workdir}/results.json").read())
     assert results["diverged"]["step"] == bad and results["diverged"]["last_good_step"] == good
+    assert results["diverged"]["recorded"] is False  # train.on_divergence='fail' is the default
     assert "eval" not in results
     assert match.group(0)[len("error: "):] in open(f"{workdir}/log.txt").read()
+
+
+def test_recorded_divergence_is_the_result_and_exits_0(tmp_path, capsys, monkeypatch):
+    """train.on_divergence=record: the same divergence as above ends the command with status 0,
+    "done: diverged at step N" on stdout, the divergence step in the results table and in
+    results.json; the last good checkpoint named is still the finite one before it."""
+    workdir = str(tmp_path / "run")
+    status = _train_cli(monkeypatch, f"--workdir={workdir}", "--config.train.lr=1e6",
+                        "--config.train.checkpoint_every=1", "--config.train.on_divergence=record")
+    out = capsys.readouterr()
+    assert status == 0, out.err
+    assert "error:" not in out.err
+    match = re.search(r"^done: diverged at step (\d+) \(non-finite [^;]*; train.on_divergence=record\); "
+                      r"last good checkpoint: step (\d+); workdir ", out.out, re.M)
+    assert match, out.out
+    bad, good = int(match.group(1)), int(match.group(2))
+    assert good == bad - 1
+    assert Checkpointer(f"{workdir}/checkpoints", read_only=True).all_steps()[-1] == good
+    run = workdir_lib.load_run(workdir, good)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(run.params))
+    results = json.loads(open(f"{workdir}/results.json").read())
+    assert results["diverged"]["step"] == bad and results["diverged"]["recorded"] is True
+    assert "eval" not in results
+    assert metrics_lib.outcome(results) == f"diverged at step {bad}"
+    assert re.search(rf"^clm\s+diverged at step {bad} \(non-finite", open(f"{workdir}/log.txt").read(),
+                     re.M)
+
+
+def test_on_divergence_must_be_fail_or_record(tmp_path, capsys, monkeypatch):
+    workdir = tmp_path / "run"
+    assert _train_cli(monkeypatch, f"--workdir={workdir}", "--config.train.on_divergence=skip") == 2
+    _one_error_line(capsys, r"train.on_divergence must be one of \('fail', 'record'\), got 'skip'")
+    assert not workdir.exists()
 
 
 def test_non_finite_evaluation_stops_the_run(tmp_path, monkeypatch):

@@ -2,7 +2,9 @@
 
 Block (pre-norm, token mixing first; docs/masked_mixers.md#the-mixer-block):
     x <- x + Mix(LN1 x);   x <- x + FFN(LN2 x),   FFN(z) = GELU(z A + a) C + a'
-``layer_norm=False`` drops both LNs, ``residual=False`` drops both residual additions (ablations).
+Ablations (docs/ablations.md): ``layer_norm=False`` drops both LNs (x <- x + Mix(x); x <- x + FFN(x)),
+``residual=False`` both residual additions (x <- Mix(LN1 x); x <- FFN(LN2 x)), ``mlp='none'`` the
+FFN with its LN (x <- x + Mix(LN1 x): ``ln_ffn`` and ``ffn`` leave the parameter tree).
 No positional encoding: positions live in the rows of the mixing matrices, so the context length is
 fixed at n_ctx and inputs must be exactly n_ctx tokens long.
 
@@ -105,12 +107,13 @@ class MixerBlock(nn.Module):
                            name="ffn")(norm(x, "ln_ffn"))
             return residual(x, h)
 
+        has_ffn = spec.mlp != "none"
         if spec.srm:
-            x = ffn_part(x)
+            x = ffn_part(x) if has_ffn else x
             x, cache = mix_part(x, cache)
         else:
             x, cache = mix_part(x, cache)
-            x = ffn_part(x)
+            x = ffn_part(x) if has_ffn else x
         return (x, cache) if step else x
 
 

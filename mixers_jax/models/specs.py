@@ -22,6 +22,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 BLOCKS = ("mixer", "srm")
 TRANSFORMERS = ("llama", "gpt")
 DROPOUTS = ("dropout_embed", "dropout_resid", "dropout_attn")  # dropout_attn: transformer only
+# The channel sublayer of a block (docs/ablations.md): the MLP, none, or (transformer only) a second
+# attention in the MLP's place.
+MLPS = ("mlp", "none", "attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +39,7 @@ class MixerSpec:
     mlp_ratio: int = 4
     layer_norm: bool = True
     residual: bool = True
+    mlp: str = "mlp"  # 'none': no channel MLP (nor its norm) in any block
     tie_embeddings: bool = False
     block: str = "mixer"
     dropout_embed: float = 0.0  # dropout rates (training only; layers.dropout)
@@ -70,6 +74,9 @@ class TransformerSpec:
     tie_embeddings: bool = False
     dtype: Any = jnp.float32
     causal: bool = True  # False: bidirectional attention (encoders); no step form
+    layer_norm: bool = True  # False: no norms (block norms and the final norm)
+    residual: bool = True  # False: no residual additions
+    mlp: str = "mlp"  # 'none': attention-only blocks; 'attention': a second attention as the MLP
     transformer: str = "llama"  # 'gpt': learned positions, LayerNorm, GELU MLP, biases
     dropout_embed: float = 0.0  # dropout rates (training only; layers.dropout)
     dropout_resid: float = 0.0
@@ -92,6 +99,17 @@ def _check_common(cfg: Any) -> None:
         rate = field(cfg, key, 0.0)
         if not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
             raise UserError(f"model.{key} must be a rate in [0, 1), got {rate!r}")
+
+
+def _ablations(cfg: Any, mlps: tuple[str, ...]) -> dict:
+    """The ablation switches (docs/ablations.md): layer_norm, residual and the channel sublayer
+    ``mlp`` (one of ``mlps``); defaults keep the full block."""
+    mlp = field(cfg, "mlp", "mlp")
+    if mlp not in mlps:
+        raise UserError(f"model.mlp must be one of {mlps} for a {field(cfg, 'kind', 'mixer')}, "
+                        f"got {mlp!r}")
+    return {"layer_norm": bool(field(cfg, "layer_norm", True)),
+            "residual": bool(field(cfg, "residual", True)), "mlp": mlp}
 
 
 def _dropouts(cfg: Any, keys=("dropout_embed", "dropout_resid")) -> dict:
@@ -130,8 +148,7 @@ def mixer_spec(cfg: Any) -> MixerSpec:
         vocab_size=field(cfg, "vocab_size"),
         n_layers=field(cfg, "n_layers"),
         mlp_ratio=field(cfg, "mlp_ratio"),
-        layer_norm=bool(field(cfg, "layer_norm")),
-        residual=bool(field(cfg, "residual")),
+        **_ablations(cfg, MLPS[:2]),
         tie_embeddings=bool(field(cfg, "tie_embeddings")),
         block=block,
         **_dropouts(cfg),
@@ -166,6 +183,7 @@ def transformer_spec(cfg: Any) -> TransformerSpec:
         tie_embeddings=bool(field(cfg, "tie_embeddings")),
         dtype=layers.dtype_of(field(cfg, "dtype")),
         causal=bool(field(cfg, "causal", True)),
+        **_ablations(cfg, MLPS),
         transformer=arch,
         **_dropouts(cfg, DROPOUTS),
     )

@@ -172,7 +172,13 @@ def mlp(spec: TransformerSpec) -> nn.Module:
 
 
 class TransformerBlock(nn.Module):
-    """x += Attn(RMSNorm x); x += SwiGLU(RMSNorm x); ``block(x_BxD, pos, cache)``: the step form."""
+    """x += Attn(RMSNorm x); x += SwiGLU(RMSNorm x); ``block(x_BxD, pos, cache)``: the step form.
+
+    Ablations (docs/ablations.md): ``layer_norm=False`` drops both norms (x += Attn(x); x += MLP(x)),
+    ``residual=False`` both residual additions (x <- Attn(N x); x <- MLP(N x)), ``mlp='none'`` the
+    MLP and its norm (x += Attn(N x)), ``mlp='attention'`` puts a second attention ``mlp_attn`` (its
+    own q, k, v, o and, in the step form, its own KV cache ``cache['mlp']``) in the MLP's place.
+    """
 
     spec: TransformerSpec
 
@@ -182,21 +188,35 @@ class TransformerBlock(nn.Module):
         step = cache is not None
         names = ("batch", "length", "act_embed")
         spec = self.spec
-        h = norm(spec, "attn_norm")(x_BxNxD)
-        attn = Attention(spec, name="attn")
-        if step:
-            h, cache = attn(h, pos, cache)
-            x_BxNxD = x_BxNxD + h
-        else:
+
+        def normed(x, name):
+            return norm(spec, name)(x) if spec.layer_norm else x
+
+        def add(x, h):
+            return x + h if spec.residual else h
+
+        def attend(h, name, layer_cache):
+            attn = Attention(spec, name=name)
+            if step:
+                return attn(h, pos, layer_cache)
             h = attn(h, positions_BxN=positions_BxN, mask_Bx1xNxN=mask_Bx1xNxN)
+            return layers.dropout(self, h, spec.dropout_resid), None
+
+        h, new_cache = attend(normed(x_BxNxD, "attn_norm"), "attn", cache)
+        x_BxNxD = add(x_BxNxD, h) if step else nn.with_logical_constraint(add(x_BxNxD, h), names)
+        if spec.mlp == "none":
+            return (x_BxNxD, new_cache) if step else x_BxNxD
+        h = normed(x_BxNxD, "mlp_norm")
+        if spec.mlp == "attention":
+            h, mlp_cache = attend(h, "mlp_attn", cache["mlp"] if step else None)
+            if step:
+                new_cache = dict(new_cache, mlp=mlp_cache)
+        else:
+            h = mlp(spec)(h)
             h = layers.dropout(self, h, spec.dropout_resid)
-            x_BxNxD = nn.with_logical_constraint(x_BxNxD + h, names)
-        h = norm(spec, "mlp_norm")(x_BxNxD)
-        h = mlp(spec)(h)
-        h = layers.dropout(self, h, spec.dropout_resid)
         if step:
-            return x_BxNxD + h, cache
-        return nn.with_logical_constraint(x_BxNxD + h, names)
+            return add(x_BxNxD, h), new_cache
+        return nn.with_logical_constraint(add(x_BxNxD, h), names)
 
 
 class TransformerLM(nn.Module):
@@ -213,7 +233,8 @@ class TransformerLM(nn.Module):
         spec = self.spec
         self.embed = layers.Embed(spec.vocab_size, spec.d_model, layers.normal(0.02), spec.dtype)
         self.blocks = tuple(TransformerBlock(spec, name=f"block_{i}") for i in range(spec.n_layers))
-        self.final_norm = norm(spec)
+        if spec.layer_norm:
+            self.final_norm = norm(spec)
         if spec.gpt:
             self.pos_embed = layers.Embed(spec.n_ctx, spec.d_model, layers.normal(0.02), spec.dtype)
         if not spec.tie_embeddings:
@@ -230,14 +251,18 @@ class TransformerLM(nn.Module):
 
     def hidden(self, x_BxNxD: Array, positions_BxN: Array | None = None,
                mask_Bx1xNxN: Array | None = None) -> Array:
-        """Block outputs followed by the final RMSNorm. Optional RoPE ``positions_BxN`` (default
+        """Block outputs followed by the final RMSNorm (none with ``layer_norm=False``). Optional RoPE ``positions_BxN`` (default
         0..n−1) and boolean attention mask (default causal; a given mask must include causality).
         GPT: first adds the learned position embeddings at those positions."""
         if self.spec.gpt:
             x_BxNxD = self.add_positions(x_BxNxD, positions_BxN)
         for block in self.blocks:
             x_BxNxD = block(x_BxNxD, positions_BxN=positions_BxN, mask_Bx1xNxN=mask_Bx1xNxN)
-        return self.final_norm(x_BxNxD)
+        return self.normalize(x_BxNxD)
+
+    def normalize(self, x: Array) -> Array:
+        """The final norm (identity in the norm-free ablation)."""
+        return self.final_norm(x) if self.spec.layer_norm else x
 
     def add_positions(self, x: Array, positions: Array | None) -> Array:
         """x [B, N, d] (or [B, d]) + GPT's learned position embeddings at ``positions`` [B, N]
@@ -253,7 +278,8 @@ class TransformerLM(nn.Module):
 
     @nn.nowrap
     def init_cache(self, batch: int, mode: str = "cached") -> tuple:
-        """KV cache per layer: k, v [B, n_ctx, H, hd] in the compute dtype."""
+        """KV cache per layer: k, v [B, n_ctx, H, hd] in the compute dtype (and the same under
+        ``mlp`` for ``mlp='attention'``)."""
         spec = self.spec
         if not spec.causal:
             raise UserError(
@@ -263,10 +289,12 @@ class TransformerLM(nn.Module):
         if mode != "cached":
             raise ValueError(f"the transformer has only the 'cached' (KV cache) step, not {mode!r}")
         shape = (batch, spec.n_ctx, spec.n_heads, spec.d_model // spec.n_heads)
-        return tuple(
-            {"k": jnp.zeros(shape, spec.dtype), "v": jnp.zeros(shape, spec.dtype)}
-            for _ in range(spec.n_layers)
-        )
+
+        def kv() -> dict:
+            return {"k": jnp.zeros(shape, spec.dtype), "v": jnp.zeros(shape, spec.dtype)}
+
+        return tuple(dict(kv(), mlp=kv()) if spec.mlp == "attention" else kv()
+                     for _ in range(spec.n_layers))
 
     def step(self, tokens_B: Array, pos: Array, cache: tuple) -> tuple[Array, tuple]:
         """Token [B] at position ``pos`` (scalar) -> (logits [B, V] float32, new KV cache)."""
@@ -276,4 +304,4 @@ class TransformerLM(nn.Module):
         if self.spec.gpt:
             x_BxD = self.add_positions(x_BxD, jnp.asarray(pos, jnp.int32))
         x, cache = layers.run_blocks_step(self.blocks, x_BxD, pos, cache)
-        return self.logits(self.final_norm(x)), cache
+        return self.logits(self.normalize(x)), cache

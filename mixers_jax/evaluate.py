@@ -10,7 +10,10 @@ format ('all' for every one). mixers_jax/evaluation.py defines each number.
 Data: the run's own validation split (the config's source, hash split and packing, tokenized with the
 run's tokenizer; the workdir is only read), or ``--data`` (a text file, folder, glob, JSONL or
 Parquet; every document used), packed the way the config packs into rows of
-``input_length(model)`` tokens. ``--max_rows`` keeps the first N rows (0: all). Rows are batched by
+``input_length(model)`` tokens, or ``--data=random``: uniformly random tokens (every id with text)
+in the shapes of the validation split's rows, drawn with ``--random_seed``; the table then compares
+each loss with ln V (an autoencoder that does not merely copy its input scores above it;
+docs/ablations.md#random-token-evaluation). ``--max_rows`` keeps the first N rows (0: all). Rows are batched by
 ``--batch_size`` (default ``train.batch_size``) and split over the local devices (data parallel,
 parameters replicated); a short last batch is filled with pad rows, which count nothing.
 
@@ -38,7 +41,9 @@ FLAGS = cli.flag_values()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, tokenizer.model, "
                                "checkpoints).", flag_values=FLAGS)
 _DATA = flags.DEFINE_string("data", None, "Evaluate on this text file / folder / glob / JSONL / "
-                            "Parquet instead of the run's validation split.", flag_values=FLAGS)
+                            "Parquet instead of the run's validation split; 'random': uniformly "
+                            "random tokens in the validation rows' shapes.", flag_values=FLAGS)
+_RANDOM_SEED = flags.DEFINE_integer("random_seed", 0, "Seed of --data=random.", flag_values=FLAGS)
 _DATA_FORMAT = flags.DEFINE_string("data_format", "auto", "auto | text | jsonl | parquet (with --data).",
                                    flag_values=FLAGS)
 _TEXT_FIELD = flags.DEFINE_string("text_field", "", "JSONL / Parquet text column (default: the run's).",
@@ -70,7 +75,8 @@ def main(argv: list[str]) -> None:
     result = evaluation.evaluate_run(
         _WORKDIR.value, data=_DATA.value, max_rows=_MAX_ROWS.value, quants=_QUANT.value,
         objectives=_OBJECTIVES.value, batch_size=_BATCH_SIZE.value, devices=_DEVICES.value,
-        data_format=_DATA_FORMAT.value, text_field=_TEXT_FIELD.value, step=_STEP.value)
+        data_format=_DATA_FORMAT.value, text_field=_TEXT_FIELD.value, step=_STEP.value,
+        random_seed=_RANDOM_SEED.value)
     bad = evaluation.non_finite_losses(result)
     if bad:
         raise UserError(f"non-finite evaluation loss (NaN or inf) for {', '.join(bad)} at step "

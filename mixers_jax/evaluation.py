@@ -134,6 +134,33 @@ def eval_rows(config, tokenizer, data: str | None = None, max_rows: int = 0,
     return EvalRows(rows.astype(np.int32), info)
 
 
+RANDOM_DATA = "random"  # --data=random: uniformly random tokens
+
+
+def random_rows(shape: tuple[int, int], tokenizer, seed: int = 0) -> tuple[np.ndarray, int]:
+    """Rows of ``shape`` whose tokens are drawn independently and uniformly from the K ids that
+    have text (every id but unk, bos and eos/pad); returns (rows, K). A model that passes no
+    information from its input to its prediction cannot beat ln K on them in expectation
+    (docs/ablations.md#random-token-evaluation)."""
+    ids = np.flatnonzero(np.asarray(tokenizer.token_bytes()) > 0).astype(np.int32)
+    ids = ids[ids != tokenizer.pad_id]
+    rng = np.random.default_rng(seed)
+    return ids[rng.integers(0, len(ids), size=shape)], len(ids)
+
+
+def random_eval_rows(config, tokenizer, max_rows: int = 0, seed: int = 0) -> EvalRows:
+    """As many random rows (:func:`random_rows`) as the run's validation split has rows of
+    ``input_length`` tokens (``max_rows`` > 0 caps them)."""
+    shape = eval_rows(config, tokenizer, None, max_rows).rows.shape
+    rows, k = random_rows(shape, tokenizer, seed)
+    vocab = int(config.model.vocab_size)
+    info = {"source": f"random tokens (uniform over {k} of {vocab} ids, seed {seed})",
+            "packing": "random", "row_length": shape[1], "rows": shape[0], "max_rows": int(max_rows),
+            "random_seed": int(seed), "random_ids": k, "ln_v": math.log(vocab),
+            "ln_random_ids": math.log(k), "tokenizer_exact": bool(getattr(tokenizer, "exact", True))}
+    return EvalRows(rows, info)
+
+
 def make_batches(rows: np.ndarray, tokenizer, batch_size: int) -> list[dict[str, np.ndarray]]:
     """Batches of ``batch_size`` rows (tokens, loss_mask, token_bytes); the last one is filled up with
     pad rows, whose loss mask is 0 everywhere."""
@@ -173,8 +200,11 @@ def evaluate_run(
     data_format: str = "auto",
     text_field: str = "",
     step: int | None = None,
+    random_seed: int = 0,
 ) -> dict:
-    """Evaluates the latest (or ``step``) checkpoint of ``workdir``; returns the JSON-ready result."""
+    """Evaluates the latest (or ``step``) checkpoint of ``workdir``; returns the JSON-ready result.
+    ``data='random'``: uniformly random tokens in the validation split's shapes
+    (:func:`random_eval_rows`, drawn with ``random_seed``)."""
     quant_list = parse_quants(quants)
     if max_rows < 0 or batch_size < 0 or devices < 0:
         raise UserError("--max_rows, --batch_size and --devices must be >= 0")
@@ -196,7 +226,10 @@ def evaluate_run(
     config.train.batch_size, config.train.grad_accum = batch, 1
     rules = sharding.PRESETS["dp"]["rules"]
 
-    data_rows = eval_rows(config, tok, data, max_rows, data_format, text_field)
+    if data == RANDOM_DATA:
+        data_rows = random_eval_rows(config, tok, max_rows, random_seed)
+    else:
+        data_rows = eval_rows(config, tok, data, max_rows, data_format, text_field)
     batches = make_batches(data_rows.rows, tok, batch)
     stored = metrics.stored_numbers(config.model)
     bits = float(config.model.embed_bits)
@@ -270,7 +303,24 @@ def format_table(result: dict) -> str:
                                            ("loss", "bpb", "normalized_loss", "total_bpb")))
     if result.get("quant_skipped"):
         lines += ["", result["quant_skipped"]]
+    if "ln_v" in d:
+        lines += ["", *random_token_verdicts(result)]
     return "\n".join(lines)
+
+
+def random_token_verdicts(result: dict) -> list[str]:
+    """One line per objective of a random-token evaluation: its loss against ln V and ln K (the
+    entropy of the random tokens); below ln K the model carries its input into its prediction,
+    i.e. it encodes (some of) any token sequence, not only text."""
+    d = result["data"]
+    out = []
+    for name, r in result["objectives"].items():
+        loss = float(r["loss"])
+        verdict = ("above ln V" if loss > d["ln_v"] else "below ln V" if loss > d["ln_random_ids"]
+                   else "below ln K: the model reproduces random input (a trivial encoding)")
+        out.append(f"random tokens, {name}: loss {loss:.4f} vs ln V = {d['ln_v']:.4f} "
+                   f"(ln K = {d['ln_random_ids']:.4f}, K = {d['random_ids']} ids drawn): {verdict}")
+    return out
 
 
 def json_ready(obj):

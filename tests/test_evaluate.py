@@ -4,11 +4,13 @@ model; --data; --quant on a stored-embedding model; bad input exits 2 with one l
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -330,3 +332,62 @@ def test_cli_stored_embedding_accounting_and_quant(tmp_path, monkeypatch, capsys
     # The sweep really rebuilds the model with each format: a coarse cast changes the loss.
     assert q["float8_e5m2"]["loss"] != q["none"]["loss"]
 
+
+
+# --------------------------------------------------------------------------- random tokens
+
+
+def test_random_rows_are_uniform_over_the_ids_with_text(clm_run):
+    tok = load_run(clm_run).tokenizer
+    rows, k = evaluation.random_rows((200, 16), tok, seed=3)
+    ids = np.flatnonzero(np.asarray(tok.token_bytes()) > 0)
+    assert k == len(ids) == tok.vocab_size - 3  # all but unk, bos and eos (= pad)
+    assert rows.shape == (200, 16) and rows.dtype == np.int32
+    assert set(np.unique(rows)) <= set(ids) and tok.pad_id not in rows
+    assert len(np.unique(rows)) > 0.9 * k  # 3200 draws over ~400 ids reach nearly all of them
+    np.testing.assert_array_equal(rows, evaluation.random_rows((200, 16), tok, seed=3)[0])
+    assert not np.array_equal(rows, evaluation.random_rows((200, 16), tok, seed=4)[0])
+
+
+class _CopyModel(nn.Module):
+    """A trivial 'autoencoder': logits 30 · one_hot(input), i.e. it reproduces any input."""
+
+    vocab: int
+
+    @nn.compact
+    def __call__(self, tokens):
+        self.param("unused", nn.initializers.zeros, (1,))
+        return 30.0 * jax.nn.one_hot(tokens, self.vocab, dtype=jnp.float32)
+
+
+def _random_eval(wd, out, capsys, *extra):
+    rc = exit_status(evaluate, ["evaluate", f"--workdir={wd}", "--data=random", f"--out={out}",
+                                "--max_rows=8", "--devices=1", *extra])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    return json.loads(out.read_text()), printed.out
+
+
+def test_random_token_evaluation_of_autoencoders(tmp_path, monkeypatch, capsys):
+    """A (fresh) mixer autoencoder scores above ln V on random tokens; a model that copies its input
+    scores below ln K, and the table says it encodes its input trivially."""
+    wd = make_workdir(str(tmp_path / "ae"), kind="autoencoder", compression=2)
+    _edit_config(wd, data={"max_documents": 200}, train={"objective": "autoencode"})
+    res, printed = _random_eval(wd, tmp_path / "ae.json", capsys)
+    d, r = res["data"], res["objectives"]["autoencode"]
+    assert d["rows"] == 8 and d["row_length"] == 16 and d["random_ids"] == 397
+    assert d["ln_v"] == pytest.approx(math.log(400)) and d["ln_random_ids"] == pytest.approx(math.log(397))
+    assert r["tokens"] == 8 * 16  # no pads: every random token is a target
+    assert r["loss"] > d["ln_v"]
+    assert re.search(rf"random tokens, autoencode: loss {r['loss']:.4f} vs ln V = 5.9915 "
+                     r"\(ln K = 5.9839, K = 397 ids drawn\): above ln V", printed)
+    # another seed draws other rows (the same seed the same ones: test above)
+    other, _ = _random_eval(wd, tmp_path / "other.json", capsys, "--random_seed=1")
+    assert other["objectives"]["autoencode"]["loss"] != r["loss"]
+
+    monkeypatch.setitem(MODEL_KINDS, "autoencoder", lambda cfg: _CopyModel(int(cfg["vocab_size"])))
+    wd = make_workdir(str(tmp_path / "copy"), kind="autoencoder", compression=2)
+    _edit_config(wd, data={"max_documents": 200}, train={"objective": "autoencode"})
+    copy, printed = _random_eval(wd, tmp_path / "copy.json", capsys)
+    assert copy["objectives"]["autoencode"]["loss"] < 1e-6
+    assert "below ln K: the model reproduces random input (a trivial encoding)" in printed

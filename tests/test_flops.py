@@ -46,6 +46,8 @@ def _xla_flops_per_token(cfg):
         ("toeplitz_fft", dict(mixing="toeplitz", mixing_impl="fft")),
         ("transformer", dict(kind="transformer", n_heads=4)),
         ("gpt", dict(kind="transformer", transformer="gpt", n_heads=4)),
+        ("mixer_no_mlp", dict(mlp="none")),
+        ("transformer_mlp_attention", dict(kind="transformer", n_heads=4, mlp="attention")),
     ],
 )
 def test_flops_per_token_matches_xla(name, overrides):

@@ -37,6 +37,9 @@ VARIANTS = {
     "srm_mixed": dict(mixing="mixed", heads=2, block="srm"),
     "transformer": dict(kind="transformer", n_heads=4),
     "gpt": dict(kind="transformer", transformer="gpt", n_heads=4),
+    "no_mlp": dict(mlp="none"),
+    "transformer_ablated": dict(kind="transformer", n_heads=4, mlp="attention", layer_norm=False,
+                                residual=False),
 }
 
 

@@ -34,6 +34,11 @@ VARIANTS = {
     "mixed_expanded": dict(mixing="mixed", heads=2, block="srm", expanded=True),
     "transformer": dict(kind="transformer", n_heads=4),
     "gpt": dict(kind="transformer", transformer="gpt", n_heads=4),
+    # ablations (docs/ablations.md): a second attention has its own KV cache
+    "transformer_mlp_attention_no_norms": dict(kind="transformer", n_heads=4, mlp="attention",
+                                               layer_norm=False),
+    "transformer_no_mlp_no_residual": dict(kind="transformer", n_heads=4, mlp="none", residual=False),
+    "flat_no_mlp": dict(mlp="none"),
     # kernel mixing (docs/masked_mixers.md#kernel-mixing, k > 1): cached mixing inputs, per-tap masked row
     "flat_kernel4": dict(kernel=4),
     "flat_kernel3_headed": dict(kernel=3, heads=2),

@@ -88,6 +88,10 @@ train.on_divergence    what a non-finite loss, gradient norm, state or evaluatio
                         reports "diverged at step N" as its result, in the table and results.json,
                         status 0; for ablations, docs/ablations.md). Either way no non-finite state
                         is saved and the last good checkpoint is named.
+train.recovery_runs     a run initialised from a memory model: 'ROLE=DIR,ROLE=DIR' naming the finished
+                        runs of the two roles among nomem | frozen | trainable (encoder) that this
+                        run is not; logs the memory-loss recovery ρ at each evaluation
+                        (eval/memory_recovery, results.json; docs/ablations.md#memory-loss-recovery)
 train.profile_steps     'a:b' captures a jax.profiler trace of steps a..b-1 into <workdir>/profile
 mesh.data|fsdp|tensor   mesh axis sizes (-1 takes the remaining devices)
 sharding                '3d' | 'dp' | 'fsdp' | 'tp' | 'fsdp_tp' (see README "Sharding strategies")
@@ -268,6 +272,7 @@ def base_config() -> ml_collections.ConfigDict:
             frozen_encoder_embedding="fresh_trainable",  # | pretrained_frozen | pretrained_trainable
             stages=(),  # curriculum: dicts with objective, steps, frozen, init_from, init_map, lr, ...
             on_divergence="fail",  # fail (exit 1) | record (the divergence step is the result; exit 0)
+            recovery_runs="",  # 'nomem=DIR,trainable=DIR' (or frozen=): memory-loss recovery ρ
         )
     )
 

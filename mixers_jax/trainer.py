@@ -28,6 +28,7 @@ import numpy as np
 from mixers_jax import checkpoint as ckpt_lib
 from mixers_jax import flops as flops_lib
 from mixers_jax import metrics as metrics_lib
+from mixers_jax import recovery as recovery_lib
 from mixers_jax import sharding, target_bytes
 from mixers_jax import workdir as workdir_lib
 from mixers_jax.curriculum import (Stage, check_stage, csv_names, init_map, merge_init_params,
@@ -129,9 +130,11 @@ def _run_locked(config, workdir: str, *, stop_at_step, record_batches) -> dict:
     # Every stage's model, objectives, frozen groups and init_from source are checked before
     # anything is written.
     first = build_steps(stage_config(config, stage_list[0]), mesh, rules=rules)
+    recoveries = {}  # stage index -> memory-loss recovery (train.recovery_runs)
     for st in stage_list:
         source = workdir_lib.init_source(st, abstract=True) if str(st.train.init_from) else None
         check_stage(config, st, first.abstract_state.params, source)
+        recoveries[st.index] = recovery_lib.for_stage(config.model, st, source and source[1])
     config = workdir_lib.with_init_tokenizer(config, stage_list)
     changes = workdir_lib.config_changes(workdir, config) if resuming else []
     restored_tokenizer = None
@@ -173,7 +176,8 @@ def _run_locked(config, workdir: str, *, stop_at_step, record_batches) -> dict:
         resources.callback(checkpointer.close)
         runner = _Runner(config, mesh, rules, stage_list, pad_id=data.tokenizer.pad_id)
         loop = _Loop(config, workdir, runner, data, checkpointer, writer, log,
-                     stop_at_step=stop_at_step, record_batches=record_batches, changes=changes)
+                     stop_at_step=stop_at_step, record_batches=record_batches, changes=changes,
+                     recoveries=recoveries)
         return loop.run()
 
 
@@ -244,8 +248,9 @@ class _Loop:
     pieces: start or resume, step, log, evaluate, save, change stage, finish."""
 
     def __init__(self, config, workdir, runner: _Runner, data, checkpointer, writer, log, *,
-                 stop_at_step, record_batches, changes=()):
+                 stop_at_step, record_batches, changes=(), recoveries=None):
         self.config, self.workdir, self.runner, self.data = config, workdir, runner, data
+        self.recoveries = recoveries or {}
         self.checkpointer, self.writer, self.log = checkpointer, writer, log
         self.stop_at_step, self.record_batches = stop_at_step, record_batches
         self.changes = list(changes)
@@ -413,6 +418,16 @@ class _Loop:
         metrics_lib.log_eval(self.writer, self.log, step, evals)
         summary["evals"] = evals
         summary["eval"] = next(iter(evals.values()))
+        loss = float(summary["eval"]["loss"])
+        summary.setdefault("eval_history", []).append([step, loss])
+        recovery = self.recoveries.get(self.stage.index)
+        if recovery is not None:
+            value = recovery.at(step, loss)
+            if value is not None:
+                self.writer.scalars(step, {"eval/memory_recovery": value})
+                self.log(f"step {step:>6}/{self.total} | memory-loss recovery rho {value:.4f} "
+                         f"({recovery.role} encoder run)")
+            summary.setdefault("memory_recovery", {})[self.stage.name] = recovery.summary()
         self.restart_window()
 
     # ----------------------------------------------------------------- the loop

@@ -23,7 +23,7 @@ LAYERS = {
     "data and models": ["data", "data.chunking", "data.embedded", "data.sources", "data.tokenizer",
                         "data.pipeline", "models", "models.*", "sharding"],
     "training parts": ["objectives", "metrics", "target_bytes", "checkpoint", "lock", "flops"],
-    "training setup": ["steps", "curriculum", "workdir"],
+    "training setup": ["steps", "curriculum", "recovery", "workdir"],
     "trainer": ["trainer"],
     "tools": ["environment", "evaluation", "generation", "structure", "codec", "curves",
               "benchmarks", "profiling"],

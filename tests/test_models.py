@@ -38,8 +38,9 @@ VARIANTS = {
     "transformer": dict(kind="transformer", n_heads=4),
     "gpt": dict(kind="transformer", transformer="gpt", n_heads=4),
     "no_mlp": dict(mlp="none"),
-    "transformer_ablated": dict(kind="transformer", n_heads=4, mlp="attention", layer_norm=False,
-                                residual=False),
+    "transformer_mlp_attention_no_norms": dict(kind="transformer", n_heads=4, mlp="attention",
+                                               layer_norm=False),
+    "transformer_no_mlp_no_residual": dict(kind="transformer", n_heads=4, mlp="none", residual=False),
 }
 
 

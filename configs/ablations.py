@@ -8,7 +8,7 @@ switch: ``mixer_no_mlp``, ``mixer_no_norms``, ``mixer_no_residuals``, ``transfor
 ``transformer_no_norms``, ``transformer_no_residuals``, ``transformer_mlp_attention`` (a second
 attention in the MLP's place). Every run is d64 L4 n64 V512, 200 steps of 16 rows at lr 2e-3
 (the same for both kinds, so that only the architecture differs), on the first 600 documents of the
-embedded corpus; one to two minutes each on 2 busy cores. ``train.on_divergence='record'``: a run whose
+embedded corpus; 1 to 8 minutes each on the shared 2-core machine (README, "Ablations"). ``train.on_divergence='record'``: a run whose
 loss becomes non-finite ends normally with "diverged at step N" as its result.
 """
 from mixers_jax.config import family_config

@@ -100,18 +100,23 @@ class Recovery:
 
 
 def for_stage(model_cfg: Any, stage: Stage, source_config: Any | None) -> Recovery | None:
-    """The stage's :class:`Recovery` when ``train.recovery_runs`` is set (UserError unless the stage
-    is initialised from a memory model and the two other roles' runs are named and finished);
-    None when it is not set."""
+    """The stage's :class:`Recovery` when ``train.recovery_runs`` is set and the stage is
+    initialised from a memory model (``source_config``: its init_from run's config); UserError
+    unless the two other roles' runs are named and finished. None otherwise (see :func:`check`)."""
     runs = parse_runs(getattr(stage.train, "recovery_runs", ""))
-    if not runs:
+    if not runs or source_config is None or field(source_config.model, "kind") not in MEMORY_KINDS:
         return None
-    if source_config is None or field(source_config.model, "kind") not in MEMORY_KINDS:
-        raise UserError("train.recovery_runs needs a run initialised from a memory model "
-                        f"(train.init_from naming a workdir of kind {MEMORY_KINDS})")
     role = own_role(model_cfg, stage)
     wanted = set(ROLES) - {role}
     if set(runs) != wanted:
         raise UserError(f"train.recovery_runs: this run is the {role} one, so name the runs of "
                         f"{sorted(wanted)} (got {sorted(runs)})")
     return Recovery(role, {r: eval_history(path) for r, path in runs.items()}, runs)
+
+
+def check(train_cfg: Any, recoveries: dict[int, Recovery | None]) -> None:
+    """UserError when ``train.recovery_runs`` is set but no stage is initialised from a memory
+    model (``recoveries``: :func:`for_stage` of every stage)."""
+    if csv_names(train_cfg.recovery_runs) and not any(recoveries.values()):
+        raise UserError("train.recovery_runs needs a run initialised from a memory model "
+                        f"(train.init_from naming a workdir of kind {MEMORY_KINDS})")

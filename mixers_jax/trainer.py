@@ -135,6 +135,7 @@ def _run_locked(config, workdir: str, *, stop_at_step, record_batches) -> dict:
         source = workdir_lib.init_source(st, abstract=True) if str(st.train.init_from) else None
         check_stage(config, st, first.abstract_state.params, source)
         recoveries[st.index] = recovery_lib.for_stage(config.model, st, source and source[1])
+    recovery_lib.check(config.train, recoveries)
     config = workdir_lib.with_init_tokenizer(config, stage_list)
     changes = workdir_lib.config_changes(workdir, config) if resuming else []
     restored_tokenizer = None

@@ -27,6 +27,10 @@ Objectives (docs/objectives.md):
   or 'copy'), L = L_clm + L_copy (per-chunk losses of both summed, divided by s once). With
   ``train.copy_delimiter`` D ≥ 0 the copy pass writes D at input positions N/2..N/2+2 and makes labels
   N/2−1..N/2+1 ∅ (the objective-switching model); ``copy`` and ``blank_copy`` use no delimiter.
+* ``match`` (kind 'matcher'): batches of ``embeddings`` [B, K+1, d] (a query, then K candidates),
+  ``target`` [B] (the positive's candidate index) and ``weight`` [B]; CE of the target among the
+  matcher's K scores; ``tokens`` counts queries, ``correct`` top-1 hits. ``match_cosine``: the same
+  pools scored by cosine similarity alone (a baseline; no parameters).
 
 The copy objectives read the loss with the chunked (within-chunk) shift for chunked kinds and the
 plain shift for the others (the full-context baselines), on the same inputs and labels; N = the row
@@ -274,6 +278,52 @@ def _combined_factory(ctx: ObjectiveContext) -> Objective:
     return combined
 
 
+def pool_sums(scores_BxK: jax.Array, target_B: jax.Array, weight_B: jax.Array) -> dict[str, jax.Array]:
+    """Sums of choosing the positive among K candidates by their scores s (docs/search.md):
+    ``nll`` = Σ_b w_b (log Σ_k e^{s_bk} − s_b,t_b), ``tokens`` = Σ_b w_b (queries), ``correct`` =
+    Σ_b w_b [argmax_k s_bk = t_b] (top-1), ``bytes`` = 0 (no text is predicted). w is 0 on filler
+    rows of a short last evaluation batch."""
+    scores_BxK = scores_BxK.astype(jnp.float32)
+    weight_B = weight_B.astype(jnp.float32)
+    logp_BxK = jax.nn.log_softmax(scores_BxK, axis=-1)
+    nll_B = -jnp.take_along_axis(logp_BxK, target_B[:, None], axis=-1)[:, 0]
+    correct_B = (jnp.argmax(scores_BxK, axis=-1) == target_B).astype(jnp.float32)
+    return {"nll": jnp.sum(nll_B * weight_B), "tokens": jnp.sum(weight_B),
+            "correct": jnp.sum(correct_B * weight_B), "bytes": jnp.zeros((), jnp.float32)}
+
+
+def match(apply_fn: Callable, params, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Direct embedding matching (docs/search.md#direct-embedding-matching): the matcher scores
+    the K candidates of ``embeddings`` [B, K+1, d] (the query first); the loss is the mean over
+    queries of the cross-entropy of the positive's position ``target`` [B] among the K scores."""
+    sums = pool_sums(apply_fn(params, batch["embeddings"]), batch["target"], batch["weight"])
+    return sums["nll"] / jnp.maximum(sums["tokens"], 1.0), sums
+
+
+MATCH_COSINE_TEMPERATURE = 0.02  # the InfoNCE temperature; scales the baseline's CE only
+
+
+def match_cosine(apply_fn: Callable, params, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The matcher's baseline on the same pools: no model, the candidates scored by their cosine
+    similarity to the query, s_k = cos(e_q, e_k) / τ with τ = 0.02 (top-1 does not depend on τ,
+    the CE does)."""
+    del apply_fn, params
+    e = batch["embeddings"].astype(jnp.float32)
+    e = e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+    scores_BxK = jnp.einsum("bd,bkd->bk", e[:, 0], e[:, 1:]) / MATCH_COSINE_TEMPERATURE
+    sums = pool_sums(scores_BxK, batch["target"], batch["weight"])
+    return sums["nll"] / jnp.maximum(sums["tokens"], 1.0), sums
+
+
+def _match_factory(objective: Objective, name: str) -> Callable[[ObjectiveContext], Objective]:
+    def factory(ctx: ObjectiveContext) -> Objective:
+        if ctx.model.kind != "matcher":
+            raise UserError(f"objective {name!r} needs model.kind='matcher', got {ctx.model.kind!r}")
+        return objective
+
+    return factory
+
+
 OBJECTIVES: dict[str, Callable[[ObjectiveContext], Objective]] = {
     "clm": _clm_factory,
     "autoencode": lambda ctx: autoencode,
@@ -282,6 +332,8 @@ OBJECTIVES: dict[str, Callable[[ObjectiveContext], Objective]] = {
     "copy_full": _copy_factory("copy", "copy_full", full_only=True),
     "blank_copy_full": _copy_factory("blank", "blank_copy_full", full_only=True),
     "combined": _combined_factory,
+    "match": _match_factory(match, "match"),
+    "match_cosine": _match_factory(match_cosine, "match_cosine"),
 }
 
 

@@ -31,18 +31,17 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from mixers_jax import checkpoint as ckpt_lib
-from mixers_jax.config import base_config, input_length
+from mixers_jax.config import base_config
 from mixers_jax.curriculum import Stage, init_sources
 from mixers_jax.data.tokenizer import Tokenizer
 from mixers_jax.errors import UserError
 from mixers_jax.fileio import write_atomic
 from mixers_jax.lock import live_run
-from mixers_jax.models import build_model
+from mixers_jax.models import build_model, example_input
 
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.jsonl"
@@ -255,9 +254,8 @@ def fingerprint(params: Any, tokenizer_proto: bytes, model_cfg: dict) -> bytes:
 def abstract_params(model_cfg, model=None) -> Any:
     """The parameter tree of ``model_cfg`` as ShapeDtypeStructs (unboxed; no array is made)."""
     model = model or build_model(model_cfg)
-    n_in = input_length(model_cfg)
     shapes = jax.eval_shape(
-        lambda r: model.init(r, jnp.zeros((1, n_in), jnp.int32))["params"], jax.random.key(0))
+        lambda r: model.init(r, example_input(model_cfg))["params"], jax.random.key(0))
     return nn.meta.unbox(shapes)
 
 

@@ -69,7 +69,23 @@ model.qat_noise         q > 0: uniform noise U(-q, q) added to the embedding in 
                         (docs/bottleneck.md#qat-noise)
 data.split              hash (default: data.val_fraction held out by a hash of the text) | first
                         (the first data.test_documents documents of the source held out)
-train.objective         clm | autoencode | copy | blank_copy | combined (objectives.py);
+data.padding            'right' (default) | 'left': where the pads of a one-document row go
+                        (packing=pad, retrieval rows); left puts them before the text, so a fixed
+                        index from the row's end is the same token in every row
+                        (docs/retrieval.md#padding-and-the-embedding-position)
+retrieval.position      the embedding is the final hidden state of the token |p|-1 before the
+                        row's last real token (p < 0; 0 = the default: -2 for mixers, whose last
+                        position is never trained by clm, -1 for transformers). Pads never
+                        contribute (left out of mixing and attention). Exact equality with the
+                        unpadded row holds for right padding (every causal model) and for left-
+                        padded transformers; a flat or Toeplitz mixer's weights are indexed by
+                        absolute position, so its left-padded embedding depends on the row length
+retrieval.pairs         'builtin' | paths of JSONL / Parquet pair files (query_field,
+                        passage_field); held_out_fraction by a hash of the pair
+retrieval.temperature, candidates  InfoNCE: cos similarity / tau, 1 positive + candidates-1
+                        in-batch negatives (candidates = train.batch_size / train.grad_accum)
+retrieval.pool_sizes    top-1 accuracy over pools of each size (held-out pairs), and BM25
+train.objective         clm | autoencode | copy | blank_copy | combined | infonce (objectives.py);
                         copy_full / blank_copy_full: the copy ones on rows without pads only
 train.eval_objectives   objectives evaluated (logged as eval/<name>/...); empty: the training one
 train.frozen            comma-separated top-level parameter groups that training leaves unchanged
@@ -223,6 +239,7 @@ def base_config() -> ml_collections.ConfigDict:
             split="hash",  # hash (val_fraction by a hash of the text) | first (test_documents)
             test_documents=0,  # split='first': the first N documents of the source are held out
             packing="concat",  # concat (stream + EOS, cut windows) | pad (one doc per row, truncated)
+            padding="right",  # packing=pad and retrieval rows: right | left (pads before the text)
             tokenizer_model="",  # existing sentencepiece .model; empty: train one in the workdir
             tokenizer_max_chars=20_000_000,  # training text cap for the tokenizer trainer
             max_documents=0,  # 0: all
@@ -257,6 +274,23 @@ def base_config() -> ml_collections.ConfigDict:
             init_map="",  # 'target=source,...' subtrees copied from init_from ('.' = root)
             frozen_encoder_embedding="fresh_trainable",  # | pretrained_frozen | pretrained_trainable
             stages=(),  # curriculum: dicts with objective, steps, frozen, init_from, init_map, lr, ...
+        )
+    )
+
+    # Retrieval (docs/retrieval.md): (query, passage) pairs, the InfoNCE objective, top-1 evaluation.
+    c.retrieval = ml_collections.ConfigDict(
+        dict(
+            position=0,  # embedding position from the row's end; 0: -2 for mixers, -1 otherwise
+            pairs="builtin",  # 'builtin' (docstring summaries of the embedded corpus) | JSONL/Parquet paths
+            query_field="query",
+            passage_field="passage",
+            held_out_fraction=0.1,  # pairs held out by a hash of the pair
+            max_pairs=0,  # 0: all
+            temperature=0.02,  # InfoNCE temperature tau
+            candidates=32,  # candidates per query in training: 1 positive + candidates-1 negatives
+            query_length=0,  # tokens per query row; 0: model.n_ctx
+            pool_sizes=(32, 64, 128, 256, 512, 1024),  # evaluation pools (capped by held-out pairs)
+            eval_queries=0,  # held-out queries scored per pool size; 0: all
         )
     )
 

@@ -90,7 +90,8 @@ class EvalRows:
     info: dict  # description for the table and the JSON
 
 
-def _pack_prefix(docs: Sequence[str], tokenizer, length: int, packing: str, max_rows: int):
+def _pack_prefix(docs: Sequence[str], tokenizer, length: int, packing: str, max_rows: int,
+                 padding: str = "right"):
     """Rows of ``length`` tokens from ``docs``; with ``max_rows`` > 0 tokenizes only the documents
     needed for the first ``max_rows`` rows (a prefix of the documents packs to a prefix of the rows)."""
     token_docs: list[np.ndarray] = []
@@ -98,7 +99,8 @@ def _pack_prefix(docs: Sequence[str], tokenizer, length: int, packing: str, max_
         token_docs.extend(pipeline.tokenize_documents(docs[start:start + 256], tokenizer))
         if max_rows > 0 and pipeline.count_windows(token_docs, n_ctx=length, packing=packing) >= max_rows:
             break
-    rows = pipeline.pack_rows(token_docs, n_ctx=length, packing=packing, pad_id=tokenizer.pad_id)
+    rows = pipeline.pack_rows(token_docs, n_ctx=length, packing=packing, pad_id=tokenizer.pad_id,
+                              padding=padding)
     n_tokens = int(sum(len(d) for d in token_docs))
     return (rows[:max_rows] if max_rows > 0 else rows), len(token_docs), n_tokens
 
@@ -122,7 +124,8 @@ def eval_rows(config, tokenizer, data: str | None = None, max_rows: int = 0,
         what = f"validation split of {config.data.source}"
         if not docs:
             raise UserError(f"the {what} is empty; give --data=PATH")
-    rows, n_docs, n_tokens = _pack_prefix(docs, tokenizer, length, packing, int(max_rows))
+    rows, n_docs, n_tokens = _pack_prefix(docs, tokenizer, length, packing, int(max_rows),
+                                          str(field(config.data, "padding", "right")))
     if len(rows) == 0:
         raise UserError(
             f"{what}: {n_tokens} tokens in {n_docs} documents give no row of {length} tokens "

@@ -26,7 +26,7 @@ LAYERS = {
     "training setup": ["steps", "curriculum", "workdir"],
     "trainer": ["trainer"],
     "tools": ["environment", "evaluation", "generation", "structure", "codec", "curves",
-              "benchmarks", "profiling"],
+              "benchmarks", "profiling", "retrieval", "retrieval.*"],
     "commands": ["train", "evaluate", "generate", "compress", "inspect", "plot", "profile",
                  "bench"],
 }

@@ -16,7 +16,8 @@ Packing:
   n_ctx windows; the tail shorter than n_ctx is dropped. A window's first token is never a target.
 * ``pad``: one document per row, truncated to its first n_ctx tokens (the rest of the document is
   dropped, not carried into another row), right-padded with pad_id (= eos: the tokenizer has a single
-  id for both). No EOS is added to a document (the first pad plays that role as an input, but is never
+  id for both); ``data.padding='left'`` puts the pads before the text instead (the row's last token
+  is then always its document's last kept token; pads are never targets either way). No EOS is added to a document (the first pad plays that role as an input, but is never
   a target). This is the published convention; there is no separate 'truncate' packing.
 
 Split (``data.split``): 'hash' (default; ``data.val_fraction`` by a hash of each text) or 'first'
@@ -44,6 +45,7 @@ from mixers_jax.data.tokenizer import Tokenizer
 from mixers_jax.errors import UserError
 
 PACKINGS = ("concat", "pad")
+PADDINGS = ("right", "left")
 
 
 def tokenize_documents(docs: Sequence[str], tokenizer: Tokenizer) -> list[np.ndarray]:
@@ -70,8 +72,35 @@ def count_windows(token_docs: Sequence[np.ndarray], *, n_ctx: int, packing: str)
     return total // int(n_ctx)
 
 
+def check_padding(padding: str, packing: str = "pad") -> str:
+    """``padding`` if it is 'right' or 'left'; 'left' only with one document per row."""
+    if padding not in PADDINGS:
+        raise UserError(f"unknown data.padding {padding!r}; choose one of: {', '.join(PADDINGS)}")
+    if padding == "left" and packing != "pad":
+        raise UserError("data.padding='left' needs one document per row (data.packing='pad')")
+    return padding
+
+
+def pad_rows(token_docs: Sequence[np.ndarray], *, n_ctx: int, pad_id: int,
+             padding: str = "right") -> tuple[np.ndarray, np.ndarray]:
+    """(int32 [rows, n_ctx] rows, int32 [rows] lengths): one document per row, truncated to its
+    first n_ctx tokens, padded with pad_id after the text ('right') or before it ('left')."""
+    check_padding(padding)
+    rows = np.full((len(token_docs), int(n_ctx)), pad_id, dtype=np.int32)
+    lengths = np.zeros((len(token_docs),), dtype=np.int32)
+    for i, doc in enumerate(token_docs):
+        doc = doc[:n_ctx]
+        lengths[i] = len(doc)
+        if padding == "left":
+            rows[i, n_ctx - len(doc):] = doc
+        else:
+            rows[i, : len(doc)] = doc
+    return rows, lengths
+
+
 def pack_rows(
-    token_docs: Sequence[np.ndarray], *, n_ctx: int, packing: str, pad_id: int
+    token_docs: Sequence[np.ndarray], *, n_ctx: int, packing: str, pad_id: int,
+    padding: str = "right",
 ) -> np.ndarray:
     """int32 [rows, n_ctx]: concat windows or padded documents (see the module docstring)."""
     _check_packing(packing)
@@ -79,11 +108,8 @@ def pack_rows(
     if n_ctx < 2:
         raise UserError(f"n_ctx must be at least 2, got {n_ctx}")
     if packing == "pad":
-        rows = np.full((len(token_docs), n_ctx), pad_id, dtype=np.int32)
-        for i, doc in enumerate(token_docs):
-            doc = doc[:n_ctx]
-            rows[i, : len(doc)] = doc
-        return rows
+        return pad_rows(token_docs, n_ctx=n_ctx, pad_id=pad_id, padding=padding)[0]
+    check_padding(padding, packing)
     n_rows = count_windows(token_docs, n_ctx=n_ctx, packing=packing)
     if n_rows == 0:
         return np.zeros((0, n_ctx), dtype=np.int32)
@@ -142,13 +168,14 @@ def make_train_iterator(
     token_bytes: np.ndarray,
     process_index: int = 0,
     process_count: int = 1,
+    padding: str = "right",
 ) -> grain.DatasetIterator:
     """An endless, shuffled, checkpointable iterator of per-process training batches.
 
     Raises:
         UserError: fewer rows per process than ``batch_size``.
     """
-    rows = pack_rows(token_docs, n_ctx=n_ctx, packing=packing, pad_id=pad_id)
+    rows = pack_rows(token_docs, n_ctx=n_ctx, packing=packing, pad_id=pad_id, padding=padding)
     per_host, kept = _host_rows(rows, process_index, process_count)
     if batch_size < 1 or per_host < batch_size:
         raise _too_small("train", token_docs, n_ctx, packing, len(rows), process_count, batch_size)
@@ -190,12 +217,13 @@ def make_eval_batches(
     process_index: int = 0,
     process_count: int = 1,
     split: str = "validation",
+    padding: str = "right",
 ) -> list[dict[str, np.ndarray]]:
     """The first ``max_batches`` (0: all) full per-process batches, in order, no shuffle.
 
     Every process gets the same number of batches. Raises UserError if that number is zero.
     """
-    rows = pack_rows(token_docs, n_ctx=n_ctx, packing=packing, pad_id=pad_id)
+    rows = pack_rows(token_docs, n_ctx=n_ctx, packing=packing, pad_id=pad_id, padding=padding)
     per_host, kept = _host_rows(rows, process_index, process_count)
     n_batches = per_host // batch_size if batch_size >= 1 else 0
     if n_batches == 0:
@@ -268,6 +296,7 @@ def build_data(
     vocab_size = int(config.model.vocab_size)
     n_ctx = input_length(config.model)  # row length: chunks x n_ctx for memory models
     packing = _check_packing(str(field(data_cfg, "packing", "concat")))
+    padding = check_padding(str(field(data_cfg, "padding", "right")), packing)
     global_batch = int(config.train.batch_size)
     if global_batch < 1 or global_batch % process_count:
         raise UserError(
@@ -331,6 +360,7 @@ def build_data(
         token_bytes=table,
         process_index=process_index,
         process_count=process_count,
+        padding=padding,
     )
     train_iter = make_train_iterator(train_tok, seed=int(config.seed), **common)
     eval_batches = []

@@ -18,11 +18,13 @@ file changed since; :meth:`Index.search` answers queries with the top-k passages
 scores.
 
 The model is anything with the :class:`Embedder` interface: ``embed_texts(texts) -> float32
-[N, d]`` and a ``fingerprint`` string.
+[N, d]`` and a ``fingerprint`` string; :func:`open_embedder` gives it for a trained run (its final
+hidden state at the run's embedding position, :mod:`mixers_jax.retrieval.embed`).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -36,6 +38,7 @@ import numpy as np
 from mixers_jax.data import passages as passages_lib
 from mixers_jax.errors import UserError
 from mixers_jax.fileio import read_bytes, write_atomic
+from mixers_jax.retrieval.embed import Embedder as RunEmbedder
 
 INDEX_FILE = "index.json"
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -51,6 +54,29 @@ class Embedder(Protocol):
     description: dict  # workdir, step, ... (recorded in the index, shown in messages)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+class WorkdirEmbedder:
+    """:class:`Embedder` of a trained run: its model's embedding (the final hidden state at the
+    run's embedding position and padding). The fingerprint covers the parameters, tokenizer and
+    model config (``Run.fingerprint``) and the position and padding."""
+
+    def __init__(self, embedder: RunEmbedder):
+        run = embedder.run
+        self.embedder, self.tokenizer = embedder, run.tokenizer
+        how = f"position={embedder.position};padding={embedder.padding}".encode()
+        self.fingerprint = hashlib.blake2b(run.fingerprint() + how, digest_size=16).hexdigest()
+        self.description = {"workdir": run.workdir, "step": run.step,
+                            "kind": str(run.config.model.kind), "n_ctx": embedder.n_ctx,
+                            "position": embedder.position, "padding": embedder.padding}
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return self.embedder.embed(list(texts))
+
+
+def open_embedder(workdir: str, batch_size: int = 64) -> WorkdirEmbedder:
+    """The :class:`Embedder` of the newest intact checkpoint of ``workdir``."""
+    return WorkdirEmbedder(RunEmbedder.from_workdir(workdir, batch_size=batch_size))
 
 
 @dataclasses.dataclass(frozen=True)

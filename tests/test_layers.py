@@ -21,14 +21,14 @@ LAYERS = {
     "base": ["__init__", "errors", "fileio", "cli"],
     "config": ["config"],
     "data and models": ["data", "data.chunking", "data.embedded", "data.sources", "data.tokenizer",
-                        "data.pipeline", "models", "models.*", "sharding"],
+                        "data.passages", "data.pipeline", "models", "models.*", "sharding"],
     "training parts": ["objectives", "metrics", "target_bytes", "checkpoint", "lock", "flops"],
     "training setup": ["steps", "curriculum", "workdir"],
     "trainer": ["trainer"],
     "tools": ["environment", "evaluation", "generation", "structure", "codec", "curves",
-              "benchmarks", "profiling", "retrieval", "retrieval.*"],
+              "benchmarks", "profiling", "retrieval", "retrieval.*", "search_index", "matching"],
     "commands": ["train", "evaluate", "generate", "compress", "inspect", "plot", "profile",
-                 "bench"],
+                 "bench", "search"],
 }
 # Function-local imports are allowed for these top-level packages anywhere ...
 LAZY_OK = {"matplotlib", "pyarrow", "tensorboardX"}

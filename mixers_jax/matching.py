@@ -1,0 +1,163 @@
+"""Direct embedding matching: the data of the matcher (docs/search.md#direct-embedding-matching).
+
+A frozen generative model (the run in ``data.embedder``) embeds every query and passage of the
+retrieval pairs once; the embeddings are cached in one file (``data.embedding_cache``, default
+``<workdir>/embedding_cache.npz``, written atomically and keyed by the model's fingerprint and a
+hash of the pair texts, so a changed model or pair set is embedded again). The matcher then trains
+on pools drawn from the cache:
+
+    row b: [e(q_b), e(c_1), ..., e(c_K)]    K = model.n_ctx − 1 candidates, the positive p_b at a
+                                            uniformly random position t_b, K − 1 negatives drawn
+                                            without replacement from the other passages of the split
+
+Training pools come from the training pairs, drawn afresh for each step from (seed, step), so a
+resumed run sees the same batches; evaluation pools from the held-out pairs, one pool per held-out
+query (the first ``train.eval_batches × train.batch_size``), drawn once from the seed. The pools of
+``match`` (the matcher) and ``match_cosine`` (cosine similarity of the frozen embeddings, a
+baseline) are the same.
+
+:func:`build_data` is the trainer's data builder for kind 'matcher' (``trainer.run(...,
+build_data=matching.build_data)``); :func:`evaluate_matcher` is ``evaluate``'s path for it.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+
+from mixers_jax.errors import UserError
+from mixers_jax.fileio import write_atomic
+
+CACHE_FILE = "embedding_cache.npz"
+_EVAL_STREAM = 0xE7A1  # the evaluation pools' RNG stream (next to the seed)
+
+
+def pairs_digest(train: Sequence[tuple[str, str]], held: Sequence[tuple[str, str]]) -> str:
+    """sha256 of the pair texts of both splits, in order."""
+    h = hashlib.sha256()
+    for split in (train, held):
+        h.update(len(split).to_bytes(8, "little"))
+        for q, p in split:
+            for text in (q, p):
+                data = text.encode("utf-8")
+                h.update(len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()
+
+
+class PairEmbeddings:
+    """float32 query and passage embeddings [N, d] of the training and held-out pairs."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], key: str):
+        self.train_q, self.train_p = arrays["train_q"], arrays["train_p"]
+        self.held_q, self.held_p = arrays["held_q"], arrays["held_p"]
+        self.key = key
+
+    @property
+    def dim(self) -> int:
+        return int(self.train_q.shape[1])
+
+
+def cache_key(embedder, train, held) -> str:
+    return f"{embedder.fingerprint}:{pairs_digest(train, held)}"
+
+
+def read_cache(path: str, key: str) -> PairEmbeddings | None:
+    """The cached embeddings at ``path`` if they were made for ``key``; None otherwise."""
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path) as z:
+            if str(z["key"]) != key:
+                return None
+            return PairEmbeddings({k: z[k] for k in ("train_q", "train_p", "held_q", "held_p")}, key)
+    except (OSError, ValueError, KeyError):
+        return None  # unreadable or from an older layout: embedded again
+
+
+def embed_pairs(embedder, train, held, log=print) -> PairEmbeddings:
+    """Embeds the queries and passages of both splits with the frozen ``embedder``."""
+    arrays = {}
+    for name, split in (("train", train), ("held", held)):
+        for side, i in (("q", 0), ("p", 1)):
+            texts = [pair[i] for pair in split]
+            log(f"embedding {len(texts)} {name} {'queries' if side == 'q' else 'passages'}")
+            arrays[f"{name}_{side}"] = np.asarray(embedder.embed_texts(texts), np.float32)
+    return PairEmbeddings(arrays, cache_key(embedder, train, held))
+
+
+def write_cache(path: str, emb: PairEmbeddings) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, key=np.asarray(emb.key), train_q=emb.train_q, train_p=emb.train_p,
+             held_q=emb.held_q, held_p=emb.held_p)
+    write_atomic(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------- pools
+
+
+def draw_pools(rng: np.random.Generator, rows: np.ndarray, n_passages: int, k: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(candidates [R, k] passage indices, target [R]): row r's positive is passage ``rows[r]``,
+    placed at a uniform position among k − 1 distinct other passages."""
+    cand = np.empty((len(rows), k), np.int64)
+    target = rng.integers(0, k, size=len(rows))
+    for r, pos in enumerate(rows):
+        neg = rng.choice(n_passages - 1, size=k - 1, replace=False)
+        neg = neg + (neg >= pos)  # skip the positive itself
+        cand[r] = np.insert(neg, target[r], pos)
+    return cand, target.astype(np.int32)
+
+
+def pool_batch(q_NxD: np.ndarray, p_NxD: np.ndarray, rows: np.ndarray, cand: np.ndarray,
+               target: np.ndarray, weight: np.ndarray) -> dict[str, np.ndarray]:
+    """{'embeddings' [R, k+1, d] (the query first), 'target' [R], 'weight' [R]}."""
+    emb = np.concatenate([q_NxD[rows][:, None], p_NxD[cand]], axis=1).astype(np.float32)
+    return {"embeddings": emb, "target": target.astype(np.int32), "weight": weight.astype(np.float32)}
+
+
+def check_pool(k: int, n_train: int, n_held: int, batch: int) -> None:
+    if n_train < max(k, batch):
+        raise UserError(f"{n_train} training pairs are fewer than one batch of candidates (pool of "
+                        f"{k} = model.n_ctx - 1, batch {batch}); use more pairs or a smaller pool")
+    if n_held < k:
+        raise UserError(f"the pool size {k} (model.n_ctx - 1) is larger than the held-out set "
+                        f"({n_held} pairs); use a smaller pool or hold out more pairs")
+
+
+def train_iterator(emb: PairEmbeddings, k: int, batch: int, seed: int, process_index: int = 0):
+    """Endless, checkpointable iterator of training pool batches (step i's pools from (seed, i))."""
+    n = len(emb.train_q)
+
+    def make(i):
+        rng = np.random.default_rng((int(seed), int(process_index), int(i)))
+        rows = rng.choice(n, size=batch, replace=False)
+        cand, target = draw_pools(rng, rows, n, k)
+        return pool_batch(emb.train_q, emb.train_p, rows, cand, target, np.ones(batch))
+
+    ds = grain.MapDataset.range(1 << 62).map(make)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+
+
+def eval_batches(emb: PairEmbeddings, k: int, batch: int, max_batches: int, seed: int
+                 ) -> list[dict[str, np.ndarray]]:
+    """One pool per held-out query (at most ``max_batches`` batches; 0: all), the last batch
+    filled up with weight-0 rows."""
+    n = len(emb.held_q)
+    queries = n if max_batches <= 0 else min(n, max_batches * batch)
+    rng = np.random.default_rng((int(seed), _EVAL_STREAM))
+    rows = np.arange(queries)
+    cand, target = draw_pools(rng, rows, n, k)
+    out = []
+    for start in range(0, queries, batch):
+        r, c, t = rows[start:start + batch], cand[start:start + batch], target[start:start + batch]
+        w = np.ones(len(r))
+        if len(r) < batch:  # filler rows repeat the first query, weight 0
+            fill = batch - len(r)
+            r, c, t = (np.concatenate([a, np.repeat(a[:1], fill, axis=0)]) for a in (r, c, t))
+            w = np.concatenate([w, np.zeros(fill)])
+        out.append(pool_batch(emb.held_q, emb.held_p, r, c, t, w))
+    return out

@@ -6,7 +6,8 @@ given on the command line (``--config.model.d_modle=3``) fails loudly instead of
 
 Field reference (defaults follow docs/training.md):
 
-model.kind              'mixer' | 'transformer'
+model.kind              'mixer' | 'transformer' | composite kinds below | 'matcher' (an unmasked mixer
+                        over n_ctx = pool + 1 embeddings: a query and its candidates)
 model.vocab_size        tokenizer and embedding size (the tokenizer is trained to this size)
 model.n_ctx             context length; a masked mixer's mixing matrices are n_ctx x n_ctx
 model.d_model, n_layers width and depth
@@ -85,6 +86,10 @@ retrieval.pairs         'builtin' | paths of JSONL / Parquet pair files (query_f
 retrieval.temperature, candidates  InfoNCE: cos similarity / tau, 1 positive + candidates-1
                         in-batch negatives (candidates = train.batch_size / train.grad_accum)
 retrieval.pool_sizes    top-1 accuracy over pools of each size (held-out pairs), and BM25
+data.embedder           kind 'matcher': workdir of the frozen generative model whose embeddings of the
+                        retrieval pairs the matcher reads (docs/search.md#direct-embedding-matching)
+data.embedding_cache    file caching those embeddings ('' = <workdir>/embedding_cache.npz), keyed by
+                        the model's fingerprint and the pair texts
 train.objective         clm | autoencode | copy | blank_copy | combined | infonce (objectives.py);
                         copy_full / blank_copy_full: the copy ones on rows without pads only
 train.eval_objectives   objectives evaluated (logged as eval/<name>/...); empty: the training one
@@ -243,6 +248,10 @@ def base_config() -> ml_collections.ConfigDict:
             tokenizer_model="",  # existing sentencepiece .model; empty: train one in the workdir
             tokenizer_max_chars=20_000_000,  # training text cap for the tokenizer trainer
             max_documents=0,  # 0: all
+            # kind 'matcher': the trained run whose frozen model embeds the retrieval pairs, and
+            # the cache of those embeddings ('' = <workdir>/embedding_cache.npz)
+            embedder="",
+            embedding_cache="",
         )
     )
 

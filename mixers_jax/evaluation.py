@@ -36,7 +36,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mixers_jax import metrics, sharding
+from mixers_jax import matching, metrics, sharding
 from mixers_jax import objectives as objectives_lib
 from mixers_jax.config import field, input_length
 from mixers_jax.curriculum import eval_objective_names, stage_at, stage_config, stages
@@ -199,8 +199,16 @@ def evaluate_run(
     config.train.batch_size, config.train.grad_accum = batch, 1
     rules = sharding.PRESETS["dp"]["rules"]
 
-    data_rows = eval_rows(config, tok, data, max_rows, data_format, text_field)
-    batches = make_batches(data_rows.rows, tok, batch)
+    matcher = str(config.model.kind) == "matcher"  # pools of frozen embeddings (held-out pairs), not token rows
+    if matcher:
+        if data:
+            raise UserError("--data does not apply to a matcher: it is evaluated on the held-out "
+                            "pairs of its config (retrieval.pairs)")
+        batches, data_info = matching.evaluation_batches(config, run.workdir, batch, int(max_rows))
+    else:
+        data_rows = eval_rows(config, tok, data, max_rows, data_format, text_field)
+        batches = make_batches(data_rows.rows, tok, batch)
+        data_info = data_rows.info
     stored = metrics.stored_numbers(config.model)
     bits = float(config.model.embed_bits)
     table = PieceBytes.from_tokenizer(tok)
@@ -209,7 +217,7 @@ def evaluate_run(
     result: dict[str, Any] = {
         "workdir": run.workdir, "step": run.step, "config_name": str(config.name), "model_kind": kind,
         "stage": stage.name,
-        "data": dict(data_rows.info, batch_size=batch, batches=len(batches)),
+        "data": dict(data_info, batch_size=batch, batches=len(batches)),
         "environment": dict(environment(), eval_devices=len(devs)),
         "stored_numbers": stored, "embed_bits": bits if stored is not None else None,
         "embed_quant": str(config.model.embed_quant), "objectives": {},
@@ -225,6 +233,9 @@ def evaluate_run(
         if params is None:
             params = jax.device_put(run.params, steps.state_shardings.params)
         sums, _ = eval_sums(steps, params, batches)
+        if matcher:  # no text is predicted: no compressors on target bytes
+            result["objectives"][name] = dict(metrics.summarize_sums(sums), pool=data_info["pool"])
+            continue
         text, exact, sequences = exact_target_text(config, name, tok.pad_id, batches, table,
                                                     sums["bytes"])
         rec = _scores(sums, config.model, bits, sequences)

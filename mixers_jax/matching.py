@@ -24,11 +24,15 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sys
 from collections.abc import Sequence
 
 import grain
 import numpy as np
 
+from mixers_jax import search_index
+from mixers_jax.data import pairs as pairs_lib
+from mixers_jax.data.pipeline import DataBundle
 from mixers_jax.errors import UserError
 from mixers_jax.fileio import write_atomic
 
@@ -142,12 +146,12 @@ def train_iterator(emb: PairEmbeddings, k: int, batch: int, seed: int, process_i
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
 
-def eval_batches(emb: PairEmbeddings, k: int, batch: int, max_batches: int, seed: int
+def eval_batches(emb: PairEmbeddings, k: int, batch: int, max_queries: int, seed: int
                  ) -> list[dict[str, np.ndarray]]:
-    """One pool per held-out query (at most ``max_batches`` batches; 0: all), the last batch
-    filled up with weight-0 rows."""
+    """One pool per held-out query (the first ``max_queries``; 0: all), the last batch filled up
+    with weight-0 rows."""
     n = len(emb.held_q)
-    queries = n if max_batches <= 0 else min(n, max_batches * batch)
+    queries = n if max_queries <= 0 else min(n, max_queries)
     rng = np.random.default_rng((int(seed), _EVAL_STREAM))
     rows = np.arange(queries)
     cand, target = draw_pools(rng, rows, n, k)
@@ -161,3 +165,89 @@ def eval_batches(emb: PairEmbeddings, k: int, batch: int, max_batches: int, seed
             w = np.concatenate([w, np.zeros(fill)])
         out.append(pool_batch(emb.held_q, emb.held_p, r, c, t, w))
     return out
+
+
+# --------------------------------------------------------------------------- the trainer's data
+
+
+def load_pairs(config) -> tuple[list[tuple[str, str]], list[tuple[str, str]], dict]:
+    """(training pairs, held-out pairs, cleaning statistics) of ``config.retrieval``."""
+    pair_set = pairs_lib.read_pairs(config.retrieval)
+    train, held = pairs_lib.split_pairs(pair_set, float(config.retrieval.held_out_fraction))
+    return (list(zip(train.queries, train.passages)), list(zip(held.queries, held.passages)),
+            dict(pair_set.stats))
+
+
+def cache_path(config, workdir: str | None) -> str:
+    """``data.embedding_cache``, else ``<workdir>/embedding_cache.npz`` ('' without a workdir)."""
+    path = str(config.data.get("embedding_cache", "") or "")
+    return path or (os.path.join(workdir, CACHE_FILE) if workdir else "")
+
+
+def pair_embeddings(config, workdir: str | None, log=print) -> tuple[PairEmbeddings, object, dict, bool]:
+    """(embeddings, the frozen embedder, pair statistics, read from the cache?) of ``config``:
+    checks the embedder run, the pair counts against the pool and batch, and the width."""
+    source = str(config.data.get("embedder", "") or "")
+    if not source:
+        raise UserError("model.kind='matcher' needs data.embedder: the trained run whose frozen "
+                        "model embeds the queries and passages")
+    k = int(config.model.n_ctx) - 1
+    embedder = search_index.open_embedder(source)
+    if embedder.embedder.dim != int(config.model.d_model):
+        raise UserError(f"model.d_model={config.model.d_model} must equal the width of the "
+                        f"embeddings of {source} ({embedder.embedder.dim})")
+    train, held, stats = load_pairs(config)
+    check_pool(k, len(train), len(held), int(config.train.batch_size))
+    key = cache_key(embedder, train, held)
+    path = cache_path(config, workdir)
+    emb = read_cache(path, key)
+    cached = emb is not None
+    if emb is None:
+        emb = embed_pairs(embedder, train, held, log)
+    stats = dict(stats, train_pairs=len(train), held_out_pairs=len(held), pool=k,
+                 embedder=embedder.description, embedder_fingerprint=embedder.fingerprint,
+                 embedding_cache=path or None)
+    return emb, embedder, stats, cached
+
+
+def build_data(config, tokenizer_path: str | None = None, process_index: int = 0,
+               process_count: int = 1, *, tokenizer=None) -> DataBundle:
+    """The trainer's data for kind 'matcher' (the signature of ``pipeline.build_data``): the
+    pools of the cached pair embeddings; the embedder's tokenizer is the run's (written to
+    ``tokenizer_path``, with the cache, after every check has passed)."""
+    del tokenizer  # the matcher reads embeddings; the tokenizer is the embedder's
+    batch = int(config.train.batch_size)
+    if batch % process_count:
+        raise UserError(f"train.batch_size {batch} must be a multiple of the process count "
+                        f"{process_count}")
+    workdir = os.path.dirname(tokenizer_path) if tokenizer_path else None
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if process_index == 0 else (lambda m: None)
+    emb, embedder, stats, cached = pair_embeddings(config, workdir, log)
+    k, per_process = int(config.model.n_ctx) - 1, batch // process_count
+    train_iter = train_iterator(emb, k, per_process, int(config.seed), process_index)
+    evals = eval_batches(emb, k, per_process, int(config.train.eval_batches) * per_process,
+                         int(config.seed))
+    if process_index == 0:
+        if not cached and stats["embedding_cache"]:
+            write_cache(stats["embedding_cache"], emb)
+        if tokenizer_path and not os.path.isfile(tokenizer_path):
+            embedder.tokenizer.save(tokenizer_path)
+    stats.update(eval_batches=len(evals), per_process_batch=per_process,
+                 embedding_cache_hit=cached, vocab_size=embedder.tokenizer.vocab_size)
+    return DataBundle(embedder.tokenizer, train_iter, evals, stats, tokenizer_path, False)
+
+
+def evaluation_batches(config, workdir: str, batch: int, max_queries: int = 0
+                       ) -> tuple[list[dict[str, np.ndarray]], dict]:
+    """``evaluate``'s batches for a trained matcher: one pool per held-out query (the first
+    ``max_queries``; 0: all), from the run's embedding cache when it matches (read only; otherwise
+    the pairs are embedded again in memory), and their description."""
+    emb, _, stats, cached = pair_embeddings(
+        config, workdir, lambda msg: print(msg, file=sys.stderr, flush=True))
+    k = int(config.model.n_ctx) - 1
+    batches = eval_batches(emb, k, batch, max_queries, int(config.seed))
+    queries = sum(int(b["weight"].sum()) for b in batches)
+    info = {"source": f"held-out pairs of {stats.get('source', config.retrieval.pairs)}",
+            "packing": f"pools of {k} candidates", "row_length": k + 1, "rows": queries,
+            "pool": k, "embedder": stats["embedder"], "embedding_cache_hit": cached}
+    return batches, info

@@ -66,7 +66,12 @@ def main(argv: list[str]) -> None:
     from mixers_jax import trainer  # imported after flags so --help stays fast
 
     _maybe_initialize_distributed()
-    summary = trainer.run(config, workdir)
+    if config.model.kind == "matcher":  # batches of frozen embeddings (docs/search.md)
+        from mixers_jax import matching
+
+        summary = trainer.run(config, workdir, build_data=matching.build_data)
+    else:
+        summary = trainer.run(config, workdir)
     if summary.get("diverged"):
         # Exit 1, not 2: the input was valid and the run trained (and wrote checkpoints); its
         # numbers failed. The line names the last good checkpoint to resume or inspect from.

@@ -90,13 +90,16 @@ def run(
     *,
     stop_at_step: int | None = None,
     record_batches: bool = False,
+    build_data=pipeline.build_data,
 ) -> dict:
     """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns a summary.
 
     ``stop_at_step`` behaves like a preemption at that step (save, then return), for tests and
     for splitting a run; ``record_batches`` adds a digest of every consumed batch to the summary.
     A curriculum (``train.stages``) runs every stage in turn; the checkpoint's step says which
-    stage it belongs to, so a run killed mid-stage resumes mid-stage.
+    stage it belongs to, so a run killed mid-stage resumes mid-stage. ``build_data`` makes the
+    data (the signature of ``pipeline.build_data``; e.g. ``matching.build_data`` for the
+    embedding matcher, whose batches are embeddings, not tokens).
     """
     validate(config)
     workdir = os.path.abspath(workdir)
@@ -106,13 +109,13 @@ def run(
     lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
     try:
         return _run_locked(config, workdir, stop_at_step=stop_at_step,
-                           record_batches=record_batches)
+                           record_batches=record_batches, build_data=build_data)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run_locked(config, workdir: str, *, stop_at_step, record_batches) -> dict:
+def _run_locked(config, workdir: str, *, stop_at_step, record_batches, build_data) -> dict:
     """``run`` while holding the workdir: every check (model, stages, data settings, tokenizer of a
     resume, the data itself) before the first write, then config.json, the checkpointer, the loop."""
     stage_list = stages(config)
@@ -138,7 +141,7 @@ def _run_locked(config, workdir: str, *, stop_at_step, record_batches) -> dict:
         restored_tokenizer = workdir_lib.resume_tokenizer(config, workdir)
 
     tokenizer_path = os.path.join(workdir, workdir_lib.TOKENIZER_FILE)
-    data = pipeline.build_data(
+    data = build_data(
         config,
         tokenizer_path=tokenizer_path,
         process_index=process_index,
@@ -468,11 +471,13 @@ class _Loop:
             summary["evals"] = self.evaluate_checked(step)
             summary["eval"] = next(iter(summary["evals"].values()))
         first_objective = next(iter(summary["evals"]))
-        text, _, _ = target_bytes.exact_target_text(
-            stage_config(self.config, self.stage), first_objective, data.tokenizer.pad_id,
-            data.eval_batches, target_bytes.PieceBytes.from_tokenizer(data.tokenizer),
-            summary["eval"]["bytes"])
-        baselines = metrics_lib.compressor_bpb(text)
+        baselines = {}
+        if "tokens" in data.eval_batches[0]:  # text targets (not the matcher's pools)
+            text, _, _ = target_bytes.exact_target_text(
+                stage_config(self.config, self.stage), first_objective, data.tokenizer.pad_id,
+                data.eval_batches, target_bytes.PieceBytes.from_tokenizer(data.tokenizer),
+                summary["eval"]["bytes"])
+            baselines = metrics_lib.compressor_bpb(text)
         summary["compressors"] = baselines
         self.log(metrics_lib.results_table(summary["evals"], baselines))
         summary["params"] = self.state.params if step == self.total else None

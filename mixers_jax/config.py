@@ -85,7 +85,9 @@ retrieval.pairs         'builtin' | paths of JSONL / Parquet pair files (query_f
                         passage_field); held_out_fraction by a hash of the pair
 retrieval.temperature, candidates  InfoNCE: cos similarity / tau, 1 positive + candidates-1
                         in-batch negatives (candidates = train.batch_size / train.grad_accum)
-retrieval.pool_sizes    top-1 accuracy over pools of each size (held-out pairs), and BM25
+retrieval.pool_sizes    top-1 accuracy over pools of each size (held-out pairs), and BM25; empty:
+                        32, 64, ..., 1024 up to the held-out size; a larger size is refused
+retrieval.held_out_fraction  0: automatic (0.35 for the built-in pairs, 0.1 for pair files)
 data.embedder           kind 'matcher': workdir of the frozen generative model whose embeddings of the
                         retrieval pairs the matcher reads (docs/search.md#direct-embedding-matching)
 data.embedding_cache    file caching those embeddings ('' = <workdir>/embedding_cache.npz), keyed by
@@ -293,12 +295,11 @@ def base_config() -> ml_collections.ConfigDict:
             pairs="builtin",  # 'builtin' (docstring summaries of the embedded corpus) | JSONL/Parquet paths
             query_field="query",
             passage_field="passage",
-            held_out_fraction=0.1,  # pairs held out by a hash of the pair
+            held_out_fraction=0.0,  # held out by a hash of the passage; 0: 0.35 builtin, 0.1 files
             max_pairs=0,  # 0: all
             temperature=0.02,  # InfoNCE temperature tau
             candidates=32,  # candidates per query in training: 1 positive + candidates-1 negatives
-            query_length=0,  # tokens per query row; 0: model.n_ctx
-            pool_sizes=(32, 64, 128, 256, 512, 1024),  # evaluation pools (capped by held-out pairs)
+            pool_sizes=(),  # evaluation pools; empty: 32, 64, ..., 1024 up to the held-out size
             eval_queries=0,  # held-out queries scored per pool size; 0: all
         )
     )

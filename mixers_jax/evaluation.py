@@ -36,17 +36,19 @@ import jax
 import ml_collections
 import numpy as np
 
-from mixers_jax import matching, metrics, sharding
+from mixers_jax import matching, metrics, ranking, sharding
 from mixers_jax import objectives as objectives_lib
 from mixers_jax.config import field, input_length
 from mixers_jax.curriculum import eval_objective_names, stage_at, stage_config, stages
+from mixers_jax.data import pairs as pairs_lib
 from mixers_jax.data import pipeline, sources
 from mixers_jax.environment import environment
 from mixers_jax.errors import UserError
 from mixers_jax.metrics import QUANT_BITS
+from mixers_jax.models.embedding import check_embedding_model, embedding_position
 from mixers_jax.steps import build_steps, eval_sums
 from mixers_jax.target_bytes import PieceBytes, exact_target_text
-from mixers_jax.workdir import load_run, with_defaults
+from mixers_jax.workdir import load_config, load_run, with_defaults
 
 # --------------------------------------------------------------------------- options
 
@@ -309,3 +311,72 @@ def non_finite_losses(result: dict) -> list[str]:
             bad.append(name)
         bad += [f"{name}/{q}" for q, s in r.get("quant", {}).items() if broken(s["loss"])]
     return bad
+
+
+# --------------------------------------------------------------------------- retrieval
+
+
+def tuned_on_pairs(workdir: str) -> bool:
+    """True when the run in ``workdir`` trained its last stage with a pair objective ('infonce')."""
+    config = load_config(workdir)
+    return str(stages(config)[-1].train.objective) in objectives_lib.PAIR_OBJECTIVES
+
+
+def parse_pool_sizes(text: str) -> tuple[int, ...]:
+    """'32,128' -> (32, 128); '' -> () (the default pools); UserError for a non-integer."""
+    try:
+        return tuple(int(t) for t in str(text or "").split(",") if t.strip())
+    except ValueError:
+        raise UserError(f"--pool_sizes must be a comma list of integers, got {text!r}") from None
+
+
+def evaluate_retrieval(workdir: str, *, pairs: str = "", pool_sizes: str = "", queries: int = 0,
+                       padding: str = "", position: int = 0, held_out_fraction: float = 0.0,
+                       batch_size: int = 0, step: int | None = None, bm25: bool = True) -> dict:
+    """Top-1 accuracy of the run's embeddings over pools of held-out pairs, and BM25 on the same
+    pools (:mod:`mixers_jax.ranking`). The pairs, split, padding and position are the run's
+    ``retrieval.*`` / ``data.padding`` unless given."""
+    if queries < 0 or batch_size < 0 or position > 0 or held_out_fraction < 0:
+        raise UserError("--queries, --batch_size and --held_out_fraction must be >= 0, "
+                        "--position < 0 (or 0: the run's)")
+    sizes = parse_pool_sizes(pool_sizes)
+    run = load_run(workdir, step)
+    config = with_defaults(run.config)
+    if pairs:
+        config.retrieval.pairs = pairs
+    if held_out_fraction:
+        config.retrieval.held_out_fraction = float(held_out_fraction)
+    if position:
+        config.retrieval.position = int(position)
+    if padding:
+        config.data.padding = padding
+    pad = pipeline.check_padding(str(config.data.padding))
+    check_embedding_model(config.model)
+    _, held, stats = pairs_lib.load_split_pairs(config.retrieval)
+    sizes = pairs_lib.pool_sizes(sizes or tuple(config.retrieval.pool_sizes or ()), len(held))
+    rows = pairs_lib.pair_rows(held, run.tokenizer, int(config.model.n_ctx), pad)
+    pos = embedding_position(config)
+    embed = ranking.row_embedder(run.model, run.params, pos, pad)
+    result = ranking.evaluate_pairs(embed, rows, sizes=sizes, queries=queries, seed=int(config.seed),
+                                    batch_size=batch_size or 64, pad_id=run.tokenizer.pad_id,
+                                    bm25=bm25)
+    result.update(workdir=run.workdir, step=run.step, config_name=str(config.name),
+                  model_kind=str(config.model.kind), position=pos, padding=pad, pairs=stats,
+                  environment=environment())
+    return result
+
+
+def format_retrieval(result: dict) -> str:
+    """The report of :func:`evaluate_retrieval`."""
+    s = result["pairs"]
+    return "\n".join([
+        f"{result['workdir']} @ step {result['step']} ({result['config_name']}, "
+        f"{result['model_kind']}; embedding at position {result['position']}, "
+        f"{result['padding']} padding)",
+        f"pairs: {s['source']}: {s['pairs']} kept of {s['pairs_read']} read ({s['empty_pairs']} "
+        f"empty, {s['duplicate_pairs']} duplicate pairs, {s['duplicate_passages']} duplicate "
+        f"passages, {s['non_utf8_lines']} non-UTF-8 lines skipped); {s['train_pairs']} train, "
+        f"{s['held_out_pairs']} held out",
+        "",
+        ranking.retrieval_table(result, label=result["model_kind"]),
+    ])

@@ -12,9 +12,11 @@ on pools drawn from the cache:
 
 Training pools come from the training pairs, drawn afresh for each step from (seed, step), so a
 resumed run sees the same batches; evaluation pools from the held-out pairs, one pool per held-out
-query (the first ``train.eval_batches × train.batch_size``), drawn once from the seed. The pools of
-``match`` (the matcher) and ``match_cosine`` (cosine similarity of the frozen embeddings, a
-baseline) are the same.
+query (the first ``train.eval_batches × train.batch_size`` in training; in ``evaluate`` the first
+``--max_rows``, else ``retrieval.eval_queries``, 0: all), drawn from the seed exactly as
+``ranking.make_pools`` draws the pools of the InfoNCE and BM25 evaluation, so with the same pairs
+and seed a pool of K candidates is the very pool those are scored on. ``match`` (the matcher) and
+``match_cosine`` (cosine similarity of the frozen embeddings, a baseline) share the pools.
 
 :func:`build_data` is the trainer's data builder for kind 'matcher' (``trainer.run(...,
 build_data=matching.build_data)``); :func:`evaluate_matcher` is ``evaluate``'s path for it.
@@ -30,14 +32,13 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from mixers_jax import search_index
+from mixers_jax import ranking, search_index
 from mixers_jax.data import pairs as pairs_lib
 from mixers_jax.data.pipeline import DataBundle
 from mixers_jax.errors import UserError
 from mixers_jax.fileio import write_atomic
 
 CACHE_FILE = "embedding_cache.npz"
-_EVAL_STREAM = 0xE7A1  # the evaluation pools' RNG stream (next to the seed)
 
 
 def pairs_digest(train: Sequence[tuple[str, str]], held: Sequence[tuple[str, str]]) -> str:
@@ -152,9 +153,8 @@ def eval_batches(emb: PairEmbeddings, k: int, batch: int, max_queries: int, seed
     with weight-0 rows."""
     n = len(emb.held_q)
     queries = n if max_queries <= 0 else min(n, max_queries)
-    rng = np.random.default_rng((int(seed), _EVAL_STREAM))
     rows = np.arange(queries)
-    cand, target = draw_pools(rng, rows, n, k)
+    cand, target = ranking.make_pools(n, k, queries, seed)  # the pools of BM25 and InfoNCE too
     out = []
     for start in range(0, queries, batch):
         r, c, t = rows[start:start + batch], cand[start:start + batch], target[start:start + batch]
@@ -172,10 +172,8 @@ def eval_batches(emb: PairEmbeddings, k: int, batch: int, max_queries: int, seed
 
 def load_pairs(config) -> tuple[list[tuple[str, str]], list[tuple[str, str]], dict]:
     """(training pairs, held-out pairs, cleaning statistics) of ``config.retrieval``."""
-    pair_set = pairs_lib.read_pairs(config.retrieval)
-    train, held = pairs_lib.split_pairs(pair_set, float(config.retrieval.held_out_fraction))
-    return (list(zip(train.queries, train.passages)), list(zip(held.queries, held.passages)),
-            dict(pair_set.stats))
+    train, held, stats = pairs_lib.load_split_pairs(config.retrieval)
+    return list(zip(train.queries, train.passages)), list(zip(held.queries, held.passages)), stats
 
 
 def cache_path(config, workdir: str | None) -> str:
@@ -245,6 +243,7 @@ def evaluation_batches(config, workdir: str, batch: int, max_queries: int = 0
     emb, _, stats, cached = pair_embeddings(
         config, workdir, lambda msg: print(msg, file=sys.stderr, flush=True))
     k = int(config.model.n_ctx) - 1
+    max_queries = max_queries or int(config.retrieval.get("eval_queries", 0) or 0)
     batches = eval_batches(emb, k, batch, max_queries, int(config.seed))
     queries = sum(int(b["weight"].sum()) for b in batches)
     info = {"source": f"held-out pairs of {stats.get('source', config.retrieval.pairs)}",

@@ -182,7 +182,7 @@ def build_steps(config, mesh, objective: str | None = None, rules=None, pad_id: 
         rules = sharding.resolve(config)[1]
     act_rules = sharding.activation_rules(rules, mesh, activation_dims(config.model))
     model = build_model(config.model)
-    ctx = objectives.ObjectiveContext(model=config.model, train=config.train, pad_id=int(pad_id))
+    ctx = objectives.context(config, pad_id=int(pad_id))
     loss_fn = objectives.build(objective or config.train.objective, ctx)
     eval_fns = {name: objectives.build(name, ctx) for name in eval_objective_names(config.train)}
     noise_key = jax.random.fold_in(jax.random.key(int(config.seed)), 0x5EED)
@@ -218,9 +218,12 @@ def build_steps(config, mesh, objective: str | None = None, rules=None, pad_id: 
     batch_sh = sharding.batch_sharding(mesh)
     repl = sharding.replicated(mesh)
 
-    def apply_fn(params, tokens, rngs=None):
+    def apply_fn(params, tokens, *args, rngs=None, method=None):
+        """The model on ``tokens`` (logits); ``method`` (e.g. 'final_hidden') with ``args``."""
         with sharding.activation_context(mesh, act_rules):
-            return model.apply({"params": params}, tokens, rngs=rngs)
+            if method is None:
+                return model.apply({"params": params}, tokens, rngs=rngs)
+            return model.apply({"params": params}, tokens, *args, rngs=rngs, method=method)
 
     def init(rng):
         with sharding.activation_context(mesh, act_rules):

@@ -249,6 +249,7 @@ class DataBundle:
     stats: dict
     tokenizer_path: str | None = None  # where the tokenizer was loaded from or saved to
     tokenizer_trained: bool = False  # True: trained by this call
+    held_out: Any = None  # pair data (data/pairs.py): every held-out pair, for the pool evaluation
 
 
 def check_chunked_rows(model_cfg, token_docs: Sequence[np.ndarray], packing: str) -> None:
@@ -268,6 +269,52 @@ def check_chunked_rows(model_cfg, token_docs: Sequence[np.ndarray], packing: str
             f"tokens but a row holds chunks x n_ctx = {s}x{n} = {s * n}, so the last chunk of every "
             "row would be all pads; use data.packing='concat', fewer model.chunks or a smaller "
             "model.n_ctx")
+
+
+def resolve_tokenizer(data_cfg, vocab_size: int, tokenizer_path: str | None,
+                      train_docs: Sequence[str], tokenizer: Tokenizer | None = None
+                      ) -> tuple[Tokenizer, str | None, bool]:
+    """(tokenizer, where it lives, trained now?): ``tokenizer`` if given; else
+    ``data.tokenizer_model``; else an existing file at ``tokenizer_path``; else one trained on
+    ``train_docs`` with ``vocab_size`` pieces (not written: the caller saves it after its checks).
+    UserError for a missing configured file or a vocabulary size other than ``vocab_size``."""
+    trained = False
+    tok_path: str | None = None
+    if tokenizer is None:
+        configured = str(field(data_cfg, "tokenizer_model", "") or "")
+        run_path = tokenizer_path
+        if configured:
+            if not os.path.isfile(configured):
+                raise UserError(f"tokenizer model {configured} does not exist (data.tokenizer_model)")
+            tok_path = configured
+            tokenizer = Tokenizer.load(configured)
+        elif run_path and os.path.isfile(run_path):
+            tok_path = run_path
+            tokenizer = Tokenizer.load(run_path)
+        else:
+            tokenizer = Tokenizer.train(
+                train_docs,
+                vocab_size,
+                model_path=None,  # written below, after every check
+                max_chars=int(field(data_cfg, "tokenizer_max_chars", 20_000_000)),
+            )
+            trained = True
+            tok_path = run_path
+    if tokenizer.vocab_size != vocab_size:
+        raise UserError(
+            f"tokenizer {tok_path or tokenizer.name} has {tokenizer.vocab_size} pieces but "
+            f"model.vocab_size is {vocab_size}"
+        )
+    return tokenizer, tok_path, trained
+
+
+def save_tokenizer_file(tokenizer: Tokenizer, path: str) -> None:
+    """Writes a newly trained tokenizer to ``path`` (UserError naming the path on failure)."""
+    try:
+        tokenizer.save(path)
+    except OSError as e:
+        raise UserError(f"cannot write the tokenizer to {path}: {e.strerror or e}") from None
+    tokenizer.name = path
 
 
 def build_data(
@@ -320,33 +367,8 @@ def build_data(
             "(use more documents or data.val_fraction=0)"
         )
 
-    trained = False
-    tok_path: str | None = None
-    if tokenizer is None:
-        configured = str(field(data_cfg, "tokenizer_model", "") or "")
-        run_path = tokenizer_path
-        if configured:
-            if not os.path.isfile(configured):
-                raise UserError(f"tokenizer model {configured} does not exist (data.tokenizer_model)")
-            tok_path = configured
-            tokenizer = Tokenizer.load(configured)
-        elif run_path and os.path.isfile(run_path):
-            tok_path = run_path
-            tokenizer = Tokenizer.load(run_path)
-        else:
-            tokenizer = Tokenizer.train(
-                train_docs,
-                vocab_size,
-                model_path=None,  # written below, after every check
-                max_chars=int(field(data_cfg, "tokenizer_max_chars", 20_000_000)),
-            )
-            trained = True
-            tok_path = run_path
-    if tokenizer.vocab_size != vocab_size:
-        raise UserError(
-            f"tokenizer {tok_path or tokenizer.name} has {tokenizer.vocab_size} pieces but "
-            f"model.vocab_size is {vocab_size}"
-        )
+    tokenizer, tok_path, trained = resolve_tokenizer(data_cfg, vocab_size, tokenizer_path,
+                                                     train_docs, tokenizer)
 
     table = tokenizer.token_bytes()
     train_tok = tokenize_documents(train_docs, tokenizer)
@@ -370,11 +392,7 @@ def build_data(
         )
 
     if trained and save_tokenizer and tok_path:
-        try:
-            tokenizer.save(tok_path)
-        except OSError as e:
-            raise UserError(f"cannot write the tokenizer to {tok_path}: {e.strerror or e}") from None
-        tokenizer.name = tok_path
+        save_tokenizer_file(tokenizer, tok_path)
 
     stats = {
         "documents": len(docs),

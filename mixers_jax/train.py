@@ -84,6 +84,11 @@ def main(argv: list[str]) -> None:
     if not summary.get("is_main", True):
         return
     ev = summary["eval"]
+    if config.model.kind == "matcher":  # no text is predicted: CE and top-1 over the pool
+        print(f"done: {summary['final_step']} steps; held-out CE {ev['loss']:.4f}, top-1 "
+              f"{ev['accuracy']:.4f} over {config.model.n_ctx - 1} candidates; workdir "
+              f"{summary['workdir']}")
+        return
     print(
         f"done: {summary['final_step']} steps; eval loss {ev['loss']:.4f}, "
         f"accuracy {ev['accuracy']:.4f}, bits/byte {ev['bpb']:.4f}; workdir {summary['workdir']}"

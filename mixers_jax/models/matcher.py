@@ -32,10 +32,6 @@ class EmbeddingMatcher(nn.Module):
 
     spec: MixerSpec
 
-    @property
-    def n_ctx(self) -> int:
-        return self.spec.n_ctx
-
     def setup(self):
         spec = self.spec
         self.blocks = tuple(MixerBlock(spec, name=f"block_{i}") for i in range(spec.n_layers))

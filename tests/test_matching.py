@@ -132,7 +132,8 @@ def _config(embedder, pairs, **train):
 def test_train_and_evaluate_a_matcher(tmp_path, embedder_run, capsys):
     pairs = _pairs_file(tmp_path / "pairs.jsonl")
     workdir = str(tmp_path / "run")
-    summary = trainer.run(_config(embedder_run, pairs), workdir, build_data=matching.build_data)
+    config = _config(embedder_run, pairs, steps=2, eval_every=2, checkpoint_every=2, log_every=1)
+    summary = trainer.run(config, workdir, build_data=matching.build_data)
     assert set(summary["evals"]) == {"match", "match_cosine"}
     ev = summary["evals"]["match"]
     assert 0.0 <= ev["accuracy"] <= 1.0 and ev["loss"] > 0 and ev["tokens"] > 0

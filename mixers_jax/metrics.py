@@ -257,6 +257,8 @@ class Writer:
         if self._writer is None:
             return
         for name, value in values.items():
+            if name.endswith("bpb") and not math.isfinite(float(value)):
+                continue  # undefined: an objective without target bytes (e.g. infonce)
             self._writer.add_scalar(name, float(value), step)
         self._writer.flush()
 

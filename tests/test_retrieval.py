@@ -217,6 +217,28 @@ def test_bm25_finds_passages_by_their_words():
     assert not scores[3].any()  # stopwords only: no score
 
 
+def test_plot_top1_against_pool_size(tmp_path, capsys):
+    from mixers_jax import plot
+    from tests_util import exit_status
+
+    files = []
+    for kind, acc in (("mixer", 0.5), ("transformer", 0.3)):
+        result = {"pool_sizes": [32, 64], "model": {"32": acc, "64": acc / 2},
+                  "bm25": {"32": 0.7, "64": 0.6}, "chance": {"32": 1 / 32, "64": 1 / 64},
+                  "model_kind": kind, "workdir": str(tmp_path / kind)}
+        files.append(str(tmp_path / f"{kind}.json"))
+        with open(files[-1], "w", encoding="utf-8") as f:
+            json.dump(result, f)
+    out = tmp_path / "pools.png"
+    assert exit_status(plot, ["plot", f"--pools={','.join(files)}", f"--out={out}"]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert "8 points" in capsys.readouterr().out
+    with open(tmp_path / "other.json", "w", encoding="utf-8") as f:
+        json.dump({"loss": 1.0}, f)
+    assert exit_status(plot, ["plot", f"--pools={tmp_path / 'other.json'}", f"--out={out}"]) == 2
+    assert "not a retrieval evaluation" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- the training run
 
 

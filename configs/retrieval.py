@@ -33,7 +33,7 @@ _SMOKE = {
     "train.checkpoint_every": 4,
 }
 _CPU = {
-    **{k: v for k, v in CPU.items() if not k.startswith("data.")},
+    **{k: v for k, v in CPU.items() if not k.startswith("data.") and k != "train.batch_size"},
     "model.n_heads": 4, "train.steps": 300, "train.warmup_steps": 30, "train.lr": 1e-4,
     "train.log_every": 25, "train.eval_every": 150, "train.checkpoint_every": 150,
     "train.eval_batches": 8, "train.init_map": ".=.",

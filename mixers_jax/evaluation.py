@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,7 +49,7 @@ from mixers_jax.metrics import QUANT_BITS
 from mixers_jax.models.embedding import check_embedding_model, embedding_position
 from mixers_jax.steps import build_steps, eval_sums
 from mixers_jax.target_bytes import PieceBytes, exact_target_text
-from mixers_jax.workdir import load_config, load_run, with_defaults
+from mixers_jax.workdir import CONFIG_FILE, load_config, load_run, with_defaults
 
 # --------------------------------------------------------------------------- options
 
@@ -317,7 +318,10 @@ def non_finite_losses(result: dict) -> list[str]:
 
 
 def tuned_on_pairs(workdir: str) -> bool:
-    """True when the run in ``workdir`` trained its last stage with a pair objective ('infonce')."""
+    """True when the run in ``workdir`` trained its last stage with a pair objective ('infonce');
+    False when it holds no config (the evaluation then reports what is missing)."""
+    if not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
+        return False
     config = load_config(workdir)
     return str(stages(config)[-1].train.objective) in objectives_lib.PAIR_OBJECTIVES
 

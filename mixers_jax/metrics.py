@@ -254,13 +254,12 @@ class Writer:
             self._writer = SummaryWriter(logdir)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        """Writes the finite ``values``; a non-finite one is a metric that does not apply (bits
-        per byte of an objective that predicts no text) and is left out."""
         if self._writer is None:
             return
         for name, value in values.items():
-            if math.isfinite(float(value)):
-                self._writer.add_scalar(name, float(value), step)
+            if name.endswith("bpb") and not math.isfinite(float(value)):
+                continue  # undefined: an objective without target bytes (e.g. infonce)
+            self._writer.add_scalar(name, float(value), step)
         self._writer.flush()
 
     def close(self) -> None:

@@ -39,8 +39,8 @@ from mixers_jax.config import field
 from mixers_jax.data import embedded
 from mixers_jax.data.pipeline import (DataBundle, check_padding, pad_rows, resolve_tokenizer,
                                       save_tokenizer_file, tokenize_documents)
-from mixers_jax.data.sources import (_format_of, _refuse_binary, _resolve_paths, decode_utf8,
-                                     split_documents)
+from mixers_jax.data.sources import (decode_utf8, format_of, open_parquet, refuse_binary,
+                                     resolve_paths, split_documents)
 from mixers_jax.data.tokenizer import Tokenizer
 from mixers_jax.errors import UserError
 
@@ -146,7 +146,7 @@ def _jsonl_pairs(path: str, fields: tuple[str, str], stats: dict) -> Iterator[tu
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
     with f:
         head = f.read(1 << 16)
-        _refuse_binary(path, head, len(head), 0)
+        refuse_binary(path, head, len(head), 0)
         f.seek(0)
         for lineno, raw in enumerate(f, start=1):
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
@@ -166,18 +166,7 @@ def _jsonl_pairs(path: str, fields: tuple[str, str], stats: dict) -> Iterator[tu
 
 
 def _parquet_pairs(path: str, fields: tuple[str, str], stats: dict) -> Iterator[tuple]:
-    import pyarrow.parquet as pq  # imported lazily: only Parquet sources need it
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises ArrowInvalid / OSError with a long message
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path}: not a readable Parquet file ({msg})") from None
-    names = pf.schema_arrow.names
-    for key in fields:
-        if key not in names:
-            raise UserError(f"{path}: no column {key!r} (columns: {', '.join(names[:20])}); set "
-                            "retrieval.query_field / retrieval.passage_field")
+    pf = open_parquet(path, fields, "retrieval.query_field / retrieval.passage_field")
     for batch in pf.iter_batches(columns=list(fields), batch_size=4096):
         for values in zip(*(batch.column(i).to_pylist() for i in range(len(fields)))):
             out = []
@@ -237,8 +226,8 @@ def read_pairs(retrieval_cfg) -> PairSet:
 
 
 def _file_pairs(source: str, fields: tuple[str, str], stats: dict) -> Iterator[tuple]:
-    for path in _resolve_paths(source, "auto"):
-        kind = _format_of(path)
+    for path in resolve_paths(source, "auto"):
+        kind = format_of(path)
         if kind == "text":
             raise UserError(f"{path}: pair files must be JSONL (.jsonl, .json) or Parquet (.parquet)")
         stats["files"] += 1

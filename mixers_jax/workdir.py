@@ -153,9 +153,9 @@ def check_resume_changes(workdir: str, changes: list[tuple[str, Any, Any]]) -> N
     fixed = [c for c in changes if _fixed_on_resume(c[0])]
     if fixed:
         shown = ", ".join(f"{k}={old!r} (saved) vs {new!r}" for k, old, new in fixed[:3])
-        raise UserError(f"workdir {workdir} was trained with other settings ({shown}); data.*, the "
-                        "retrieval pairs and their split, seed, train.batch_size, train.frozen and "
-                        "train.stages cannot change on resume (the "
+        raise UserError(f"workdir {workdir} was trained with other settings ({shown}); data.*, seed, "
+                        "train.batch_size, train.frozen, train.stages and the retrieval pairs (with "
+                        "their split) cannot change on resume (the "
                         "saved data order and optimizer state would no longer match); use another "
                         "--workdir")
 

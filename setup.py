@@ -22,6 +22,7 @@ setup(
         "numpy>=1.26",
         "pyarrow>=14",
         "matplotlib>=3.7",  # mixers_jax.inspect heatmaps, mixers_jax.plot curves
+        "bm25s>=0.2",  # the BM25 baseline of the retrieval evaluation (mixers_jax/ranking.py)
     ],
     extras_require={"test": ["pytest>=8", "pytest-xdist>=3"]},
 )

@@ -6,7 +6,8 @@ given on the command line (``--config.model.d_modle=3``) fails loudly instead of
 
 Field reference (defaults follow docs/training.md):
 
-model.kind              'mixer' | 'transformer'
+model.kind              'mixer' | 'transformer' | composite kinds below | 'matcher' (an unmasked mixer
+                        over n_ctx = pool + 1 embeddings: a query and its candidates)
 model.vocab_size        tokenizer and embedding size (the tokenizer is trained to this size)
 model.n_ctx             context length; a masked mixer's mixing matrices are n_ctx x n_ctx
 model.d_model, n_layers width and depth
@@ -73,7 +74,29 @@ model.qat_noise         q > 0: uniform noise U(-q, q) added to the embedding in 
                         (docs/bottleneck.md#qat-noise)
 data.split              hash (default: data.val_fraction held out by a hash of the text) | first
                         (the first data.test_documents documents of the source held out)
-train.objective         clm | autoencode | copy | blank_copy | combined (objectives.py);
+data.padding            'right' (default) | 'left': where the pads of a one-document row go
+                        (packing=pad, retrieval rows); left puts them before the text, so a fixed
+                        index from the row's end is the same token in every row
+                        (docs/retrieval.md#padding-and-the-embedding-position)
+retrieval.position      the embedding is the final hidden state of the token |p|-1 before the
+                        row's last real token (p < 0; 0 = the default: -2 for mixers, whose last
+                        position is never trained by clm, -1 for transformers). Pads never
+                        contribute (left out of mixing and attention). Exact equality with the
+                        unpadded row holds for right padding (every causal model) and for left-
+                        padded transformers; a flat or Toeplitz mixer's weights are indexed by
+                        absolute position, so its left-padded embedding depends on the row length
+retrieval.pairs         'builtin' | paths of JSONL / Parquet pair files (query_field,
+                        passage_field); held_out_fraction by a hash of the pair
+retrieval.temperature, candidates  InfoNCE: cos similarity / tau, 1 positive + candidates-1
+                        in-batch negatives (candidates = train.batch_size / train.grad_accum)
+retrieval.pool_sizes    top-1 accuracy over pools of each size (held-out pairs), and BM25; empty:
+                        32, 64, ..., 1024 up to the held-out size; a larger size is refused
+retrieval.held_out_fraction  0: automatic (0.35 for the built-in pairs, 0.1 for pair files)
+data.embedder           kind 'matcher': workdir of the frozen generative model whose embeddings of the
+                        retrieval pairs the matcher reads (docs/search.md#direct-embedding-matching)
+data.embedding_cache    file caching those embeddings ('' = <workdir>/embedding_cache.npz), keyed by
+                        the model's fingerprint and the pair texts
+train.objective         clm | autoencode | copy | blank_copy | combined | infonce (objectives.py);
                         copy_full / blank_copy_full: the copy ones on rows without pads only
 train.eval_objectives   objectives evaluated (logged as eval/<name>/...); empty: the training one
 train.frozen            comma-separated top-level parameter groups that training leaves unchanged
@@ -237,9 +260,14 @@ def base_config() -> ml_collections.ConfigDict:
             split="hash",  # hash (val_fraction by a hash of the text) | first (test_documents)
             test_documents=0,  # split='first': the first N documents of the source are held out
             packing="concat",  # concat (stream + EOS, cut windows) | pad (one doc per row, truncated)
+            padding="right",  # packing=pad and retrieval rows: right | left (pads before the text)
             tokenizer_model="",  # existing sentencepiece .model; empty: train one in the workdir
             tokenizer_max_chars=20_000_000,  # training text cap for the tokenizer trainer
             max_documents=0,  # 0: all
+            # kind 'matcher': the trained run whose frozen model embeds the retrieval pairs, and
+            # the cache of those embeddings ('' = <workdir>/embedding_cache.npz)
+            embedder="",
+            embedding_cache="",
         )
     )
 
@@ -273,6 +301,22 @@ def base_config() -> ml_collections.ConfigDict:
             stages=(),  # curriculum: dicts with objective, steps, frozen, init_from, init_map, lr, ...
             on_divergence="fail",  # fail (exit 1) | record (the divergence step is the result; exit 0)
             recovery_runs="",  # 'nomem=DIR,trainable=DIR' (or frozen=): memory-loss recovery ρ
+        )
+    )
+
+    # Retrieval (docs/retrieval.md): (query, passage) pairs, the InfoNCE objective, top-1 evaluation.
+    c.retrieval = ml_collections.ConfigDict(
+        dict(
+            position=0,  # embedding position from the row's end; 0: -2 for mixers, -1 otherwise
+            pairs="builtin",  # 'builtin' (docstring summaries of the embedded corpus) | JSONL/Parquet paths
+            query_field="query",
+            passage_field="passage",
+            held_out_fraction=0.0,  # held out by a hash of the passage; 0: 0.35 builtin, 0.1 files
+            max_pairs=0,  # 0: all
+            temperature=0.02,  # InfoNCE temperature tau
+            candidates=32,  # candidates per query in training: 1 positive + candidates-1 negatives
+            pool_sizes=(),  # evaluation pools; empty: 32, 64, ..., 1024 up to the held-out size
+            eval_queries=0,  # held-out queries scored per pool size; 0: all
         )
     )
 

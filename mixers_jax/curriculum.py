@@ -204,7 +204,7 @@ def check_stage(config, stage: Stage, params: Any, source: tuple[Any, Any] | Non
     ``params``: this model's parameters (or their shapes); ``source``: (parameter shapes, config) of
     the stage's ``init_from`` run (``workdir.init_source``), None without init_from.
     """
-    ctx = objectives.ObjectiveContext(model=config.model, train=stage.train)
+    ctx = objectives.context(config, train=stage.train)
     for name in (str(stage.train.objective),) + eval_objective_names(stage.train):
         objectives.build(name, ctx)
     param_labels(params, stage.train)

@@ -202,14 +202,7 @@ def plot_runs(
         raise UserError(f"--x must be 'step' or 'tokens', got {x!r}")
     if labels and len(labels) != len(workdirs):
         raise UserError(f"--labels has {len(labels)} names for {len(workdirs)} workdirs")
-    if os.path.isdir(out):
-        raise UserError(f"--out={out} is a folder; give a file name such as fig.png")
-    fmt = os.path.splitext(out)[1].lstrip(".").lower()
-    fig = plt.figure()
-    supported = fig.canvas.get_supported_filetypes()
-    plt.close(fig)
-    if fmt not in supported:
-        raise UserError(f"--out={out}: unknown image format {fmt!r}; use one of: {', '.join(sorted(supported))}")
+    fmt = image_format(out, plt)
 
     runs = load_runs(workdirs)
     names = list(labels) if labels else [run_label(r["config"]) for r in runs]
@@ -250,12 +243,84 @@ def plot_runs(
     # One legend for all axes, below them: run labels are long (kind, widths, depths, mixing).
     legend = fig.legend(list(handles.values()), list(handles), loc="upper center", fontsize=8,
                         bbox_to_anchor=(0.5, 0.0), ncol=1, frameon=False)
-    buf = io.BytesIO()
-    fig.savefig(buf, format=fmt, bbox_extra_artists=(legend,), bbox_inches="tight")
-    plt.close(fig)
-    write_atomic(out, buf.getvalue())
+    save_figure(fig, plt, out, fmt, legend)
     if csv:
         write_atomic(csv, points_csv(points))
+    return points
+
+
+def image_format(out: str, plt) -> str:
+    """The image format of ``out`` (its extension); UserError for a folder or an unknown format."""
+    if os.path.isdir(out):
+        raise UserError(f"--out={out} is a folder; give a file name such as fig.png")
+    fmt = os.path.splitext(out)[1].lstrip(".").lower()
+    fig = plt.figure()
+    supported = fig.canvas.get_supported_filetypes()
+    plt.close(fig)
+    if fmt not in supported:
+        raise UserError(f"--out={out}: unknown image format {fmt!r}; use one of: {', '.join(sorted(supported))}")
+    return fmt
+
+
+def save_figure(fig, plt, out: str, fmt: str, legend=None) -> None:
+    """Writes ``fig`` to ``out`` atomically and closes it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, bbox_extra_artists=(legend,) if legend else None,
+                bbox_inches="tight")
+    plt.close(fig)
+    write_atomic(out, buf.getvalue())
+
+
+def plot_pools(results: Sequence[str], out: str, labels: Sequence[str] | None = None) -> list[dict]:
+    """Top-1 accuracy vs pool size of retrieval evaluations (JSON files written by ``evaluate
+    --retrieval --out``) into ``out``: one line per file, BM25 and chance of the first file dashed;
+    returns the plotted points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not results:
+        raise UserError("--pools is empty")
+    if labels and len(labels) != len(results):
+        raise UserError(f"--labels has {len(labels)} names for {len(results)} result files")
+    fmt = image_format(out, plt)
+    loaded = []
+    for path in results:
+        try:
+            with open(path, encoding="utf-8") as f:
+                r = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {path}: {e}") from None
+        if not isinstance(r, dict) or "pool_sizes" not in r or "model" not in r:
+            raise UserError(f"{path} is not a retrieval evaluation (evaluate --retrieval --out)")
+        loaded.append(r)
+    names = list(labels) if labels else [
+        f"{r.get('model_kind', '?')} ({os.path.basename(os.path.normpath(r.get('workdir', p)))})"
+        for r, p in zip(loaded, results)]
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=100)
+    points = []
+
+    def line(sizes, acc, label, **style):
+        ys = [100 * float(acc[str(p)] if str(p) in acc else acc[p]) for p in sizes]
+        ax.plot(sizes, ys, label=label, marker=".", **style)
+        points.extend({"label": label, "pool": p, "top1": y} for p, y in zip(sizes, ys))
+
+    for name, r in zip(names, loaded):
+        line(r["pool_sizes"], r["model"], name)
+    first = loaded[0]
+    if "bm25" in first:
+        line(first["pool_sizes"], first["bm25"], "BM25", color="gray", linestyle="--")
+    line(first["pool_sizes"], first["chance"], "chance", color="gray", linestyle=":")
+    ax.set_xscale("log", base=2)
+    sizes = sorted({int(p) for r in loaded for p in r["pool_sizes"]})
+    ax.set_xticks(sizes, [str(p) for p in sizes])
+    ax.set_xlabel("candidate pool size")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(True, alpha=0.3)
+    legend = ax.legend(fontsize=8)
+    save_figure(fig, plt, out, fmt, legend)
     return points
 
 

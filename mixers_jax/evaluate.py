@@ -17,6 +17,14 @@ docs/ablations.md#random-token-evaluation). ``--max_rows`` keeps the first N row
 ``--batch_size`` (default ``train.batch_size``) and split over the local devices (data parallel,
 parameters replicated); a short last batch is filled with pad rows, which count nothing.
 
+Retrieval (``--retrieval``, and by default for a run tuned with a pair objective such as
+'infonce'): top-1 accuracy of the run's embeddings over pools of held-out (query, passage) pairs of
+each size in ``--pool_sizes`` (default: 32, 64, ..., 1024 up to the held-out set; a larger size is
+an error), and BM25 on exactly the same pools (docs/retrieval.md#evaluation). The pairs, their
+split, the padding and the embedding position are the run's ``retrieval.*`` and ``data.padding``
+unless ``--pairs``, ``--held_out_fraction``, ``--padding`` or ``--position`` say otherwise, so an
+untuned causal LM is scored on the same held-out pairs as a tuned one.
+
 Output: a table on stdout and, with ``--out``, JSON holding the same numbers plus the workdir, step,
 config name, data description, device and library versions (written atomically). Bad input (missing
 workdir or checkpoint, unreadable or empty data, unknown objective or quant format) prints one
@@ -61,6 +69,22 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "Rows per evaluation batch (
 _DEVICES = flags.DEFINE_integer("devices", 0, "Local devices to split batches over (0: all).",
                                 lower_bound=0, flag_values=FLAGS)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=FLAGS)
+_RETRIEVAL = flags.DEFINE_boolean("retrieval", False, "Top-1 over pools of held-out pairs and BM25 "
+                                  "instead of the text objectives (the default for a run tuned "
+                                  "with a pair objective).", flag_values=FLAGS)
+_PAIRS = flags.DEFINE_string("pairs", "", "Retrieval pairs: 'builtin' or JSONL / Parquet files "
+                             "(default: the run's retrieval.pairs).", flag_values=FLAGS)
+_POOL_SIZES = flags.DEFINE_string("pool_sizes", "", "Comma list of pool sizes (default: 32, 64, "
+                                  "..., 1024 up to the held-out set).", flag_values=FLAGS)
+_QUERIES = flags.DEFINE_integer("queries", 0, "Held-out queries scored per pool size (0: all).",
+                                lower_bound=0, flag_values=FLAGS)
+_HELD_OUT = flags.DEFINE_float("held_out_fraction", 0.0, "Held-out share of the pairs (0: the "
+                               "run's retrieval.held_out_fraction).", lower_bound=0.0,
+                               flag_values=FLAGS)
+_PADDING = flags.DEFINE_enum("padding", "", ["", "left", "right"], "Row padding for the embeddings "
+                             "(default: the run's data.padding).", flag_values=FLAGS)
+_POSITION = flags.DEFINE_integer("position", 0, "Embedding position from the row's end, < 0 (0: "
+                                 "the run's retrieval.position).", upper_bound=0, flag_values=FLAGS)
 
 
 def main(argv: list[str]) -> None:
@@ -72,6 +96,17 @@ def main(argv: list[str]) -> None:
     logging.getLogger("absl").setLevel(logging.ERROR)
     from mixers_jax import evaluation  # jax, the models, the data pipeline: loaded after --help
 
+    if _RETRIEVAL.value or evaluation.tuned_on_pairs(_WORKDIR.value):
+        result = evaluation.evaluate_retrieval(
+            _WORKDIR.value, pairs=_PAIRS.value, pool_sizes=_POOL_SIZES.value,
+            queries=_QUERIES.value, padding=_PADDING.value, position=_POSITION.value,
+            held_out_fraction=_HELD_OUT.value, batch_size=_BATCH_SIZE.value, step=_STEP.value)
+        if out:
+            write_atomic(out, json.dumps(evaluation.json_ready(result), indent=2, sort_keys=True))
+        print(evaluation.format_retrieval(result))
+        if out:
+            print(f"wrote {out}")
+        return
     result = evaluation.evaluate_run(
         _WORKDIR.value, data=_DATA.value, max_rows=_MAX_ROWS.value, quants=_QUANT.value,
         objectives=_OBJECTIVES.value, batch_size=_BATCH_SIZE.value, devices=_DEVICES.value,

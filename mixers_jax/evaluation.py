@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,17 +37,19 @@ import jax
 import ml_collections
 import numpy as np
 
-from mixers_jax import metrics, sharding
+from mixers_jax import matching, metrics, ranking, sharding
 from mixers_jax import objectives as objectives_lib
 from mixers_jax.config import field, input_length
 from mixers_jax.curriculum import eval_objective_names, stage_at, stage_config, stages
+from mixers_jax.data import pairs as pairs_lib
 from mixers_jax.data import pipeline, sources
 from mixers_jax.environment import environment
 from mixers_jax.errors import UserError
 from mixers_jax.metrics import QUANT_BITS
+from mixers_jax.models.embedding import check_embedding_model, embedding_position
 from mixers_jax.steps import build_steps, eval_sums
 from mixers_jax.target_bytes import PieceBytes, exact_target_text
-from mixers_jax.workdir import load_run, with_defaults
+from mixers_jax.workdir import CONFIG_FILE, load_config, load_run, with_defaults
 
 # --------------------------------------------------------------------------- options
 
@@ -90,7 +93,8 @@ class EvalRows:
     info: dict  # description for the table and the JSON
 
 
-def _pack_prefix(docs: Sequence[str], tokenizer, length: int, packing: str, max_rows: int):
+def _pack_prefix(docs: Sequence[str], tokenizer, length: int, packing: str, max_rows: int,
+                 padding: str = "right"):
     """Rows of ``length`` tokens from ``docs``; with ``max_rows`` > 0 tokenizes only the documents
     needed for the first ``max_rows`` rows (a prefix of the documents packs to a prefix of the rows)."""
     token_docs: list[np.ndarray] = []
@@ -98,7 +102,8 @@ def _pack_prefix(docs: Sequence[str], tokenizer, length: int, packing: str, max_
         token_docs.extend(pipeline.tokenize_documents(docs[start:start + 256], tokenizer))
         if max_rows > 0 and pipeline.count_windows(token_docs, n_ctx=length, packing=packing) >= max_rows:
             break
-    rows = pipeline.pack_rows(token_docs, n_ctx=length, packing=packing, pad_id=tokenizer.pad_id)
+    rows = pipeline.pack_rows(token_docs, n_ctx=length, packing=packing, pad_id=tokenizer.pad_id,
+                              padding=padding)
     n_tokens = int(sum(len(d) for d in token_docs))
     return (rows[:max_rows] if max_rows > 0 else rows), len(token_docs), n_tokens
 
@@ -122,7 +127,8 @@ def eval_rows(config, tokenizer, data: str | None = None, max_rows: int = 0,
         what = f"validation split of {config.data.source}"
         if not docs:
             raise UserError(f"the {what} is empty; give --data=PATH")
-    rows, n_docs, n_tokens = _pack_prefix(docs, tokenizer, length, packing, int(max_rows))
+    rows, n_docs, n_tokens = _pack_prefix(docs, tokenizer, length, packing, int(max_rows),
+                                          str(field(config.data, "padding", "right")))
     if len(rows) == 0:
         raise UserError(
             f"{what}: {n_tokens} tokens in {n_docs} documents give no row of {length} tokens "
@@ -226,11 +232,19 @@ def evaluate_run(
     config.train.batch_size, config.train.grad_accum = batch, 1
     rules = sharding.PRESETS["dp"]["rules"]
 
-    if data == RANDOM_DATA:
-        data_rows = random_eval_rows(config, tok, max_rows, random_seed)
+    matcher = str(config.model.kind) == "matcher"  # pools of frozen embeddings (held-out pairs), not token rows
+    if matcher:
+        if data:
+            raise UserError("--data does not apply to a matcher: it is evaluated on the held-out "
+                            "pairs of its config (retrieval.pairs)")
+        batches, data_info = matching.evaluation_batches(config, run.workdir, batch, int(max_rows))
     else:
-        data_rows = eval_rows(config, tok, data, max_rows, data_format, text_field)
-    batches = make_batches(data_rows.rows, tok, batch)
+        if data == RANDOM_DATA:
+            data_rows = random_eval_rows(config, tok, max_rows, random_seed)
+        else:
+            data_rows = eval_rows(config, tok, data, max_rows, data_format, text_field)
+        batches = make_batches(data_rows.rows, tok, batch)
+        data_info = data_rows.info
     stored = metrics.stored_numbers(config.model)
     bits = float(config.model.embed_bits)
     table = PieceBytes.from_tokenizer(tok)
@@ -239,7 +253,7 @@ def evaluate_run(
     result: dict[str, Any] = {
         "workdir": run.workdir, "step": run.step, "config_name": str(config.name), "model_kind": kind,
         "stage": stage.name,
-        "data": dict(data_rows.info, batch_size=batch, batches=len(batches)),
+        "data": dict(data_info, batch_size=batch, batches=len(batches)),
         "environment": dict(environment(), eval_devices=len(devs)),
         "stored_numbers": stored, "embed_bits": bits if stored is not None else None,
         "embed_quant": str(config.model.embed_quant), "objectives": {},
@@ -255,6 +269,9 @@ def evaluate_run(
         if params is None:
             params = jax.device_put(run.params, steps.state_shardings.params)
         sums, _ = eval_sums(steps, params, batches)
+        if matcher:  # no text is predicted: no compressors on target bytes
+            result["objectives"][name] = dict(metrics.summarize_sums(sums), pool=data_info["pool"])
+            continue
         text, exact, sequences = exact_target_text(config, name, tok.pad_id, batches, table,
                                                     sums["bytes"])
         rec = _scores(sums, config.model, bits, sequences)
@@ -345,3 +362,75 @@ def non_finite_losses(result: dict) -> list[str]:
             bad.append(name)
         bad += [f"{name}/{q}" for q, s in r.get("quant", {}).items() if broken(s["loss"])]
     return bad
+
+
+# --------------------------------------------------------------------------- retrieval
+
+
+def tuned_on_pairs(workdir: str) -> bool:
+    """True when the run in ``workdir`` trained its last stage with a pair objective ('infonce');
+    False when it holds no config (the evaluation then reports what is missing)."""
+    if not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
+        return False
+    config = load_config(workdir)
+    return str(stages(config)[-1].train.objective) in objectives_lib.PAIR_OBJECTIVES
+
+
+def parse_pool_sizes(text: str) -> tuple[int, ...]:
+    """'32,128' -> (32, 128); '' -> () (the default pools); UserError for a non-integer."""
+    try:
+        return tuple(int(t) for t in str(text or "").split(",") if t.strip())
+    except ValueError:
+        raise UserError(f"--pool_sizes must be a comma list of integers, got {text!r}") from None
+
+
+def evaluate_retrieval(workdir: str, *, pairs: str = "", pool_sizes: str = "", queries: int = 0,
+                       padding: str = "", position: int = 0, held_out_fraction: float = 0.0,
+                       batch_size: int = 0, step: int | None = None, bm25: bool = True) -> dict:
+    """Top-1 accuracy of the run's embeddings over pools of held-out pairs, and BM25 on the same
+    pools (:mod:`mixers_jax.ranking`). The pairs, split, padding and position are the run's
+    ``retrieval.*`` / ``data.padding`` unless given."""
+    if queries < 0 or batch_size < 0 or position > 0 or held_out_fraction < 0:
+        raise UserError("--queries, --batch_size and --held_out_fraction must be >= 0, "
+                        "--position < 0 (or 0: the run's)")
+    sizes = parse_pool_sizes(pool_sizes)
+    run = load_run(workdir, step)
+    config = with_defaults(run.config)
+    if pairs:
+        config.retrieval.pairs = pairs
+    if held_out_fraction:
+        config.retrieval.held_out_fraction = float(held_out_fraction)
+    if position:
+        config.retrieval.position = int(position)
+    if padding:
+        config.data.padding = padding
+    pad = pipeline.check_padding(str(config.data.padding))
+    check_embedding_model(config.model)
+    _, held, stats = pairs_lib.load_split_pairs(config.retrieval)
+    sizes = pairs_lib.pool_sizes(sizes or tuple(config.retrieval.pool_sizes or ()), len(held))
+    rows = pairs_lib.pair_rows(held, run.tokenizer, int(config.model.n_ctx), pad)
+    pos = embedding_position(config)
+    embed = ranking.row_embedder(run.model, run.params, pos, pad)
+    result = ranking.evaluate_pairs(embed, rows, sizes=sizes, queries=queries, seed=int(config.seed),
+                                    batch_size=batch_size or 64, pad_id=run.tokenizer.pad_id,
+                                    bm25=bm25)
+    result.update(workdir=run.workdir, step=run.step, config_name=str(config.name),
+                  model_kind=str(config.model.kind), position=pos, padding=pad, pairs=stats,
+                  environment=environment())
+    return result
+
+
+def format_retrieval(result: dict) -> str:
+    """The report of :func:`evaluate_retrieval`."""
+    s = result["pairs"]
+    return "\n".join([
+        f"{result['workdir']} @ step {result['step']} ({result['config_name']}, "
+        f"{result['model_kind']}; embedding at position {result['position']}, "
+        f"{result['padding']} padding)",
+        f"pairs: {s['source']}: {s['pairs']} kept of {s['pairs_read']} read ({s['empty_pairs']} "
+        f"empty, {s['duplicate_pairs']} duplicate pairs, {s['duplicate_passages']} duplicate "
+        f"passages, {s['non_utf8_lines']} non-UTF-8 lines skipped); {s['train_pairs']} train, "
+        f"{s['held_out_pairs']} held out",
+        "",
+        ranking.retrieval_table(result, label=result["model_kind"]),
+    ])

@@ -158,6 +158,16 @@ _FORWARD["autoencoder"] = autoencoder_forward_flops
 _FORWARD["embedding_clm"] = embedding_clm_forward_flops
 
 
+def matcher_forward_flops(cfg: Any) -> float:
+    """Forward FLOPs per pool position of the embedding matcher: the mixer blocks and a d -> 1
+    score instead of the d -> V head."""
+    d, vocab = field(cfg, "d_model"), field(cfg, "vocab_size")
+    return mixer_forward_flops(cfg) - 2.0 * d * vocab + 2.0 * d
+
+
+_FORWARD["matcher"] = matcher_forward_flops
+
+
 def flops_per_token(model_cfg: Any, training: bool = True) -> float:
     """Analytic matmul FLOPs per token: forward, ×3 when ``training`` (forward + backward)."""
     kind = field(model_cfg, "kind", "mixer")

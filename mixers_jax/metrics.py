@@ -182,8 +182,8 @@ def log_eval(writer, log, step: int, evals: dict[str, dict[str, float]]) -> None
         extra = "".join(f" | {k} {v:.4f}" for k, v in ev.items()
                         if k.endswith("accuracy") and k != "accuracy"
                         or k in ("normalized_loss", "total_bpb", "information_ratio"))
-        log(f"{label}: loss {ev['loss']:.4f} | accuracy {ev['accuracy']:.4f} | "
-            f"bits/byte {ev['bpb']:.4f}{extra}")
+        bpb = f" | bits/byte {ev['bpb']:.4f}" if math.isfinite(ev["bpb"]) else ""  # no text: none
+        log(f"{label}: loss {ev['loss']:.4f} | accuracy {ev['accuracy']:.4f}{bpb}{extra}")
 
 
 COMPRESSORS = ("gzip-9", "bz2-9", "xz-9e")  # the names :func:`compressor_bpb` reports
@@ -273,6 +273,8 @@ class Writer:
         if self._writer is None:
             return
         for name, value in values.items():
+            if name.endswith("bpb") and not math.isfinite(float(value)):
+                continue  # undefined: an objective without target bytes (e.g. infonce)
             self._writer.add_scalar(name, float(value), step)
         self._writer.flush()
 

@@ -23,10 +23,16 @@ Objectives (docs/objectives.md):
 * ``blank_copy``: input [t_{0:N/2}, pad^{N/2}], the same labels; the copy must come from the memories.
 * ``copy_full`` / ``blank_copy_full``: ``copy`` / ``blank_copy`` counted only on rows with no pad
   token (every chunk real text, the published copy evaluation); other rows contribute no targets.
+* ``infonce``: (query, passage) batches; InfoNCE over in-batch candidates with the cosine of the
+  embeddings at the configured position (:func:`info_nce`, docs/retrieval.md#infonce).
 * ``combined``: two passes per batch, (t, CLM labels) and the copy pass (``train.copy_pass`` 'blank'
   or 'copy'), L = L_clm + L_copy (per-chunk losses of both summed, divided by s once). With
   ``train.copy_delimiter`` D ≥ 0 the copy pass writes D at input positions N/2..N/2+2 and makes labels
   N/2−1..N/2+1 ∅ (the objective-switching model); ``copy`` and ``blank_copy`` use no delimiter.
+* ``match`` (kind 'matcher'): batches of ``embeddings`` [B, K+1, d] (a query, then K candidates),
+  ``target`` [B] (the positive's candidate index) and ``weight`` [B]; CE of the target among the
+  matcher's K scores; ``tokens`` counts queries, ``correct`` top-1 hits. ``match_cosine``: the same
+  pools scored by cosine similarity / ``retrieval.temperature`` alone (a baseline; no parameters).
 
 The copy objectives read the loss with the chunked (within-chunk) shift for chunked kinds and the
 plain shift for the others (the full-context baselines), on the same inputs and labels; N = the row
@@ -42,8 +48,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from mixers_jax.config import CHUNKED_KINDS, input_length
+from mixers_jax.config import CHUNKED_KINDS, field, input_length
 from mixers_jax.errors import UserError
+from mixers_jax.models.embedding import (check_embedding_model, cosine_matrix, embed_rows,
+                                         embedding_position)
 
 
 def token_nll(logits_BxNxV: jax.Array, targets_BxN: jax.Array) -> jax.Array:
@@ -164,14 +172,26 @@ def copy_batch(batch: dict, mode: str, pad_id: int, delimiter: int = -1) -> dict
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveContext:
-    """What an objective factory may read: ``config.model``, ``config.train`` and the pad id."""
+    """What an objective factory may read: ``config.model``, ``config.train``, the pad id, and for
+    pair objectives ``config.retrieval`` and ``data.padding``."""
 
     model: Any
     train: Any
     pad_id: int = 2
+    retrieval: Any = None
+    padding: str = "right"
 
 
 Objective = Callable[[Callable, Any, dict], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def context(config, train: Any = None, pad_id: int = 2) -> ObjectiveContext:
+    """The :class:`ObjectiveContext` of a full config (``train``: a stage's train settings
+    instead of ``config.train``)."""
+    data = field(config, "data", None)
+    return ObjectiveContext(model=config.model, train=config.train if train is None else train,
+                            pad_id=int(pad_id), retrieval=field(config, "retrieval", None),
+                            padding=str(field(data, "padding", "right") or "right"))
 
 def _chunks(ctx: ObjectiveContext) -> int:
     """s for the chunked kinds ('memory', 'rmt'), 0 for every other kind."""
@@ -274,6 +294,101 @@ def _combined_factory(ctx: ObjectiveContext) -> Objective:
     return combined
 
 
+def info_nce(sim_QxC: jax.Array, positive_Q: jax.Array, temperature: float
+             ) -> tuple[jax.Array, jax.Array]:
+    """Per-query InfoNCE loss and top-1 hit (docs/retrieval.md#infonce):
+    L_q = −log[exp(s_q,pos/τ) / Σ_c exp(s_q,c/τ)], hit_q = (argmax_c s_q,c == pos_q), float32 [Q]."""
+    logits_QxC = sim_QxC.astype(jnp.float32) / jnp.float32(temperature)
+    positive_Qx1 = positive_Q[:, None].astype(jnp.int32)
+    loss_Q = (jax.nn.logsumexp(logits_QxC, axis=1)
+              - jnp.take_along_axis(logits_QxC, positive_Qx1, axis=1)[:, 0])
+    hit_Q = (jnp.argmax(logits_QxC, axis=1) == positive_Q).astype(jnp.float32)
+    return loss_Q, hit_Q
+
+
+def _infonce_factory(ctx: ObjectiveContext) -> Objective:
+    """InfoNCE over in-batch candidates: query i's positive is passage i, the other B−1 passages
+    of its (micro-)batch are its negatives; similarity = cosine of the embeddings at the configured
+    position. Sums: ``nll`` (Σ L_q), ``tokens`` (queries), ``correct`` (top-1 hits among the batch's
+    candidates), ``bytes`` 0."""
+    check_embedding_model(ctx.model)
+    retrieval = ctx.retrieval
+    if retrieval is None:
+        raise UserError("objective 'infonce' needs the retrieval settings (config.retrieval)")
+    temperature = float(field(retrieval, "temperature", 0.02))
+    if not temperature > 0:
+        raise UserError(f"retrieval.temperature must be positive, got {temperature}")
+    candidates = int(field(retrieval, "candidates", 32))
+    per_step = int(ctx.train.batch_size) // max(int(ctx.train.grad_accum), 1)
+    if candidates < 2 or candidates != per_step:
+        raise UserError(
+            f"retrieval.candidates={candidates} must be at least 2 and equal the pairs per "
+            f"(micro-)batch, train.batch_size / train.grad_accum = {per_step}: the negatives of a "
+            "query are the other passages of its batch")
+    position = embedding_position({"model": ctx.model, "retrieval": retrieval})
+    padding = str(ctx.padding)
+
+    def infonce(apply_fn: Callable, params, batch):
+        b = batch["query"].shape[0]
+        tokens = jnp.concatenate([batch["query"], batch["passage"]], axis=0)
+        lengths = jnp.concatenate([batch["query_length"], batch["passage_length"]], axis=0)
+        emb = embed_rows(apply_fn, params, tokens, lengths, position, padding)
+        loss_Q, hit_Q = info_nce(cosine_matrix(emb[:b], emb[b:]), jnp.arange(b), temperature)
+        sums = {"nll": jnp.sum(loss_Q), "tokens": jnp.float32(b), "correct": jnp.sum(hit_Q),
+                "bytes": jnp.float32(0.0)}
+        return jnp.mean(loss_Q), sums
+
+    return infonce
+
+
+PAIR_OBJECTIVES = ("infonce",)  # objectives that read (query, passage) batches, not text rows
+
+
+def pool_sums(scores_BxK: jax.Array, target_B: jax.Array, weight_B: jax.Array,
+              temperature: float = 1.0) -> dict[str, jax.Array]:
+    """Sums of choosing the positive t_b among K candidates by their scores s / τ
+    (:func:`info_nce`): ``nll`` = Σ_b w_b L_b, ``tokens`` = Σ_b w_b (queries), ``correct`` =
+    Σ_b w_b [argmax_k s_bk = t_b] (top-1), ``bytes`` = 0 (no text is predicted). w is 0 on filler
+    rows of a short last evaluation batch."""
+    loss_B, hit_B = info_nce(scores_BxK, target_B, temperature)
+    weight_B = weight_B.astype(jnp.float32)
+    return {"nll": jnp.sum(loss_B * weight_B), "tokens": jnp.sum(weight_B),
+            "correct": jnp.sum(hit_B * weight_B), "bytes": jnp.zeros((), jnp.float32)}
+
+
+def match(apply_fn: Callable, params, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Direct embedding matching (docs/search.md#direct-embedding-matching): the matcher scores
+    the K candidates of ``embeddings`` [B, K+1, d] (the query first); the loss is the mean over
+    queries of the cross-entropy of the positive's position ``target`` [B] among the K scores."""
+    sums = pool_sums(apply_fn(params, batch["embeddings"]), batch["target"], batch["weight"])
+    return sums["nll"] / jnp.maximum(sums["tokens"], 1.0), sums
+
+
+def match_cosine(apply_fn: Callable, params, batch, temperature: float = 0.02
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The matcher's baseline on the same pools: no model, the candidates scored by their cosine
+    similarity to the query over τ (``retrieval.temperature``; top-1 does not depend on τ, the CE
+    does)."""
+    del apply_fn, params
+    e = batch["embeddings"].astype(jnp.float32)
+    e = e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+    cos_BxK = jnp.einsum("bd,bkd->bk", e[:, 0], e[:, 1:])
+    sums = pool_sums(cos_BxK, batch["target"], batch["weight"], temperature)
+    return sums["nll"] / jnp.maximum(sums["tokens"], 1.0), sums
+
+
+def _match_factory(name: str) -> Callable[[ObjectiveContext], Objective]:
+    def factory(ctx: ObjectiveContext) -> Objective:
+        if ctx.model.kind != "matcher":
+            raise UserError(f"objective {name!r} needs model.kind='matcher', got {ctx.model.kind!r}")
+        if name == "match":
+            return match
+        temperature = float(field(ctx.retrieval, "temperature", 0.02) or 0.02)
+        return lambda apply_fn, params, batch: match_cosine(apply_fn, params, batch, temperature)
+
+    return factory
+
+
 OBJECTIVES: dict[str, Callable[[ObjectiveContext], Objective]] = {
     "clm": _clm_factory,
     "autoencode": lambda ctx: autoencode,
@@ -282,6 +397,9 @@ OBJECTIVES: dict[str, Callable[[ObjectiveContext], Objective]] = {
     "copy_full": _copy_factory("copy", "copy_full", full_only=True),
     "blank_copy_full": _copy_factory("blank", "blank_copy_full", full_only=True),
     "combined": _combined_factory,
+    "match": _match_factory("match"),
+    "match_cosine": _match_factory("match_cosine"),
+    "infonce": _infonce_factory,
 }
 
 

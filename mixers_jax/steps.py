@@ -19,9 +19,8 @@ from mixers_jax import metrics as metrics_lib
 from mixers_jax import objectives, sharding
 from mixers_jax.curriculum import FROZEN, TRAINABLE, eval_objective_names, param_labels
 from mixers_jax.errors import UserError
-from mixers_jax.config import input_length
 from mixers_jax.config import sub_model_config as sub_config
-from mixers_jax.models import build_model
+from mixers_jax.models import build_model, example_input
 from mixers_jax.models.specs import DROPOUTS as DROPOUT_FIELDS
 
 
@@ -159,6 +158,8 @@ def activation_dims(model_cfg) -> dict[str, int]:
         return int(heads or 1), int(cfg["mlp_ratio"] * cfg["d_model"])
 
     parts = [model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)]
+    if parts[0]["kind"] == "matcher":  # a mixer over embeddings
+        parts[0]["kind"] = "mixer"
     if parts[0]["kind"] not in ("mixer", "transformer"):
         parts = [sub_config(model_cfg, role) for role in ("encoder", "decoder")]
     heads, mlp = zip(*(dims(cfg) for cfg in parts))
@@ -181,10 +182,9 @@ def build_steps(config, mesh, objective: str | None = None, rules=None, pad_id: 
         rules = sharding.resolve(config)[1]
     act_rules = sharding.activation_rules(rules, mesh, activation_dims(config.model))
     model = build_model(config.model)
-    ctx = objectives.ObjectiveContext(model=config.model, train=config.train, pad_id=int(pad_id))
+    ctx = objectives.context(config, pad_id=int(pad_id))
     loss_fn = objectives.build(objective or config.train.objective, ctx)
     eval_fns = {name: objectives.build(name, ctx) for name in eval_objective_names(config.train)}
-    n_in = input_length(config.model)
     noise_key = jax.random.fold_in(jax.random.key(int(config.seed)), 0x5EED)
     dropout_key = jax.random.fold_in(jax.random.key(int(config.seed)), 0xD209)
     accum = int(config.train.grad_accum)
@@ -198,7 +198,7 @@ def build_steps(config, mesh, objective: str | None = None, rules=None, pad_id: 
         )
 
     def init_params(rng):
-        return model.init(rng, jnp.zeros((1, n_in), jnp.int32))["params"]
+        return model.init(rng, example_input(config.model))["params"]
 
     labels = param_labels(nn.meta.unbox(jax.eval_shape(init_params, jax.random.key(0))), config.train)
     tx = make_optimizer(config.train, offset, labels)
@@ -218,9 +218,12 @@ def build_steps(config, mesh, objective: str | None = None, rules=None, pad_id: 
     batch_sh = sharding.batch_sharding(mesh)
     repl = sharding.replicated(mesh)
 
-    def apply_fn(params, tokens, rngs=None):
+    def apply_fn(params, tokens, *args, rngs=None, method=None):
+        """The model on ``tokens`` (logits); ``method`` (e.g. 'final_hidden') with ``args``."""
         with sharding.activation_context(mesh, act_rules):
-            return model.apply({"params": params}, tokens, rngs=rngs)
+            if method is None:
+                return model.apply({"params": params}, tokens, rngs=rngs)
+            return model.apply({"params": params}, tokens, *args, rngs=rngs, method=method)
 
     def init(rng):
         with sharding.activation_context(mesh, act_rules):
@@ -319,7 +322,7 @@ def eval_sums(steps: Steps, params, eval_batches: list[dict], eval_step=None) ->
     total, rows = None, 0
     for local in eval_batches:
         total = metrics_lib.add_sums(total, eval_step(params, sharding.global_batch(local, steps.mesh)))
-        rows += int(local["tokens"].shape[0]) * jax.process_count()
+        rows += int(next(iter(local.values())).shape[0]) * jax.process_count()
     if total is None:
         raise UserError("no evaluation batches: the validation split is too small")
     return total, rows

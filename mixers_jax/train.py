@@ -67,7 +67,12 @@ def main(argv: list[str]) -> None:
     from mixers_jax import trainer  # imported after flags so --help stays fast
 
     _maybe_initialize_distributed()
-    summary = trainer.run(config, workdir)
+    if config.model.kind == "matcher":  # batches of frozen embeddings (docs/search.md)
+        from mixers_jax import matching
+
+        summary = trainer.run(config, workdir, build_data=matching.build_data)
+    else:
+        summary = trainer.run(config, workdir)
     if summary.get("diverged", {}).get("recorded"):
         # train.on_divergence=record: the divergence step is this run's result, not a failure.
         if summary.get("is_main", True):
@@ -87,6 +92,11 @@ def main(argv: list[str]) -> None:
     if not summary.get("is_main", True):
         return
     ev = summary["eval"]
+    if config.model.kind == "matcher":  # no text is predicted: CE and top-1 over the pool
+        print(f"done: {summary['final_step']} steps; held-out CE {ev['loss']:.4f}, top-1 "
+              f"{ev['accuracy']:.4f} over {config.model.n_ctx - 1} candidates; workdir "
+              f"{summary['workdir']}")
+        return
     print(
         f"done: {summary['final_step']} steps; eval loss {ev['loss']:.4f}, "
         f"accuracy {ev['accuracy']:.4f}, bits/byte {ev['bpb']:.4f}; workdir {summary['workdir']}"

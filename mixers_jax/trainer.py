@@ -28,12 +28,16 @@ import numpy as np
 from mixers_jax import checkpoint as ckpt_lib
 from mixers_jax import flops as flops_lib
 from mixers_jax import metrics as metrics_lib
+from mixers_jax import ranking
 from mixers_jax import recovery as recovery_lib
 from mixers_jax import sharding, target_bytes
 from mixers_jax import workdir as workdir_lib
-from mixers_jax.curriculum import (Stage, check_stage, csv_names, init_map, merge_init_params,
-                                   stage_at, stage_config, stages)
+from mixers_jax.curriculum import (Stage, check_stage, csv_names, eval_objective_names, init_map,
+                                   merge_init_params, stage_at, stage_config, stages)
+from mixers_jax.data import pairs as pairs_lib
 from mixers_jax.data import pipeline
+from mixers_jax.models.embedding import embedding_position
+from mixers_jax.objectives import PAIR_OBJECTIVES
 from mixers_jax.errors import UserError
 from mixers_jax.config import input_length
 from mixers_jax.lock import WorkdirLock
@@ -68,10 +72,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"train.schedule must be 'linear' or 'cosine', got {t.schedule!r}")
     if config.data.packing not in ("concat", "pad"):
         raise UserError(f"data.packing must be 'concat' or 'pad', got {config.data.packing!r}")
+    if not pair_data(config):
+        pipeline.check_padding(str(config.data.padding), str(config.data.packing))
     if config.model.dtype not in DTYPES:
         raise UserError(f"model.dtype must be one of {DTYPES}, got {config.model.dtype!r}")
     profile_window(config)
     sharding.resolve(config)
+
+
+def pair_data(config) -> bool:
+    """True when the run trains on (query, passage) pairs (every stage's objective and evaluation
+    objective is a pair objective such as 'infonce'); UserError when pair and text objectives mix."""
+    names = set()
+    for st in stages(config):
+        names.update((str(st.train.objective), *eval_objective_names(st.train)))
+    paired = {n in PAIR_OBJECTIVES for n in names}
+    if len(paired) > 1:
+        raise UserError(f"objectives {', '.join(sorted(names))} mix pair objectives "
+                        f"({', '.join(PAIR_OBJECTIVES)}) with text objectives; one run reads one kind "
+                        "of data (use init_from between two runs)")
+    return paired == {True}
 
 
 def profile_window(config) -> tuple[int, int] | None:
@@ -95,13 +115,17 @@ def run(
     *,
     stop_at_step: int | None = None,
     record_batches: bool = False,
+    build_data=None,
 ) -> dict:
     """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns a summary.
 
     ``stop_at_step`` behaves like a preemption at that step (save, then return), for tests and
     for splitting a run; ``record_batches`` adds a digest of every consumed batch to the summary.
     A curriculum (``train.stages``) runs every stage in turn; the checkpoint's step says which
-    stage it belongs to, so a run killed mid-stage resumes mid-stage.
+    stage it belongs to, so a run killed mid-stage resumes mid-stage. ``build_data`` makes the
+    data (the signature of ``pipeline.build_data``; e.g. ``matching.build_data`` for the
+    embedding matcher, whose batches are embeddings, not tokens); None: pair data for the pair
+    objectives, else ``pipeline.build_data``.
     """
     validate(config)
     workdir = os.path.abspath(workdir)
@@ -111,13 +135,13 @@ def run(
     lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
     try:
         return _run_locked(config, workdir, stop_at_step=stop_at_step,
-                           record_batches=record_batches)
+                           record_batches=record_batches, build_data=build_data)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run_locked(config, workdir: str, *, stop_at_step, record_batches) -> dict:
+def _run_locked(config, workdir: str, *, stop_at_step, record_batches, build_data) -> dict:
     """``run`` while holding the workdir: every check (model, stages, data settings, tokenizer of a
     resume, the data itself) before the first write, then config.json, the checkpointer, the loop."""
     stage_list = stages(config)
@@ -146,7 +170,8 @@ def _run_locked(config, workdir: str, *, stop_at_step, record_batches) -> dict:
         restored_tokenizer = workdir_lib.resume_tokenizer(config, workdir)
 
     tokenizer_path = os.path.join(workdir, workdir_lib.TOKENIZER_FILE)
-    data = pipeline.build_data(
+    build = build_data or (pairs_lib.build_pair_data if pair_data(config) else pipeline.build_data)
+    data = build(
         config,
         tokenizer_path=tokenizer_path,
         process_index=process_index,
@@ -487,18 +512,37 @@ class _Loop:
         if "evals" not in summary:
             summary["evals"] = self.evaluate_checked(step)
             summary["eval"] = next(iter(summary["evals"].values()))
+        if data.held_out is not None:  # pairs: top-1 by pool size and BM25 instead of compressors
+            self.log(metrics_lib.results_table(summary["evals"]))
+            summary["retrieval"] = self.evaluate_pools()
+            self.log(ranking.retrieval_table(summary["retrieval"], label=str(self.config.model.kind)))
+            summary["params"] = self.state.params if step == self.total else None
+            self.write_results(summary)
+            return summary
         first_objective = next(iter(summary["evals"]))
-        text, _, _ = target_bytes.exact_target_text(
-            stage_config(self.config, self.stage), first_objective, data.tokenizer.pad_id,
-            data.eval_batches, target_bytes.PieceBytes.from_tokenizer(data.tokenizer),
-            summary["eval"]["bytes"])
-        baselines = metrics_lib.compressor_bpb(text)
+        baselines = {}
+        if "tokens" in data.eval_batches[0]:  # text targets (not the matcher's pools)
+            text, _, _ = target_bytes.exact_target_text(
+                stage_config(self.config, self.stage), first_objective, data.tokenizer.pad_id,
+                data.eval_batches, target_bytes.PieceBytes.from_tokenizer(data.tokenizer),
+                summary["eval"]["bytes"])
+            baselines = metrics_lib.compressor_bpb(text)
         summary["compressors"] = baselines
         self.log(metrics_lib.results_table(summary["evals"], baselines))
         summary["params"] = self.state.params if step == self.total else None
         self.write_results(summary)
         return summary
 
+
+    def evaluate_pools(self) -> dict:
+        """Top-1 accuracy of the current parameters and of BM25 over pools of held-out pairs."""
+        config = self.config
+        embed = ranking.row_embedder(self.steps.model, self.state.params, embedding_position(config),
+                                     str(config.data.padding))
+        return ranking.evaluate_pairs(
+            embed, self.data.held_out, sizes=self.data.stats["pool_sizes"],
+            queries=int(config.retrieval.eval_queries), seed=int(config.seed),
+            batch_size=int(config.train.batch_size), pad_id=self.data.tokenizer.pad_id)
 
     def write_results(self, summary: dict) -> None:
         if jax.process_index() == 0:

@@ -31,18 +31,17 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from mixers_jax import checkpoint as ckpt_lib
-from mixers_jax.config import base_config, input_length
+from mixers_jax.config import base_config
 from mixers_jax.curriculum import Stage, init_sources
 from mixers_jax.data.tokenizer import Tokenizer
 from mixers_jax.errors import UserError
 from mixers_jax.fileio import write_atomic
 from mixers_jax.lock import live_run
-from mixers_jax.models import build_model
+from mixers_jax.models import build_model, example_input
 
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.jsonl"
@@ -127,7 +126,8 @@ def check_workdir_compatible(config, workdir: str) -> bool:
 # packing, tokenizer, shuffle seed and batch size; the saved optimizer state has the structure that
 # the frozen groups and the stages give it.
 FIXED_ON_RESUME = ("data.", "seed", "train.batch_size", "train.frozen", "train.stages",
-                   "train.frozen_encoder_embedding")
+                   "train.frozen_encoder_embedding", "retrieval.pairs", "retrieval.query_field",
+                   "retrieval.passage_field", "retrieval.held_out_fraction", "retrieval.max_pairs")
 
 
 def _fixed_on_resume(key: str) -> bool:
@@ -154,7 +154,8 @@ def check_resume_changes(workdir: str, changes: list[tuple[str, Any, Any]]) -> N
     if fixed:
         shown = ", ".join(f"{k}={old!r} (saved) vs {new!r}" for k, old, new in fixed[:3])
         raise UserError(f"workdir {workdir} was trained with other settings ({shown}); data.*, seed, "
-                        "train.batch_size, train.frozen and train.stages cannot change on resume (the "
+                        "train.batch_size, train.frozen, train.stages and the retrieval pairs (with "
+                        "their split) cannot change on resume (the "
                         "saved data order and optimizer state would no longer match); use another "
                         "--workdir")
 
@@ -255,9 +256,8 @@ def fingerprint(params: Any, tokenizer_proto: bytes, model_cfg: dict) -> bytes:
 def abstract_params(model_cfg, model=None) -> Any:
     """The parameter tree of ``model_cfg`` as ShapeDtypeStructs (unboxed; no array is made)."""
     model = model or build_model(model_cfg)
-    n_in = input_length(model_cfg)
     shapes = jax.eval_shape(
-        lambda r: model.init(r, jnp.zeros((1, n_in), jnp.int32))["params"], jax.random.key(0))
+        lambda r: model.init(r, example_input(model_cfg))["params"], jax.random.key(0))
     return nn.meta.unbox(shapes)
 
 

@@ -3,13 +3,12 @@ import glob
 import os
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 from mixers_jax import curriculum, trainer
-from mixers_jax.config import input_length, load_config
+from mixers_jax.config import load_config
 from mixers_jax.errors import UserError
-from mixers_jax.models import build_model
+from mixers_jax.models import build_model, example_input
 from tests_util import CONFIGS, config_path
 
 
@@ -39,10 +38,12 @@ def test_every_config_builds(name, preset):
     trainer.validate(config)
     assert curriculum.stages(config)[-1].end > 0
     model = build_model(config.model)
-    tokens = jax.ShapeDtypeStruct((1, input_length(config.model)), jnp.int32)
-    variables = jax.eval_shape(model.init, jax.random.key(0), tokens)
+    example = example_input(config.model)  # tokens, or the matcher's embeddings
+    variables = jax.eval_shape(model.init, jax.random.key(0),
+                               jax.ShapeDtypeStruct(example.shape, example.dtype))
     n_params = sum(x.size for x in jax.tree.leaves(variables))
-    assert n_params > config.model.vocab_size * config.model.d_model
+    embedding = 0 if config.model.kind == "matcher" else config.model.vocab_size
+    assert n_params > max(embedding, config.model.d_model) * config.model.d_model
     with pytest.raises(AttributeError):  # configs are locked: typos cannot slip through
         config.model.d_modle = 3
 

@@ -21,17 +21,19 @@ LAYERS = {
     "base": ["__init__", "errors", "fileio", "cli"],
     "config": ["config"],
     "data and models": ["data", "data.chunking", "data.embedded", "data.sources", "data.tokenizer",
-                        "data.pipeline", "models", "models.*", "sharding"],
-    "training parts": ["objectives", "metrics", "target_bytes", "checkpoint", "lock", "flops"],
+                        "data.passages", "data.pipeline", "data.pairs", "models", "models.*",
+                        "sharding"],
+    "training parts": ["objectives", "metrics", "ranking", "target_bytes", "checkpoint", "lock",
+                       "flops"],
     "training setup": ["steps", "curriculum", "recovery", "workdir"],
     "trainer": ["trainer"],
     "tools": ["environment", "evaluation", "generation", "structure", "codec", "curves",
-              "benchmarks", "profiling"],
+              "benchmarks", "profiling", "retrieval", "retrieval.*", "search_index", "matching"],
     "commands": ["train", "evaluate", "generate", "compress", "inspect", "plot", "profile",
-                 "bench"],
+                 "bench", "search"],
 }
 # Function-local imports are allowed for these top-level packages anywhere ...
-LAZY_OK = {"matplotlib", "pyarrow", "tensorboardX"}
+LAZY_OK = {"matplotlib", "pyarrow", "tensorboardX", "bm25s"}
 # ... and for anything inside the command-line modules (keeps --help fast).
 COMMANDS = set(LAYERS["commands"])
 

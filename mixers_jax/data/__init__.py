@@ -17,6 +17,7 @@ _EXPORTS = {
     "tokenize_documents": "pipeline",
     "count_windows": "pipeline",
     "pack_rows": "pipeline",
+    "pad_rows": "pipeline",
     "finish_batch": "pipeline",
     "make_train_iterator": "pipeline",
     "make_eval_batches": "pipeline",

@@ -103,11 +103,11 @@ def _group(texts: Iterable[str], target: int = SPLIT_TARGET) -> list[str]:
     return docs
 
 
-def build_embedded_corpus() -> list[str]:
-    """Builds the embedded corpus from the standard library's sources (no cache)."""
+def module_docstrings(seen: set[str] | None = None) -> Iterator[list[str]]:
+    """Per standard-library module (in path order), its docstrings not yet in ``seen`` (which is
+    updated), so repeats such as "Return self." appear once."""
     root = _stdlib_dir()
-    seen: set[str] = set()
-    docs: list[str] = []
+    seen = set() if seen is None else seen
     for path in _stdlib_files(root):
         try:
             tree = ast.parse(_read_source(path), filename=path)
@@ -115,9 +115,23 @@ def build_embedded_corpus() -> list[str]:
             continue  # e.g. lib2to3 test data written in Python 2
         texts = []
         for doc in _docstrings(tree):
-            if doc.strip() and doc not in seen:  # drop repeats such as "Return self."
+            if doc.strip() and doc not in seen:
                 seen.add(doc)
                 texts.append(doc)
+        yield texts
+
+
+def topic_texts() -> list[str]:
+    """The pydoc topics (the language reference shipped for ``help()``), one text per topic."""
+    return _topics_texts(_stdlib_dir())
+
+
+def build_embedded_corpus() -> list[str]:
+    """Builds the embedded corpus from the standard library's sources (no cache)."""
+    root = _stdlib_dir()
+    seen: set[str] = set()
+    docs: list[str] = []
+    for texts in module_docstrings(seen):
         docs.extend(_group(texts))
     for text in _topics_texts(root):
         text = text.strip("\n")

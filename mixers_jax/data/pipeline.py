@@ -16,7 +16,8 @@ Packing:
   n_ctx windows; the tail shorter than n_ctx is dropped. A window's first token is never a target.
 * ``pad``: one document per row, truncated to its first n_ctx tokens (the rest of the document is
   dropped, not carried into another row), right-padded with pad_id (= eos: the tokenizer has a single
-  id for both). No EOS is added to a document (the first pad plays that role as an input, but is never
+  id for both); ``data.padding='left'`` puts the pads before the text instead (the row's last token
+  is then always its document's last kept token; pads are never targets either way). No EOS is added to a document (the first pad plays that role as an input, but is never
   a target). This is the published convention; there is no separate 'truncate' packing.
 
 Split (``data.split``): 'hash' (default; ``data.val_fraction`` by a hash of each text) or 'first'
@@ -44,6 +45,7 @@ from mixers_jax.data.tokenizer import Tokenizer
 from mixers_jax.errors import UserError
 
 PACKINGS = ("concat", "pad")
+PADDINGS = ("right", "left")
 
 
 def tokenize_documents(docs: Sequence[str], tokenizer: Tokenizer) -> list[np.ndarray]:
@@ -70,8 +72,35 @@ def count_windows(token_docs: Sequence[np.ndarray], *, n_ctx: int, packing: str)
     return total // int(n_ctx)
 
 
+def check_padding(padding: str, packing: str = "pad") -> str:
+    """``padding`` if it is 'right' or 'left'; 'left' only with one document per row."""
+    if padding not in PADDINGS:
+        raise UserError(f"unknown data.padding {padding!r}; choose one of: {', '.join(PADDINGS)}")
+    if padding == "left" and packing != "pad":
+        raise UserError("data.padding='left' needs one document per row (data.packing='pad')")
+    return padding
+
+
+def pad_rows(token_docs: Sequence[np.ndarray], *, n_ctx: int, pad_id: int,
+             padding: str = "right") -> tuple[np.ndarray, np.ndarray]:
+    """(int32 [rows, n_ctx] rows, int32 [rows] lengths): one document per row, truncated to its
+    first n_ctx tokens, padded with pad_id after the text ('right') or before it ('left')."""
+    check_padding(padding)
+    rows = np.full((len(token_docs), int(n_ctx)), pad_id, dtype=np.int32)
+    lengths = np.zeros((len(token_docs),), dtype=np.int32)
+    for i, doc in enumerate(token_docs):
+        doc = doc[:n_ctx]
+        lengths[i] = len(doc)
+        if padding == "left":
+            rows[i, n_ctx - len(doc):] = doc
+        else:
+            rows[i, : len(doc)] = doc
+    return rows, lengths
+
+
 def pack_rows(
-    token_docs: Sequence[np.ndarray], *, n_ctx: int, packing: str, pad_id: int
+    token_docs: Sequence[np.ndarray], *, n_ctx: int, packing: str, pad_id: int,
+    padding: str = "right",
 ) -> np.ndarray:
     """int32 [rows, n_ctx]: concat windows or padded documents (see the module docstring)."""
     _check_packing(packing)
@@ -79,11 +108,8 @@ def pack_rows(
     if n_ctx < 2:
         raise UserError(f"n_ctx must be at least 2, got {n_ctx}")
     if packing == "pad":
-        rows = np.full((len(token_docs), n_ctx), pad_id, dtype=np.int32)
-        for i, doc in enumerate(token_docs):
-            doc = doc[:n_ctx]
-            rows[i, : len(doc)] = doc
-        return rows
+        return pad_rows(token_docs, n_ctx=n_ctx, pad_id=pad_id, padding=padding)[0]
+    check_padding(padding, packing)
     n_rows = count_windows(token_docs, n_ctx=n_ctx, packing=packing)
     if n_rows == 0:
         return np.zeros((0, n_ctx), dtype=np.int32)
@@ -142,13 +168,14 @@ def make_train_iterator(
     token_bytes: np.ndarray,
     process_index: int = 0,
     process_count: int = 1,
+    padding: str = "right",
 ) -> grain.DatasetIterator:
     """An endless, shuffled, checkpointable iterator of per-process training batches.
 
     Raises:
         UserError: fewer rows per process than ``batch_size``.
     """
-    rows = pack_rows(token_docs, n_ctx=n_ctx, packing=packing, pad_id=pad_id)
+    rows = pack_rows(token_docs, n_ctx=n_ctx, packing=packing, pad_id=pad_id, padding=padding)
     per_host, kept = _host_rows(rows, process_index, process_count)
     if batch_size < 1 or per_host < batch_size:
         raise _too_small("train", token_docs, n_ctx, packing, len(rows), process_count, batch_size)
@@ -190,12 +217,13 @@ def make_eval_batches(
     process_index: int = 0,
     process_count: int = 1,
     split: str = "validation",
+    padding: str = "right",
 ) -> list[dict[str, np.ndarray]]:
     """The first ``max_batches`` (0: all) full per-process batches, in order, no shuffle.
 
     Every process gets the same number of batches. Raises UserError if that number is zero.
     """
-    rows = pack_rows(token_docs, n_ctx=n_ctx, packing=packing, pad_id=pad_id)
+    rows = pack_rows(token_docs, n_ctx=n_ctx, packing=packing, pad_id=pad_id, padding=padding)
     per_host, kept = _host_rows(rows, process_index, process_count)
     n_batches = per_host // batch_size if batch_size >= 1 else 0
     if n_batches == 0:
@@ -221,6 +249,7 @@ class DataBundle:
     stats: dict
     tokenizer_path: str | None = None  # where the tokenizer was loaded from or saved to
     tokenizer_trained: bool = False  # True: trained by this call
+    held_out: Any = None  # pair data (data/pairs.py): every held-out pair, for the pool evaluation
 
 
 def check_chunked_rows(model_cfg, token_docs: Sequence[np.ndarray], packing: str) -> None:
@@ -240,6 +269,52 @@ def check_chunked_rows(model_cfg, token_docs: Sequence[np.ndarray], packing: str
             f"tokens but a row holds chunks x n_ctx = {s}x{n} = {s * n}, so the last chunk of every "
             "row would be all pads; use data.packing='concat', fewer model.chunks or a smaller "
             "model.n_ctx")
+
+
+def resolve_tokenizer(data_cfg, vocab_size: int, tokenizer_path: str | None,
+                      train_docs: Sequence[str], tokenizer: Tokenizer | None = None
+                      ) -> tuple[Tokenizer, str | None, bool]:
+    """(tokenizer, where it lives, trained now?): ``tokenizer`` if given; else
+    ``data.tokenizer_model``; else an existing file at ``tokenizer_path``; else one trained on
+    ``train_docs`` with ``vocab_size`` pieces (not written: the caller saves it after its checks).
+    UserError for a missing configured file or a vocabulary size other than ``vocab_size``."""
+    trained = False
+    tok_path: str | None = None
+    if tokenizer is None:
+        configured = str(field(data_cfg, "tokenizer_model", "") or "")
+        run_path = tokenizer_path
+        if configured:
+            if not os.path.isfile(configured):
+                raise UserError(f"tokenizer model {configured} does not exist (data.tokenizer_model)")
+            tok_path = configured
+            tokenizer = Tokenizer.load(configured)
+        elif run_path and os.path.isfile(run_path):
+            tok_path = run_path
+            tokenizer = Tokenizer.load(run_path)
+        else:
+            tokenizer = Tokenizer.train(
+                train_docs,
+                vocab_size,
+                model_path=None,  # written below, after every check
+                max_chars=int(field(data_cfg, "tokenizer_max_chars", 20_000_000)),
+            )
+            trained = True
+            tok_path = run_path
+    if tokenizer.vocab_size != vocab_size:
+        raise UserError(
+            f"tokenizer {tok_path or tokenizer.name} has {tokenizer.vocab_size} pieces but "
+            f"model.vocab_size is {vocab_size}"
+        )
+    return tokenizer, tok_path, trained
+
+
+def save_tokenizer_file(tokenizer: Tokenizer, path: str) -> None:
+    """Writes a newly trained tokenizer to ``path`` (UserError naming the path on failure)."""
+    try:
+        tokenizer.save(path)
+    except OSError as e:
+        raise UserError(f"cannot write the tokenizer to {path}: {e.strerror or e}") from None
+    tokenizer.name = path
 
 
 def build_data(
@@ -268,6 +343,7 @@ def build_data(
     vocab_size = int(config.model.vocab_size)
     n_ctx = input_length(config.model)  # row length: chunks x n_ctx for memory models
     packing = _check_packing(str(field(data_cfg, "packing", "concat")))
+    padding = check_padding(str(field(data_cfg, "padding", "right")), packing)
     global_batch = int(config.train.batch_size)
     if global_batch < 1 or global_batch % process_count:
         raise UserError(
@@ -291,33 +367,8 @@ def build_data(
             "(use more documents or data.val_fraction=0)"
         )
 
-    trained = False
-    tok_path: str | None = None
-    if tokenizer is None:
-        configured = str(field(data_cfg, "tokenizer_model", "") or "")
-        run_path = tokenizer_path
-        if configured:
-            if not os.path.isfile(configured):
-                raise UserError(f"tokenizer model {configured} does not exist (data.tokenizer_model)")
-            tok_path = configured
-            tokenizer = Tokenizer.load(configured)
-        elif run_path and os.path.isfile(run_path):
-            tok_path = run_path
-            tokenizer = Tokenizer.load(run_path)
-        else:
-            tokenizer = Tokenizer.train(
-                train_docs,
-                vocab_size,
-                model_path=None,  # written below, after every check
-                max_chars=int(field(data_cfg, "tokenizer_max_chars", 20_000_000)),
-            )
-            trained = True
-            tok_path = run_path
-    if tokenizer.vocab_size != vocab_size:
-        raise UserError(
-            f"tokenizer {tok_path or tokenizer.name} has {tokenizer.vocab_size} pieces but "
-            f"model.vocab_size is {vocab_size}"
-        )
+    tokenizer, tok_path, trained = resolve_tokenizer(data_cfg, vocab_size, tokenizer_path,
+                                                     train_docs, tokenizer)
 
     table = tokenizer.token_bytes()
     train_tok = tokenize_documents(train_docs, tokenizer)
@@ -331,6 +382,7 @@ def build_data(
         token_bytes=table,
         process_index=process_index,
         process_count=process_count,
+        padding=padding,
     )
     train_iter = make_train_iterator(train_tok, seed=int(config.seed), **common)
     eval_batches = []
@@ -340,11 +392,7 @@ def build_data(
         )
 
     if trained and save_tokenizer and tok_path:
-        try:
-            tokenizer.save(tok_path)
-        except OSError as e:
-            raise UserError(f"cannot write the tokenizer to {tok_path}: {e.strerror or e}") from None
-        tokenizer.name = tok_path
+        save_tokenizer_file(tokenizer, tok_path)
 
     stats = {
         "documents": len(docs),

@@ -117,8 +117,8 @@ def read_documents(data_cfg) -> tuple[list[str], SourceStats]:
                 raise _Enough
 
     try:
-        for path in _resolve_paths(source, fmt):
-            kind = fmt if fmt != "auto" else _format_of(path)
+        for path in resolve_paths(source, fmt):
+            kind = fmt if fmt != "auto" else format_of(path)
             stats.files += 1
             if kind == "text":
                 for doc in _read_text_file(path, stats):
@@ -136,7 +136,7 @@ def read_documents(data_cfg) -> tuple[list[str], SourceStats]:
     return docs, stats
 
 
-def _format_of(path: str) -> str:
+def format_of(path: str) -> str:
     low = path.lower()
     if low.endswith(_JSONL_EXT):
         return "jsonl"
@@ -166,7 +166,7 @@ def _walk_folder(folder: str, fmt: str) -> list[str]:
     return sorted(found)
 
 
-def _resolve_paths(source: str, fmt: str) -> list[str]:
+def resolve_paths(source: str, fmt: str) -> list[str]:
     """Expands the comma-separated ``source`` into an ordered, de-duplicated list of files."""
     paths: list[str] = []
     seen: set[str] = set()
@@ -231,7 +231,7 @@ def _decode(data: bytes, stats: SourceStats) -> str:
     return text
 
 
-def _refuse_binary(path: str, head: bytes, size: int, replaced: int) -> None:
+def refuse_binary(path: str, head: bytes, size: int, replaced: int) -> None:
     """UserError for a file that looks binary: see the module docstring."""
     nul = head.find(b"\0", 0, _NUL_WINDOW)
     if nul >= 0:
@@ -244,10 +244,10 @@ def _refuse_binary(path: str, head: bytes, size: int, replaced: int) -> None:
 
 def _read_text_file(path: str, stats: SourceStats) -> list[str]:
     data = read_bytes(path)
-    _refuse_binary(path, data[:_NUL_WINDOW], len(data), 0)
+    refuse_binary(path, data[:_NUL_WINDOW], len(data), 0)
     before = stats.replaced_bytes
     text = _decode(data, stats)
-    _refuse_binary(path, b"", len(data), stats.replaced_bytes - before)
+    refuse_binary(path, b"", len(data), stats.replaced_bytes - before)
     return chunk_text(text)
 
 
@@ -278,14 +278,14 @@ def _read_jsonl_file(path: str, field: str, stats: SourceStats) -> Iterator[str]
     before = stats.replaced_bytes
     with f:
         head = f.read(1 << 16)
-        _refuse_binary(path, head[:_NUL_WINDOW], len(head), 0)
+        refuse_binary(path, head[:_NUL_WINDOW], len(head), 0)
         if head.startswith(b"\xef\xbb\xbf"):
             head = head[3:]
         if head.lstrip()[:1] == b"[":  # a .json file holding one array of objects (or strings)
             try:
                 data = head + f.read()
                 items = json.loads(_decode(data, stats))
-                _refuse_binary(path, b"", len(data), stats.replaced_bytes - before)
+                refuse_binary(path, b"", len(data), stats.replaced_bytes - before)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(items, list):
@@ -312,10 +312,12 @@ def _read_jsonl_file(path: str, field: str, stats: SourceStats) -> Iterator[str]
             text = _text_of(obj, field, f"{path}:{lineno}")
             if text:
                 yield text
-        _refuse_binary(path, b"", size, stats.replaced_bytes - before)
+        refuse_binary(path, b"", size, stats.replaced_bytes - before)
 
 
-def _read_parquet_file(path: str, field: str, stats: SourceStats) -> Iterator[str]:
+def open_parquet(path: str, columns: tuple[str, ...], setting: str):
+    """A ``pyarrow.parquet.ParquetFile`` holding ``columns``; UserError (naming ``setting``, the
+    config field that chooses the column) for an unreadable file or a missing column."""
     import pyarrow.parquet as pq  # imported lazily: only Parquet sources need it
 
     try:
@@ -324,10 +326,15 @@ def _read_parquet_file(path: str, field: str, stats: SourceStats) -> Iterator[st
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{path}: not a readable Parquet file ({msg})") from None
     names = pf.schema_arrow.names
-    if field not in names:
-        raise UserError(
-            f"{path}: no column {field!r} (columns: {', '.join(names[:20])}); set config.data.text_field"
-        )
+    for column in columns:
+        if column not in names:
+            raise UserError(
+                f"{path}: no column {column!r} (columns: {', '.join(names[:20])}); set {setting}")
+    return pf
+
+
+def _read_parquet_file(path: str, field: str, stats: SourceStats) -> Iterator[str]:
+    pf = open_parquet(path, (field,), "config.data.text_field")
     for batch in pf.iter_batches(columns=[field], batch_size=4096):
         for value in batch.column(0).to_pylist():
             if value is None:

@@ -19,12 +19,15 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
-from mixers_jax.config import cfg_to_dict, field, sub_model_config
+from mixers_jax.config import cfg_to_dict, field, input_length, sub_model_config
 from mixers_jax.errors import UserError
 from mixers_jax.models import layers
 from mixers_jax.models.autoencoder import EXPANSIONS, INJECTIONS, Autoencoder, EmbeddingCLM
 from mixers_jax.models.bottleneck import QUANTS, EmbeddingSpec
+from mixers_jax.models.matcher import EmbeddingMatcher
 from mixers_jax.models.memory import MemoryLM, RecurrentMemoryLM
 from mixers_jax.models.mixer import MaskedMixerLM, MixerBlock
 from mixers_jax.models.mixing import TokenMixing
@@ -33,10 +36,12 @@ from mixers_jax.models.transformer import TransformerLM
 
 __all__ = [
     "build_model",
+    "example_input",
     "register",
     "MODEL_KINDS",
     "Autoencoder",
     "EmbeddingCLM",
+    "EmbeddingMatcher",
     "MaskedMixerLM",
     "MemoryLM",
     "MixerBlock",
@@ -202,6 +207,30 @@ def _build_embedding_clm(cfg: Any) -> nn.Module:
 
 register("autoencoder", _build_autoencoder)
 register("embedding_clm", _build_embedding_clm)
+
+
+def _build_matcher(cfg: Any) -> nn.Module:
+    """Kind 'matcher' (docs/search.md#direct-embedding-matching): an unmasked mixer over the
+    embeddings of a query and n_ctx − 1 candidates, no token embedding, a Linear(d -> 1) score."""
+    if field(cfg, "causal", True):
+        raise UserError("model.kind='matcher' reads its whole pool at once: set model.causal=False "
+                        "(unmasked mixing)")
+    if _positive_int(cfg, "n_ctx") < 3:
+        raise UserError("model.n_ctx of a matcher is the pool size + 1 (the query); it must be >= 3")
+    return EmbeddingMatcher(mixer_spec(cfg))
+
+
+register("matcher", _build_matcher)
+EMBEDDING_INPUT_KINDS = ("matcher",)  # kinds that read float embeddings [B, n_ctx, d], not tokens
+
+
+def example_input(model_cfg: Any) -> jax.Array:
+    """One row of what the model reads (for ``init`` and shapes): int32 tokens [1, row length], or
+    for kind 'matcher' float32 embeddings [1, n_ctx, d_model]."""
+    if field(model_cfg, "kind") in EMBEDDING_INPUT_KINDS:
+        return jnp.zeros((1, int(field(model_cfg, "n_ctx")), int(field(model_cfg, "d_model"))),
+                         jnp.float32)
+    return jnp.zeros((1, input_length(model_cfg)), jnp.int32)
 
 
 def build_model(model_cfg: Any) -> nn.Module:

@@ -78,7 +78,8 @@ class MixerBlock(nn.Module):
         return self._mixing(parent=None).init_cache(batch, mode)
 
     @nn.compact
-    def __call__(self, x: Array, pos: Array | None = None, cache: dict | None = None):
+    def __call__(self, x: Array, pos: Array | None = None, cache: dict | None = None,
+                 keep_BxN: Array | None = None):
         spec = self.spec
         step = cache is not None
         names = ("batch", "length", "act_embed")
@@ -98,7 +99,7 @@ class MixerBlock(nn.Module):
             if step:
                 h, cache = self._mixing()(h, pos, cache)
             else:
-                h = self._mixing()(h)
+                h = self._mixing()(h, keep_BxN=keep_BxN)
             return residual(x, h), cache
 
         def ffn_part(x):
@@ -121,7 +122,8 @@ class MaskedMixerLM(nn.Module):
     """Masked mixer LM: tokens [B, n_ctx] int32 -> logits [B, n_ctx, V] float32.
 
     Methods usable with ``model.apply(..., method=...)``: ``embed_tokens`` (tokens -> x),
-    ``hidden`` (x -> last block output), ``logits`` (hidden -> fp32 logits), ``step`` (one token at
+    ``hidden`` (x -> last block output), ``final_hidden`` (tokens, pad mask -> last block output,
+    pads left out of the mixing), ``logits`` (hidden -> fp32 logits), ``step`` (one token at
     one position with a carried cache; ``model.init_cache(batch, mode)`` makes the cache).
     ``block='srm'`` with ``mixing`` in ('row', 'col', 'mixed') is the structured recurrent mixer
     (docs/recurrent_mixers.md): FFN-first SiLU blocks, Kaiming init, N(0, 1) embedding. ``kernel`` = k > 1 is
@@ -167,6 +169,19 @@ class MaskedMixerLM(nn.Module):
 
     def __call__(self, tokens_BxN: Array) -> Array:
         return self.logits(self.hidden(self.embed_tokens(tokens_BxN)))
+
+    def final_hidden(self, tokens_BxN: Array, keep_BxN: Array | None = None) -> Array:
+        """The last block's output [B, n_ctx, d] (what the LM head reads), with the pad positions
+        (``keep_BxN`` 0) left out of every token mixing: y_i = Σ_j W_ij·keep_j·z_j + c_i. Without
+        ``keep_BxN`` it is ``hidden(embed_tokens(tokens))``. The mixing matrices are indexed by
+        absolute position, so a left-padded row's hidden states depend on where it starts
+        (docs/retrieval.md#padding-and-the-embedding-position)."""
+        x_BxNxD = self.embed_tokens(tokens_BxN)
+        if keep_BxN is None:
+            return self.hidden(x_BxNxD)
+        for block in self.blocks:
+            x_BxNxD = block(x_BxNxD, keep_BxN=keep_BxN)
+        return x_BxNxD
 
     @nn.nowrap
     def init_cache(self, batch: int, mode: str = "cached") -> tuple:

@@ -460,7 +460,12 @@ class TokenMixing(nn.Module):
         return y, cache
 
     @nn.compact
-    def __call__(self, x: Array, pos: Array | None = None, cache: dict | None = None):
+    def __call__(self, x: Array, pos: Array | None = None, cache: dict | None = None,
+                 keep_BxN: Array | None = None):
+        """Parallel form ``x [B, n, d]`` -> [B, n, d]; step form with ``pos`` and ``cache``.
+        ``keep_BxN`` (parallel form only; 1 = real token, 0 = pad) zeroes the input of every mixing
+        matrix at the pad positions, i.e. y_i = Σ_j W_ij·keep_j·z_j + c_i: pads contribute nothing
+        to any position (docs/retrieval.md#padding-and-the-embedding-position)."""
         spec = self.spec
         n, d, h = spec.n_ctx, spec.d_model, spec.heads
         step = cache is not None
@@ -486,6 +491,8 @@ class TokenMixing(nn.Module):
             if step:
                 z, cache = self._mix_step(z, suffix, pos, cache)
             else:
+                if keep_BxN is not None:
+                    z = z * keep_BxN.reshape(keep_BxN.shape + (1,) * (z.ndim - 2)).astype(z.dtype)
                 z = self._mix(z, suffix)
         if h:
             z = linear((d,), ("heads", "head_dim", "embed"), "out", n_in=2)(z)

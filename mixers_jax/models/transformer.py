@@ -276,6 +276,24 @@ class TransformerLM(nn.Module):
     def __call__(self, tokens_BxN: Array) -> Array:
         return self.logits(self.hidden(self.embed_tokens(tokens_BxN)))
 
+    def final_hidden(self, tokens_BxN: Array, keep_BxN: Array | None = None) -> Array:
+        """The final-norm output [B, n, d] (what the LM head reads). With ``keep_BxN`` (1 = real
+        token, 0 = pad) pads are left out: no position attends to a pad key (a pad query attends
+        to itself only), and positions (RoPE, or GPT's learned table) count the real tokens before
+        each token, p_i = Σ_{j<i} keep_j. A real token's hidden state then equals the unpadded
+        row's at the same token, whether the pads are on the left or the right
+        (docs/retrieval.md#padding-and-the-embedding-position)."""
+        x_BxNxD = self.embed_tokens(tokens_BxN)
+        if keep_BxN is None:
+            return self.hidden(x_BxNxD)
+        keep_BxN = keep_BxN.astype(bool)
+        n = tokens_BxN.shape[1]
+        positions_BxN = jnp.maximum(jnp.cumsum(keep_BxN.astype(jnp.int32), axis=1) - 1, 0)
+        eye_NxN = jnp.eye(n, dtype=bool)
+        allowed_NxN = jnp.tril(jnp.ones((n, n), bool)) if self.spec.causal else jnp.ones((n, n), bool)
+        mask_BxNxN = allowed_NxN[None] & (keep_BxN[:, None, :] | eye_NxN[None])
+        return self.hidden(x_BxNxD, positions_BxN, mask_BxNxN[:, None])
+
     @nn.nowrap
     def init_cache(self, batch: int, mode: str = "cached") -> tuple:
         """KV cache per layer: k, v [B, n_ctx, H, hd] in the compute dtype (and the same under

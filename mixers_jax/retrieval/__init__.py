@@ -1,0 +1,1 @@
+"""Retrieval tools over trained LMs (docs/retrieval.md): embedding texts with a trained run."""

@@ -34,7 +34,7 @@ model.decay             structured mixing: learnable decay d = clip(lam, 0.9, 1)
 model.heads             0: one matrix shared by all features; H >= 1: per-head projections
                         (docs/masked_mixers.md#multi-head-mixing)
 model.mixing_impl       'auto' (default: 'blocked' for causal k=1 mixing from n_ctx 128 on, else
-                        'dense'; docs/performance.md) | 'dense' (masked n x n matmul; Toeplitz
+                        'dense'; docs/mixing_performance.md) | 'dense' (masked n x n matmul; Toeplitz
                         and structured matrices materialised) | 'blocked' (lower block triangle
                         only) | 'pallas' (Pallas kernel, bias fused; interpret mode on CPU) |
                         'fft' (Toeplitz only). Same values and gradients up to float

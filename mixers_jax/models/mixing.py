@@ -22,7 +22,7 @@ The math (parallel and step forms, masks, Toeplitz and structured matrices, FFT)
   computation: 'dense' (the masked n×n matmul), 'blocked' (the lower block triangle only,
   :mod:`mixers_jax.models.mixing_blocked`), 'pallas' (a Pallas kernel with the bias fused,
   :mod:`mixers_jax.models.mixing_pallas`), 'fft' (Toeplitz); all give the same values and
-  gradients up to float reassociation (docs/performance.md).
+  gradients up to float reassociation (docs/mixing_performance.md).
 
 Initialisation (``reference`` flag, docs/training.md#initialisation):
 
@@ -282,7 +282,7 @@ IMPLS = ("auto",) + tuple(dict.fromkeys(impl for op in MIXING_OPS.values() for i
 def resolve_impl(impl: str, n_ctx: int, kernel: int = 1, causal: bool = True) -> str:
     """The implementation ``mixing_impl`` stands for: 'auto' is 'blocked' for causal mixing with
     k = 1 from n_ctx = ``BLOCKED_MIN_N`` on (where it measured faster on CPU,
-    docs/performance.md#when-it-is-chosen), else 'dense'; other values are themselves. A function
+    docs/mixing_performance.md#when-it-is-chosen), else 'dense'; other values are themselves. A function
     of the shapes only, so the same config always computes the same way."""
     if impl != "auto":
         return impl

@@ -1,5 +1,5 @@
 """Block-triangular causal mixing: y = (W ⊙ M) x on the lower block triangle only
-(docs/performance.md#block-triangular-mixing).
+(docs/mixing_performance.md#block-triangular-mixing).
 
 Split the n positions into blocks of b (the last one may be shorter), I = [s_I, e_I). Row block I
 of the output reads only the inputs 0 .. e_I − 1, so
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 Array = jax.Array
 
 # 'auto' picks the blocked form from this context length on; the block is 64 below 256, else 128
-# (measured on 2 CPU cores, docs/performance.md#when-it-is-chosen).
+# (measured on 2 CPU cores, docs/mixing_performance.md#when-it-is-chosen).
 BLOCKED_MIN_N = 128
 
 

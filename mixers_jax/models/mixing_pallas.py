@@ -1,5 +1,5 @@
 """A Pallas kernel for causal mixing with the bias fused: y = (W ⊙ M) x + c
-(docs/performance.md#pallas-kernel).
+(docs/mixing_performance.md#pallas-kernel).
 
 Grid (G, n/b, F/f): program (g, i, k) computes the output tile rows [i·b, (i+1)·b) × features
 [k·f, (k+1)·f) of group g as Σ_{j ≤ i} (W_ij ⊙ M) x_j over the column blocks j = 0 .. i only (the

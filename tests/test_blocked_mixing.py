@@ -129,7 +129,10 @@ def test_auto_rule_is_a_function_of_the_shapes():
     assert r("auto", 512, kernel=4) == "dense" and r("auto", 512, causal=False) == "dense"
     assert r("dense", 512) == "dense" and r("fft", 512) == "fft" and r("pallas", 16) == "pallas"
     assert mixing_blocked.block_size(128) == 64 and mixing_blocked.block_size(255) == 64
-    assert mixing_blocked.block_size(256) == 128 and mixing_blocked.block_size(4096) == 128
+    assert mixing_blocked.block_size(256) == 128 and mixing_blocked.block_size(512) == 128
+    assert mixing_blocked.block_size(1024) == 256 and mixing_blocked.block_size(4096) == 1024
+    assert mixing_pallas.kernel_blocks(4096, 256, 1024) == (128, 64)
+    assert mixing_pallas.kernel_blocks(40, 8, 16) == (16, 16)
     for n, expected in ((64, "dense"), (128, "blocked"), (512, "blocked")):
         specs = {mixer_spec(_model_cfg(n, "auto", "masked")).token_mixing.impl for _ in range(2)}
         assert specs == {expected}

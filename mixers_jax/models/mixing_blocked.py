@@ -30,14 +30,18 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-# 'auto' picks the blocked form from this context length on; the block is 64 below 256, else 128
-# (measured on 2 CPU cores, docs/mixing_performance.md#when-it-is-chosen).
+# 'auto' picks the blocked form from this context length on (measured on 2 CPU cores,
+# docs/mixing_performance.md#when-it-is-chosen).
 BLOCKED_MIN_N = 128
 
 
 def block_size(n: int) -> int:
-    """The block b of the blocked form at context length n (a multiple of 16)."""
-    return 64 if n < 256 else 128
+    """The block b of the blocked form at context length n: 64 below n = 256, else n/4 rounded up
+    to a multiple of 128 (at least 128), i.e. 2 to 4 row blocks, which measured fastest (more,
+    smaller blocks lose to their per-matmul overhead and copies); always a multiple of 16."""
+    if n < 256:
+        return 64
+    return max(128, -(-n // (4 * 128)) * 128)
 
 
 def block_bounds(n: int, block: int) -> list[tuple[int, int]]:

@@ -29,6 +29,7 @@ from mixers_jax.models.mixing_blocked import blocked_grads, from_groups, to_grou
 Array = jax.Array
 
 FEATURE_BLOCK = 64  # f: feature columns per program
+MAX_BLOCK = 128  # b: rows and columns of a W tile (registers / shared memory on a GPU)
 
 
 def _round_up(v: int, m: int) -> int:
@@ -40,9 +41,10 @@ def _pow2_at_least(v: int, floor: int = 16) -> int:
 
 
 def kernel_blocks(n: int, f: int, block: int) -> tuple[int, int]:
-    """(b, f) of the kernel: the row/column block (a power of two ≥ 16, at most ``block``) and the
-    feature tile (a power of two ≥ 16, at most :data:`FEATURE_BLOCK`)."""
-    b = min(_pow2_at_least(block), _pow2_at_least(n))
+    """(b, f) of the kernel: the row/column block (a power of two ≥ 16, at most ``block``, n and
+    :data:`MAX_BLOCK` rounded up to powers of two) and the feature tile (a power of two ≥ 16, at
+    most :data:`FEATURE_BLOCK`)."""
+    b = min(_pow2_at_least(block), _pow2_at_least(n), MAX_BLOCK)
     return b, min(FEATURE_BLOCK, _pow2_at_least(f))
 
 

@@ -6,15 +6,19 @@ figures as ratios *within one run*: the machines are shared and noisy. Timings a
 wall time.
 
 * ``train``: one optimizer step (forward, backward, AdamW) of the flat, headed and Toeplitz mixers
-  and the transformer at equal width, depth and context: step time, tokens/s, compile time, the
+  and the transformer at equal width, depth and context (``mixer_flat`` with the default
+  ``mixing_impl='auto'``, ``mixer_flat_dense`` / ``mixer_flat_blocked`` with each implementation,
+  and their step-time ratio): step time, tokens/s, compile time, the
   compiled step's memory (XLA memory analysis; the allocator's peak on accelerators), analytic
   FLOPs per token next to XLA's cost analysis, and MFU where the device's peak is known. The suite
   first measures the machine's own yardstick in the same run, the FLOP/s of one XLA 1024×1024
   matmul in the suite's dtype (:func:`matmul_rate`), and reports each case's training FLOP rate
-  (analytic FLOPs per token × tokens/s) as a fraction of it (``matmul_fraction``), so that figures
-  compare across machines of different speed.
+  (analytic FLOPs per token × tokens/s) as a fraction of it (``matmul_fraction``; the yardstick is
+  measured again after every case and each case uses the mean of the rates before and after it),
+  so that figures compare across machines of different speed.
 * ``mixing``: one token-mixing op (forward + backward) for each implementation (dense masked
-  matmul, Toeplitz materialised, Toeplitz by FFT) over contexts 256 ... 4096.
+  matmul, the lower block triangle only, Toeplitz materialised, Toeplitz by FFT) over contexts
+  256 ... 4096.
 * ``generate``: tokens/s (batch × new tokens / wall time of one compiled ``lax.scan`` generating
   ``--new_tokens`` greedy tokens from a one-token prompt) and memory (the compiled generation's XLA
   memory analysis, and the bytes of the carried cache/state) of a structured recurrent mixer
@@ -44,7 +48,7 @@ from mixers_jax import sharding
 from mixers_jax import steps as steps_lib
 from mixers_jax.config import base_config, input_length
 from mixers_jax.generation import Generator
-from mixers_jax.models import build_model, mixing_math
+from mixers_jax.models import build_model, mixing_blocked, mixing_math
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +105,9 @@ def _cost_flops(compiled) -> float | None:
 
 
 TRAIN_CASES = {
-    "mixer_flat": dict(kind="mixer", mixing="flat", heads=0),
+    "mixer_flat": dict(kind="mixer", mixing="flat", heads=0),  # mixing_impl 'auto'
+    "mixer_flat_dense": dict(kind="mixer", mixing="flat", heads=0, mixing_impl="dense"),
+    "mixer_flat_blocked": dict(kind="mixer", mixing="flat", heads=0, mixing_impl="blocked"),
     "mixer_headed": dict(kind="mixer", mixing="flat", heads=-1),  # -1: --heads
     "mixer_toeplitz": dict(kind="mixer", mixing="toeplitz", heads=0, mixing_impl="dense"),
     "mixer_toeplitz_fft": dict(kind="mixer", mixing="toeplitz", heads=0, mixing_impl="fft"),
@@ -124,9 +130,13 @@ def bench_train(cases: list[str], s: Settings) -> list[dict]:
                  n_heads=s.heads, dtype=s.dtype, **spec)
         )
         rec = _time_train_step(name, config, s)
-        rec["matmul_flops_per_s"] = rate
+        # the yardstick again right after the case: on a shared machine the load drifts, so each
+        # case is compared with the mean of the rates measured before and after it
+        after = matmul_rate(s.dtype, s.steps)
+        rec["matmul_flops_per_s"] = (rate + after) / 2
         rec["flop_rate"] = rec["flops_per_token"] * rec["tokens_per_s"]
-        rec["matmul_fraction"] = rec["flop_rate"] / (rate * jax.device_count())
+        rec["matmul_fraction"] = rec["flop_rate"] / (rec["matmul_flops_per_s"] * jax.device_count())
+        rate = after
         records.append(rec)
         _print_row(rec, ["case", "step_s", "tokens_per_s", "compile_s", "memory_bytes",
                          "flops_per_token", "xla_flops_per_token", "matmul_fraction", "mfu"])
@@ -134,6 +144,9 @@ def bench_train(cases: list[str], s: Settings) -> list[dict]:
     if "mixer_flat" in base and "transformer" in base:
         ratio = base["transformer"]["step_s"] / base["mixer_flat"]["step_s"]
         print(f"transformer step time / flat mixer step time = {ratio:.2f}")
+    if "mixer_flat_dense" in base and "mixer_flat_blocked" in base:
+        ratio = base["mixer_flat_dense"]["step_s"] / base["mixer_flat_blocked"]["step_s"]
+        print(f"flat mixer dense step time / blocked step time = {ratio:.2f}")
     return records
 
 
@@ -230,6 +243,8 @@ def bench_mixing(contexts: list[int], s: Settings, cases: list[str] | None = Non
     records = []
     impls = {
         "flat_dense": lambda p, x: mixing_math.dense_causal_mix(p, x),
+        "flat_blocked": lambda p, x: mixing_blocked.blocked_mix(
+            p, x, mixing_blocked.block_size(x.shape[1])),
         "toeplitz_dense": lambda p, x: mixing_math.toeplitz_mix_dense(p, x),
         "toeplitz_fft": lambda p, x: mixing_math.toeplitz_mix_fft(p, x),
     }
@@ -239,7 +254,8 @@ def bench_mixing(contexts: list[int], s: Settings, cases: list[str] | None = Non
         for name, fn in impls.items():
             if cases and name not in cases:
                 continue
-            p = (jax.random.normal(key, (n, n)) if name == "flat_dense" else jax.random.normal(key, (n,)))
+            p = (jax.random.normal(key, (n, n)) if name.startswith("flat")
+                 else jax.random.normal(key, (n,)))
             p = p.astype(x.dtype)
 
             def loss(p, x, fn=fn):
@@ -261,7 +277,7 @@ def bench_mixing(contexts: list[int], s: Settings, cases: list[str] | None = Non
     return records
 
 
-MIXING_CASES = ("flat_dense", "toeplitz_dense", "toeplitz_fft")
+MIXING_CASES = ("flat_dense", "flat_blocked", "toeplitz_dense", "toeplitz_fft")
 
 GEN_CASES = {
     "srm_recurrent": (dict(kind="mixer", mixing="mixed", block="srm"), "recurrent"),

@@ -34,7 +34,12 @@ model.decay             structured mixing: learnable decay d = clip(lam, 0.9, 1)
                         starting at 1 (gradient 1 on [0.9, 1]); False: d = 1
 model.heads             0: one matrix shared by all features; H >= 1: per-head projections
                         (docs/masked_mixers.md#multi-head-mixing)
-model.mixing_impl       'dense' (masked matmul; Toeplitz materialised) | 'fft' (Toeplitz only)
+model.mixing_impl       'auto' (default: 'blocked' for causal k=1 mixing from n_ctx 128 on, else
+                        'dense'; docs/mixing_performance.md) | 'dense' (masked n x n matmul; Toeplitz
+                        and structured matrices materialised) | 'blocked' (lower block triangle
+                        only) | 'pallas' (Pallas kernel, bias fused; interpret mode on CPU) |
+                        'fft' (Toeplitz only). Same values and gradients up to float
+                        reassociation; a resumed run may change it
 model.expanded          mix -> GELU -> mix (factor 1, docs/masked_mixers.md#expanded-mixing)
 model.layer_norm        False: norm-free ablation (mixer: both block LayerNorms; transformer: both
                         block norms and the final norm; docs/ablations.md)
@@ -211,7 +216,7 @@ def base_config() -> ml_collections.ConfigDict:
             # masked-mixer fields
             mixing="flat",
             heads=0,
-            mixing_impl="dense",
+            mixing_impl="auto",
             expanded=False,
             layer_norm=True,  # ablation switches (mixer and transformer; docs/ablations.md)
             residual=True,

@@ -33,7 +33,7 @@ from __future__ import annotations
 from typing import Any
 
 from mixers_jax.config import field, sub_model_config
-from mixers_jax.models.mixing import MixingSpec
+from mixers_jax.models.mixing import MixingSpec, resolve_impl
 
 
 
@@ -43,9 +43,10 @@ def mixer_forward_flops(cfg: Any) -> float:
     n, d, L, V = field(cfg, "n_ctx"), field(cfg, "d_model"), field(cfg, "n_layers"), field(cfg, "vocab_size")
     r, heads = field(cfg, "mlp_ratio", 4), field(cfg, "heads", 0)
     n_mix = 2 if field(cfg, "expanded", False) else 1
+    kernel, causal = field(cfg, "kernel", 1), field(cfg, "causal", True)
+    impl = resolve_impl(field(cfg, "mixing_impl", "auto"), n, kernel, causal)
     spec = MixingSpec(n_ctx=n, d_model=d, mixing=field(cfg, "mixing", "flat"), heads=heads,
-                      impl=field(cfg, "mixing_impl", "dense"), kernel=field(cfg, "kernel", 1),
-                      causal=field(cfg, "causal", True))
+                      impl=impl, kernel=kernel, causal=causal)
     mix = n_mix * spec.op.flops_per_token(spec, d)
     proj = 2.0 * (2 * d * d) if heads else 0.0  # in-projection d->d, out-projection d->d
     ffn = 2.0 * (2 * r * d * d) if field(cfg, "mlp", "mlp") != "none" else 0.0

@@ -106,13 +106,20 @@ def check_is_folder(workdir: str) -> None:
         raise UserError(f"workdir {workdir} is a file, not a folder")
 
 
+# Model settings that choose how the same function is computed, not what it is (the parameters
+# and the values up to float reassociation stay): a resume may change them.
+MODEL_FREE_ON_RESUME = ("model.mixing_impl",)
+
+
 def check_workdir_compatible(config, workdir: str) -> bool:
     """True when ``workdir`` holds an earlier run of this model; raises if it holds another model
-    (a field added to the schema after the workdir was made counts as its default value)."""
+    (a field added to the schema after the workdir was made counts as its default value; the
+    settings of :data:`MODEL_FREE_ON_RESUME` may differ)."""
     check_is_folder(workdir)
     if _read_saved(workdir) is None:
         return False
-    diff = [c for c in config_changes(workdir, config) if c[0].startswith("model.")]
+    diff = [c for c in config_changes(workdir, config)
+            if c[0].startswith("model.") and c[0] not in MODEL_FREE_ON_RESUME]
     if diff:
         shown = ", ".join(f"{k}={old!r} (saved) vs {new!r}" for k, old, new in diff[:3])
         raise UserError(

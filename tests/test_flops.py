@@ -40,9 +40,13 @@ def _xla_flops_per_token(cfg):
 @pytest.mark.parametrize(
     "name,overrides",
     [
-        ("flat", dict()),
+        ("flat", dict()),  # 'auto': blocked at n = 256
+        ("flat_dense", dict(mixing_impl="dense")),
         ("headed", dict(heads=4)),
-        ("toeplitz_dense", dict(mixing="toeplitz")),
+        ("headed_dense", dict(heads=4, mixing_impl="dense")),
+        ("expanded_blocked", dict(expanded=True, mixing_impl="blocked")),
+        ("toeplitz_dense", dict(mixing="toeplitz", mixing_impl="dense")),
+        ("toeplitz_blocked", dict(mixing="toeplitz")),
         ("toeplitz_fft", dict(mixing="toeplitz", mixing_impl="fft")),
         ("transformer", dict(kind="transformer", n_heads=4)),
         ("gpt", dict(kind="transformer", transformer="gpt", n_heads=4)),
@@ -60,11 +64,20 @@ def test_flops_per_token_matches_xla(name, overrides):
 
 
 def test_training_is_three_forwards():
-    cfg = _cfg()
+    cfg = _cfg(mixing_impl="dense")
     assert flops.flops_per_token(cfg, training=True) == 3 * flops.flops_per_token(cfg, training=False)
     # flat mixer forward: per layer 2·n·d (mixing) + 2·8d² (FFN), plus 2·d·V for the head
     n, d, v = 256, 256, 512
     assert flops.flops_per_token(cfg, training=False) == 2 * (2 * n * d + 16 * d * d) + 2 * d * v
+
+
+@pytest.mark.parametrize("impl", ["blocked", "pallas", "auto"])
+def test_blocked_mixing_counts_the_block_triangle(impl):
+    """n = 256 in blocks of 128: row block 0 reads 128 inputs, block 1 all 256, so the mixing
+    does (128·128 + 128·256) / 256² = 3/4 of the dense product's multiply-adds."""
+    n, d, v = 256, 256, 512
+    cfg = _cfg(mixing_impl=impl)
+    assert flops.flops_per_token(cfg, training=False) == 2 * (0.75 * 2 * n * d + 16 * d * d) + 2 * d * v
 
 
 def test_peak_flops_and_mfu():

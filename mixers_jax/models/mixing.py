@@ -10,15 +10,19 @@ The math (parallel and step forms, masks, Toeplitz and structured matrices, FFT)
   matrix for the cached step form, its O(d)-state recurrent step (if any), its FFT implementation
   (if any), its forward FLOPs per token, and its constraints (kernel taps, unmasked form,
   straight-through mask gradient, minimum heads; :func:`check_mixing` raises the ``UserError``
-  that ``build_model`` reports). The models, ``flops.py``, ``inspect.py`` (effective matrices) and
+  that ``build_model`` reports; :func:`resolve_impl` turns ``mixing_impl='auto'`` into an
+  implementation). The models, ``flops.py``, ``inspect.py`` (effective matrices) and
   ``generate.py`` (which step modes exist) read the table; nothing else compares op names.
   **Adding a mixing op** = one entry in :data:`MIXING_OPS` (plus its math functions in ``mixing_math``) and
   one line in the ``VARIANTS`` of ``tests/test_step_forms.py`` (its step forms must equal its
   parallel form; ``tests/test_inspect.py`` checks its matrix against the layer's Jacobian by
   itself, for every entry of the table).
 * ``TokenMixing``: the Flax module owning the parameters (W or v, bias c, optional per-head
-  projections), configured by one :class:`MixingSpec`; the op and ``impl`` ('dense' | 'fft')
-  choose the computation.
+  projections), configured by one :class:`MixingSpec`; the op and ``impl`` choose the
+  computation: 'dense' (the masked n×n matmul), 'blocked' (the lower block triangle only,
+  :mod:`mixers_jax.models.mixing_blocked`), 'pallas' (a Pallas kernel with the bias fused,
+  :mod:`mixers_jax.models.mixing_pallas`), 'fft' (Toeplitz); all give the same values and
+  gradients up to float reassociation (docs/mixing_performance.md).
 
 Initialisation (``reference`` flag, docs/training.md#initialisation):
 
@@ -42,6 +46,9 @@ import jax.numpy as jnp
 
 from mixers_jax.errors import UserError
 from mixers_jax.models import layers
+from mixers_jax.models.mixing_blocked import (
+    BLOCKED_MIN_N, block_size, blocked_mix, blocked_work_fraction)
+from mixers_jax.models.mixing_pallas import pallas_mix
 from mixers_jax.models.mixing_math import (
     row_scaled_normal, row_scaled_kernel_normal, kaiming_inits,
     mask_weight, dense_mix, headed_dense_mix, add_position_bias, kernel_mix, headed_kernel_mix,
@@ -127,7 +134,10 @@ class MixingOp:
     row(p, pos, s) -> row ``pos`` of the causal A (the cached step form dots it with the inputs
     x_{≤pos}); recurrent(state, z, p, pos, s) -> (y, state): the O(d)-state step, if the op has one;
     fft(p, x, s) -> y: the 'fft' implementation, if any; flops_per_token(s, d) -> forward FLOPs
-    per token of one matrix over d features (flops.py conventions). Constraints: ``kernel`` (k > 1
+    per token of one matrix over d features (flops.py conventions: the work the implementation
+    does); causal_weight(p, s) -> the matrix the 'blocked' and 'pallas' forms multiply, masking it
+    themselves (flat: W itself, so that they never touch its upper triangle; default: the causal
+    ``matrix``). Constraints: ``kernel`` (k > 1
     allowed), ``unmasked`` (causal=False allowed), ``straight_through`` (mask_grad allowed),
     ``min_heads``.
     """
@@ -140,6 +150,7 @@ class MixingOp:
     row: Callable[[dict, Array, MixingSpec], Array]
     flops_per_token: Callable[[MixingSpec, int], float]
     fft: Callable[[dict, Array, MixingSpec], Array] | None = None
+    causal_weight: Callable[[dict, MixingSpec], Array] | None = None
     recurrent: Callable | None = None
     decay: bool = False
     kernel: bool = False
@@ -149,12 +160,24 @@ class MixingOp:
 
     @property
     def impls(self) -> tuple[str, ...]:
-        return ("dense", "fft") if self.fft is not None else ("dense",)
+        return ("dense",) + BLOCK_IMPLS + (("fft",) if self.fft is not None else ())
+
+    def weight_for_blocks(self, p: dict, s: MixingSpec) -> Array:
+        """The matrix the 'blocked' / 'pallas' forms multiply (they mask it themselves)."""
+        return (self.causal_weight or self.matrix)(p, s)
+
+
+# Implementations that multiply the lower block triangle only (causal, k = 1).
+BLOCK_IMPLS = ("blocked", "pallas")
 
 
 def dense_flops_per_token(s: MixingSpec, d: int) -> float:
-    """The materialised product (k feature-shifted copies for kernel mixing): k·n·d multiply-adds."""
-    return 2.0 * s.n_ctx * d * s.kernel
+    """The materialised product (k feature-shifted copies for kernel mixing): k·n·d multiply-adds;
+    the block-triangular forms: the fraction of it they compute (mixing_blocked)."""
+    full = 2.0 * s.n_ctx * d * s.kernel
+    if s.impl in BLOCK_IMPLS:
+        return full * blocked_work_fraction(s.n_ctx, block_size(s.n_ctx))
+    return full
 
 
 def fft_flops_per_token(n: int, d: int, length: int) -> float:
@@ -243,7 +266,7 @@ def _structured(name: str, min_heads: int = 0) -> MixingOp:
 MIXING_OPS: dict[str, MixingOp] = {
     "flat": MixingOp(name="flat", weight="w", weight_shape=_flat_shape, inits=_flat_inits,
                      matrix=_flat_matrix, row=_flat_row, flops_per_token=dense_flops_per_token,
-                     kernel=True, straight_through=True),
+                     causal_weight=lambda p, s: p["w"], kernel=True, straight_through=True),
     "toeplitz": MixingOp(name="toeplitz", weight="v", weight_shape=_toeplitz_shape,
                          inits=_toeplitz_inits, matrix=_toeplitz_matrix, row=_toeplitz_row,
                          flops_per_token=_toeplitz_flops, fft=_toeplitz_fft),
@@ -253,7 +276,17 @@ MIXING_OPS: dict[str, MixingOp] = {
 }
 MIXINGS = tuple(MIXING_OPS)
 SRM_MIXINGS = tuple(name for name, op in MIXING_OPS.items() if op.recurrent is not None)
-IMPLS = tuple(dict.fromkeys(impl for op in MIXING_OPS.values() for impl in op.impls))
+IMPLS = ("auto",) + tuple(dict.fromkeys(impl for op in MIXING_OPS.values() for impl in op.impls))
+
+
+def resolve_impl(impl: str, n_ctx: int, kernel: int = 1, causal: bool = True) -> str:
+    """The implementation ``mixing_impl`` stands for: 'auto' is 'blocked' for causal mixing with
+    k = 1 from n_ctx = ``BLOCKED_MIN_N`` on (where it measured faster on CPU,
+    docs/mixing_performance.md#when-it-is-chosen), else 'dense'; other values are themselves. A function
+    of the shapes only, so the same config always computes the same way."""
+    if impl != "auto":
+        return impl
+    return "blocked" if causal and kernel == 1 and n_ctx >= BLOCKED_MIN_N else "dense"
 
 
 def check_mixing(mixing: Any, impl: Any, mask_grad: Any, heads: Any, kernel: Any, causal: Any) -> None:
@@ -263,7 +296,7 @@ def check_mixing(mixing: Any, impl: Any, mask_grad: Any, heads: Any, kernel: Any
     op = MIXING_OPS[mixing]
     if impl not in IMPLS:
         raise UserError(f"model.mixing_impl must be one of {IMPLS}, got {impl!r}")
-    if impl not in op.impls:
+    if impl != "auto" and impl not in op.impls:
         raise UserError(f"model.mixing={mixing!r} has only mixing_impl {op.impls} (got {impl!r})")
     if mask_grad not in MASK_GRADS:
         raise UserError(f"model.mask_grad must be one of {MASK_GRADS}, got {mask_grad!r}")
@@ -286,6 +319,9 @@ def check_mixing(mixing: Any, impl: Any, mask_grad: Any, heads: Any, kernel: Any
     if not causal and mask_grad == "straight_through":
         raise UserError(
             "model.mask_grad='straight_through' needs causal mixing (causal=False has no mask)")
+    if impl in BLOCK_IMPLS and (not causal or kernel != 1):
+        raise UserError(f"model.mixing_impl={impl!r} needs causal mixing with model.kernel=1 "
+                        "(use 'dense' or 'auto')")
 
 
 def mixing_inits(spec: MixingSpec) -> tuple[Callable, Callable]:
@@ -305,16 +341,37 @@ def apply_matrix(a: Array, x: Array) -> Array:
     return (headed_dense_mix if headed else dense_mix)(a, x)
 
 
-def mix_parallel(p: dict, x: Array, s: MixingSpec) -> Array:
-    """The parallel form of one mixing matrix (no bias) with implementation ``s.impl``."""
+def _check_parallel(s: MixingSpec) -> None:
     op = s.op
     if s.impl not in op.impls:
         raise ValueError(f"{s.mixing!r} mixing has only the implementations {op.impls}, got {s.impl!r}")
     if not s.causal and not op.unmasked:
         raise ValueError(f"{s.mixing!r} mixing is causal only (no unmasked form)")
+    if s.impl in BLOCK_IMPLS and (not s.causal or s.kernel != 1):
+        raise ValueError(f"mixing impl {s.impl!r} needs causal mixing with kernel 1")
+
+
+def mix_parallel(p: dict, x: Array, s: MixingSpec) -> Array:
+    """The parallel form of one mixing matrix (no bias) with implementation ``s.impl`` ('pallas':
+    see :func:`mix_parallel_with_bias`)."""
+    _check_parallel(s)
+    op = s.op
     if s.impl == "fft":
         return op.fft(p, x, s)
+    if s.impl in BLOCK_IMPLS:
+        return blocked_mix(op.weight_for_blocks(p, s), x, block_size(s.n_ctx),
+                           upper_grad=s.mask_grad == "straight_through")
     return apply_matrix(op.matrix(p, s), x)
+
+
+def mix_parallel_with_bias(p: dict, x: Array, s: MixingSpec) -> Array:
+    """One mixing matrix and its per-position bias c: y = A x + c. 'pallas' fuses the bias into
+    the kernel; the other implementations add it after the product."""
+    if s.impl == "pallas":
+        _check_parallel(s)
+        return pallas_mix(s.op.weight_for_blocks(p, s), x, p["c"], block_size(s.n_ctx),
+                          upper_grad=s.mask_grad == "straight_through")
+    return add_position_bias(mix_parallel(p, x, s), p["c"])
 
 
 def mix_cached_step(p: dict, cache_x: Array, pos: Array, s: MixingSpec) -> Array:
@@ -340,16 +397,17 @@ def causal_mix(
     """One mixing matrix applied to x [B,N,D] (w_NxN / v_N) or x [B,N,H,K] (w_HxNxN / v_HxN),
     plus the per-position bias c (see :data:`MIXING_OPS`). A flat ``w`` with a trailing tap axis
     ([.., n, n, k]) is kernel mixing (docs/masked_mixers.md#kernel-mixing), masked per tap.
-    ``causal=False``: unmasked mixing."""
+    ``causal=False``: unmasked mixing. ``impl``: any ``mixing_impl`` ('auto': :func:`resolve_impl`)."""
     if mixing not in MIXING_OPS:
         raise ValueError(f"mixing must be one of {MIXINGS}, got {mixing!r}")
     weight = w if MIXING_OPS[mixing].weight == "w" else v
     heads = weight.shape[0] if x.ndim == 4 else 0
     kernel = weight.shape[-1] if weight.ndim == x.ndim else 1
+    impl = resolve_impl(impl, x.shape[1], kernel, causal)
     s = MixingSpec(n_ctx=x.shape[1], d_model=x.shape[-1], mixing=mixing, heads=heads, impl=impl,
                    mask_grad=mask_grad, decay=decay, kernel=kernel, causal=causal)
     p = {MIXING_OPS[mixing].weight: weight, "c": c, "lam": lam}
-    return add_position_bias(mix_parallel(p, x, s), c)
+    return mix_parallel_with_bias(p, x, s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,8 +498,7 @@ class TokenMixing(nn.Module):
         return out
 
     def _mix(self, z: Array, suffix: str) -> Array:
-        p = self._matrix(suffix)
-        return add_position_bias(mix_parallel(p, z, self.spec), p["c"])
+        return mix_parallel_with_bias(self._matrix(suffix), z, self.spec)
 
     def _mix_step(self, z: Array, suffix: str, pos: Array, cache: dict) -> tuple[Array, dict]:
         """Step form of :meth:`_mix` for z [B, d] or [B, H, K] at position ``pos``."""

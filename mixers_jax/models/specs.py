@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from mixers_jax.config import field
 from mixers_jax.errors import UserError
 from mixers_jax.models import layers
-from mixers_jax.models.mixing import MixingSpec, check_mixing
+from mixers_jax.models.mixing import MixingSpec, check_mixing, resolve_impl
 
 DTYPES = ("float32", "bfloat16", "float16")
 BLOCKS = ("mixer", "srm")
@@ -133,7 +133,7 @@ def mixer_spec(cfg: Any) -> MixerSpec:
         d_model=d,
         mixing=mixing,
         heads=heads,
-        impl=impl,
+        impl=resolve_impl(impl, field(cfg, "n_ctx"), kernel, bool(causal)),
         expanded=bool(field(cfg, "expanded")),
         mask_grad=mask_grad,
         reference=bool(field(cfg, "reference")),

@@ -27,6 +27,9 @@ Objectives (docs/objectives.md):
   or 'copy'), L = L_clm + L_copy (per-chunk losses of both summed, divided by s once). With
   ``train.copy_delimiter`` D ≥ 0 the copy pass writes D at input positions N/2..N/2+2 and makes labels
   N/2−1..N/2+1 ∅ (the objective-switching model); ``copy`` and ``blank_copy`` use no delimiter.
+* ``entropy_weighted_clm`` (embedding_clm): the shifted CLM with per-target weights w_i = 1 − ê_i,
+  ê the min–max normalized occlusion attribution of the model's memory (mixers_jax/attribution.py,
+  docs/analysis.md#entropy-weighted-clm); the sums stay those of ``clm``.
 
 The copy objectives read the loss with the chunked (within-chunk) shift for chunked kinds and the
 plain shift for the others (the full-context baselines), on the same inputs and labels; N = the row
@@ -42,6 +45,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from mixers_jax import attribution
 from mixers_jax.config import CHUNKED_KINDS, input_length
 from mixers_jax.errors import UserError
 
@@ -274,6 +278,33 @@ def _combined_factory(ctx: ObjectiveContext) -> Objective:
     return combined
 
 
+def _entropy_weighted_factory(ctx: ObjectiveContext) -> Objective:
+    """``entropy_weighted_clm`` for embedding_clm models (docs/analysis.md#entropy-weighted-clm)."""
+    if ctx.model.kind != "embedding_clm":
+        raise UserError(
+            "objective 'entropy_weighted_clm' weights tokens by the attribution of the model's own "
+            f"memory and needs model.kind='embedding_clm', got {ctx.model.kind!r}")
+
+    def entropy_weighted_clm(apply_fn: Callable, params, batch):
+        """Shifted CE with per-target weights w = 1 − ê (ê: normalized occlusion attribution of the
+        memory, computed without gradient): L = Σ_i w_i·m_i·CE_i / Σ_i m_i over the batch's
+        counted targets m. The sums are the unweighted CLM sums, so loss and bits per byte
+        evaluate like ``clm``."""
+        access = attribution.memory_access(ctx.model, apply_fn)
+        tokens = batch["tokens"]
+        m = access.memory(params, tokens)
+        logits = access.decode(params, tokens, m)
+        logits_occ = access.decode(params, tokens, access.occlude(m, 0))
+        mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
+        weights = attribution.entropy_weights(logits[:, :-1], logits_occ[:, :-1], mask)
+        nll = token_nll(logits[:, :-1], tokens[:, 1:])
+        loss = jnp.sum(weights * nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+        sums = shifted_sums(logits, tokens, batch["loss_mask"], batch["token_bytes"])
+        return loss, dict(sums, weight=jnp.sum(weights * mask))
+
+    return entropy_weighted_clm
+
+
 OBJECTIVES: dict[str, Callable[[ObjectiveContext], Objective]] = {
     "clm": _clm_factory,
     "autoencode": lambda ctx: autoencode,
@@ -282,6 +313,7 @@ OBJECTIVES: dict[str, Callable[[ObjectiveContext], Objective]] = {
     "copy_full": _copy_factory("copy", "copy_full", full_only=True),
     "blank_copy_full": _copy_factory("blank", "blank_copy_full", full_only=True),
     "combined": _combined_factory,
+    "entropy_weighted_clm": _entropy_weighted_factory,
 }
 
 

@@ -22,13 +22,14 @@ LAYERS = {
     "config": ["config"],
     "data and models": ["data", "data.chunking", "data.embedded", "data.sources", "data.tokenizer",
                         "data.pipeline", "models", "models.*", "sharding"],
-    "training parts": ["objectives", "metrics", "target_bytes", "checkpoint", "lock", "flops"],
+    "training parts": ["attribution", "objectives", "metrics", "target_bytes", "checkpoint", "lock",
+                       "flops"],
     "training setup": ["steps", "curriculum", "workdir"],
     "trainer": ["trainer"],
     "tools": ["environment", "evaluation", "generation", "structure", "codec", "curves",
-              "benchmarks", "profiling"],
+              "benchmarks", "profiling", "figures", "inversion", "entropy", "probes"],
     "commands": ["train", "evaluate", "generate", "compress", "inspect", "plot", "profile",
-                 "bench"],
+                 "bench", "probe"],
 }
 # Function-local imports are allowed for these top-level packages anywhere ...
 LAZY_OK = {"matplotlib", "pyarrow", "tensorboardX"}

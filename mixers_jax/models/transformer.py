@@ -233,11 +233,19 @@ class TransformerLM(nn.Module):
         """Block outputs followed by the final RMSNorm. Optional RoPE ``positions_BxN`` (default
         0..n−1) and boolean attention mask (default causal; a given mask must include causality).
         GPT: first adds the learned position embeddings at those positions."""
+        x_BxNxD = self.blocks_output(x_BxNxD, len(self.blocks), positions_BxN, mask_Bx1xNxN)
+        return self.final_norm(x_BxNxD)
+
+    def blocks_output(self, x_BxNxD: Array, depth: int, positions_BxN: Array | None = None,
+                      mask_Bx1xNxN: Array | None = None) -> Array:
+        """Output of the first ``depth`` blocks (0 ≤ depth ≤ n_layers) on input embeddings x,
+        before the final norm (GPT: positions added first); ``hidden`` = final_norm(blocks_output(x,
+        n_layers)). The input-inversion probe reads the shallower ones."""
         if self.spec.gpt:
             x_BxNxD = self.add_positions(x_BxNxD, positions_BxN)
-        for block in self.blocks:
+        for block in self.blocks[:layers.checked_depth(depth, len(self.blocks))]:
             x_BxNxD = block(x_BxNxD, positions_BxN=positions_BxN, mask_Bx1xNxN=mask_Bx1xNxN)
-        return self.final_norm(x_BxNxD)
+        return x_BxNxD
 
     def add_positions(self, x: Array, positions: Array | None) -> Array:
         """x [B, N, d] (or [B, d]) + GPT's learned position embeddings at ``positions`` [B, N]

@@ -116,9 +116,12 @@ def target_valid(tokens_BxL: Array, pad_id: int, chunks: int = 1) -> Array:
 def output_distances(z_BxLxV: Array, z_alt_BxLxV: Array) -> dict[str, Array]:
     """Per position: ``l1`` = ‖z − z'‖₁ and ``cos`` = 1 − cos(z, z') (float32 [B, L])."""
     z, w = z_BxLxV.astype(jnp.float32), z_alt_BxLxV.astype(jnp.float32)
-    cos = jnp.sum(z * w, -1) / jnp.maximum(jnp.linalg.norm(z, axis=-1) * jnp.linalg.norm(w, axis=-1),
-                                           1e-30)
-    return {"l1": jnp.sum(jnp.abs(z - w), -1), "cos": 1.0 - cos}
+
+    def unit(a):
+        return a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-30)
+
+    # 1 − cos = ½‖z/‖z‖ − z'/‖z'‖‖², exactly 0 for equal vectors
+    return {"l1": jnp.sum(jnp.abs(z - w), -1), "cos": 0.5 * jnp.sum((unit(z) - unit(w)) ** 2, -1)}
 
 
 def min_max(scores_BxL: Array, valid_BxL: Array) -> Array:

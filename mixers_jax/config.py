@@ -70,7 +70,8 @@ model.qat_noise         q > 0: uniform noise U(-q, q) added to the embedding in 
 data.split              hash (default: data.val_fraction held out by a hash of the text) | first
                         (the first data.test_documents documents of the source held out)
 train.objective         clm | autoencode | copy | blank_copy | combined (objectives.py);
-                        copy_full / blank_copy_full: the copy ones on rows without pads only
+                        copy_full / blank_copy_full: the copy ones on rows without pads only;
+                        entropy_weighted_clm (embedding_clm): clm weighted by 1 − memory attribution
 train.eval_objectives   objectives evaluated (logged as eval/<name>/...); empty: the training one
 train.frozen            comma-separated top-level parameter groups that training leaves unchanged
 train.init_from         workdir whose latest checkpoint initialises the subtrees in train.init_map

@@ -48,9 +48,11 @@ def write_json(obj: Any, path: str) -> None:
     write_atomic(path, json.dumps(obj, indent=1, allow_nan=False) + "\n")
 
 
-def display_piece(piece: str) -> str:
-    """A token's text as drawn: sentencepiece's word mark as a space, newlines as ⏎."""
-    return piece.replace("\u2581", " ").replace("\n", "⏎")
+def display_piece(piece: str, text: str) -> str:
+    """A token as drawn: its piece with sentencepiece's word mark as a space, or for a byte-fallback
+    piece (``<0x0A>``) the ``text`` it decodes to; newlines as ⏎."""
+    shown = text if piece.startswith("<0x") and piece.endswith(">") else piece.replace("\u2581", " ")
+    return shown.replace("\n", "⏎")
 
 
 def _layout(pieces: Sequence[str], width: int) -> list[tuple[int, int]]:
@@ -77,10 +79,10 @@ def token_heatmap(pieces: Sequence[str], panels: Sequence[tuple[str, Sequence[fl
     width = max(8, min(width, sum(max(1, len(p)) for p in pieces)))
     where = _layout(pieces, width)
     lines = (where[-1][0] + 1) if where else 1
-    fig, axes = plt.subplots(len(panels), 1, squeeze=False,
-                             figsize=(width * 0.105 + 1.6, len(panels) * (lines * 0.24 + 0.55) + 0.3))
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False,  # 7 pt monospace: 0.06 in a character
+                             figsize=(width * 0.062 + 1.2, len(panels) * (lines * 0.2 + 0.5) + 0.3))
     colormap = mpl.colormaps[cmap]
-    for ax, (label, values) in zip(axes[:, 0], panels):
+    for i, (ax, (label, values)) in enumerate(zip(axes[:, 0], panels)):
         finite = [v for v in values if v is not None and math.isfinite(v)]
         lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
         norm = mpl.colors.Normalize(lo, hi if hi > lo else lo + 1.0)
@@ -94,8 +96,6 @@ def token_heatmap(pieces: Sequence[str], panels: Sequence[tuple[str, Sequence[fl
         ax.set_xlim(-0.5, width + 0.5)
         ax.set_ylim(lines, 0)
         ax.axis("off")
-        ax.set_title(label, fontsize=8, loc="left")
+        ax.set_title(f"{title}\n{label}" if title and i == 0 else label, fontsize=8, loc="left")
         fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=colormap), ax=ax, fraction=0.02, pad=0.01)
-    if title:
-        fig.suptitle(title, fontsize=9)
     save(fig, path)

@@ -6,7 +6,8 @@
   gradient descent (lr 0.02 -> 0.002) and prints the normalized Hamming error (true token not among
   the top 5 of the pseudo-inverse scores) per depth k, for ``--samples`` validation rows; a mixer or
   transformer causal LM. ``--untrained``: fresh weights of the same config. ``--out`` writes
-  PREFIX.json and PREFIX.png (error vs depth), with the results of ``--include`` beside this one.
+  PREFIX.json and PREFIX.png (error vs depth), with the results of ``--include`` beside this one;
+  without ``--workdir`` the ``--include`` results alone are tabulated and plotted.
 * ``--what=entropy --out=PREFIX [--text=...] [--short_workdir=DIR2]``: per-token entropies (nats)
   by the shifting method (left-padded rows, pads masked; the two-model form with a second model of
   context n − 1), for an embedding-augmented (oracle) LM or a causal LM; writes PREFIX.json and
@@ -32,7 +33,8 @@ from mixers_jax.errors import UserError
 FLAGS = cli.flag_values()
 _WHAT = flags.DEFINE_enum("what", None, ["inversion", "entropy", "attribution"], "The probe to run.",
                           flag_values=FLAGS)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir.", flag_values=FLAGS)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (required but for an inversion "
+                               "table of --include results only).", flag_values=FLAGS)
 _OUT = flags.DEFINE_string("out", None, "Output prefix: PREFIX.json and PREFIX.png are written "
                            "(required for entropy and attribution).", flag_values=FLAGS)
 _UNTRAINED = flags.DEFINE_bool("untrained", False, "inversion: fresh weights of the run's config "
@@ -83,12 +85,21 @@ def main(argv: list[str]) -> None:
         raise UserError("--untrained, --depths and --include belong to --what=inversion")
     if what == "inversion" and (_TEXT.value is not None or _SHORT.value):
         raise UserError("--text and --short_workdir belong to --what=entropy / attribution")
+    if not _WORKDIR.value and not (what == "inversion" and _INCLUDE.value):
+        raise UserError("--workdir is required (--what=inversion without it needs --include, "
+                        "earlier results to tabulate and plot)")
     depths = _ints(_DEPTHS.value, "depths") if _DEPTHS.value else None
     lr, lr_end = _lrs()
     from mixers_jax import inversion, probes  # jax: loaded after --help
 
     logging.getLogger("absl").setLevel(logging.ERROR)
-    if what == "inversion":
+    if what == "inversion" and not _WORKDIR.value:  # tabulate and plot earlier results only
+        results = probes.combine_results(_INCLUDE.value, _OUT.value)
+        print("normalized Hamming error (true token not in the top 5)")
+        print(inversion.format_table(results))
+        if _OUT.value:
+            print(f"wrote {_OUT.value}.json, {_OUT.value}.png")
+    elif what == "inversion":
         schedule = inversion.Schedule(steps=_STEPS.value, lr=lr, lr_end=lr_end)
         results = probes.inversion_probe(_WORKDIR.value, _UNTRAINED.value, depths, _SAMPLES.value,
                                          schedule, _SEED.value, _OUT.value, _INCLUDE.value)
@@ -104,7 +115,7 @@ def main(argv: list[str]) -> None:
 
 def run_command(argv: list[str] | None = None) -> None:
     """``python -m mixers_jax.probe``; exit status as in mixers_jax/cli.py."""
-    cli.run(main, FLAGS, doc=__doc__, argv=argv, required=("what", "workdir"))
+    cli.run(main, FLAGS, doc=__doc__, argv=argv, required=("what",))
 
 
 if __name__ == "__main__":

@@ -12,19 +12,16 @@ import json
 import os
 from typing import Any, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mixers_jax import attribution, entropy, figures, inversion
 from mixers_jax.config import field, input_length
-from mixers_jax.data.tokenizer import Tokenizer
 from mixers_jax.errors import UserError
 from mixers_jax.evaluation import eval_rows, held_out_paragraph
 from mixers_jax.fileio import read_bytes
-from mixers_jax.models import build_model
-from mixers_jax.workdir import TOKENIZER_FILE, load_config, load_run
+from mixers_jax.workdir import load_config, load_run, load_untrained
 
 
 @dataclasses.dataclass
@@ -40,22 +37,9 @@ class Loaded:
 def load(workdir: str, untrained: bool = False) -> Loaded:
     """The trained run in ``workdir``, or (``untrained``) fresh parameters of its config drawn from
     its ``seed`` the way training initialises them (the checkpoints are not read)."""
-    if not untrained:
-        run = load_run(workdir)
-        return Loaded(run.workdir, run.config, run.model, run.params, run.tokenizer,
-                      f"{run.config.name} step {run.step}")
-    workdir = os.path.abspath(workdir)
-    if not os.path.isdir(workdir):
-        raise UserError(f"workdir {workdir} does not exist")
-    config = load_config(workdir)
-    tok_path = os.path.join(workdir, TOKENIZER_FILE)
-    if not os.path.exists(tok_path):
-        raise UserError(f"{workdir} has no {TOKENIZER_FILE}")
-    model = build_model(config.model)
-    dummy = jnp.zeros((1, input_length(config.model)), jnp.int32)
-    params = nn.meta.unbox(model.init(jax.random.key(int(config.seed)), dummy)["params"])
-    return Loaded(workdir, config, model, params, Tokenizer.load(tok_path),
-                  f"{config.name} untrained")
+    run = load_untrained(workdir) if untrained else load_run(workdir)
+    label = f"{run.config.name} " + ("untrained" if untrained else f"step {run.step}")
+    return Loaded(run.workdir, run.config, run.model, run.params, run.tokenizer, label)
 
 
 def outputs(out: str, *exts: str) -> list[str]:
@@ -83,6 +67,16 @@ def read_results(paths: Sequence[str]) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- inversion
+
+
+def combine_results(include: Sequence[str], out: str | None) -> list[dict]:
+    """Earlier inversion results together; with ``out`` written as ``out.json`` and ``out.png``."""
+    paths = outputs(out, ".json", ".png") if out else []
+    results = read_results(include)
+    if paths:
+        figures.write_json({"results": results}, paths[0])
+        inversion.plot(results, paths[1])
+    return results
 
 
 def inversion_probe(workdir: str, untrained: bool, depths: Sequence[int] | None, samples: int,
@@ -139,7 +133,8 @@ def text_tokens(run: Loaded, text: str | None, limit: int) -> tuple[list[int], s
 
 
 def pieces(tokenizer, ids: Sequence[int]) -> list[str]:
-    return [figures.display_piece(tokenizer.decode([int(i)])) for i in ids]
+    return [figures.display_piece(tokenizer.id_to_piece(int(i)), tokenizer.decode([int(i)]))
+            for i in ids]
 
 
 # --------------------------------------------------------------------------- entropy

@@ -152,14 +152,17 @@ def format_table(results: Sequence[dict]) -> str:
 
 def plot(results: Sequence[dict], path: str) -> None:
     """Normalized Hamming error against depth, one line per result, written to ``path``."""
-    fig, ax = figures.pyplot().subplots(figsize=(5.5, 3.6))
-    for res in results:
+    fig, ax = figures.pyplot().subplots(figsize=(7.5, 3.6))
+    depths = sorted({r["depth"] for res in results for r in res["records"]})
+    for res in results:  # untrained weights dashed
         rec = sorted(res["records"], key=lambda r: r["depth"])
-        ax.plot([r["depth"] for r in rec], [r["error"] for r in rec], marker="o", label=res["label"])
+        ax.plot([r["depth"] for r in rec], [r["error"] for r in rec], marker="o", label=res["label"],
+                linestyle="--" if res.get("untrained") else "-")
+    ax.set_xticks(depths)
     ax.set_xlabel("depth k (blocks)")
     ax.set_ylabel("normalized Hamming error (top-5)")
     ax.set_ylim(-0.03, 1.03)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     figures.save(fig, path)

@@ -15,6 +15,9 @@ numbers at model.embed_bits bits each. Presets:
 * cpu: mixer encoder d128 L2 with a 64-number embedding (compression 2), mixer decoder d256 L4,
   n128, V2048 — the decoder of mixer_clm.py:cpu, so the two runs compare directly.
   cpu_transformer: the same with transformer encoder and decoder.
+* cpu_entropy_weighted (smoke_entropy_weighted): the cpu (smoke) model trained with the
+  entropy-weighted CLM objective (each target weighted by 1 − the normalized occlusion attribution
+  of the memory, docs/analysis.md#entropy-weighted-clm), evaluated with the plain clm.
 * paper_transformer: the entropy-estimation model (transformer encoder d256 L16 H4, c = 4 -> 64
   numbers, transformer decoder d512 L16, n1024, V8000, 4 bits per number in the accounting).
 * paper_mixer: mixer encoder d256 -> 64 numbers, mixer decoder d1024 L16, n1024.
@@ -25,6 +28,11 @@ from mixers_jax.config import CPU, PAPER, SMOKE, family_config
 
 _CPU = dict(CPU, **{"model.encoder.d_model": 128, "model.encoder.n_layers": 2,
                     "model.compression": 2, "model.n_heads": 4})
+
+
+# Entropy-weighted CLM (docs/analysis.md#entropy-weighted-clm): each target weighted by 1 − the
+# normalized occlusion attribution of the model's own memory; evaluated as the plain clm.
+_ENTROPY_WEIGHTED = {"train.objective": "entropy_weighted_clm", "train.eval_objectives": ("clm",)}
 
 
 def _paper(kind, lr, batch, d_dec, extra=()):
@@ -43,6 +51,9 @@ PRESETS_DICT = {
     "cpu": _CPU,
     "cpu_transformer": dict(_CPU, **{"model.encoder.kind": "transformer",
                                      "model.decoder.kind": "transformer", "train.lr": 5e-4}),
+    "smoke_entropy_weighted": dict(SMOKE, **{"model.n_heads": 2, "model.encoder.d_model": 16,
+                                             "model.compression": 2, **_ENTROPY_WEIGHTED}),
+    "cpu_entropy_weighted": dict(_CPU, **_ENTROPY_WEIGHTED),
     "paper_transformer": _paper("transformer", 2e-4, 64, 512),
     "paper_mixer": _paper("mixer", 5e-4, 64, 1024),
 }

@@ -101,8 +101,9 @@ data.embedder           kind 'matcher': workdir of the frozen generative model w
                         retrieval pairs the matcher reads (docs/search.md#direct-embedding-matching)
 data.embedding_cache    file caching those embeddings ('' = <workdir>/embedding_cache.npz), keyed by
                         the model's fingerprint and the pair texts
-train.objective         clm | autoencode | copy | blank_copy | combined | infonce (objectives.py);
-                        copy_full / blank_copy_full: the copy ones on rows without pads only
+train.objective         clm | autoencode | copy | blank_copy | combined | infonce | match (objectives.py);
+                        copy_full / blank_copy_full: the copy ones on rows without pads only;
+                        entropy_weighted_clm (embedding_clm): clm weighted by 1 − memory attribution
 train.eval_objectives   objectives evaluated (logged as eval/<name>/...); empty: the training one
 train.frozen            comma-separated top-level parameter groups that training leaves unchanged
 train.init_from         workdir whose latest checkpoint initialises the subtrees in train.init_map

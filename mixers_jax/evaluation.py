@@ -167,6 +167,19 @@ def random_eval_rows(config, tokenizer, max_rows: int = 0, seed: int = 0) -> Eva
     return EvalRows(rows, info)
 
 
+def held_out_paragraph(config, min_chars: int = 300) -> str:
+    """The first paragraph (text between blank lines) of at least ``min_chars`` characters in the
+    run's validation split, else the first validation document: text the model never trained on."""
+    docs = sources.split_for_config(sources.load_documents(config.data), config.data)[1]
+    if not docs:
+        raise UserError(f"the validation split of {config.data.source} is empty; give --text")
+    for doc in docs:
+        for para in doc.split("\n\n"):
+            if len(para.strip()) >= min_chars:
+                return para.strip()
+    return docs[0].strip()
+
+
 def make_batches(rows: np.ndarray, tokenizer, batch_size: int) -> list[dict[str, np.ndarray]]:
     """Batches of ``batch_size`` rows (tokens, loss_mask, token_bytes); the last one is filled up with
     pad rows, whose loss mask is 0 everywhere."""

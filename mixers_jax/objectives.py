@@ -33,6 +33,9 @@ Objectives (docs/objectives.md):
   ``target`` [B] (the positive's candidate index) and ``weight`` [B]; CE of the target among the
   matcher's K scores; ``tokens`` counts queries, ``correct`` top-1 hits. ``match_cosine``: the same
   pools scored by cosine similarity / ``retrieval.temperature`` alone (a baseline; no parameters).
+* ``entropy_weighted_clm`` (embedding_clm): the shifted CLM with per-target weights w_i = 1 − ê_i,
+  ê the min–max normalized occlusion attribution of the model's memory (mixers_jax/attribution.py,
+  docs/analysis.md#entropy-weighted-clm); the sums stay those of ``clm``.
 
 The copy objectives read the loss with the chunked (within-chunk) shift for chunked kinds and the
 plain shift for the others (the full-context baselines), on the same inputs and labels; N = the row
@@ -48,6 +51,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from mixers_jax import attribution
 from mixers_jax.config import CHUNKED_KINDS, field, input_length
 from mixers_jax.errors import UserError
 from mixers_jax.models.embedding import (check_embedding_model, cosine_matrix, embed_rows,
@@ -389,6 +393,33 @@ def _match_factory(name: str) -> Callable[[ObjectiveContext], Objective]:
     return factory
 
 
+def _entropy_weighted_factory(ctx: ObjectiveContext) -> Objective:
+    """``entropy_weighted_clm`` for embedding_clm models (docs/analysis.md#entropy-weighted-clm)."""
+    if ctx.model.kind != "embedding_clm":
+        raise UserError(
+            "objective 'entropy_weighted_clm' weights tokens by the attribution of the model's own "
+            f"memory and needs model.kind='embedding_clm', got {ctx.model.kind!r}")
+
+    def entropy_weighted_clm(apply_fn: Callable, params, batch):
+        """Shifted CE with per-target weights w = 1 − ê (ê: normalized occlusion attribution of the
+        memory, computed without gradient): L = Σ_i w_i·m_i·CE_i / Σ_i m_i over the batch's
+        counted targets m. The sums are the unweighted CLM sums, so loss and bits per byte
+        evaluate like ``clm``."""
+        access = attribution.memory_access(ctx.model, apply_fn)
+        tokens = batch["tokens"]
+        m = access.memory(params, tokens)
+        logits = access.decode(params, tokens, m)
+        logits_occ = access.decode(params, tokens, access.occlude(m, 0))
+        mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
+        weights = attribution.entropy_weights(logits[:, :-1], logits_occ[:, :-1], mask)
+        nll = token_nll(logits[:, :-1], tokens[:, 1:])
+        loss = jnp.sum(weights * nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+        sums = shifted_sums(logits, tokens, batch["loss_mask"], batch["token_bytes"])
+        return loss, dict(sums, weight=jnp.sum(weights * mask))
+
+    return entropy_weighted_clm
+
+
 OBJECTIVES: dict[str, Callable[[ObjectiveContext], Objective]] = {
     "clm": _clm_factory,
     "autoencode": lambda ctx: autoencode,
@@ -400,6 +431,7 @@ OBJECTIVES: dict[str, Callable[[ObjectiveContext], Objective]] = {
     "match": _match_factory("match"),
     "match_cosine": _match_factory("match_cosine"),
     "infonce": _infonce_factory,
+    "entropy_weighted_clm": _entropy_weighted_factory,
 }
 
 

@@ -218,12 +218,11 @@ def build_steps(config, mesh, objective: str | None = None, rules=None, pad_id: 
     batch_sh = sharding.batch_sharding(mesh)
     repl = sharding.replicated(mesh)
 
-    def apply_fn(params, tokens, *args, rngs=None, method=None):
-        """The model on ``tokens`` (logits); ``method`` (e.g. 'final_hidden') with ``args``."""
+    def apply_fn(params, *args, rngs=None, method=None):
+        """The model's forward on ``args`` (tokens), or its ``method`` (objectives that read a
+        model's parts, e.g. its memory), under the activation sharding rules."""
         with sharding.activation_context(mesh, act_rules):
-            if method is None:
-                return model.apply({"params": params}, tokens, rngs=rngs)
-            return model.apply({"params": params}, tokens, *args, rngs=rngs, method=method)
+            return model.apply({"params": params}, *args, rngs=rngs, method=method)
 
     def init(rng):
         with sharding.activation_context(mesh, act_rules):

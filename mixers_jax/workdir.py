@@ -268,10 +268,8 @@ def abstract_params(model_cfg, model=None) -> Any:
     return nn.meta.unbox(shapes)
 
 
-def load_run(workdir: str, step: int | None = None) -> Run:
-    """(config, model, params, tokenizer) of the newest intact (or the given) checkpoint in
-    ``workdir``, on one device. Reads only: no lock, no write; a damaged newer checkpoint is
-    reported and skipped; while a run is live there, only complete checkpoints are read."""
+def _config_and_tokenizer(workdir: str) -> tuple[str, ml_collections.ConfigDict, Tokenizer]:
+    """(absolute workdir, config, tokenizer) of a workdir; ``UserError`` if either is missing."""
     workdir = os.path.abspath(workdir)
     if not os.path.isdir(workdir):
         raise UserError(f"workdir {workdir} does not exist")
@@ -279,7 +277,24 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     tok_path = os.path.join(workdir, TOKENIZER_FILE)
     if not os.path.exists(tok_path):
         raise UserError(f"{workdir} has no {TOKENIZER_FILE}")
-    tokenizer = Tokenizer.load(tok_path)
+    return workdir, config, Tokenizer.load(tok_path)
+
+
+def load_untrained(workdir: str) -> Run:
+    """The run of ``workdir`` with fresh parameters of its config instead of a checkpoint, drawn
+    from its ``seed`` as training draws them (step 0; the checkpoints are not read)."""
+    workdir, config, tokenizer = _config_and_tokenizer(workdir)
+    model = build_model(config.model)
+    dummy = jnp.zeros((1, input_length(config.model)), jnp.int32)
+    params = nn.meta.unbox(model.init(jax.random.key(int(config.seed)), dummy)["params"])
+    return Run(workdir, config, model, params, tokenizer, 0)
+
+
+def load_run(workdir: str, step: int | None = None) -> Run:
+    """(config, model, params, tokenizer) of the newest intact (or the given) checkpoint in
+    ``workdir``, on one device. Reads only: no lock, no write; a damaged newer checkpoint is
+    reported and skipped; while a run is live there, only complete checkpoints are read."""
+    workdir, config, tokenizer = _config_and_tokenizer(workdir)
     model = build_model(config.model)
     ckpt_dir = os.path.join(workdir, CHECKPOINTS_DIR)
     if not os.path.isdir(ckpt_dir):

@@ -22,7 +22,7 @@ def make_workdir(path: str, seed: int = 0, params_map=None, **model_overrides) -
     from mixers_jax import checkpoint as ckpt_lib
     from mixers_jax import steps as steps_lib
     from mixers_jax import workdir as workdir_lib
-    from mixers_jax.config import base_config
+    from mixers_jax.config import base_config, input_length
     from mixers_jax.data.tokenizer import Tokenizer
     from mixers_jax.models import build_model
 
@@ -34,7 +34,7 @@ def make_workdir(path: str, seed: int = 0, params_map=None, **model_overrides) -
                           os.path.join(path, workdir_lib.TOKENIZER_FILE))
     model = build_model(config.model)
     params = nn.meta.unbox(
-        model.init(jax.random.key(seed), jnp.zeros((1, config.model.n_ctx), jnp.int32))["params"])
+        model.init(jax.random.key(seed), jnp.zeros((1, input_length(config.model)), jnp.int32))["params"])
     if params_map is not None:
         params = jax.tree.map(params_map, params)
     tx = steps_lib.make_optimizer(config.train)

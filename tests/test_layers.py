@@ -23,14 +23,15 @@ LAYERS = {
     "data and models": ["data", "data.chunking", "data.embedded", "data.sources", "data.tokenizer",
                         "data.passages", "data.pipeline", "data.pairs", "models", "models.*",
                         "sharding"],
-    "training parts": ["objectives", "metrics", "ranking", "target_bytes", "checkpoint", "lock",
-                       "flops"],
+    "training parts": ["attribution", "objectives", "metrics", "ranking", "target_bytes",
+                       "checkpoint", "lock", "flops"],
     "training setup": ["steps", "curriculum", "recovery", "workdir"],
     "trainer": ["trainer"],
     "tools": ["environment", "evaluation", "generation", "structure", "codec", "curves",
-              "benchmarks", "profiling", "retrieval", "retrieval.*", "search_index", "matching"],
+              "benchmarks", "profiling", "retrieval", "retrieval.*", "search_index", "matching",
+              "figures", "inversion", "entropy", "probes"],
     "commands": ["train", "evaluate", "generate", "compress", "inspect", "plot", "profile",
-                 "bench", "search"],
+                 "bench", "search", "probe"],
 }
 # Function-local imports are allowed for these top-level packages anywhere ...
 LAZY_OK = {"matplotlib", "pyarrow", "tensorboardX", "bm25s"}

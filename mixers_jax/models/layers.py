@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mixers_jax.errors import UserError
+
 Array = jax.Array
 Dtype = Any
 Init = Callable[..., Array]
@@ -265,3 +267,10 @@ def run_blocks_step(blocks, x_BxD: Array, pos: Array, cache: tuple) -> tuple[Arr
         x_BxD, c = block(x_BxD, pos, c)
         new.append(c)
     return x_BxD, tuple(new)
+
+
+def checked_depth(depth: int, n_layers: int) -> int:
+    """``depth`` if 0 ≤ depth ≤ n_layers (a number of leading blocks to run), else ``UserError``."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 0 <= depth <= n_layers:
+        raise UserError(f"depth {depth!r} is outside 0..{n_layers}: the model has {n_layers} blocks")
+    return depth

@@ -52,7 +52,7 @@ import jax
 
 from mixers_jax.errors import UserError
 from mixers_jax.models import layers
-from mixers_jax.models.layers import lm_head, run_blocks_step
+from mixers_jax.models.layers import checked_depth, lm_head, run_blocks_step
 from mixers_jax.models.mixing import TokenMixing
 from mixers_jax.models.specs import MixerSpec
 
@@ -122,8 +122,9 @@ class MaskedMixerLM(nn.Module):
     """Masked mixer LM: tokens [B, n_ctx] int32 -> logits [B, n_ctx, V] float32.
 
     Methods usable with ``model.apply(..., method=...)``: ``embed_tokens`` (tokens -> x),
-    ``hidden`` (x -> last block output), ``final_hidden`` (tokens, pad mask -> last block output,
-    pads left out of the mixing), ``logits`` (hidden -> fp32 logits), ``step`` (one token at
+    ``hidden`` (x -> last block output), ``blocks_output`` (x, k -> output of the first k blocks),
+    ``final_hidden`` (tokens, pad mask -> last block output, pads left out of the mixing),
+    ``logits`` (hidden -> fp32 logits), ``step`` (one token at
     one position with a carried cache; ``model.init_cache(batch, mode)`` makes the cache).
     ``block='srm'`` with ``mixing`` in ('row', 'col', 'mixed') is the structured recurrent mixer
     (docs/recurrent_mixers.md): FFN-first SiLU blocks, Kaiming init, N(0, 1) embedding. ``kernel`` = k > 1 is
@@ -160,7 +161,12 @@ class MaskedMixerLM(nn.Module):
         return nn.with_logical_constraint(x_BxNxD, ("batch", "length", "act_embed"))
 
     def hidden(self, x_BxNxD: Array) -> Array:
-        for block in self.blocks:
+        return self.blocks_output(x_BxNxD, len(self.blocks))
+
+    def blocks_output(self, x_BxNxD: Array, depth: int) -> Array:
+        """Output of the first ``depth`` blocks (0 ≤ depth ≤ n_layers) on input embeddings x:
+        ``hidden`` is ``blocks_output(x, n_layers)`` (the input-inversion probe reads the others)."""
+        for block in self.blocks[:checked_depth(depth, len(self.blocks))]:
             x_BxNxD = block(x_BxNxD)
         return x_BxNxD
 

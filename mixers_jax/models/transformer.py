@@ -251,14 +251,23 @@ class TransformerLM(nn.Module):
 
     def hidden(self, x_BxNxD: Array, positions_BxN: Array | None = None,
                mask_Bx1xNxN: Array | None = None) -> Array:
-        """Block outputs followed by the final RMSNorm (none with ``layer_norm=False``). Optional RoPE ``positions_BxN`` (default
-        0..n−1) and boolean attention mask (default causal; a given mask must include causality).
-        GPT: first adds the learned position embeddings at those positions."""
+        """Block outputs followed by the final RMSNorm (none with ``layer_norm=False``). Optional
+        RoPE ``positions_BxN`` (default 0..n−1) and boolean attention mask (default causal; a given
+        mask must include causality). GPT: first adds the learned position embeddings at those
+        positions."""
+        x_BxNxD = self.blocks_output(x_BxNxD, len(self.blocks), positions_BxN, mask_Bx1xNxN)
+        return self.normalize(x_BxNxD)
+
+    def blocks_output(self, x_BxNxD: Array, depth: int, positions_BxN: Array | None = None,
+                      mask_Bx1xNxN: Array | None = None) -> Array:
+        """Output of the first ``depth`` blocks (0 ≤ depth ≤ n_layers) on input embeddings x,
+        before the final norm (GPT: positions added first); ``hidden`` = normalize(blocks_output(x,
+        n_layers)). The input-inversion probe reads the shallower ones."""
         if self.spec.gpt:
             x_BxNxD = self.add_positions(x_BxNxD, positions_BxN)
-        for block in self.blocks:
+        for block in self.blocks[:layers.checked_depth(depth, len(self.blocks))]:
             x_BxNxD = block(x_BxNxD, positions_BxN=positions_BxN, mask_Bx1xNxN=mask_Bx1xNxN)
-        return self.normalize(x_BxNxD)
+        return x_BxNxD
 
     def normalize(self, x: Array) -> Array:
         """The final norm (identity in the norm-free ablation)."""

@@ -1,7 +1,7 @@
 """Lossless compression of any file with a trained model (mixers_jax/codec.py: arithmetic coding).
 
     python -m mixers_jax.compress encode --workdir=DIR IN OUT [--context=auto|restart|slide]
-        [--batch=64] [--force]
+        [--batch=128] [--force]
     python -m mixers_jax.compress decode --workdir=DIR IN OUT [--force]
 
 encode prints the achieved bits per byte beside the model's own estimate and gzip / bz2 / xz on the
@@ -15,7 +15,8 @@ The tokens run through the model in at most ``--batch`` lanes of consecutive tok
 lockstep as one batch (mixers_jax/codec_lanes.py). ``--context=slide`` predicts every token from the
 n_ctx − 1 tokens before it (Toeplitz and structured recurrent mixers, RoPE transformers);
 ``restart`` starts a fresh context every n_ctx − 1 tokens (every model); ``auto`` (default) slides
-where the model can. decode reads the layout from the stream (the decoder must use the encoder's
+RoPE transformers and structured recurrent mixers, where sliding measured fewer bits, and restarts
+the rest (Toeplitz mixers included; codec_lanes.slides_by_default). decode reads the layout from the stream (the decoder must use the encoder's
 batch layout to compute bit-identical frequencies); a ``--context`` or ``--batch`` given to decode
 that differs from the stream's is refused. Both print their coding time and throughput (KB/s,
 model loading excluded). OUT is written atomically; an existing OUT is refused unless ``--force``. Runs on the CPU
@@ -43,9 +44,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir of the model."
 _FORCE = flags.DEFINE_bool("force", False, "Overwrite an existing output file.", flag_values=FLAGS)
 _CONTEXT = flags.DEFINE_enum("context", "auto", ["auto", "restart", "slide"],
                              "encode: restart the context every n_ctx - 1 tokens, or slide it "
-                             "(models whose step form can); auto: slide where possible.",
+                             "(models whose step form can); auto: slide transformers and recurrent mixers.",
                              flag_values=FLAGS)
-_BATCH = flags.DEFINE_integer("batch", 64, "encode: at most this many lanes coded in lockstep "
+_BATCH = flags.DEFINE_integer("batch", 128, "encode: at most this many lanes coded in lockstep "
                               "(one batch; bounds memory).", flag_values=FLAGS)
 COMMANDS = ("encode", "decode")
 

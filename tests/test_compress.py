@@ -75,8 +75,10 @@ def test_round_trip_layouts(runs, slide_runs):
         assert st["context"] == "restart" and st["lanes"] == min(batch, st["windows"])
         assert st["lane_length"] % 15 == 0 and st["lanes"] * st["lane_length"] >= st["tokens"]
     for run in (srm, *slide_runs):
-        st = _round_trip(run, LONG, "auto", 3)
+        st = _round_trip(run, LONG, "slide", 3)
         assert st["context"] == "slide" and st["lanes"] == 3 and st["lane_length"] > 2 * 16
+        auto = "restart" if run is slide_runs[0] else "slide"  # Toeplitz slides only when asked
+        assert codec.resolve_context(run.model, "auto") == auto
         restart = _round_trip(run, LONG, "restart", 3)
         assert restart["context"] == "restart" and restart["tokens"] == st["tokens"]
         _round_trip(run, CASES["one_byte"], "slide", 3)

@@ -33,7 +33,7 @@ V·d + n·d + L·(4d² + 4d + 2r·d² + r·d + d + 4d) + 2d + d·V
 (embedding, positions, per block q/k/v/o + biases, fc1 + fc2 + biases, two LayerNorms; final
 LayerNorm, head).
 
-Step form with a KV cache: ``model.init_cache(batch)`` gives per layer ``k``, ``v`` [B, n_ctx, H, hd]
+Step form with a KV cache: ``model.init_cache(batch)`` gives per layer ``k``, ``v`` [B, H, n_ctx, hd]
 (keys after RoPE); ``model.apply(vars, tokens_B, pos, cache, method='step')`` -> (logits [B, V],
 cache) attends from position ``pos`` to the cached positions ≤ pos. The cache is a ring (position p
 in slot p mod n_ctx), so with RoPE ``pos`` may go past n_ctx: the step then attends to the last
@@ -108,7 +108,7 @@ class Attention(nn.Module):
             return linear((spec.d_model,), ("heads", "head_dim", "embed"), "o", n_in=2)(a)
 
         if cache is not None:  # one position: x [B, d], q/k/v [B, H, hd]
-            n = cache["k"].shape[1]
+            n = cache["k"].shape[2]
             q_BxHxK, k_BxHxK = q_BxNxHxK, k_BxNxHxK
             if not spec.gpt:  # RoPE at the absolute position (pos may pass n_ctx: sliding)
                 cos_1xK, sin_1xK = rope_cos_sin_at(jnp.asarray(pos)[None], hd, spec.rope_theta)
@@ -116,16 +116,16 @@ class Attention(nn.Module):
                 k_BxHxK = apply_rope(k_BxNxHxK[:, None], cos_1xK, sin_1xK)[:, 0]
             slot = pos % n  # a ring: past n_ctx the oldest position is overwritten
             k_cache = jax.lax.dynamic_update_index_in_dim(
-                cache["k"], k_BxHxK.astype(cache["k"].dtype), slot, axis=1)
+                cache["k"], k_BxHxK.astype(cache["k"].dtype), slot, axis=2)
             v_cache = jax.lax.dynamic_update_index_in_dim(
-                cache["v"], v_BxNxHxK.astype(cache["v"].dtype), slot, axis=1)
-            # broadcast products summed over an axis, not einsums: XLA:CPU would transpose the
-            # whole cache at every step for the dot
-            scores_BxNxH = jnp.sum(q_BxHxK.astype(jnp.float32)[:, None] * k_cache.astype(jnp.float32),
-                                   axis=-1) / jnp.sqrt(jnp.float32(hd))
-            scores_BxNxH = jnp.where((jnp.arange(n) <= pos)[None, :, None], scores_BxNxH, -jnp.inf)
-            probs_BxNxH = jax.nn.softmax(scores_BxNxH, axis=1)
-            a_BxHxK = jnp.sum(probs_BxNxH[..., None] * v_cache.astype(jnp.float32), axis=1)
+                cache["v"], v_BxNxHxK.astype(cache["v"].dtype), slot, axis=2)
+            # [B, H, n, hd] caches: both products are batched matrix-vector products over (b, h)
+            # with no transpose of the cache (a [B, n, H, hd] cache costs one per step on XLA:CPU)
+            scores = jnp.einsum("bhk,bhjk->bhj", q_BxHxK.astype(jnp.float32),
+                                k_cache.astype(jnp.float32)) / jnp.sqrt(jnp.float32(hd))
+            scores = jnp.where(jnp.arange(n)[None, None, :] <= pos, scores, -jnp.inf)
+            probs = jax.nn.softmax(scores, axis=-1)
+            a_BxHxK = jnp.einsum("bhj,bhjk->bhk", probs, v_cache.astype(jnp.float32))
             return out(a_BxHxK.astype(spec.dtype)), {"k": k_cache, "v": v_cache}
         if not spec.gpt:
             if positions_BxN is None:
@@ -257,7 +257,7 @@ class TransformerLM(nn.Module):
 
     @nn.nowrap
     def init_cache(self, batch: int, mode: str = "cached") -> tuple:
-        """KV cache per layer: k, v [B, n_ctx, H, hd] in the compute dtype."""
+        """KV cache per layer: k, v [B, H, n_ctx, hd] in the compute dtype."""
         spec = self.spec
         if not spec.causal:
             raise UserError(
@@ -266,7 +266,7 @@ class TransformerLM(nn.Module):
             )
         if mode != "cached":
             raise ValueError(f"the transformer has only the 'cached' (KV cache) step, not {mode!r}")
-        shape = (batch, spec.n_ctx, spec.n_heads, spec.d_model // spec.n_heads)
+        shape = (batch, spec.n_heads, spec.n_ctx, spec.d_model // spec.n_heads)
         return tuple(
             {"k": jnp.zeros(shape, spec.dtype), "v": jnp.zeros(shape, spec.dtype)}
             for _ in range(spec.n_layers)

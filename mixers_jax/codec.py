@@ -8,23 +8,22 @@ maximal valid UTF-8 runs go through the tokenizer (checked to round-trip), every
 byte-fallback piece ``<0xNN>``. If the tokenizer does not reproduce a run exactly, the whole file
 is coded as byte pieces (flag in the header).
 
-**Context.** The token stream is cut into windows of n_ctx − 1 tokens; each window is a fresh
-context starting with EOS at position 0 (a document start, as in training with concat packing), so
-every token is predicted by the model. All windows advance together as one batch through the
-model's step form (recurrent state for structured recurrent mixers, cached inputs / KV cache
-otherwise): encode and decode run *the same jitted computation* on the same shapes (on CPU), so
-decode sees bit-identical logits. Windows restart rather than slide because masked mixers index
-their weights by absolute position.
+**Model side** (:mod:`mixers_jax.codec_lanes`). The tokens run through the model in R lanes of
+consecutive tokens advancing in lockstep as one batch (R ≤ ``batch``), with a context that
+``restart``s every n_ctx − 1 tokens (EOS at position 0, every model) or ``slide``s (Toeplitz and
+structured recurrent mixers, RoPE transformers: each token predicted from the n_ctx − 1 before
+it). Each step gives integer frequencies (counts ≥ 1, 20 bits of precision) inside the jitted step;
+the entropy coder is :mod:`mixers_jax.arithmetic_coder`, one stream with the lanes interleaved.
 
-**Probabilities -> integers.** Inside the same jitted step: e_i = exp(l_i − max l) (float32),
-count_i = floor(e_i · 2^20) + 1 (int32; every symbol keeps a count ≥ 1); the cumulative table is an
-exact int64 sum on the host. The coder is a 64-bit-state binary arithmetic coder (Witten–Neal–Cleary
-with pending underflow bits) on Python integers; the quantisation costs ≲ V/2^20 of probability mass.
-
-**Stream.** Header (54 bytes): magic ``MXAC``, version, tokenisation flag, original length, token
-count, payload length, the 16-byte fingerprint of params + tokenizer + model config, and the first
-8 bytes of the SHA-256 of the original data; then the payload bits. Decode refuses another model
-(fingerprint), a truncated stream (length) and corrupted content (hash), each with a UserError.
+**Stream** (version 3). Header (63 bytes): magic ``MXAC``, version, tokenisation flag, original
+length, token count, payload length, the 16-byte fingerprint of params + tokenizer + model config,
+the first 8 bytes of the SHA-256 of the original data, the context (0 restart, 1 slide), the lane
+count R, then the CRC-32 of those 59 bytes; then the payload bits. The layout (context, R) is the
+encoder's: the decoder uses it, because the model's floating-point results may change with the
+batch shape. Decode refuses another model (fingerprint), a damaged header (checksum, or a lane
+count :meth:`Layout.plan` would not give), a truncated stream (length) and corrupted content
+(hash), each with a UserError; version-1 streams (one batch of all windows, before lanes) are
+refused in one line naming the version.
 
 **Stored-embedding models** ('autoencoder', 'embedding_clm'; :func:`encode_embedding_stream`).
 Same tokens and windows (EOS, then n_ctx − 1 tokens; the last window padded with EOS). Per window
@@ -36,16 +35,16 @@ their width, so the stream holds exactly the bits the accounting charges. Then t
 by the same loop as a causal LM's, the decoder conditioned on z as *read back from those bytes*
 (:class:`EmbeddingCoder`): the autoencoder's logits at positions 1..n_ctx − 1 of the window, or
 the embedding_clm's causal decoder with its injected vector fixed. Header (version 2, 61 bytes):
-the version-1 fields, then the model kind, the format, bits per number and numbers per window;
-payload = all windows' vectors, then the coded bits. Version-1 (causal) streams are unchanged;
-decoding a stream with the other kind of model, or with a workdir whose ``embed_quant`` / width
+magic, version, flag, length, token count, payload length, fingerprint, hash, then the model kind, the format, bits per number and numbers per window;
+payload = all windows' vectors, then the coded bits; all windows are one batch (restart layout,
+W lanes). Decoding a stream with the other kind of model, or with a workdir whose ``embed_quant`` / width
 differs from the stream's, is a UserError.
 """
 from __future__ import annotations
 
 import hashlib
-import math
 import struct
+import zlib
 from typing import Iterable, Sequence
 
 import jax
@@ -53,93 +52,20 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from mixers_jax.arithmetic_coder import ArithmeticEncoder
+from mixers_jax.codec_lanes import (CONTEXTS, DEFAULT_BATCH, FrequencySteps, Layout, code_tokens,
+                                    decode_tokens, frequencies, resolve_context, window_count)
 from mixers_jax.errors import UserError
-from mixers_jax.generation import resolve_mode
 from mixers_jax.metrics import LN2, QUANT_BITS, STORED_EMBEDDING_KINDS, embedding_accounting, stored_numbers
 from mixers_jax.models.autoencoder import Autoencoder, EmbeddingCLM
 from mixers_jax.models.bottleneck import QUANTS
 
 MAGIC = b"MXAC"
-VERSION = 1  # causal-LM streams
+VERSION = 3  # causal-LM streams in lanes (restart / slide)
 EMBEDDING_VERSION = 2  # stored-embedding streams (codec_embedding)
-COUNT_BITS = 20
-_HEADER = struct.Struct("<4sBBQQQ16s8s")
-HEADER_BYTES = _HEADER.size
-
-STATE_BITS = 64
-_FULL = 1 << STATE_BITS
-_MASK = _FULL - 1
-_HALF = _FULL >> 1
-_QUARTER = _HALF >> 1
-
-
-# --------------------------------------------------------------------------- arithmetic coder
-
-
-class ArithmeticEncoder:
-    def __init__(self):
-        self.low, self.high, self.pending = 0, _MASK, 0
-        self.bits: list[int] = []
-
-    def _emit(self, bit: int) -> None:
-        self.bits.append(bit)
-        if self.pending:
-            self.bits.extend([bit ^ 1] * self.pending)
-            self.pending = 0
-
-    def encode(self, lo: int, hi: int, total: int) -> None:
-        """Codes the symbol occupying [lo, hi) of a table summing to ``total`` (lo < hi ≤ total)."""
-        rng = self.high - self.low + 1
-        self.high = self.low + rng * hi // total - 1
-        self.low = self.low + rng * lo // total
-        while ((self.low ^ self.high) & _HALF) == 0:
-            self._emit(self.low >> (STATE_BITS - 1))
-            self.low = (self.low << 1) & _MASK
-            self.high = ((self.high << 1) & _MASK) | 1
-        while self.low & ~self.high & _QUARTER:
-            self.pending += 1
-            self.low = (self.low << 1) ^ _HALF
-            self.high = ((self.high ^ _HALF) << 1) | _HALF | 1
-
-    def finish(self) -> bytes:
-        self._emit(1)
-        return np.packbits(np.asarray(self.bits, np.uint8)).tobytes() if self.bits else b""
-
-
-class ArithmeticDecoder:
-    def __init__(self, payload: bytes):
-        self._bits = np.unpackbits(np.frombuffer(payload, np.uint8)).tolist()
-        self._pos = 0
-        self.low, self.high = 0, _MASK
-        self.code = 0
-        for _ in range(STATE_BITS):
-            self.code = (self.code << 1) | self._read()
-
-    def _read(self) -> int:
-        pos = self._pos
-        self._pos += 1
-        return self._bits[pos] if pos < len(self._bits) else 0
-
-    def decode(self, cum: np.ndarray) -> int:
-        """Symbol s with cum[s] ≤ target < cum[s+1]; ``cum`` int64 [V+1], cum[0] = 0."""
-        total = int(cum[-1])
-        rng = self.high - self.low + 1
-        value = ((self.code - self.low + 1) * total - 1) // rng
-        s = int(np.searchsorted(cum, value, side="right")) - 1
-        s = min(max(s, 0), len(cum) - 2)
-        lo, hi = int(cum[s]), int(cum[s + 1])
-        self.high = self.low + rng * hi // total - 1
-        self.low = self.low + rng * lo // total
-        while ((self.low ^ self.high) & _HALF) == 0:
-            self.low = (self.low << 1) & _MASK
-            self.high = ((self.high << 1) & _MASK) | 1
-            self.code = ((self.code << 1) & _MASK) | self._read()
-        while self.low & ~self.high & _QUARTER:
-            self.low = (self.low << 1) ^ _HALF
-            self.high = ((self.high ^ _HALF) << 1) | _HALF | 1
-            self.code = (self.code & _HALF) | ((self.code << 1) & (_MASK >> 1)) | self._read()
-        return s
-
+OLD_VERSIONS = {1: "causal-LM streams of one batch of all windows, before lanes and sliding"}
+_HEADER = struct.Struct("<4sBBQQQ16s8sBI")  # then the CRC-32 of these bytes
+HEADER_BYTES = _HEADER.size + 4
 
 # --------------------------------------------------------------------------- bytes <-> tokens
 
@@ -179,12 +105,7 @@ def bytes_to_tokens(data: bytes, tokenizer, table: Sequence[bytes]) -> tuple[lis
     return byte_tokens(data, tokenizer), 1
 
 
-# --------------------------------------------------------------------------- the model side
-
-
-def window_count(n_tokens: int, n_ctx: int) -> int:
-    """Windows of n_ctx − 1 tokens (each after an EOS) covering ``n_tokens`` tokens."""
-    return -(-n_tokens // (n_ctx - 1)) if n_tokens else 0
+# --------------------------------------------------------------------------- causal-LM streams
 
 
 def window_grid(tokens: Sequence[int], n_ctx: int, eos: int) -> np.ndarray:
@@ -197,126 +118,74 @@ def window_grid(tokens: Sequence[int], n_ctx: int, eos: int) -> np.ndarray:
     return grid
 
 
-def _integer_counts(logits):
-    """(counts int32 [.., V], log-probabilities float32 [.., V]) of fp32 logits (module doc)."""
-    logits = logits.astype(jnp.float32)
-    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-    counts = jnp.floor(e * (1 << COUNT_BITS)).astype(jnp.int32) + 1
-    return counts, jax.nn.log_softmax(logits, axis=-1)
+def pack_causal_header(fields: tuple) -> bytes:
+    """The version-3 header: :data:`_HEADER` fields, then the CRC-32 of those bytes."""
+    head = _HEADER.pack(*fields)
+    return head + struct.pack("<I", zlib.crc32(head))
 
 
-class ModelCoder:
-    """The model's integer frequency tables for W windows advancing in lockstep (see module doc).
-
-    :class:`EmbeddingCoder` changes only where the logits of step t come from (:meth:`_make_step`,
-    :meth:`init_cache`); the per-token loop (:meth:`run_windows`) is the same for every kind."""
-
-    def __init__(self, run):
-        self.run = run
-        self.n_ctx = int(run.config.model.n_ctx)
-        self.eos = int(run.tokenizer.eos_id)
-        self._step = jax.jit(self._make_step(), donate_argnums=0)
-
-    def _make_step(self):
-        """step(cache, tokens_W, t) -> (cache, counts [W, V], logp [W, V]) for grid position t+1."""
-        model, params = self.run.model, self.run.params
-        self.mode = resolve_mode(self.run.config.model, "auto")
-
-        def step(cache, tokens_W, t):
-            logits, cache = model.apply({"params": params}, tokens_W, t, cache, method="step")
-            return (cache, *_integer_counts(logits))
-
-        return step
-
-    def init_cache(self, w: int):
-        return self.run.model.init_cache(w, self.mode)
-
-    def windows(self, n_tokens: int) -> int:
-        return window_count(n_tokens, self.n_ctx)
-
-    def run_windows(self, n_tokens: int, fill):
-        """Drives the coder: for t = 0, 1, ..., calls ``fill(t, counts [W, V], logp [W, V], grid)``,
-        which must set ``grid[w, t+1]`` for every window w holding a real token at t+1, in order
-        of w. ``grid`` [W, n_ctx] int32 starts as EOS everywhere (position 0 is always EOS)."""
-        w = self.windows(n_tokens)
-        per = self.n_ctx - 1
-        grid = np.full((w, self.n_ctx), self.eos, np.int32)
-        cache = self.init_cache(w)
-        steps = min(per, n_tokens)
-        for t in range(steps):
-            cache, counts, logp = self._step(cache, jnp.asarray(grid[:, t]), jnp.int32(t))
-            fill(t, np.asarray(counts), logp, grid)
-        return grid
-
-    @staticmethod
-    def real(t: int, w_count: int, n_tokens: int, per: int) -> np.ndarray:
-        """Windows whose position t+1 holds a real token."""
-        idx = np.arange(w_count) * per + t
-        return np.nonzero(idx < n_tokens)[0]
-
-
-def code_tokens(tokens: Sequence[int], coder: ModelCoder, enc: ArithmeticEncoder) -> float:
-    """Codes ``tokens`` window by window into ``enc``; returns Σ −log2 p of the coded tokens."""
-    per, n = coder.n_ctx - 1, len(tokens)
-    if not n:
-        return 0.0
-    w_count = coder.windows(n)
-    target = window_grid(tokens, coder.n_ctx, coder.eos)[:, 1:]
-    nll_bits = 0.0
-
-    def fill(t, counts, logp, grid):
-        nonlocal nll_bits
-        rows = ModelCoder.real(t, w_count, n, per)
-        syms = target[rows, t]
-        grid[:, t + 1] = target[:, t]
-        cum = np.cumsum(counts[rows].astype(np.int64), axis=1)
-        lp = np.asarray(logp)[rows, syms].astype(np.float64)
-        nll_bits += float(-lp.sum() / math.log(2.0))
-        for k, s in enumerate(syms):
-            hi = int(cum[k, s])
-            enc.encode(hi - int(counts[rows[k], s]), hi, int(cum[k, -1]))
-
-    coder.run_windows(n, fill)
-    return nll_bits
-
-
-def decode_tokens(payload: bytes, n: int, coder: ModelCoder) -> list[int]:
-    """The ``n`` tokens :func:`code_tokens` coded into ``payload`` with the same ``coder``."""
-    if not n:
-        return []
-    per = coder.n_ctx - 1
-    w_count = coder.windows(n)
-    dec = ArithmeticDecoder(payload)
-
-    def fill(t, counts, logp, grid):
-        rows = ModelCoder.real(t, w_count, n, per)
-        cum = np.zeros((len(rows), counts.shape[1] + 1), np.int64)
-        np.cumsum(counts[rows].astype(np.int64), axis=1, out=cum[:, 1:])
-        for k, w in enumerate(rows):
-            grid[w, t + 1] = dec.decode(cum[k])
-
-    grid = coder.run_windows(n, fill)
-    return grid[:, 1:].reshape(-1)[:n].tolist()
-
-
-def encode_bytes(data: bytes, run) -> tuple[bytes, dict]:
-    """Compressed stream of ``data`` and statistics (bits, estimate, tokens). A workdir of a
-    stored-embedding kind (autoencoder, embedding_clm) makes an embedding stream (codec_embedding)."""
+def encode_bytes(data: bytes, run, context: str = "auto", batch: int = DEFAULT_BATCH) -> tuple[bytes, dict]:
+    """Compressed stream of ``data`` and statistics (bits, estimate, tokens, layout). A workdir of
+    a stored-embedding kind (autoencoder, embedding_clm) makes an embedding stream, which restarts
+    at every window and codes all windows as one batch (``context`` must be 'auto' or 'restart'
+    and ``batch`` is not read there)."""
     if run.config.model.kind in STORED_EMBEDDING_KINDS:
+        if context not in ("auto", "restart"):
+            raise UserError("a stored-embedding stream restarts at every window (each window has "
+                            "its own stored vector): --context=slide is not available")
         return encode_embedding_stream(data, run)
     tok = run.tokenizer
     tokens, flag = bytes_to_tokens(data, tok, tok.piece_bytes())
-    coder = ModelCoder(run)
-    enc = ArithmeticEncoder()
-    nll_bits = code_tokens(tokens, coder, enc)
     n = len(tokens)
+    layout = Layout.plan(n, int(run.config.model.n_ctx), resolve_context(run.model, context), batch)
+    enc = ArithmeticEncoder()
+    nll_bits = code_tokens(tokens, FrequencySteps(run, layout), int(tok.eos_id), enc) if n else 0.0
     payload = enc.finish() if n else b""
-    header = _HEADER.pack(MAGIC, VERSION, flag, len(data), n, len(payload), run.fingerprint(),
-                          hashlib.sha256(data).digest()[:8])
-    stats = {"kind": "causal", "bytes": len(data), "tokens": n, "windows": coder.windows(n),
-             "byte_fallback_only": bool(flag), "compressed_bytes": HEADER_BYTES + len(payload),
+    header = pack_causal_header((MAGIC, VERSION, flag, len(data), n, len(payload), run.fingerprint(),
+                                 hashlib.sha256(data).digest()[:8],
+                                 CONTEXTS.index(layout.context), layout.lanes))
+    stats = {"kind": "causal", "bytes": len(data), "tokens": n,
+             "windows": window_count(n, layout.n_ctx), "context": layout.context,
+             "lanes": layout.lanes, "lane_length": layout.lane_length,
+             "byte_fallback_only": bool(flag), "compressed_bytes": len(header) + len(payload),
              "payload_bytes": len(payload), "model_bits": nll_bits}
     return header + payload, stats
+
+
+def stream_layout(stream: bytes) -> tuple[str, int, int]:
+    """(context, lanes, tokens) of a causal (version-3) stream, from its checked header."""
+    check_magic(stream, 5)
+    if stream_kind(stream) != "causal":
+        raise UserError("--context / --batch apply to causal-LM streams; a stored-embedding stream "
+                        "codes all its windows as one batch")
+    check_magic(stream, HEADER_BYTES)
+    fields = _read_causal_header(stream)
+    return CONTEXTS[fields[8]], fields[9], fields[4]
+
+
+def check_layout_request(stream: bytes, run, context: str | None, batch: int | None) -> None:
+    """A UserError unless ``context`` / ``batch`` (None: not given) give the causal stream's own
+    layout: the decoder must use the encoder's batch layout, so a differing request is refused."""
+    stream_context, lanes, n = stream_layout(stream)
+    if context is not None and context not in ("auto", stream_context):
+        raise UserError(f"this stream was encoded with --context={stream_context}; decode uses the "
+                        f"stream's layout (drop --context or pass --context={stream_context})")
+    if batch is not None and n and Layout.plan(n, int(run.config.model.n_ctx), stream_context,
+                                               batch).lanes != lanes:
+        raise UserError(f"this stream was encoded in {lanes} lanes (its batch layout); --batch="
+                        f"{batch} gives another layout, and decode must use the encoder's (drop "
+                        f"--batch or pass --batch={lanes})")
+
+
+def _read_causal_header(stream: bytes) -> tuple:
+    head = stream[: _HEADER.size]
+    (crc,) = struct.unpack_from("<I", stream, _HEADER.size)
+    if zlib.crc32(head) != crc:
+        raise UserError("corrupted stream (header checksum)")
+    fields = _HEADER.unpack(head)
+    if fields[8] >= len(CONTEXTS):
+        raise UserError("corrupted stream (inconsistent header)")
+    return fields
 
 
 def check_magic(stream: bytes, header_bytes: int) -> None:
@@ -329,13 +198,17 @@ def check_magic(stream: bytes, header_bytes: int) -> None:
 
 
 def stream_kind(stream: bytes) -> str:
-    """'causal' (version 1) or 'embedding' (version 2) from the version byte after the magic."""
+    """'causal' (version 3) or 'embedding' (version 2) from the version byte after the magic."""
     check_magic(stream, 5)
     version = stream[4]
     if version == VERSION:
         return "causal"
     if version == EMBEDDING_VERSION:
         return "embedding"
+    if version in OLD_VERSIONS:
+        raise UserError(f"stream format version {version} ({OLD_VERSIONS[version]}) is no longer "
+                        f"read: decode it with the mixers_jax that wrote it; this one reads versions "
+                        f"{VERSION} (causal LM) and {EMBEDDING_VERSION} (stored embedding)")
     raise UserError(f"stream format version {version}; this program reads versions "
                     f"{VERSION} (causal LM) and {EMBEDDING_VERSION} (stored embedding)")
 
@@ -375,16 +248,25 @@ def check_stream_kind(stream: bytes, run) -> str:
 
 
 def decode_bytes(stream: bytes, run) -> bytes:
-    check_magic(stream, HEADER_BYTES)
+    """The data of a stream made by :func:`encode_bytes` with this workdir, in the stream's own
+    layout (context and lanes; see :mod:`mixers_jax.codec_lanes` for why it must be the same)."""
+    check_magic(stream, 5)
     if check_stream_kind(stream, run) == "embedding":
         return decode_embedding_stream(stream, run)
-    magic, version, flag, length, n, payload_len, fp, digest = _HEADER.unpack_from(stream)
+    check_magic(stream, HEADER_BYTES)
+    (_, _, flag, length, n, payload_len, fp, digest, context_code,
+     lanes) = _read_causal_header(stream)
     payload = stream[HEADER_BYTES:]
     check_payload(payload, payload_len)
     check_fingerprint(fp, run)
-    if flag not in (0, 1) or n > 8 * len(payload) * 64 + 1 or (n == 0) != (length == 0):
+    layout = Layout(n, int(run.config.model.n_ctx), CONTEXTS[context_code], lanes)
+    if (flag not in (0, 1) or n > 8 * len(payload) * 64 + 1 or (n == 0) != (length == 0)
+            or not layout.is_planned()):
         raise UserError("corrupted stream (inconsistent header)")
-    tokens = decode_tokens(payload, n, ModelCoder(run)) if n else []
+    if layout.context == "slide":
+        resolve_context(run.model, "slide")
+    eos = int(run.tokenizer.eos_id)
+    tokens = decode_tokens(payload, FrequencySteps(run, layout), eos) if n else []
     return check_decoded(tokens_to_bytes(tokens, run.tokenizer.piece_bytes()), length, digest)
 
 
@@ -422,40 +304,44 @@ def _clm_memory(mdl, z_WxK):
     return _from_stored(mdl, z_WxK, lambda e: mdl.memory(tokens))
 
 
-class EmbeddingCoder(ModelCoder):
+class EmbeddingCoder(FrequencySteps):
     """Frequency tables of a stored-embedding model conditioned on the windows' stored vectors
-    ``z_WxK`` (as decoded from the stream). 'autoencoder': all n_ctx logits of a window come from
-    z alone (computed once; step t reads position t+1). 'embedding_clm': the causal decoder with
-    the injected vector held fixed, rerun on the window's grid at every step (it has no step form;
-    positions > t still hold EOS, identically when encoding and decoding), reading output t."""
+    ``z_WxK`` (as decoded from the stream), all W windows as one batch (``restart`` layout with
+    W lanes). 'autoencoder': all n_ctx logits of a window come from z alone (computed once; step t
+    reads position t+1). 'embedding_clm': the causal decoder with the injected vector held fixed,
+    rerun on the window's grid at every step (it has no step form; positions > t still hold EOS,
+    identically when encoding and decoding), reading output t."""
 
-    def __init__(self, run, z_WxK: np.ndarray):
+    def __init__(self, run, z_WxK: np.ndarray, n_tokens: int):
         self.z_WxK = jnp.asarray(z_WxK, jnp.float32)
-        super().__init__(run)
+        n_ctx = int(run.config.model.n_ctx)
+        w = window_count(n_tokens, n_ctx)
+        super().__init__(run, Layout.plan(n_tokens, n_ctx, "restart", max(w, 1)))
 
-    def _make_step(self):
+    def _make_step(self, method):
         model, variables = self.run.model, {"params": self.run.params}
         if self.run.config.model.kind == "autoencoder":
             self._prepare = jax.jit(lambda z: model.apply(variables, z, method=_autoencoder_logits))
 
-            def step(logits_WxNxV, tokens_W, t):
-                return (logits_WxNxV, *_integer_counts(jnp.take(logits_WxNxV, t + 1, axis=1)))
+            def step(logits_WxNxV, tokens_W, t, targets_W):
+                return (logits_WxNxV,
+                        *frequencies(jnp.take(logits_WxNxV, t + 1, axis=1), targets_W))
         else:
             self._prepare = jax.jit(lambda z: model.apply(variables, z, method=_clm_memory))
 
-            def step(cache, tokens_W, t):
+            def step(cache, tokens_W, t, targets_W):
                 grid_WxN, m = cache
                 grid_WxN = grid_WxN.at[:, t].set(tokens_W)
                 logits = model.apply(variables, grid_WxN, m, method="decode")
-                return ((grid_WxN, m), *_integer_counts(jnp.take(logits, t, axis=1)))
+                return ((grid_WxN, m), *frequencies(jnp.take(logits, t, axis=1), targets_W))
 
         return step
 
-    def init_cache(self, w: int):
+    def init_cache(self, lanes: int):
         prepared = self._prepare(self.z_WxK)
         if self.run.config.model.kind == "autoencoder":
             return prepared
-        return jnp.full((w, self.n_ctx), self.eos, jnp.int32), prepared
+        return jnp.full((lanes, self.layout.n_ctx), int(self.run.tokenizer.eos_id), jnp.int32), prepared
 
 
 EMBEDDING_KINDS = ("autoencoder", "embedding_clm")  # codes 1, 2 in the header
@@ -520,9 +406,9 @@ def encode_embedding_stream(data: bytes, run) -> tuple[bytes, dict]:
         rows = window_grid(tokens, int(cfg.n_ctx), int(tok.eos_id))
         z = jax.jit(lambda t: run.model.apply({"params": run.params}, t, method="embed"))(rows)
         embedded = pack_embeddings(np.asarray(z), quant)
-        coder = EmbeddingCoder(run, unpack_embeddings(embedded, w_count, width, quant))
+        coder = EmbeddingCoder(run, unpack_embeddings(embedded, w_count, width, quant), n)
         enc = ArithmeticEncoder()
-        nll_bits = code_tokens(tokens, coder, enc)
+        nll_bits = code_tokens(tokens, coder, int(tok.eos_id), enc)
         residual = enc.finish()
     payload = embedded + residual
     header = _EMB_HEADER.pack(MAGIC, EMBEDDING_VERSION, flag, len(data), n, len(payload),
@@ -569,5 +455,5 @@ def decode_embedding_stream(stream: bytes, run) -> bytes:
         z = unpack_embeddings(payload[:size], w_count, width, quant)
         if not np.isfinite(z).all():
             raise UserError("corrupted stream (a stored embedding is not finite)")
-        tokens = decode_tokens(payload[size:], n, EmbeddingCoder(run, z))
+        tokens = decode_tokens(payload[size:], EmbeddingCoder(run, z, n), int(run.tokenizer.eos_id))
     return check_decoded(tokens_to_bytes(tokens, run.tokenizer.piece_bytes()), length, digest)

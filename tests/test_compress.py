@@ -1,7 +1,9 @@
 """Model-driven arithmetic coding: exact round trips (empty, one byte, random bytes, invalid UTF-8,
-real text), clear failures for corrupted / truncated streams and a wrong workdir, the CLI."""
+real text) in every layout (restart / slide context, batched lanes), clear failures for corrupted /
+truncated streams, a wrong workdir, another batch layout and old stream versions, the CLI."""
 import os
 import re
+import struct
 import subprocess
 import sys
 import types
@@ -9,7 +11,7 @@ import types
 import numpy as np
 import pytest
 
-from mixers_jax import codec
+from mixers_jax import arithmetic_coder, codec
 from mixers_jax.errors import UserError
 from mixers_jax.workdir import load_run
 from run_util import make_workdir, sample_text
@@ -45,6 +47,100 @@ def test_round_trip(runs, name):
         assert not stats["byte_fallback_only"] and stats["tokens"] < len(data)
 
 
+@pytest.fixture(scope="module")
+def slide_runs(tmp_path_factory):
+    """A Toeplitz mixer and a RoPE transformer (both slide; n_ctx 16)."""
+    base = tmp_path_factory.mktemp("compress_slide")
+    toeplitz = make_workdir(str(base / "toeplitz"), seed=5, mixing="toeplitz", heads=2)
+    transformer = make_workdir(str(base / "transformer"), seed=6, kind="transformer")
+    return load_run(toeplitz), load_run(transformer)
+
+
+LONG = CASES["invalid_utf8"] + TEXT  # ~500 tokens: lanes of several windows at batch 3
+
+
+def _round_trip(run, data, context, batch):
+    stream, st = codec.encode_bytes(data, run, context, batch)
+    assert codec.decode_bytes(stream, run) == data
+    assert codec.stream_layout(stream) == (st["context"], st["lanes"], st["tokens"])
+    return st
+
+
+def test_round_trip_layouts(runs, slide_runs):
+    """Bit-exact in every layout: the flat mixer restarts (all windows in one batch, or lanes of
+    several windows), the SRM, Toeplitz mixer and transformer also slide."""
+    flat, srm = runs
+    for batch in (1, 3, 1000):
+        st = _round_trip(flat, LONG, "auto", batch)
+        assert st["context"] == "restart" and st["lanes"] == min(batch, st["windows"])
+        assert st["lane_length"] % 15 == 0 and st["lanes"] * st["lane_length"] >= st["tokens"]
+    for run in (srm, *slide_runs):
+        st = _round_trip(run, LONG, "slide", 3)
+        assert st["context"] == "slide" and st["lanes"] == 3 and st["lane_length"] > 2 * 16
+        auto = "restart" if run is slide_runs[0] else "slide"  # Toeplitz slides only when asked
+        assert codec.resolve_context(run.model, "auto") == auto
+        restart = _round_trip(run, LONG, "restart", 3)
+        assert restart["context"] == "restart" and restart["tokens"] == st["tokens"]
+        _round_trip(run, CASES["one_byte"], "slide", 3)
+
+
+def test_layout_plan():
+    """Lanes never exceed the batch or leave a lane empty, cover every token, and restart lanes
+    hold whole windows; the decoder's header check accepts exactly the planned layouts."""
+    for n in (1, 14, 15, 16, 44, 45, 46, 200, 1001):
+        for batch in (1, 2, 3, 7, 64):
+            for context in codec.CONTEXTS:
+                lay = codec.Layout.plan(n, 16, context, batch)
+                w = codec.window_count(n, 16)
+                assert 1 <= lay.lanes <= min(batch, w)
+                assert (lay.lanes - 1) * lay.lane_length < n <= lay.lanes * lay.lane_length
+                if context == "restart":
+                    assert lay.lane_length % 15 == 0
+                assert lay.is_planned()
+    assert not codec.Layout(200, 16, "restart", 13).is_planned()  # plan(200, 16, restart, 13) has 14
+    with pytest.raises(UserError, match="--batch must be at least 1"):
+        codec.Layout.plan(10, 16, "slide", 0)
+
+
+def test_slide_needs_a_sliding_model(runs, embedding_runs):
+    flat, _ = runs
+    with pytest.raises(UserError, match="--context=slide needs a step form .* 'flat'-mixing mixer"):
+        codec.encode_bytes(TEXT[:100], flat, "slide")
+    with pytest.raises(UserError, match="--context must be one of"):
+        codec.encode_bytes(TEXT[:100], flat, "sideways")
+    with pytest.raises(UserError, match="restarts at every window"):
+        codec.encode_bytes(TEXT[:100], embedding_runs[0], "slide")
+
+
+def _with_header(stream, **changes):
+    """``stream`` with header fields changed and a valid checksum (a consistent but other header)."""
+    names = ("magic", "version", "flag", "length", "n", "payload_len", "fp", "digest", "context",
+             "lanes")
+    fields = dict(zip(names, codec._HEADER.unpack_from(stream)))
+    fields.update(changes)
+    return codec.pack_causal_header(tuple(fields.values())) + stream[codec.HEADER_BYTES:]
+
+
+def test_decoder_refuses_another_layout_or_version(slide_runs):
+    """The layout is the stream's: a damaged header is refused by its checksum; a consistent
+    header with another lane count or context decodes to data that fails the hash; version-1
+    streams are refused by name."""
+    run = slide_runs[0]
+    stream, st = codec.encode_bytes(LONG, run, "slide", 3)
+    damaged = bytearray(stream)
+    damaged[codec.HEADER_BYTES - 5] ^= 1  # the lane count
+    with pytest.raises(UserError, match=r"corrupted stream \(header checksum\)"):
+        codec.decode_bytes(bytes(damaged), run)
+    for changes in ({"lanes": 2}, {"context": 0}):
+        with pytest.raises(UserError, match="corrupted stream"):
+            codec.decode_bytes(_with_header(stream, **changes), run)
+    with pytest.raises(UserError, match=r"corrupted stream \(inconsistent header\)"):
+        codec.decode_bytes(_with_header(stream, lanes=st["tokens"]), run)  # more lanes than windows
+    old = struct.pack("<4sBBQQQ16s8s", b"MXAC", 1, 0, 10, 4, 3, bytes(16), bytes(8)) + b"abc"
+    with pytest.raises(UserError, match=r"^stream format version 1 \(causal-LM streams of one batch"):
+        codec.decode_bytes(old, run)
+
+
 def test_tokens_cover_any_bytes(runs):
     tok = runs[0].tokenizer
     table = tok.piece_bytes()
@@ -76,11 +172,11 @@ def test_arithmetic_coder_round_trip():
         v, n = int(rng.integers(2, 40)), int(rng.integers(0, 200))
         tables = [rng.integers(1, 1 << int(rng.integers(1, 34)), v) for _ in range(n)]
         syms = [int(rng.integers(0, v)) for _ in range(n)]
-        enc = codec.ArithmeticEncoder()
+        enc = arithmetic_coder.ArithmeticEncoder()
         for c, s in zip(tables, syms):
             cum = np.concatenate([[0], np.cumsum(c)])
             enc.encode(int(cum[s]), int(cum[s + 1]), int(cum[-1]))
-        dec = codec.ArithmeticDecoder(enc.finish())
+        dec = arithmetic_coder.ArithmeticDecoder(enc.finish())
         assert [dec.decode(np.concatenate([[0], np.cumsum(c)])) for c in tables] == syms
 
 
@@ -140,6 +236,27 @@ def _decode_refused_then_exact(capsys, wrong, right, tmp_path, pattern):
     r = _compress(capsys, "decode", f"--workdir={right.workdir}", str(packed), str(out))
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == src.read_bytes()
+
+
+def test_cli_decode_uses_the_streams_layout(slide_runs, tmp_path, capsys):
+    """encode --context=slide --batch=3; decode with another --batch or --context is one line
+    (exit 2, nothing written); with the same flags or none it rebuilds the input."""
+    run = slide_runs[0]
+    src, packed, out = tmp_path / "in.bin", tmp_path / "x.mxac", tmp_path / "out.bin"
+    src.write_bytes(LONG)
+    r = _compress(capsys, "encode", "--context=slide", "--batch=3", f"--workdir={run.workdir}",
+                  str(src), str(packed))
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"slide context in 3 lanes\).* \| [\d.]+ s, [\d.]+ KB/s$", r.stdout.strip())
+    for flag, pattern in (("--batch=2", r"encoded in 3 lanes .* pass --batch=3\)"),
+                          ("--context=restart", r"encoded with --context=slide")):
+        r = _compress(capsys, "decode", flag, f"--workdir={run.workdir}", str(packed), str(out))
+        _one_line(r, 2, pattern)
+        assert not out.exists()
+    r = _compress(capsys, "decode", "--batch=3", "--context=slide", f"--workdir={run.workdir}",
+                  str(packed), str(out))
+    assert r.returncode == 0 and out.read_bytes() == LONG, r.stderr
+    assert re.search(r"KB/s$", r.stdout.strip())
 
 
 def test_cli_refuses_to_overwrite_without_force(runs, tmp_path, capsys):
@@ -296,7 +413,7 @@ def test_embedding_stream_kind_errors(runs, embedding_runs):
     ae, clm = embedding_runs
     causal_stream, _ = codec.encode_bytes(TEXT[:300], causal)
     ae_stream, _ = codec.encode_bytes(TEXT[:300], ae)
-    assert causal_stream[4] == codec.VERSION == 1 and ae_stream[4] == codec.EMBEDDING_VERSION
+    assert causal_stream[4] == codec.VERSION == 3 and ae_stream[4] == codec.EMBEDDING_VERSION
     with pytest.raises(UserError, match="made by a causal LM; .* holds a model.kind='autoencoder'"):
         codec.decode_bytes(causal_stream, ae)
     with pytest.raises(UserError, match="made by a stored-embedding model .* model.kind='mixer'"):

@@ -27,9 +27,10 @@ LAYERS = {
                        "checkpoint", "lock", "flops"],
     "training setup": ["steps", "curriculum", "recovery", "workdir"],
     "trainer": ["trainer"],
-    "tools": ["environment", "evaluation", "generation", "structure", "codec", "curves",
-              "benchmarks", "profiling", "retrieval", "retrieval.*", "search_index", "matching",
-              "figures", "inversion", "entropy", "probes"],
+    "tools": ["environment", "evaluation", "generation", "structure", "arithmetic_coder",
+              "codec_lanes", "codec", "curves", "benchmarks", "profiling", "retrieval",
+              "retrieval.*", "search_index", "matching", "figures", "inversion", "entropy",
+              "probes"],
     "commands": ["train", "evaluate", "generate", "compress", "inspect", "plot", "profile",
                  "bench", "search", "probe"],
 }

@@ -217,3 +217,39 @@ def test_kernel_step_equals_plain_loop_generation_reference():
     for p in range(N):
         prefix = jnp.zeros((1, N), jnp.int32).at[:, : p + 1].set(tokens[:, : p + 1])
         np.testing.assert_allclose(stepped[:, p], np.asarray(apply(prefix))[:, p], rtol=1e-5, atol=1e-5)
+
+
+SLIDING = [k for k, v in VARIANTS.items() if build_model(tiny_cfg(**v)).slides]
+
+
+def test_which_models_slide():
+    """Toeplitz and structured recurrent mixers (kernel 1) and RoPE transformers; not flat or GPT."""
+    assert set(SLIDING) == {k for k, v in VARIANTS.items()
+                            if v.get("mixing") in ("toeplitz", "row", "col", "mixed")
+                            or (v.get("kind") == "transformer" and "transformer" not in v)}
+    flat = build_model(tiny_cfg())
+    with pytest.raises(UserError, match="no sliding step"):
+        flat.apply({"params": _params(flat)}, jnp.zeros((1,), jnp.int32), N, flat.init_cache(1),
+                   method="slide_step")
+
+
+@pytest.mark.parametrize("name", [k for k in SLIDING if not VARIANTS[k].get("expanded")])
+def test_slide_step_is_the_last_n_ctx_tokens(name):
+    """One layer (its mixing / attention inputs depend on their own token only): past n_ctx, the
+    sliding step's logits at p equal the parallel forward's last position on tokens p−n+1..p.
+    (Expanded mixing's second matrix reads the first one's outputs, which depend on the context.)"""
+    model = build_model(tiny_cfg(**VARIANTS[name], n_layers=1))
+    params = _params(model)
+    total = N + 7
+    tokens = np.random.default_rng(2).integers(0, V, (B, total)).astype(np.int32)
+    step = jax.jit(lambda c, t, p: model.apply({"params": params}, t, p, c, method="step"))
+    slide = jax.jit(lambda c, t, p: model.apply({"params": params}, t, p, c, method="slide_step"))
+    full = jax.jit(lambda t: model.apply({"params": params}, t))
+    cache = model.init_cache(B, "cached")
+    for p in range(total):
+        logits, cache = (step if p < N else slide)(cache, jnp.asarray(tokens[:, p]), jnp.int32(p))
+        if p >= N - 1:
+            want = np.asarray(full(jnp.asarray(tokens[:, p - N + 1: p + 1])))[:, -1]
+            scale = np.abs(want).max()
+            np.testing.assert_allclose(np.asarray(logits), want, rtol=0, atol=1e-5 * scale + 1e-6,
+                                       err_msg=f"position {p}")

@@ -12,7 +12,9 @@ docs/recurrent_mixers.md),
 Step forms (generation, compression): ``cache = model.init_cache(batch, mode)`` with mode 'cached'
 (every model: mixing-input caches, KV cache) or 'recurrent' (structured mixing: O(d) state per layer),
 then ``logits_BxV, cache = model.apply({'params': p}, tokens_B, pos, cache, method='step')`` for
-pos = 0, 1, ...; the logits equal the parallel forward's at that position.
+pos = 0, 1, ...; the logits equal the parallel forward's at that position. Models whose ``slides``
+is true (Toeplitz and structured recurrent mixers, RoPE transformers) continue past n_ctx with
+``method='slide_step'`` (mode 'cached'): each step then sees the last n_ctx positions.
 """
 from __future__ import annotations
 

@@ -49,14 +49,20 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from mixers_jax.errors import UserError
 from mixers_jax.models import layers
 from mixers_jax.models.layers import checked_depth, lm_head, run_blocks_step
-from mixers_jax.models.mixing import TokenMixing
+from mixers_jax.models.mixing import SRM_MIXINGS, TokenMixing
 from mixers_jax.models.specs import MixerSpec
 
 Array = jax.Array
+
+# Mixings whose step form can slide past n_ctx (:meth:`MaskedMixerLM.slide_step`): every row of a
+# Toeplitz matrix is the same kernel v_{i−j} cut at the diagonal, and a structured recurrent row
+# weights the past by decays δ^(i−j); a flat matrix's rows are unrelated per-position weights.
+SLIDING_MIXINGS = ("toeplitz",) + SRM_MIXINGS
 
 
 class MixerBlock(nn.Module):
@@ -210,3 +216,22 @@ class MaskedMixerLM(nn.Module):
             raise UserError("an unmasked (model.causal=False) mixer has no step form")
         x, cache = run_blocks_step(self.blocks, self.embed(tokens_B), pos, cache)
         return self.logits(x), cache
+
+    @property
+    def slides(self) -> bool:
+        """Whether :meth:`slide_step` is defined: causal single-tap mixing of SLIDING_MIXINGS."""
+        mix = self.spec.token_mixing
+        return self.spec.causal and mix.kernel == 1 and mix.mixing in SLIDING_MIXINGS
+
+    def slide_step(self, tokens_B: Array, pos: Array, cache: tuple) -> tuple[Array, tuple]:
+        """The step at a position ``pos`` ≥ n_ctx of a longer stream (a cache of mode 'cached'
+        filled by :meth:`step` at 0..n_ctx−1, then by this): every layer's cache drops its oldest
+        input and the token enters at position n_ctx − 1, so each mixing output is row n_ctx − 1
+        of its matrix (and bias c_{n−1}) over that layer's last n_ctx inputs — a sliding window.
+        ``pos`` itself is not read. Only for :attr:`slides` models."""
+        if not self.slides:
+            raise UserError(f"{self.spec.token_mixing.mixing!r} mixing has no sliding step (only "
+                            f"{SLIDING_MIXINGS} with kernel 1 and causal mixing)")
+        cache = jax.tree.map(lambda c: jnp.concatenate([c[:, 1:], jnp.zeros_like(c[:, :1])], axis=1),
+                             cache)
+        return self.step(tokens_B, jnp.int32(self.n_ctx - 1), cache)

@@ -324,11 +324,14 @@ def toeplitz_matrix_row(v_xN: Array, pos: Array) -> Array:
 
 
 def cached_mix_step(row_xN: Array, cache: Array) -> Array:
-    """Σ_j row_j cache_j: cache [B, n, d] with row [n], or cache [B, n, H, K] with row [H, n]."""
+    """Σ_j row_j cache_j: cache [B, n, d] with row [n], or cache [B, n, H, K] with row [H, n].
+
+    A broadcast product summed over j, not an einsum: XLA:CPU lowers the einsum to a dot that first
+    transposes the whole cache (j last) at every step, about 10x slower at a batch of 64."""
     row = row_xN.astype(cache.dtype)
     if cache.ndim == 3:
-        return jnp.einsum("j,bjd->bd", row, cache)
-    return jnp.einsum("hj,bjhk->bhk", row, cache)
+        return jnp.sum(row[None, :, None] * cache, axis=1)
+    return jnp.sum(row.T[None, :, :, None] * cache, axis=1)
 
 
 def kernel_matrix_row(w_xNxNxK: Array, pos: Array) -> Array:

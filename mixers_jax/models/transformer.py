@@ -33,9 +33,12 @@ V·d + n·d + L·(4d² + 4d + 2r·d² + r·d + d + 4d) + 2d + d·V
 (embedding, positions, per block q/k/v/o + biases, fc1 + fc2 + biases, two LayerNorms; final
 LayerNorm, head).
 
-Step form with a KV cache: ``model.init_cache(batch)`` gives per layer ``k``, ``v`` [B, n_ctx, H, hd]
+Step form with a KV cache: ``model.init_cache(batch)`` gives per layer ``k``, ``v`` [B, H, n_ctx, hd]
 (keys after RoPE); ``model.apply(vars, tokens_B, pos, cache, method='step')`` -> (logits [B, V],
-cache) attends from position ``pos`` to the cached positions ≤ pos.
+cache) attends from position ``pos`` to the cached positions ≤ pos. The cache is a ring (position p
+in slot p mod n_ctx), so with RoPE ``pos`` may go past n_ctx: the step then attends to the last
+n_ctx positions, a sliding window (attention depends on positions only through their differences,
+which stay below n_ctx). GPT's learned positions end at n_ctx: it has no sliding step.
 """
 from __future__ import annotations
 
@@ -105,23 +108,24 @@ class Attention(nn.Module):
             return linear((spec.d_model,), ("heads", "head_dim", "embed"), "o", n_in=2)(a)
 
         if cache is not None:  # one position: x [B, d], q/k/v [B, H, hd]
-            n = cache["k"].shape[1]
+            n = cache["k"].shape[2]
             q_BxHxK, k_BxHxK = q_BxNxHxK, k_BxNxHxK
-            if not spec.gpt:
-                cos, sin = rope_cos_sin(n, hd, spec.rope_theta)
-                cos_1xK = jax.lax.dynamic_slice_in_dim(cos, pos, 1, axis=0)
-                sin_1xK = jax.lax.dynamic_slice_in_dim(sin, pos, 1, axis=0)
+            if not spec.gpt:  # RoPE at the absolute position (pos may pass n_ctx: sliding)
+                cos_1xK, sin_1xK = rope_cos_sin_at(jnp.asarray(pos)[None], hd, spec.rope_theta)
                 q_BxHxK = apply_rope(q_BxNxHxK[:, None], cos_1xK, sin_1xK)[:, 0]
                 k_BxHxK = apply_rope(k_BxNxHxK[:, None], cos_1xK, sin_1xK)[:, 0]
+            slot = pos % n  # a ring: past n_ctx the oldest position is overwritten
             k_cache = jax.lax.dynamic_update_index_in_dim(
-                cache["k"], k_BxHxK.astype(cache["k"].dtype), pos, axis=1)
+                cache["k"], k_BxHxK.astype(cache["k"].dtype), slot, axis=2)
             v_cache = jax.lax.dynamic_update_index_in_dim(
-                cache["v"], v_BxNxHxK.astype(cache["v"].dtype), pos, axis=1)
-            scores = jnp.einsum("bhk,bjhk->bhj", q_BxHxK.astype(jnp.float32),
+                cache["v"], v_BxNxHxK.astype(cache["v"].dtype), slot, axis=2)
+            # [B, H, n, hd] caches: both products are batched matrix-vector products over (b, h)
+            # with no transpose of the cache (a [B, n, H, hd] cache costs one per step on XLA:CPU)
+            scores = jnp.einsum("bhk,bhjk->bhj", q_BxHxK.astype(jnp.float32),
                                 k_cache.astype(jnp.float32)) / jnp.sqrt(jnp.float32(hd))
             scores = jnp.where(jnp.arange(n)[None, None, :] <= pos, scores, -jnp.inf)
             probs = jax.nn.softmax(scores, axis=-1)
-            a_BxHxK = jnp.einsum("bhj,bjhk->bhk", probs, v_cache.astype(jnp.float32))
+            a_BxHxK = jnp.einsum("bhj,bhjk->bhk", probs, v_cache.astype(jnp.float32))
             return out(a_BxHxK.astype(spec.dtype)), {"k": k_cache, "v": v_cache}
         if not spec.gpt:
             if positions_BxN is None:
@@ -305,7 +309,7 @@ class TransformerLM(nn.Module):
 
     @nn.nowrap
     def init_cache(self, batch: int, mode: str = "cached") -> tuple:
-        """KV cache per layer: k, v [B, n_ctx, H, hd] in the compute dtype (and the same under
+        """KV cache per layer: k, v [B, H, n_ctx, hd] in the compute dtype (and the same under
         ``mlp`` for ``mlp='attention'``)."""
         spec = self.spec
         if not spec.causal:
@@ -315,7 +319,7 @@ class TransformerLM(nn.Module):
             )
         if mode != "cached":
             raise ValueError(f"the transformer has only the 'cached' (KV cache) step, not {mode!r}")
-        shape = (batch, spec.n_ctx, spec.n_heads, spec.d_model // spec.n_heads)
+        shape = (batch, spec.n_heads, spec.n_ctx, spec.d_model // spec.n_heads)
 
         def kv() -> dict:
             return {"k": jnp.zeros(shape, spec.dtype), "v": jnp.zeros(shape, spec.dtype)}
@@ -332,3 +336,15 @@ class TransformerLM(nn.Module):
             x_BxD = self.add_positions(x_BxD, jnp.asarray(pos, jnp.int32))
         x, cache = layers.run_blocks_step(self.blocks, x_BxD, pos, cache)
         return self.logits(self.normalize(x)), cache
+
+    @property
+    def slides(self) -> bool:
+        """Whether :meth:`slide_step` is defined: causal attention with RoPE (not GPT's table)."""
+        return self.spec.causal and not self.spec.gpt
+
+    def slide_step(self, tokens_B: Array, pos: Array, cache: tuple) -> tuple[Array, tuple]:
+        """The step at a position ``pos`` ≥ n_ctx of a longer stream: :meth:`step` itself, whose
+        ring cache then holds the last n_ctx positions (module doc). Only for :attr:`slides`."""
+        if not self.slides:
+            raise UserError("a GPT transformer (learned positions up to n_ctx) has no sliding step")
+        return self.step(tokens_B, pos, cache)

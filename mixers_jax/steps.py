@@ -218,9 +218,9 @@ def build_steps(config, mesh, objective: str | None = None, rules=None, pad_id: 
     batch_sh = sharding.batch_sharding(mesh)
     repl = sharding.replicated(mesh)
 
-    def apply_fn(params, tokens, rngs=None):
+    def apply_fn(params, tokens, rngs=None, **inputs):
         with sharding.activation_context(mesh, act_rules):
-            return model.apply({"params": params}, tokens, rngs=rngs)
+            return model.apply({"params": params}, tokens, rngs=rngs, **inputs)
 
     def init(rng):
         with sharding.activation_context(mesh, act_rules):

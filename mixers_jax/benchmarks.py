@@ -12,7 +12,8 @@ wall time.
   first measures the machine's own yardstick in the same run, the FLOP/s of one XLA 1024×1024
   matmul in the suite's dtype (:func:`matmul_rate`), and reports each case's training FLOP rate
   (analytic FLOPs per token × tokens/s) as a fraction of it (``matmul_fraction``), so that figures
-  compare across machines of different speed.
+  compare across machines of different speed. ``compile_s`` is the first step's compile time
+  (lowering included); ``--scan_layers`` compiles the blocks as one scanned block.
 * ``mixing``: one token-mixing op (forward + backward) for each implementation (dense masked
   matmul, Toeplitz materialised, Toeplitz by FFT) over contexts 256 ... 4096.
 * ``generate``: tokens/s (batch × new tokens / wall time of one compiled ``lax.scan`` generating
@@ -61,6 +62,7 @@ class Settings:
     dtype: str = "float32"
     steps: int = 5  # timed repetitions per case (median reported)
     new_tokens: int = 32  # generate suite: new tokens per row
+    scan_layers: bool = False  # train suite: model.scan_layers
 
 
 def _median_time(fn: Callable[[], object], repeats: int) -> float:
@@ -121,7 +123,7 @@ def bench_train(cases: list[str], s: Settings) -> list[dict]:
         config = base_config()
         config.model.update(
             dict(d_model=s.d_model, n_layers=s.n_layers, n_ctx=s.n_ctx, vocab_size=s.vocab,
-                 n_heads=s.heads, dtype=s.dtype, **spec)
+                 n_heads=s.heads, dtype=s.dtype, scan_layers=s.scan_layers, **spec)
         )
         rec = _time_train_step(name, config, s)
         rec["matmul_flops_per_s"] = rate

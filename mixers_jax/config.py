@@ -38,6 +38,10 @@ model.expanded          mix -> GELU -> mix (factor 1, docs/masked_mixers.md#expa
 model.layer_norm        False: LayerNorm-free ablation
 model.residual          False: residual-free ablation
 model.tie_embeddings    share the input embedding with the LM head
+model.scan_layers       True: the blocks run as one lax.scan over parameters stacked along a
+                        leading 'layers' axis (blocks/... instead of block_0/..., block_1/...):
+                        the same outputs for the same weights, a compile time that does not grow
+                        with depth; False (default): one module per block
 model.mask_grad         'masked' (default) | 'straight_through' (docs/training.md#causal-mask-gradient)
 model.n_heads           attention heads of the transformer
 model.rope_theta        RoPE base of the transformer (1e4)
@@ -184,6 +188,7 @@ def base_config() -> ml_collections.ConfigDict:
             layer_norm=True,
             residual=True,
             tie_embeddings=False,
+            scan_layers=False,
             mask_grad="masked",
             block="mixer",
             decay=True,

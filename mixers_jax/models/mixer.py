@@ -19,6 +19,9 @@ and the corresponding entries of the published PyTorch masked mixer's state dict
     block_{i}/ffn/fc2/kernel, bias     [F, d], [d]  mixerblocks.{i}.patch_ff.2.weight [d, F] -> .T, .bias
     head/kernel                        [d, V]       lm_head.weight [V, d] -> .T   (absent if tied)
 
+With ``model.scan_layers`` the blocks are one scanned module: ``blocks/...`` holds every
+``block_{i}/...`` parameter stacked along a leading layer axis (``blocks/mix/w`` [L, n, n], ...).
+
 The token-mixing "conv" is ``Conv1d(n, n, 1)`` applied with positions as channels: its weight is
 [out_channels = output position i, in_channels = input position j, tap], which is exactly our
 ``w[i, j]``, so only the trailing tap axis is dropped, no transpose. PyTorch ``Linear.weight`` is
@@ -50,7 +53,8 @@ import jax
 
 from mixers_jax.errors import UserError
 from mixers_jax.models import layers
-from mixers_jax.models.layers import lm_head, run_blocks_step
+from mixers_jax.models.layers import (lm_head, run_blocks_step, scan_blocks, scan_blocks_step,
+                                      stack_layer_caches)
 from mixers_jax.models.mixing import TokenMixing
 from mixers_jax.models.specs import MixerSpec
 
@@ -139,7 +143,10 @@ class MaskedMixerLM(nn.Module):
         spec = self.spec
         emb_init = layers.normal(1.0) if (spec.reference or spec.srm) else layers.normal(0.02)
         self.embed = layers.Embed(spec.vocab_size, spec.d_model, emb_init, spec.dtype)
-        self.blocks = tuple(MixerBlock(spec, name=f"block_{i}") for i in range(spec.n_layers))
+        if spec.scan_layers:  # one block, parameters stacked along 'layers' (blocks/...)
+            self.blocks = MixerBlock(spec, name="blocks")
+        else:
+            self.blocks = tuple(MixerBlock(spec, name=f"block_{i}") for i in range(spec.n_layers))
         if not spec.tie_embeddings:
             self.head = lm_head(spec.vocab_size, layers.linear_inits(spec.reference, spec.d_model,
                                                                      spec.srm)[0], spec.dtype)
@@ -155,6 +162,8 @@ class MaskedMixerLM(nn.Module):
         return nn.with_logical_constraint(x_BxNxD, ("batch", "length", "act_embed"))
 
     def hidden(self, x_BxNxD: Array) -> Array:
+        if self.spec.scan_layers:
+            return scan_blocks(self.blocks, self.spec.n_layers, x_BxNxD)
         for block in self.blocks:
             x_BxNxD = block(x_BxNxD)
         return x_BxNxD
@@ -176,7 +185,8 @@ class MaskedMixerLM(nn.Module):
                 "need causal mixing)"
             )
         proto = MixerBlock(self.spec, parent=None)
-        return tuple(proto.init_cache(batch, mode) for _ in range(self.spec.n_layers))
+        caches = tuple(proto.init_cache(batch, mode) for _ in range(self.spec.n_layers))
+        return stack_layer_caches(caches) if self.spec.scan_layers else caches
 
     def step(self, tokens_B: Array, pos: Array, cache: tuple) -> tuple[Array, tuple]:
         """Token ``tokens_B`` [B] at position ``pos`` (scalar, 0 ≤ pos < n_ctx) -> (logits [B, V]
@@ -184,5 +194,8 @@ class MaskedMixerLM(nn.Module):
         positions were fed in order."""
         if not self.spec.causal:
             raise UserError("an unmasked (model.causal=False) mixer has no step form")
-        x, cache = run_blocks_step(self.blocks, self.embed(tokens_B), pos, cache)
+        if self.spec.scan_layers:
+            x, cache = scan_blocks_step(self.blocks, self.spec.n_layers, self.embed(tokens_B), pos, cache)
+        else:
+            x, cache = run_blocks_step(self.blocks, self.embed(tokens_B), pos, cache)
         return self.logits(x), cache

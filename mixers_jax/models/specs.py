@@ -40,6 +40,7 @@ class MixerSpec:
     block: str = "mixer"
     dropout_embed: float = 0.0  # dropout rates (training only; layers.dropout)
     dropout_resid: float = 0.0
+    scan_layers: bool = False  # blocks as one scanned block, parameters stacked (layers.scan_blocks)
 
     @property
     def srm(self) -> bool:
@@ -74,6 +75,7 @@ class TransformerSpec:
     dropout_embed: float = 0.0  # dropout rates (training only; layers.dropout)
     dropout_resid: float = 0.0
     dropout_attn: float = 0.0
+    scan_layers: bool = False  # blocks as one scanned block, parameters stacked (layers.scan_blocks)
 
     @property
     def gpt(self) -> bool:
@@ -134,6 +136,7 @@ def mixer_spec(cfg: Any) -> MixerSpec:
         residual=bool(field(cfg, "residual")),
         tie_embeddings=bool(field(cfg, "tie_embeddings")),
         block=block,
+        scan_layers=bool(field(cfg, "scan_layers", False)),
         **_dropouts(cfg),
     )
 
@@ -167,5 +170,6 @@ def transformer_spec(cfg: Any) -> TransformerSpec:
         dtype=layers.dtype_of(field(cfg, "dtype")),
         causal=bool(field(cfg, "causal", True)),
         transformer=arch,
+        scan_layers=bool(field(cfg, "scan_layers", False)),
         **_dropouts(cfg, DROPOUTS),
     )

@@ -23,6 +23,9 @@ Parameter tree and the Hugging Face ``LlamaForCausalLM`` state dict (HF Linear w
     final_norm/scale [d]                       model.norm.weight
     head/kernel [d, V]                         lm_head.weight.T   (absent if tied)
 
+With ``model.scan_layers`` the blocks are one scanned module: ``blocks/...`` holds every
+``block_{i}/...`` parameter stacked along a leading layer axis.
+
 ``transformer='gpt'`` (``spec.gpt``) is the original-GPT layout instead: a learned position table
 ``pos_embed/embedding`` [n_ctx, d] added to the input of ``hidden`` (positions 0..n−1 or the
 explicit ``positions``), no RoPE, LayerNorm (with bias) for ``attn_norm``/``mlp_norm``/
@@ -212,7 +215,10 @@ class TransformerLM(nn.Module):
     def setup(self):
         spec = self.spec
         self.embed = layers.Embed(spec.vocab_size, spec.d_model, layers.normal(0.02), spec.dtype)
-        self.blocks = tuple(TransformerBlock(spec, name=f"block_{i}") for i in range(spec.n_layers))
+        if spec.scan_layers:  # one block, parameters stacked along 'layers' (blocks/...)
+            self.blocks = TransformerBlock(spec, name="blocks")
+        else:
+            self.blocks = tuple(TransformerBlock(spec, name=f"block_{i}") for i in range(spec.n_layers))
         self.final_norm = norm(spec)
         if spec.gpt:
             self.pos_embed = layers.Embed(spec.n_ctx, spec.d_model, layers.normal(0.02), spec.dtype)
@@ -235,8 +241,12 @@ class TransformerLM(nn.Module):
         GPT: first adds the learned position embeddings at those positions."""
         if self.spec.gpt:
             x_BxNxD = self.add_positions(x_BxNxD, positions_BxN)
-        for block in self.blocks:
-            x_BxNxD = block(x_BxNxD, positions_BxN=positions_BxN, mask_Bx1xNxN=mask_Bx1xNxN)
+        if self.spec.scan_layers:
+            x_BxNxD = layers.scan_blocks(self.blocks, self.spec.n_layers, x_BxNxD,
+                                         positions_BxN=positions_BxN, mask_Bx1xNxN=mask_Bx1xNxN)
+        else:
+            for block in self.blocks:
+                x_BxNxD = block(x_BxNxD, positions_BxN=positions_BxN, mask_Bx1xNxN=mask_Bx1xNxN)
         return self.final_norm(x_BxNxD)
 
     def add_positions(self, x: Array, positions: Array | None) -> Array:
@@ -263,10 +273,11 @@ class TransformerLM(nn.Module):
         if mode != "cached":
             raise ValueError(f"the transformer has only the 'cached' (KV cache) step, not {mode!r}")
         shape = (batch, spec.n_ctx, spec.n_heads, spec.d_model // spec.n_heads)
-        return tuple(
+        caches = tuple(
             {"k": jnp.zeros(shape, spec.dtype), "v": jnp.zeros(shape, spec.dtype)}
             for _ in range(spec.n_layers)
         )
+        return layers.stack_layer_caches(caches) if spec.scan_layers else caches
 
     def step(self, tokens_B: Array, pos: Array, cache: tuple) -> tuple[Array, tuple]:
         """Token [B] at position ``pos`` (scalar) -> (logits [B, V] float32, new KV cache)."""
@@ -275,5 +286,8 @@ class TransformerLM(nn.Module):
         x_BxD = self.embed(tokens_B)
         if self.spec.gpt:
             x_BxD = self.add_positions(x_BxD, jnp.asarray(pos, jnp.int32))
-        x, cache = layers.run_blocks_step(self.blocks, x_BxD, pos, cache)
+        if self.spec.scan_layers:
+            x, cache = layers.scan_blocks_step(self.blocks, self.spec.n_layers, x_BxD, pos, cache)
+        else:
+            x, cache = layers.run_blocks_step(self.blocks, x_BxD, pos, cache)
         return self.logits(self.final_norm(x)), cache

@@ -12,6 +12,9 @@ byte and the copy / blank-copy token accuracy on the copied half (README "Memory
 Presets:
 * (none) = cpu: the main job: rows of 4 chunks x 16 tokens, V384, mixer encoder d128 L2 (4 heads,
   k4), mixer decoder d256 L4 (4 heads), lr 4e-3, 450 steps x 32 rows.
+  --config.train.combined_shared=True: the copy pass reuses the clm pass's memories of chunks 0-1
+  and decodes chunks 2-3 only (the same loss and gradients up to float rounding, 20-30% less
+  CPU time per step; README "Speed of the main job's step").
   cpu_nomemory: the same with every memory slot empty (the control). cpu_clm: the memory model
   trained on next-token loss only. cpu_full_context: a plain mixer over the whole s·n_ctx row.
   cpu_transformer: transformer encoder and decoder. cpu_rmt: the recurrent-memory (RMT-like) baseline.

@@ -34,6 +34,8 @@ _HEADS = flags.DEFINE_integer("heads", 4, "Heads for the headed mixer and the tr
                               lower_bound=1, flag_values=FLAGS)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.",
                            flag_values=FLAGS)
+_SCAN = flags.DEFINE_bool("scan_layers", False, "Train suite: model.scan_layers (blocks as one "
+                           "scanned block; compare compile_s with and without).", flag_values=FLAGS)
 _CASES = flags.DEFINE_list("cases", None, "Subset of cases to run (default: all of the suite).",
                            flag_values=FLAGS)
 _CONTEXTS = flags.DEFINE_list("contexts", ["256", "512", "1024", "2048", "4096"], "Mixing suite n.",
@@ -76,7 +78,7 @@ def main(argv: list[str]) -> None:
 
     s = bm.Settings(d_model=_D.value, n_layers=_L.value, n_ctx=_N.value, batch=_B.value,
                     vocab=_V.value, heads=_HEADS.value, dtype=_DTYPE.value, steps=_STEPS.value,
-                    new_tokens=_NEW_TOKENS.value)
+                    new_tokens=_NEW_TOKENS.value, scan_layers=_SCAN.value)
     suite = _SUITE.value
     if suite == "train":
         cases = _selected_cases(bm.TRAIN_CASES)
@@ -94,7 +96,8 @@ def main(argv: list[str]) -> None:
     if suite == "train":
         records = bm.bench_train(cases, s)
         settings = dict(d_model=s.d_model, n_layers=s.n_layers, n_ctx=s.n_ctx, batch=s.batch,
-                        vocab=s.vocab, heads=s.heads, dtype=s.dtype, steps=s.steps)
+                        vocab=s.vocab, heads=s.heads, dtype=s.dtype, steps=s.steps,
+                        scan_layers=s.scan_layers)
     elif suite == "generate":
         records = bm.bench_generate(cases, contexts, batches, s)
         settings = dict(d_model=s.d_model, n_layers=s.n_layers, vocab=s.vocab, heads=s.heads,

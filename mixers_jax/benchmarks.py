@@ -15,7 +15,8 @@ wall time.
   matmul in the suite's dtype (:func:`matmul_rate`), and reports each case's training FLOP rate
   (analytic FLOPs per token × tokens/s) as a fraction of it (``matmul_fraction``; the yardstick is
   measured again after every case and each case uses the mean of the rates before and after it),
-  so that figures compare across machines of different speed.
+  so that figures compare across machines of different speed. ``compile_s`` is the first step's
+  compile time (lowering included); ``--scan_layers`` compiles the blocks as one scanned block.
 * ``mixing``: one token-mixing op (forward + backward) for each implementation (dense masked
   matmul, the lower block triangle only, Toeplitz materialised, Toeplitz by FFT) over contexts
   256 ... 4096.
@@ -65,6 +66,7 @@ class Settings:
     dtype: str = "float32"
     steps: int = 5  # timed repetitions per case (median reported)
     new_tokens: int = 32  # generate suite: new tokens per row
+    scan_layers: bool = False  # train suite: model.scan_layers
 
 
 def _median_time(fn: Callable[[], object], repeats: int) -> float:
@@ -127,7 +129,7 @@ def bench_train(cases: list[str], s: Settings) -> list[dict]:
         config = base_config()
         config.model.update(
             dict(d_model=s.d_model, n_layers=s.n_layers, n_ctx=s.n_ctx, vocab_size=s.vocab,
-                 n_heads=s.heads, dtype=s.dtype, **spec)
+                 n_heads=s.heads, dtype=s.dtype, scan_layers=s.scan_layers, **spec)
         )
         rec = _time_train_step(name, config, s)
         # the yardstick again right after the case: on a shared machine the load drifts, so each

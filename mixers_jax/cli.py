@@ -21,6 +21,14 @@ one exit status:
 
 ``--help`` prints the command's docstring and its flags and exits 0.
 
+Host memory (:func:`reuse_host_memory`, called by ``run`` before JAX loads): XLA:CPU allocates
+every execution's temporaries in one block (620 MB for the main job's train step) from a worker
+thread and frees it when the step ends. glibc serves a block that large in a thread arena by a
+fresh ``mmap`` and unmaps it on free, so every step touched all of it anew (159k minor page faults
+and 0.23 s of kernel time per step of the main job). One arena, no ``mmap`` and no trimming below
+2 GiB keep the freed block in the process for the next step (0 page faults per step). Set
+``MIXERS_JAX_HOST_MALLOC=system`` to keep glibc's defaults; other C libraries are left alone.
+
 Imports: a command module imports JAX (and every library module that imports it) inside ``main``,
 so that ``--help`` and bad flags answer without loading JAX; everything else is imported at the
 top of the module.
@@ -28,6 +36,8 @@ top of the module.
 from __future__ import annotations
 
 import ast
+import ctypes
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,6 +53,30 @@ EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130
 
 _HELP = ("--help", "-h", "--helpfull", "--helpshort", "-?")
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+HOST_MALLOC_ENV = "MIXERS_JAX_HOST_MALLOC"
+
+
+def reuse_host_memory() -> bool:
+    """glibc only: one malloc arena, no mmap'd blocks, trimming only above 2 GiB, so that memory
+    freed after a step is reused by the next instead of being unmapped and faulted in again
+    (module docstring). Must run before JAX starts its threads. Returns whether it was applied;
+    ``MIXERS_JAX_HOST_MALLOC=system`` (or any C library without ``gnu_get_libc_version``) leaves
+    the allocator as it is. Allocation never changes a computed value."""
+    if os.environ.get(HOST_MALLOC_ENV, "reuse") == "system" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - present in glibc only
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+    return all(mallopt(param, value) == 1 for param, value in settings)
 
 
 def flag_values() -> flags.FlagValues:
@@ -168,6 +202,7 @@ def run(main: Callable[[list[str]], Any], fv: flags.FlagValues, *, doc: str = ""
     flag defined on ``fv``, whose loading errors become one line.
     """
     argv = list(sys.argv if argv is None else argv)
+    reuse_host_memory()
     try:
         app.run(_guarded(main), argv=argv,
                 flags_parser=_parser(fv, doc, tuple(positional), tuple(required), config))

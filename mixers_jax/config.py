@@ -48,6 +48,10 @@ model.mlp               the channel sublayer of every block: 'mlp' (default) | '
                         no MLP norm) | 'attention' (transformer only: a second attention, with
                         its norm, in the MLP's place; docs/ablations.md)
 model.tie_embeddings    share the input embedding with the LM head
+model.scan_layers       True: the blocks run as one lax.scan over parameters stacked along a
+                        leading 'layers' axis (blocks/... instead of block_0/..., block_1/...):
+                        the same outputs for the same weights, a compile time that does not grow
+                        with depth; False (default): one module per block
 model.mask_grad         'masked' (default) | 'straight_through' (docs/training.md#causal-mask-gradient)
 model.n_heads           attention heads of the transformer
 model.rope_theta        RoPE base of the transformer (1e4)
@@ -104,6 +108,10 @@ data.embedding_cache    file caching those embeddings ('' = <workdir>/embedding_
 train.objective         clm | autoencode | copy | blank_copy | combined | infonce | match (objectives.py);
                         copy_full / blank_copy_full: the copy ones on rows without pads only;
                         entropy_weighted_clm (embedding_clm): clm weighted by 1 − memory attribution
+train.combined_shared   memory models, 'combined': the copy pass reuses the clm pass's memories of
+                        the chunks both passes share and decodes only the chunks that hold copy
+                        targets (the same loss and gradients up to float rounding, ~30% fewer
+                        FLOPs at s = 4); False: two full passes
 train.eval_objectives   objectives evaluated (logged as eval/<name>/...); empty: the training one
 train.frozen            comma-separated top-level parameter groups that training leaves unchanged
 train.init_from         workdir whose latest checkpoint initialises the subtrees in train.init_map
@@ -223,6 +231,7 @@ def base_config() -> ml_collections.ConfigDict:
             residual=True,
             mlp="mlp",
             tie_embeddings=False,
+            scan_layers=False,
             mask_grad="masked",
             block="mixer",
             decay=True,
@@ -300,6 +309,7 @@ def base_config() -> ml_collections.ConfigDict:
             eval_objectives=(),  # empty: (objective,)
             copy_pass="blank",  # the copy half of 'combined': 'blank' | 'copy'
             copy_delimiter=100,  # token written at N/2..N/2+2 of the copy pass; -1: none
+            combined_shared=False,  # memory models: 'combined' shares the passes' common work
             frozen="",  # comma-separated parameter groups (top-level names) kept fixed
             init_from="",  # workdir whose latest checkpoint initialises parameters
             init_map="",  # 'target=source,...' subtrees copied from init_from ('.' = root)

@@ -284,6 +284,8 @@ def _combined_factory(ctx: ObjectiveContext) -> Objective:
     if delimiter >= 0 and length < 6:
         raise UserError(f"train.copy_delimiter needs rows of at least 6 tokens, got {length}")
     chunks, pad_id = _chunks(ctx), int(ctx.pad_id)
+    if bool(field(ctx.train, "combined_shared", False)) and ctx.model.kind == "memory":
+        return _shared_combined(chunks, length // chunks, mode, pad_id, delimiter)
 
     def combined(apply_fn: Callable, params, batch):
         tokens = batch["tokens"]
@@ -418,6 +420,33 @@ def _entropy_weighted_factory(ctx: ObjectiveContext) -> Objective:
         return loss, dict(sums, weight=jnp.sum(weights * mask))
 
     return entropy_weighted_clm
+
+
+def _shared_combined(chunks: int, n: int, mode: str, pad_id: int, delimiter: int) -> Objective:
+    """``combined`` for kind 'memory' with ``train.combined_shared``: the same loss and sums, with
+    the work the two passes share done once. Chunk c predicts targets c·n+1..c·n+n−1, so the
+    chunks before f = (N/2)//n hold no copy target and equal the clm pass's chunks (the copy
+    pass changes positions ≥ N/2 only): the model reuses their memories and decodes the copy pass
+    from chunk f on (``MemoryLM.__call__`` with ``copy_BxL``). Each skipped chunk's L_c is 0, so
+    Σ_c L_c and the sums are unchanged; for the CPU presets (s = 4) this is 6 decoder chunks per
+    row instead of 8 and 4 encoder chunks instead of 6. Equal to ``combined`` up to float
+    rounding (tested)."""
+    first = (chunks * n // 2) // n
+    cut = first * n
+
+    def combined(apply_fn: Callable, params, batch):
+        tokens = batch["tokens"]
+        cb = copy_batch(batch, mode, pad_id, delimiter)
+        clm_logits, copy_logits = apply_fn(params, tokens, copy_BxL=cb["tokens"], copy_first=first)
+        clm_total, s, clm_sums = _loss_terms(clm_logits, tokens, batch["loss_mask"],
+                                             batch["token_bytes"], chunks)
+        copy_total, _, copy_sums = _loss_terms(copy_logits, cb["targets"][:, cut:],
+                                               cb["loss_mask"][:, cut:], cb["token_bytes"][:, cut:],
+                                               chunks - first)
+        sums = dict(clm_sums, **{f"copy_{k}": v for k, v in copy_sums.items()})
+        return (clm_total + copy_total) / s, sums
+
+    return combined
 
 
 OBJECTIVES: dict[str, Callable[[ObjectiveContext], Objective]] = {

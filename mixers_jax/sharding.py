@@ -38,6 +38,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("seq_out", None),
     ("seq_in", None),
     ("norm", None),
+    ("layers", None),
     ("length", None),
     ("act_embed", None),
     ("act_mlp", "tensor"),
@@ -51,7 +52,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 # ``config.mesh`` (the tensor-parallel degree); -1 takes the remaining devices.
 
 _REPLICATED_PARAMS = tuple(
-    (name, None) for name in ("embed", "mlp", "heads", "vocab", "head_dim", "seq_out", "seq_in", "norm")
+    (name, None) for name in ("embed", "mlp", "heads", "vocab", "head_dim", "seq_out", "seq_in", "norm",
+                              "layers")
 )
 _ACTS_REPLICATED = (("length", None), ("act_embed", None), ("act_mlp", None), ("act_heads", None))
 

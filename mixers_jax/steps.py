@@ -218,11 +218,12 @@ def build_steps(config, mesh, objective: str | None = None, rules=None, pad_id: 
     batch_sh = sharding.batch_sharding(mesh)
     repl = sharding.replicated(mesh)
 
-    def apply_fn(params, *args, rngs=None, method=None):
-        """The model's forward on ``args`` (tokens), or its ``method`` (objectives that read a
-        model's parts, e.g. its memory), under the activation sharding rules."""
+    def apply_fn(params, *args, rngs=None, method=None, **inputs):
+        """The model's forward on ``args`` (tokens) and keyword ``inputs``, or its ``method``
+        (objectives that read a model's parts, e.g. its memory), under the activation sharding
+        rules."""
         with sharding.activation_context(mesh, act_rules):
-            return model.apply({"params": params}, *args, rngs=rngs, method=method)
+            return model.apply({"params": params}, *args, rngs=rngs, method=method, **inputs)
 
     def init(rng):
         with sharding.activation_context(mesh, act_rules):

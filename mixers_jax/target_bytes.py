@@ -97,9 +97,14 @@ def target_weights_fn(config, objective: str, pad_id: int) -> Callable[[dict], A
     loss_fn = objectives.build(objective, ctx)
     vocab = int(config.model.vocab_size)
 
-    def zero_model(params, tokens, rngs=None):
-        del params, rngs
+    def zeros(tokens):
         return jnp.zeros(tuple(tokens.shape) + (vocab,), jnp.float32)
+
+    def zero_model(params, tokens, rngs=None, copy_BxL=None, copy_first=0):
+        del params, rngs
+        if copy_BxL is None:
+            return zeros(tokens)
+        return zeros(tokens), zeros(copy_BxL[:, int(copy_first) * int(config.model.n_ctx):])
 
     def weights(batch):
         def counted(token_bytes):

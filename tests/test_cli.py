@@ -264,3 +264,37 @@ def test_cli_run_maps_outcomes_to_exit_statuses(capsys):
     assert got == [["prog", "a", "b"]]
     with pytest.raises(RuntimeError, match="internal"):  # an internal error keeps its traceback
         _status(raising(RuntimeError("internal")), [], capsys)
+
+
+_ALLOCATION_CYCLES = """
+import resource, sys
+import numpy as np
+from mixers_jax import cli
+applied = cli.reuse_host_memory()
+def cycle():
+    a = np.empty(64 << 20, np.uint8)  # 64 MiB, above glibc's largest mmap threshold
+    a[::4096] = 1  # touch every page
+    del a
+cycle()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    cycle()
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_reuse_host_memory_keeps_freed_blocks_for_the_next_allocation():
+    """cli.reuse_host_memory: a large block freed and allocated again is not faulted in anew (as
+    XLA:CPU's per-step temporaries); MIXERS_JAX_HOST_MALLOC=system keeps glibc's defaults."""
+    def faults(mode):
+        env = dict(os.environ, MIXERS_JAX_HOST_MALLOC=mode, PYTHONPATH=REPO)
+        out = subprocess.run([sys.executable, "-c", _ALLOCATION_CYCLES], env=env, check=True,
+                             capture_output=True, text=True).stdout.split()
+        return out[0], int(out[1])
+
+    assert faults("system")[0] == "False"
+    applied, reused = faults("reuse")
+    _, fresh = faults("system")
+    assert applied == "True"
+    assert fresh >= 3 * 32  # each cycle faults its pages in again (32 when they are 2 MiB pages)
+    assert reused < fresh / 10

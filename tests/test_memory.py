@@ -332,6 +332,59 @@ def test_combined_is_clm_plus_copy_with_separate_sums():
     assert float(sums_d["copy_tokens"]) == float(s_copy["tokens"]) - 2
 
 
+SHARED_VARIANTS = {
+    **MEMORY_VARIANTS,
+    "mixer_no_memory": {"use_memory": False},
+}
+
+
+@pytest.mark.parametrize("name,chunks,mode,delimiter", [
+    ("mixer_compressed_bridge", 4, "blank", 17), ("transformer_variable", 3, "copy", -1),
+    ("mixer_no_memory", 4, "blank", 17)])
+def test_combined_shared_equals_two_full_passes(name, chunks, mode, delimiter):
+    """train.combined_shared: the same loss, sums and gradients as the two full passes with fewer
+    matmul FLOPs (chunks=3: the middle chunk straddles N/2, so only chunk 0 is shared);
+    target_bytes counts the same."""
+    from mixers_jax import profiling, target_bytes  # noqa: PLC0415 - only this test needs them
+
+    cfg = mem_cfg(chunks=chunks, **SHARED_VARIANTS[name])
+    model = build_model(cfg)
+    params = _random_params(model, chunks * N, seed=1)
+    tokens = np.array(_tokens(5, b=3, length=chunks * N))
+    mask = np.ones(tokens.shape, np.float32)
+    tokens[2, -5:], mask[2, -5:] = PAD, 0.0  # a padded row
+    batch = _batch(tokens, mask)
+
+    def apply(p, t, rngs=None, **inputs):
+        return model.apply({"params": p}, t, rngs=rngs, **inputs)
+
+    def objective(shared):
+        full = base_config()
+        full.model = cfg
+        full.train.update(copy_pass=mode, copy_delimiter=delimiter, combined_shared=shared)
+        ctx = objectives.ObjectiveContext(model=full.model, train=full.train, pad_id=PAD)
+        fn = objectives.build("combined", ctx)
+        grad_fn = jax.value_and_grad(lambda p: fn(apply, p, batch), has_aux=True)
+        flops = profiling.count_flops(jax.make_jaxpr(grad_fn)(params))["total"]
+        (loss, sums), grads = jax.jit(grad_fn)(params)
+        weights = target_bytes.target_weights_fn(full, "combined", PAD)(batch)
+        return loss, sums, grads, weights, flops
+
+    loss0, sums0, grads0, weights0, flops0 = objective(False)
+    loss1, sums1, grads1, weights1, flops1 = objective(True)
+    assert flops1 < (0.85 if chunks == 4 else 0.95) * flops0
+    assert float(loss1) == pytest.approx(float(loss0), rel=1e-5)
+    assert set(sums1) == set(sums0)
+    for key in sums0:
+        assert float(sums1[key]) == pytest.approx(float(sums0[key]), rel=1e-5), key
+    assert float(sums1["copy_tokens"]) > 0
+    np.testing.assert_array_equal(np.asarray(weights1), np.asarray(weights0))
+    for g0, g1 in zip(jax.tree.leaves(grads0), jax.tree.leaves(grads1)):
+        np.testing.assert_allclose(np.asarray(g1), np.asarray(g0), rtol=2e-4, atol=1e-6)
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads1["encoder"])) == (
+        name != "mixer_no_memory")
+
+
 # ------------------------------------------------------------------------------- bad input
 
 

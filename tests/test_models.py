@@ -358,3 +358,46 @@ def test_unmasked_outputs_depend_on_every_position(name):
 
     dep = np.abs(np.asarray(jax.jacrev(out)(x))).max(axis=(1, 3))  # [out position, in position]
     assert np.all(dep > 0), name
+
+
+def _stacked(params):
+    """Unscanned parameters -> the scan_layers tree (block_{i}/... stacked into blocks/...)."""
+    blocks = [params[f"block_{i}"] for i in range(L)]
+    rest = {k: v for k, v in params.items() if not k.startswith("block_")}
+    return dict(rest, blocks=jax.tree.map(lambda *a: jnp.stack(a), *blocks))
+
+
+@pytest.mark.parametrize("name", ["flat_headed", "gpt"])
+def test_scan_layers_equals_unscanned_blocks(name):
+    """model.scan_layers: parameters stacked along a leading 'layers' axis; with the same weights
+    the scanned model's logits, gradients and step form equal the unscanned model's (to float
+    rounding: XLA compiles the scanned body on its own)."""
+    cfg = tiny_cfg(**VARIANTS[name])
+    plain = build_model(cfg)
+    cfg.scan_layers = True
+    scanned = build_model(cfg)
+    params = _init(plain)
+    stacked = _stacked(params)
+    shapes = nn.meta.unbox(_shape_params(scanned, N))
+    assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(lambda a: a.shape, stacked)
+    names = jax.tree_util.tree_leaves(
+        jax.tree.map(lambda b: b.names[0], _shape_params(scanned, N)["blocks"],
+                     is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)))
+    assert set(names) == {"layers"}
+
+    tokens = _tokens(1)
+
+    def loss(model):
+        return jax.jit(jax.value_and_grad(
+            lambda p: jnp.mean(jax.nn.log_softmax(model.apply({"params": p}, tokens))[..., 3])))
+
+    (l0, g0), (l1, g1) = loss(plain)(params), loss(scanned)(stacked)
+    assert float(l1) == pytest.approx(float(l0), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(_stacked(g0)), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+    step0 = jax.jit(lambda p, c: plain.apply({"params": p}, tokens[:, 0], 0, c, method="step"))
+    step1 = jax.jit(lambda p, c: scanned.apply({"params": p}, tokens[:, 0], 0, c, method="step"))
+    (y0, c0), (y1, c1) = step0(params, plain.init_cache(2)), step1(stacked, scanned.init_cache(2))
+    np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(jax.tree.leaves(c1)[0][1]),
+                               np.asarray(jax.tree.leaves(c0[1])[0]), rtol=1e-5, atol=1e-6)

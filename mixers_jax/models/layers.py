@@ -23,8 +23,8 @@ Array = jax.Array
 Dtype = Any
 Init = Callable[..., Array]
 
-# The only logical axis names a parameter may carry.
-LOGICAL_AXES = ("vocab", "embed", "mlp", "heads", "head_dim", "seq_out", "seq_in", "norm")
+# The only logical axis names a parameter may carry ("layers": the stacked axis of scanned blocks).
+LOGICAL_AXES = ("vocab", "embed", "mlp", "heads", "head_dim", "seq_out", "seq_in", "norm", "layers")
 
 LAYER_NORM_EPS = 1e-5  # docs/training.md#reference-numerics (PyTorch default; Flax's default is 1e-6)
 RMS_NORM_EPS = 1e-6  # Llama (docs/transformer_baseline.md#architecture)
@@ -257,6 +257,52 @@ def lm_head(vocab_size: int, kernel_init: Init, dtype: Dtype) -> Linear:
     """The untied LM head d -> V: no bias, float32 logits (assign it to ``self.head``)."""
     return Linear((vocab_size,), ("embed", "vocab"), use_bias=False, kernel_init=kernel_init,
                   dtype=dtype, out_dtype=jnp.float32)
+
+
+def _layer_scan(n_layers: int, body: Callable, in_axes: tuple) -> Callable:
+    """``nn.scan`` of ``body(block, carry, *xs)`` over ``n_layers`` layers, the block's parameters
+    stacked along a leading axis named 'layers' (each layer its own init draw and dropout mask)."""
+    return nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                   in_axes=in_axes, length=n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+
+
+def scan_blocks(block: nn.Module, n_layers: int, x: Array, **kwargs) -> Array:
+    """``x`` through ``n_layers`` layers of one ``block`` module whose parameters are stacked along
+    a leading 'layers' axis (``model.scan_layers``): one ``lax.scan``, so the compiled step holds
+    one block however deep the model is. ``kwargs`` go unchanged to every layer. Equal to calling
+    L separate blocks with the same weights in order (tested)."""
+    names = tuple(kwargs)
+
+    def body(module, carry, *values):
+        return module(carry, **dict(zip(names, values))), None
+
+    return _layer_scan(n_layers, body, (nn.broadcast,) * len(names))(block, x, *kwargs.values())[0]
+
+
+def scan_depth(block: nn.Module, n_layers: int, depth: int, x: Array, **kwargs) -> Array:
+    """The first ``depth`` of ``n_layers`` scanned layers: all (:func:`scan_blocks`) or none (x);
+    a partial depth of stacked blocks is refused (``UserError``: use ``model.scan_layers=False``)."""
+    if depth == n_layers:
+        return scan_blocks(block, n_layers, x, **kwargs)
+    if depth == 0:
+        return x
+    raise UserError(f"depth {depth} of {n_layers} scanned blocks: a partial depth needs "
+                    "model.scan_layers=False (the same weights, one module per block)")
+
+
+def stack_layer_caches(caches: Sequence[Any]) -> Any:
+    """Per-layer step caches -> one cache whose leaves have a leading layer axis (scanned blocks)."""
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *caches)
+
+
+def scan_blocks_step(block: nn.Module, n_layers: int, x_BxD: Array, pos: Array, cache: Any
+                     ) -> tuple[Array, Any]:
+    """The step form of :func:`scan_blocks`: ``cache`` from :func:`stack_layer_caches`."""
+    def body(module, carry, p, c):
+        return module(carry, p, c)
+
+    pos = jnp.asarray(pos, jnp.int32)
+    return _layer_scan(n_layers, body, (nn.broadcast, 0))(block, x_BxD, pos, cache)
 
 
 def run_blocks_step(blocks, x_BxD: Array, pos: Array, cache: tuple) -> tuple[Array, tuple]:

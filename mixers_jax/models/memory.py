@@ -130,35 +130,65 @@ class MemoryLM(nn.Module):
         """Decoder token embeddings per chunk: [B, s, n, d_dec]."""
         return self.decoder.embed(self._chunked(tokens_BxL))
 
-    def decode(self, xd_BxSxNxD: Array, m_BxCxD: Array | None) -> Array:
-        """All chunks in one batched decoder pass -> logits [B, s·n, V] at the token slots.
+    def decode(self, xd_BxSxNxD: Array, m_BxCxD: Array | None, first: int = 0) -> Array:
+        """Chunks first..s−1 in one batched decoder pass -> logits [B, (s−first)·n, V] at the
+        token slots.
 
+        ``xd_BxSxNxD``: the decoder token embeddings of those chunks [B, s−first, n, d];
         ``m_BxCxD``: memories of chunks 0..s−2, or None for the no-memory control (all slots f)."""
-        b, s, n, d = xd_BxSxNxD.shape
+        b, _, n, d = xd_BxSxNxD.shape
+        s = self.chunks
+        rows = s - first  # chunks decoded
         xd_BxSxNxD = xd_BxSxNxD.astype(self.embedding.dtype)
         fill_D = jnp.full((d,), self.fill, self.embedding.dtype)
         slots = fixed_slots(None if m_BxCxD is None else m_BxCxD.astype(self.embedding.dtype), fill_D, s)
-        slots_BxSxSxD = jnp.broadcast_to(slots, (b, s, s, d))
-        x = jnp.concatenate([slots_BxSxSxD, xd_BxSxNxD], axis=2).reshape(b * s, s + n, d)
+        if first:
+            slots = slots[:, first:]
+        slots_BxSxSxD = jnp.broadcast_to(slots, (b, rows, s, d))
+        x = jnp.concatenate([slots_BxSxSxD, xd_BxSxNxD], axis=2).reshape(b * rows, s + n, d)
         x = nn.with_logical_constraint(x, ACT)
         if self.variable_slots:
             pos_SxT, mask_SxTxT = variable_layout(s, n)
-            pos = jnp.broadcast_to(pos_SxT[None], (b, s, s + n)).reshape(b * s, s + n)
-            mask = jnp.broadcast_to(mask_SxTxT[None], (b, s, s + n, s + n))
-            mask = mask.reshape(b * s, 1, s + n, s + n)
+            if first:
+                pos_SxT, mask_SxTxT = pos_SxT[first:], mask_SxTxT[first:]
+            pos = jnp.broadcast_to(pos_SxT[None], (b, rows, s + n)).reshape(b * rows, s + n)
+            mask = jnp.broadcast_to(mask_SxTxT[None], (b, rows, s + n, s + n))
+            mask = mask.reshape(b * rows, 1, s + n, s + n)
             h = self.decoder.hidden(x, positions_BxN=pos, mask_Bx1xNxN=mask)
         else:
             h = self.decoder.hidden(x)
-        h_BxLxD = h[:, s:].reshape(b, s * n, d)
+        h_BxLxD = h[:, s:].reshape(b, rows * n, d)
         return self.decoder.logits(nn.with_logical_constraint(h_BxLxD, ACT))
 
-    def __call__(self, tokens_BxL: Array) -> Array:
+    def memories(self, tokens_BxL: Array) -> Array | None:
+        """Memories of chunks 0..s−2 [B, s−1, d_dec]; None for the no-memory control (whose
+        encoder parameters are still created at init, module docstring)."""
         m = None
-        if self.use_memory or self.is_initializing():  # params exist either way (docstring)
+        if self.use_memory or self.is_initializing():
             m = self.encode(self.embed_encoder(tokens_BxL))
-        if not self.use_memory:
-            m = None
-        return self.decode(self.embed_decoder(tokens_BxL), m)
+        return m if self.use_memory else None
+
+    def __call__(self, tokens_BxL: Array, copy_BxL: Array | None = None, copy_first: int = 0):
+        """logits [B, s·n, V] of ``tokens_BxL``; with ``copy_BxL`` (the second pass of the combined
+        objective, docs/objectives.md#combined) the pair (those logits, the logits of ``copy_BxL``
+        at chunks copy_first..s−1 [B, (s−copy_first)·n, V]) computed with shared work: chunks
+        0..copy_first−1 of ``copy_BxL`` must be those of ``tokens_BxL``, so their memories are
+        reused and only chunks copy_first..s−2 are encoded again; chunks before ``copy_first`` are
+        not decoded (the caller counts no target there). Mathematically the same logits as two
+        calls; with QAT noise or dropout the shared chunks share their draws."""
+        m = self.memories(tokens_BxL)
+        logits = self.decode(self.embed_decoder(tokens_BxL), m)
+        if copy_BxL is None:
+            return logits
+        first = int(copy_first)
+        if not 0 <= first < self.chunks:
+            raise ValueError(f"copy_first must be in [0, {self.chunks}), got {first}")
+        m_copy = m
+        if m is not None and first < self.chunks - 1:
+            fresh = self.encode(self.embed_encoder(copy_BxL)[:, first:])
+            m_copy = jnp.concatenate([m[:, :first], fresh], axis=1) if first else fresh
+        copy_logits = self.decode(self.embed_decoder(copy_BxL)[:, first:], m_copy, first)
+        return logits, copy_logits
 
 
 class RecurrentMemoryLM(nn.Module):

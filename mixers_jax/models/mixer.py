@@ -21,6 +21,9 @@ and the corresponding entries of the published PyTorch masked mixer's state dict
     block_{i}/ffn/fc2/kernel, bias     [F, d], [d]  mixerblocks.{i}.patch_ff.2.weight [d, F] -> .T, .bias
     head/kernel                        [d, V]       lm_head.weight [V, d] -> .T   (absent if tied)
 
+With ``model.scan_layers`` the blocks are one scanned module: ``blocks/...`` holds every
+``block_{i}/...`` parameter stacked along a leading layer axis (``blocks/mix/w`` [L, n, n], ...).
+
 The token-mixing "conv" is ``Conv1d(n, n, 1)`` applied with positions as channels: its weight is
 [out_channels = output position i, in_channels = input position j, tap], which is exactly our
 ``w[i, j]``, so only the trailing tap axis is dropped, no transpose. PyTorch ``Linear.weight`` is
@@ -53,7 +56,8 @@ import jax.numpy as jnp
 
 from mixers_jax.errors import UserError
 from mixers_jax.models import layers
-from mixers_jax.models.layers import checked_depth, lm_head, run_blocks_step
+from mixers_jax.models.layers import (checked_depth, lm_head, run_blocks_step, scan_blocks,
+                                      scan_blocks_step, stack_layer_caches)
 from mixers_jax.models.mixing import SRM_MIXINGS, TokenMixing
 from mixers_jax.models.specs import MixerSpec
 
@@ -151,7 +155,10 @@ class MaskedMixerLM(nn.Module):
         spec = self.spec
         emb_init = layers.normal(1.0) if (spec.reference or spec.srm) else layers.normal(0.02)
         self.embed = layers.Embed(spec.vocab_size, spec.d_model, emb_init, spec.dtype)
-        self.blocks = tuple(MixerBlock(spec, name=f"block_{i}") for i in range(spec.n_layers))
+        if spec.scan_layers:  # one block, parameters stacked along 'layers' (blocks/...)
+            self.blocks = MixerBlock(spec, name="blocks")
+        else:
+            self.blocks = tuple(MixerBlock(spec, name=f"block_{i}") for i in range(spec.n_layers))
         if not spec.tie_embeddings:
             self.head = lm_head(spec.vocab_size, layers.linear_inits(spec.reference, spec.d_model,
                                                                      spec.srm)[0], spec.dtype)
@@ -167,12 +174,16 @@ class MaskedMixerLM(nn.Module):
         return nn.with_logical_constraint(x_BxNxD, ("batch", "length", "act_embed"))
 
     def hidden(self, x_BxNxD: Array) -> Array:
-        return self.blocks_output(x_BxNxD, len(self.blocks))
+        return self.blocks_output(x_BxNxD, self.spec.n_layers)
 
     def blocks_output(self, x_BxNxD: Array, depth: int) -> Array:
         """Output of the first ``depth`` blocks (0 ≤ depth ≤ n_layers) on input embeddings x:
-        ``hidden`` is ``blocks_output(x, n_layers)`` (the input-inversion probe reads the others)."""
-        for block in self.blocks[:checked_depth(depth, len(self.blocks))]:
+        ``hidden`` is ``blocks_output(x, n_layers)`` (the input-inversion probe reads the others).
+        Scanned blocks (``scan_layers``) run all n_layers or none."""
+        depth = checked_depth(depth, self.spec.n_layers)
+        if self.spec.scan_layers:
+            return layers.scan_depth(self.blocks, self.spec.n_layers, depth, x_BxNxD)
+        for block in self.blocks[:depth]:
             x_BxNxD = block(x_BxNxD)
         return x_BxNxD
 
@@ -191,6 +202,8 @@ class MaskedMixerLM(nn.Module):
         x_BxNxD = self.embed_tokens(tokens_BxN)
         if keep_BxN is None:
             return self.hidden(x_BxNxD)
+        if self.spec.scan_layers:
+            return scan_blocks(self.blocks, self.spec.n_layers, x_BxNxD, keep_BxN=keep_BxN)
         for block in self.blocks:
             x_BxNxD = block(x_BxNxD, keep_BxN=keep_BxN)
         return x_BxNxD
@@ -206,7 +219,8 @@ class MaskedMixerLM(nn.Module):
                 "need causal mixing)"
             )
         proto = MixerBlock(self.spec, parent=None)
-        return tuple(proto.init_cache(batch, mode) for _ in range(self.spec.n_layers))
+        caches = tuple(proto.init_cache(batch, mode) for _ in range(self.spec.n_layers))
+        return stack_layer_caches(caches) if self.spec.scan_layers else caches
 
     def step(self, tokens_B: Array, pos: Array, cache: tuple) -> tuple[Array, tuple]:
         """Token ``tokens_B`` [B] at position ``pos`` (scalar, 0 ≤ pos < n_ctx) -> (logits [B, V]
@@ -214,14 +228,18 @@ class MaskedMixerLM(nn.Module):
         positions were fed in order."""
         if not self.spec.causal:
             raise UserError("an unmasked (model.causal=False) mixer has no step form")
-        x, cache = run_blocks_step(self.blocks, self.embed(tokens_B), pos, cache)
+        if self.spec.scan_layers:
+            x, cache = scan_blocks_step(self.blocks, self.spec.n_layers, self.embed(tokens_B), pos, cache)
+        else:
+            x, cache = run_blocks_step(self.blocks, self.embed(tokens_B), pos, cache)
         return self.logits(x), cache
 
     @property
     def slides(self) -> bool:
         """Whether :meth:`slide_step` is defined: causal single-tap mixing of SLIDING_MIXINGS."""
         mix = self.spec.token_mixing
-        return self.spec.causal and mix.kernel == 1 and mix.mixing in SLIDING_MIXINGS
+        return (self.spec.causal and mix.kernel == 1 and mix.mixing in SLIDING_MIXINGS
+                and not self.spec.scan_layers)
 
     def slide_step(self, tokens_B: Array, pos: Array, cache: tuple) -> tuple[Array, tuple]:
         """The step at a position ``pos`` ≥ n_ctx of a longer stream (a cache of mode 'cached'
@@ -231,7 +249,8 @@ class MaskedMixerLM(nn.Module):
         ``pos`` itself is not read. Only for :attr:`slides` models."""
         if not self.slides:
             raise UserError(f"{self.spec.token_mixing.mixing!r} mixing has no sliding step (only "
-                            f"{SLIDING_MIXINGS} with kernel 1 and causal mixing)")
+                            f"{SLIDING_MIXINGS} with kernel 1 and causal mixing, blocks not "
+                            "scanned)")
         cache = jax.tree.map(lambda c: jnp.concatenate([c[:, 1:], jnp.zeros_like(c[:, :1])], axis=1),
                              cache)
         return self.step(tokens_B, jnp.int32(self.n_ctx - 1), cache)

@@ -44,6 +44,7 @@ class MixerSpec:
     block: str = "mixer"
     dropout_embed: float = 0.0  # dropout rates (training only; layers.dropout)
     dropout_resid: float = 0.0
+    scan_layers: bool = False  # blocks as one scanned block, parameters stacked (layers.scan_blocks)
 
     @property
     def srm(self) -> bool:
@@ -81,6 +82,7 @@ class TransformerSpec:
     dropout_embed: float = 0.0  # dropout rates (training only; layers.dropout)
     dropout_resid: float = 0.0
     dropout_attn: float = 0.0
+    scan_layers: bool = False  # blocks as one scanned block, parameters stacked (layers.scan_blocks)
 
     @property
     def gpt(self) -> bool:
@@ -151,6 +153,7 @@ def mixer_spec(cfg: Any) -> MixerSpec:
         **_ablations(cfg, MLPS[:2]),
         tie_embeddings=bool(field(cfg, "tie_embeddings")),
         block=block,
+        scan_layers=bool(field(cfg, "scan_layers", False)),
         **_dropouts(cfg),
     )
 
@@ -185,5 +188,6 @@ def transformer_spec(cfg: Any) -> TransformerSpec:
         causal=bool(field(cfg, "causal", True)),
         **_ablations(cfg, MLPS),
         transformer=arch,
+        scan_layers=bool(field(cfg, "scan_layers", False)),
         **_dropouts(cfg, DROPOUTS),
     )

@@ -23,6 +23,9 @@ Parameter tree and the Hugging Face ``LlamaForCausalLM`` state dict (HF Linear w
     final_norm/scale [d]                       model.norm.weight
     head/kernel [d, V]                         lm_head.weight.T   (absent if tied)
 
+With ``model.scan_layers`` the blocks are one scanned module: ``blocks/...`` holds every
+``block_{i}/...`` parameter stacked along a leading layer axis.
+
 ``transformer='gpt'`` (``spec.gpt``) is the original-GPT layout instead: a learned position table
 ``pos_embed/embedding`` [n_ctx, d] added to the input of ``hidden`` (positions 0..n−1 or the
 explicit ``positions``), no RoPE, LayerNorm (with bias) for ``attn_norm``/``mlp_norm``/
@@ -236,7 +239,10 @@ class TransformerLM(nn.Module):
     def setup(self):
         spec = self.spec
         self.embed = layers.Embed(spec.vocab_size, spec.d_model, layers.normal(0.02), spec.dtype)
-        self.blocks = tuple(TransformerBlock(spec, name=f"block_{i}") for i in range(spec.n_layers))
+        if spec.scan_layers:  # one block, parameters stacked along 'layers' (blocks/...)
+            self.blocks = TransformerBlock(spec, name="blocks")
+        else:
+            self.blocks = tuple(TransformerBlock(spec, name=f"block_{i}") for i in range(spec.n_layers))
         if spec.layer_norm:
             self.final_norm = norm(spec)
         if spec.gpt:
@@ -259,7 +265,7 @@ class TransformerLM(nn.Module):
         RoPE ``positions_BxN`` (default 0..n−1) and boolean attention mask (default causal; a given
         mask must include causality). GPT: first adds the learned position embeddings at those
         positions."""
-        x_BxNxD = self.blocks_output(x_BxNxD, len(self.blocks), positions_BxN, mask_Bx1xNxN)
+        x_BxNxD = self.blocks_output(x_BxNxD, self.spec.n_layers, positions_BxN, mask_Bx1xNxN)
         return self.normalize(x_BxNxD)
 
     def blocks_output(self, x_BxNxD: Array, depth: int, positions_BxN: Array | None = None,
@@ -269,7 +275,11 @@ class TransformerLM(nn.Module):
         n_layers)). The input-inversion probe reads the shallower ones."""
         if self.spec.gpt:
             x_BxNxD = self.add_positions(x_BxNxD, positions_BxN)
-        for block in self.blocks[:layers.checked_depth(depth, len(self.blocks))]:
+        depth = layers.checked_depth(depth, self.spec.n_layers)
+        if self.spec.scan_layers:
+            return layers.scan_depth(self.blocks, self.spec.n_layers, depth, x_BxNxD,
+                                     positions_BxN=positions_BxN, mask_Bx1xNxN=mask_Bx1xNxN)
+        for block in self.blocks[:depth]:
             x_BxNxD = block(x_BxNxD, positions_BxN=positions_BxN, mask_Bx1xNxN=mask_Bx1xNxN)
         return x_BxNxD
 
@@ -324,8 +334,9 @@ class TransformerLM(nn.Module):
         def kv() -> dict:
             return {"k": jnp.zeros(shape, spec.dtype), "v": jnp.zeros(shape, spec.dtype)}
 
-        return tuple(dict(kv(), mlp=kv()) if spec.mlp == "attention" else kv()
-                     for _ in range(spec.n_layers))
+        caches = tuple(dict(kv(), mlp=kv()) if spec.mlp == "attention" else kv()
+                       for _ in range(spec.n_layers))
+        return layers.stack_layer_caches(caches) if spec.scan_layers else caches
 
     def step(self, tokens_B: Array, pos: Array, cache: tuple) -> tuple[Array, tuple]:
         """Token [B] at position ``pos`` (scalar) -> (logits [B, V] float32, new KV cache)."""
@@ -334,17 +345,21 @@ class TransformerLM(nn.Module):
         x_BxD = self.embed(tokens_B)
         if self.spec.gpt:
             x_BxD = self.add_positions(x_BxD, jnp.asarray(pos, jnp.int32))
-        x, cache = layers.run_blocks_step(self.blocks, x_BxD, pos, cache)
+        if self.spec.scan_layers:
+            x, cache = layers.scan_blocks_step(self.blocks, self.spec.n_layers, x_BxD, pos, cache)
+        else:
+            x, cache = layers.run_blocks_step(self.blocks, x_BxD, pos, cache)
         return self.logits(self.normalize(x)), cache
 
     @property
     def slides(self) -> bool:
         """Whether :meth:`slide_step` is defined: causal attention with RoPE (not GPT's table)."""
-        return self.spec.causal and not self.spec.gpt
+        return self.spec.causal and not self.spec.gpt and not self.spec.scan_layers
 
     def slide_step(self, tokens_B: Array, pos: Array, cache: tuple) -> tuple[Array, tuple]:
         """The step at a position ``pos`` ≥ n_ctx of a longer stream: :meth:`step` itself, whose
         ring cache then holds the last n_ctx positions (module doc). Only for :attr:`slides`."""
         if not self.slides:
-            raise UserError("a GPT transformer (learned positions up to n_ctx) has no sliding step")
+            raise UserError("a GPT transformer (learned positions up to n_ctx) or one with scanned "
+                            "blocks (model.scan_layers) has no sliding step")
         return self.step(tokens_B, pos, cache)

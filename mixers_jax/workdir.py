@@ -272,9 +272,13 @@ def load_run(workdir: str, step: int | None = None) -> Run:
         raise UserError(f"workdir {workdir} does not exist")
     config = load_config(workdir)
     tok_path = os.path.join(workdir, TOKENIZER_FILE)
-    if not os.path.exists(tok_path):
-        raise UserError(f"{workdir} has no {TOKENIZER_FILE}")
-    tokenizer = Tokenizer.load(tok_path)
+    if os.path.exists(tok_path):
+        tokenizer = Tokenizer.load(tok_path)
+    else:  # a run that read text with another run's tokenizer (init_from): the checkpoint's copy
+        saved = checkpoint_tokenizer(workdir)
+        if saved is None:
+            raise UserError(f"{workdir} has no {TOKENIZER_FILE}")
+        tokenizer = Tokenizer.from_serialized(saved[1])
     model = build_model(config.model)
     ckpt_dir = os.path.join(workdir, CHECKPOINTS_DIR)
     if not os.path.isdir(ckpt_dir):

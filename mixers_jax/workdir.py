@@ -275,9 +275,14 @@ def _config_and_tokenizer(workdir: str) -> tuple[str, ml_collections.ConfigDict,
         raise UserError(f"workdir {workdir} does not exist")
     config = load_config(workdir)
     tok_path = os.path.join(workdir, TOKENIZER_FILE)
-    if not os.path.exists(tok_path):
-        raise UserError(f"{workdir} has no {TOKENIZER_FILE}")
-    return workdir, config, Tokenizer.load(tok_path)
+    if os.path.exists(tok_path):
+        tokenizer = Tokenizer.load(tok_path)
+    else:  # a run that read text with another run's tokenizer (init_from): the checkpoint's copy
+        saved = checkpoint_tokenizer(workdir)
+        if saved is None:
+            raise UserError(f"{workdir} has no {TOKENIZER_FILE}")
+        tokenizer = Tokenizer.from_serialized(saved[1])
+    return workdir, config, tokenizer
 
 
 def load_untrained(workdir: str) -> Run:
@@ -285,8 +290,8 @@ def load_untrained(workdir: str) -> Run:
     from its ``seed`` as training draws them (step 0; the checkpoints are not read)."""
     workdir, config, tokenizer = _config_and_tokenizer(workdir)
     model = build_model(config.model)
-    dummy = jnp.zeros((1, input_length(config.model)), jnp.int32)
-    params = nn.meta.unbox(model.init(jax.random.key(int(config.seed)), dummy)["params"])
+    params = nn.meta.unbox(
+        model.init(jax.random.key(int(config.seed)), example_input(config.model))["params"])
     return Run(workdir, config, model, params, tokenizer, 0)
 
 

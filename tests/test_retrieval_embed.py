@@ -1,4 +1,6 @@
 """Embeddings from final hidden states: padding, the embedding position, pads left out, Embedder."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,3 +130,7 @@ def test_embedder_batches_and_bad_input(tmp_path):
         one_batch.embed(["fine", ""])
     with pytest.raises(UserError, match="padding"):
         Embedder.from_workdir(workdir, padding="middle")
+    # a run that read text with another run's tokenizer (init_from) has none of its own: the
+    # checkpoint's copy is used
+    os.remove(os.path.join(workdir, "tokenizer.model"))
+    np.testing.assert_array_equal(Embedder.from_workdir(workdir, batch_size=8).embed(texts), a)

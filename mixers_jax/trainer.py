@@ -36,6 +36,7 @@ from mixers_jax.data import pipeline
 from mixers_jax.errors import UserError
 from mixers_jax.config import input_length
 from mixers_jax.lock import WorkdirLock
+from mixers_jax.models.layers import REMAT_POLICIES
 from mixers_jax.models.specs import DTYPES
 from mixers_jax.steps import MAX_CONSECUTIVE_SKIPS, Steps, TrainState, build_steps, evaluate_all
 
@@ -59,6 +60,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if t.warmup_steps < 0:
         raise UserError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     ckpt_lib.check_keep(t.keep_checkpoints)
+    if t.get("remat", "none") not in REMAT_POLICIES:
+        raise UserError(f"train.remat must be one of {REMAT_POLICIES}, got {t.remat!r}")
     if t.schedule not in ("linear", "cosine"):
         raise UserError(f"train.schedule must be 'linear' or 'cosine', got {t.schedule!r}")
     if config.data.packing not in ("concat", "pad"):

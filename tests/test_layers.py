@@ -25,8 +25,8 @@ LAYERS = {
     "training parts": ["objectives", "metrics", "target_bytes", "checkpoint", "lock", "flops"],
     "training setup": ["steps", "curriculum", "workdir"],
     "trainer": ["trainer"],
-    "tools": ["environment", "evaluation", "generation", "structure", "codec", "curves",
-              "benchmarks", "profiling"],
+    "tools": ["environment", "compile_log", "evaluation", "generation", "structure", "codec",
+              "curves", "benchmarks", "profiling"],
     "commands": ["train", "evaluate", "generate", "compress", "inspect", "plot", "profile",
                  "bench"],
 }

@@ -169,7 +169,12 @@ class Embed(nn.Module):
         )
 
     def __call__(self, tokens_BxN: Array) -> Array:
-        return jnp.take(self.embedding, tokens_BxN, axis=0).astype(self.dtype)
+        # The lookup reads a whole (replicated) table: the all-gather FSDP does for every weight,
+        # V·d numbers, less than the B·N·d rows it produces. A lookup into a width-split table
+        # yields width-split rows, which the SPMD partitioner can only turn into batch-split rows
+        # by replicating them (and the gradient's scatter likewise).
+        table_VxD = nn.with_logical_constraint(self.embedding, (None, None))
+        return jnp.take(table_VxD, tokens_BxN, axis=0).astype(self.dtype)
 
     def attend(self, x_BxNxD: Array) -> Array:
         """x·Eᵀ in float32 (the tied LM head)."""
@@ -255,6 +260,31 @@ def lm_head(vocab_size: int, kernel_init: Init, dtype: Dtype) -> Linear:
     """The untied LM head d -> V: no bias, float32 logits (assign it to ``self.head``)."""
     return Linear((vocab_size,), ("embed", "vocab"), use_bias=False, kernel_init=kernel_init,
                   dtype=dtype, out_dtype=jnp.float32)
+
+
+# Rematerialisation (activation checkpointing) policies of the blocks (``train.remat``;
+# docs/training.md#rematerialisation).
+REMAT_POLICIES = ("none", "block", "matmuls_saved")
+
+
+def rematerialized(block_cls: type, policy: str) -> type:
+    """``block_cls`` with its activations recomputed in the backward pass per ``policy``:
+
+    * 'none': ``block_cls`` itself; the backward pass reads every intermediate the forward kept.
+    * 'block': only each block's input is kept; everything inside the block is recomputed from it
+      during the backward pass (about one more forward pass of the blocks).
+    * 'matmuls_saved': the outputs of the matmuls with a weight (dots without batch dimensions:
+      the linears, flat token mixing) are kept as well; norms, activations, attention scores and
+      probabilities and headed mixing (batched dots) are recomputed.
+
+    The parameter tree and the numbers computed are the same under every policy.
+    """
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat policy must be one of {REMAT_POLICIES}, got {policy!r}")
+    if policy == "none":
+        return block_cls
+    save = None if policy == "block" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return nn.remat(block_cls, policy=save, prevent_cse=True)
 
 
 def run_blocks_step(blocks, x_BxD: Array, pos: Array, cache: tuple) -> tuple[Array, tuple]:

@@ -139,7 +139,8 @@ class MaskedMixerLM(nn.Module):
         spec = self.spec
         emb_init = layers.normal(1.0) if (spec.reference or spec.srm) else layers.normal(0.02)
         self.embed = layers.Embed(spec.vocab_size, spec.d_model, emb_init, spec.dtype)
-        self.blocks = tuple(MixerBlock(spec, name=f"block_{i}") for i in range(spec.n_layers))
+        block = layers.rematerialized(MixerBlock, spec.remat)
+        self.blocks = tuple(block(spec, name=f"block_{i}") for i in range(spec.n_layers))
         if not spec.tie_embeddings:
             self.head = lm_head(spec.vocab_size, layers.linear_inits(spec.reference, spec.d_model,
                                                                      spec.srm)[0], spec.dtype)

@@ -40,6 +40,7 @@ class MixerSpec:
     block: str = "mixer"
     dropout_embed: float = 0.0  # dropout rates (training only; layers.dropout)
     dropout_resid: float = 0.0
+    remat: str = "none"  # rematerialisation of the blocks (layers.REMAT_POLICIES)
 
     @property
     def srm(self) -> bool:
@@ -74,6 +75,7 @@ class TransformerSpec:
     dropout_embed: float = 0.0  # dropout rates (training only; layers.dropout)
     dropout_resid: float = 0.0
     dropout_attn: float = 0.0
+    remat: str = "none"  # rematerialisation of the blocks (layers.REMAT_POLICIES)
 
     @property
     def gpt(self) -> bool:
@@ -92,6 +94,14 @@ def _check_common(cfg: Any) -> None:
         rate = field(cfg, key, 0.0)
         if not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
             raise UserError(f"model.{key} must be a rate in [0, 1), got {rate!r}")
+    if _remat(cfg) not in layers.REMAT_POLICIES:
+        raise UserError(f"train.remat must be one of {layers.REMAT_POLICIES}, got {_remat(cfg)!r}")
+
+
+def _remat(cfg: Any) -> str:
+    """The blocks' rematerialisation policy: ``train.remat``, which ``build_model`` hands down as
+    the model-config key ``remat`` (absent: 'none')."""
+    return field(cfg, "remat", "none") or "none"
 
 
 def _dropouts(cfg: Any, keys=("dropout_embed", "dropout_resid")) -> dict:
@@ -134,6 +144,7 @@ def mixer_spec(cfg: Any) -> MixerSpec:
         residual=bool(field(cfg, "residual")),
         tie_embeddings=bool(field(cfg, "tie_embeddings")),
         block=block,
+        remat=_remat(cfg),
         **_dropouts(cfg),
     )
 
@@ -167,5 +178,6 @@ def transformer_spec(cfg: Any) -> TransformerSpec:
         dtype=layers.dtype_of(field(cfg, "dtype")),
         causal=bool(field(cfg, "causal", True)),
         transformer=arch,
+        remat=_remat(cfg),
         **_dropouts(cfg, DROPOUTS),
     )

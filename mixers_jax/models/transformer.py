@@ -212,7 +212,8 @@ class TransformerLM(nn.Module):
     def setup(self):
         spec = self.spec
         self.embed = layers.Embed(spec.vocab_size, spec.d_model, layers.normal(0.02), spec.dtype)
-        self.blocks = tuple(TransformerBlock(spec, name=f"block_{i}") for i in range(spec.n_layers))
+        block = layers.rematerialized(TransformerBlock, spec.remat)
+        self.blocks = tuple(block(spec, name=f"block_{i}") for i in range(spec.n_layers))
         self.final_norm = norm(spec)
         if spec.gpt:
             self.pos_embed = layers.Embed(spec.n_ctx, spec.d_model, layers.normal(0.02), spec.dtype)

@@ -264,7 +264,7 @@ def forward_backward_memory(config, batch: int) -> dict:
 def bench_context_memory(cases: list[str], contexts: list[int], s: Settings) -> list[dict]:
     """Peak bytes of one forward + backward of the flat mixer and the transformer per context
     length (published: the mixer about 4x more memory-efficient at long n;
-    docs/published_results.md#memory-at-long-context)."""
+    docs/published_results.md#causal-language-models)."""
     records = []
     for n in contexts:
         for name in cases:

@@ -33,15 +33,26 @@ def test_a_bad_sharding_is_counted_and_echoed(capfd):
     assert compile_log.INVOLUNTARY_REMAT in capfd.readouterr().err
 
 
-def test_a_cache_hit_or_silenced_warnings_give_no_count(monkeypatch):
+def test_no_compile_or_silenced_warnings_give_no_count(monkeypatch):
     fn, args = _bad_lookup()
-    profiling.compile_logged(fn, *args)  # the tests' persistent cache now holds this program
-    _, again = profiling.compile_logged(fn, *args)  # a new lowering: read from that cache
-    assert again.cache_hit and again.involuntary_remats is None
-    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
-    with compile_log.capture() as log:
+    first = profiling.compile_logged(fn, *args)[1]
+    # The same program again: JAX answers from memory or the tests' persistent cache, XLA compiles
+    # nothing and logs nothing, and that is not a count of 0.
+    _, again = profiling.compile_logged(fn, *args)
+    assert again.involuntary_remats is None and not again.counted, (first, again)
+    with compile_log.capture() as idle:
         pass
-    assert log.warnings_suppressed and log.involuntary_remats is None
+    assert idle.compiles == 0 and idle.involuntary_remats is None
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    fn, args = _bad_lookup()
+    with compile_log.capture() as log:
+        jax.jit(lambda t, i: jnp.take(t, i + 1, axis=0),
+                out_shardings=sharding.batch_sharding(fn_mesh(args))).lower(*args).compile()
+    assert log.compiles and log.warnings_suppressed and log.involuntary_remats is None
+
+
+def fn_mesh(args):
+    return args[1].sharding.mesh
 
 
 def _memory_step_log(vocab):

@@ -287,6 +287,45 @@ def rematerialized(block_cls: type, policy: str) -> type:
     return nn.remat(block_cls, policy=save, prevent_cse=True)
 
 
+def _apply_block(block: nn.Module, *args):
+    return block(*args)
+
+
+def _apply_block_fwd(block: nn.Module, *args):
+    return nn.vjp(_apply_block, block, *args)
+
+
+def _apply_block_bwd(vjp_fn, y_t):
+    # The backward pass of a rematerialised block recomputes its forward from the saved residuals.
+    # A scheduler may hoist every block's recomputation to the end of the forward pass, keeping
+    # all the activations alive at once and saving nothing (XLA's CPU compiler does, and it drops
+    # optimization barriers before scheduling). So the residuals laid out like the activations
+    # ([B, N, ...]) get a true data dependency on this block's output cotangent: r + 0·g[..., :1]
+    # (local to each device, no collective; r itself for every finite g), and the recomputation
+    # can only start once the backward pass has reached this block.
+    vjp_fn, y_t = jax.lax.optimization_barrier((vjp_fn, y_t))
+    zero_BxN = y_t[..., 0].astype(jnp.float32) * 0.0
+
+    def tie(r):
+        if not jnp.issubdtype(r.dtype, jnp.floating) or r.shape[:2] != zero_BxN.shape:
+            return r
+        return r + zero_BxN.reshape(zero_BxN.shape + (1,) * (r.ndim - 2)).astype(r.dtype)
+
+    return jax.tree.map(tie, vjp_fn)(y_t)
+
+
+_apply_block_in_order = nn.custom_vjp(_apply_block, forward_fn=_apply_block_fwd,
+                                      backward_fn=_apply_block_bwd)
+
+
+def call_block(parent: nn.Module, block: nn.Module, *args, policy: str = "none"):
+    """``block(*args)`` (positional arguments); for a block made by :func:`rematerialized` with a
+    policy other than 'none', its recomputation is scheduled right before its backward pass."""
+    if policy == "none" or parent.is_initializing():
+        return block(*args)
+    return _apply_block_in_order(block, *args)
+
+
 def run_blocks_step(blocks, x_BxD: Array, pos: Array, cache: tuple) -> tuple[Array, tuple]:
     """The step forms of ``blocks`` in order at position ``pos``: (output [B, d], new caches)."""
     pos = jnp.asarray(pos, jnp.int32)

@@ -157,7 +157,7 @@ class MaskedMixerLM(nn.Module):
 
     def hidden(self, x_BxNxD: Array) -> Array:
         for block in self.blocks:
-            x_BxNxD = block(x_BxNxD)
+            x_BxNxD = layers.call_block(self, block, x_BxNxD, policy=self.spec.remat)
         return x_BxNxD
 
     def logits(self, h_BxNxD: Array) -> Array:

@@ -237,7 +237,8 @@ class TransformerLM(nn.Module):
         if self.spec.gpt:
             x_BxNxD = self.add_positions(x_BxNxD, positions_BxN)
         for block in self.blocks:
-            x_BxNxD = block(x_BxNxD, positions_BxN=positions_BxN, mask_Bx1xNxN=mask_Bx1xNxN)
+            x_BxNxD = layers.call_block(self, block, x_BxNxD, None, None, positions_BxN,
+                                        mask_Bx1xNxN, policy=self.spec.remat)
         return self.final_norm(x_BxNxD)
 
     def add_positions(self, x: Array, positions: Array | None) -> Array:

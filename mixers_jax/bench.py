@@ -1,4 +1,5 @@
-"""Benchmarks: ``python -m mixers_jax.bench --suite=train|mixing|generate|memory [--out=FILE.json]``.
+"""Benchmarks: ``python -m mixers_jax.bench --suite=SUITE [--out=FILE.json]``, SUITE one of train,
+mixing, generate, memory, remat, context_memory.
 
 Each suite (mixers_jax/benchmarks.py describes them) prints a table and, with ``--out``, writes JSON
 holding the device, the library versions, the settings and one record per case. Compare figures as
@@ -18,7 +19,8 @@ from mixers_jax.errors import UserError
 from mixers_jax.fileio import write_atomic
 
 FLAGS = cli.flag_values()
-_SUITE = flags.DEFINE_enum("suite", "train", ["train", "mixing", "generate", "memory"],
+_SUITE = flags.DEFINE_enum("suite", "train", ["train", "mixing", "generate", "memory", "remat",
+                                              "context_memory"],
                            "Which benchmark.", flag_values=FLAGS)
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON to this file.", flag_values=FLAGS)
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed repetitions per case (median reported).",
@@ -38,7 +40,8 @@ _SCAN = flags.DEFINE_bool("scan_layers", False, "Train suite: model.scan_layers 
                            "scanned block; compare compile_s with and without).", flag_values=FLAGS)
 _CASES = flags.DEFINE_list("cases", None, "Subset of cases to run (default: all of the suite).",
                            flag_values=FLAGS)
-_CONTEXTS = flags.DEFINE_list("contexts", ["256", "512", "1024", "2048", "4096"], "Mixing suite n.",
+_CONTEXTS = flags.DEFINE_list("contexts", ["256", "512", "1024", "2048", "4096"],
+                              "Mixing and context_memory suites: context lengths n.",
                               flag_values=FLAGS)
 _GEN_CONTEXTS = flags.DEFINE_list("gen_contexts", ["512", "2048"], "Generate suite n_ctx values.",
                                   flag_values=FLAGS)
@@ -88,6 +91,11 @@ def main(argv: list[str]) -> None:
     elif suite == "memory":
         cases = _selected_cases(bm.MEMORY_CASES)
         chunk_counts = _positive_ints(_CHUNKS)
+    elif suite == "remat":
+        cases = _selected_cases(bm.REMAT_CASES)
+    elif suite == "context_memory":
+        cases = _selected_cases(bm.CONTEXT_MEMORY_CASES)
+        contexts = _positive_ints(_CONTEXTS)
     else:
         cases = _selected_cases(bm.MIXING_CASES)
         contexts = _positive_ints(_CONTEXTS)
@@ -108,6 +116,14 @@ def main(argv: list[str]) -> None:
         settings = dict(d_model=s.d_model, n_layers=s.n_layers, chunk_len=s.n_ctx, batch=s.batch,
                         vocab=s.vocab, heads=s.heads, dtype=s.dtype, steps=s.steps,
                         chunks=chunk_counts)
+    elif suite == "remat":
+        records = bm.bench_remat(cases, s)
+        settings = dict(d_model=s.d_model, n_layers=s.n_layers, n_ctx=s.n_ctx, batch=s.batch,
+                        vocab=s.vocab, heads=s.heads, dtype=s.dtype, steps=s.steps)
+    elif suite == "context_memory":
+        records = bm.bench_context_memory(cases, contexts, s)
+        settings = dict(d_model=s.d_model, n_layers=s.n_layers, batch=s.batch, vocab=s.vocab,
+                        heads=s.heads, dtype=s.dtype, contexts=contexts)
     else:
         records = bm.bench_mixing(contexts, s, cases)
         settings = dict(batch=s.batch, features=s.d_model, dtype=s.dtype, steps=s.steps,

@@ -27,6 +27,13 @@ wall time.
   ``full`` (parallel forward per token), and of the transformer with a KV cache at the same width
   and depth, for each n_ctx in ``--gen_contexts`` and batch in ``--gen_batches``. Cases:
   srm_recurrent, srm_cached, srm_full, transformer_cached.
+* ``remat``: one optimizer step of the flat mixer and the transformer under each
+  rematerialisation policy (``train.remat``: none, block, matmuls_saved): step time, its ratio to
+  'none' in the same run, and the compiled step's temporaries (activations) per device.
+* ``context_memory``: one forward + backward pass (the clm loss and its parameter gradients, no
+  optimizer) of the flat mixer and the transformer at each context length in ``--contexts``,
+  compiled only (nothing is allocated): XLA's memory analysis of arguments (parameters, tokens),
+  outputs (gradients) and temporaries, their sum as the peak, and transformer / mixer per n.
 * ``memory``: one optimizer step (next-token objective) of a memory model with s chunks of
   ``--n_ctx`` tokens vs the full-context model of the same family over the same s·n_ctx tokens, for
   each s in ``--chunks`` (cases memory_mixer, full_mixer, memory_transformer, full_transformer):
@@ -45,11 +52,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixers_jax import flops as flops_lib
-from mixers_jax import sharding
+from mixers_jax import objectives, sharding
 from mixers_jax import steps as steps_lib
 from mixers_jax.config import base_config, input_length
 from mixers_jax.generation import Generator
 from mixers_jax.models import build_model, mixing_blocked, mixing_math
+from mixers_jax.models.layers import REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +100,13 @@ def _memory_bytes(compiled) -> int | None:
         m = compiled.memory_analysis()
         return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                    - m.alias_size_in_bytes)
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return None
+
+
+def _temp_bytes(compiled) -> int | None:
+    try:
+        return int(compiled.memory_analysis().temp_size_in_bytes)
     except Exception:  # noqa: BLE001 - not every backend reports it
         return None
 
@@ -187,6 +202,7 @@ def _time_train_step(name: str, config, s: Settings) -> dict:
         "tokens_per_s": tokens / step_s,
         "compile_s": compile_s,
         "memory_bytes": _memory_bytes(compiled),
+        "temp_bytes": _temp_bytes(compiled),
         "flops_per_token": analytic,
         "xla_flops_per_token": xla / tokens if xla else None,
         "params": int(sum(x.size for x in jax.tree.leaves(holder["state"].params))),
@@ -198,6 +214,86 @@ def _time_train_step(name: str, config, s: Settings) -> dict:
     if peak:
         rec["mfu"] = flops_lib.mfu(analytic, rec["tokens_per_s"], peak * jax.device_count())
     return rec
+
+
+def _case_config(spec: dict, s: Settings, n_ctx: int | None = None):
+    """The base config with the settings' model sizes and ``spec``'s model fields."""
+    config = base_config()
+    config.model.update(dict(d_model=s.d_model, n_layers=s.n_layers, n_ctx=n_ctx or s.n_ctx,
+                             vocab_size=s.vocab, n_heads=s.heads, dtype=s.dtype, **spec))
+    return config
+
+
+REMAT_MODELS = {"mixer": TRAIN_CASES["mixer_flat"], "transformer": TRAIN_CASES["transformer"]}
+REMAT_CASES = tuple(f"{m}_{p}" for m in REMAT_MODELS for p in REMAT_POLICIES)
+
+
+def bench_remat(cases: list[str], s: Settings) -> list[dict]:
+    """Optimizer-step time and temporaries of each rematerialisation policy, with the step-time
+    ratio to the same model's 'none' in the same run."""
+    records = []
+    for name in cases:
+        model, policy = next((m, name[len(m) + 1:]) for m in REMAT_MODELS if name.startswith(m + "_"))
+        config = _case_config(REMAT_MODELS[model], s)
+        config.train.remat = policy
+        rec = dict(_time_train_step(name, config, s), model=model, remat=policy)
+        base = next((r for r in records if r["model"] == model and r["remat"] == "none"), None)
+        rec["step_vs_none"] = rec["step_s"] / base["step_s"] if base else None
+        rec["temp_vs_none"] = (rec["temp_bytes"] / base["temp_bytes"]
+                               if base and base["temp_bytes"] and rec["temp_bytes"] else None)
+        records.append(rec)
+        _print_row(rec, ["case", "step_s", "step_vs_none", "tokens_per_s", "temp_bytes",
+                         "temp_vs_none", "compile_s"])
+    return records
+
+
+CONTEXT_MEMORY_CASES = REMAT_MODELS
+
+
+def forward_backward_memory(config, batch: int) -> dict:
+    """XLA's memory analysis of one compiled forward + backward (clm loss, parameter gradients)
+    of ``config.model`` on ``batch`` rows, from shapes only."""
+    model = build_model(config.model)
+    n = input_length(config.model)
+    tokens = jax.ShapeDtypeStruct((batch, n), jnp.int32)
+    params = jax.eval_shape(lambda: nn.meta.unbox(
+        model.init(jax.random.key(0), jnp.zeros((1, n), jnp.int32))["params"]))
+    loss_fn = objectives.build("clm", objectives.ObjectiveContext(config.model, config.train))
+
+    def loss(p, tokens):
+        b = {"tokens": tokens, "loss_mask": jnp.ones(tokens.shape, jnp.float32),
+             "token_bytes": jnp.ones(tokens.shape, jnp.int32)}
+        return loss_fn(lambda q, t, rngs=None: model.apply({"params": q}, t), p, b)[0]
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(params, tokens).compile()
+    m = compiled.memory_analysis()
+    return {"params_bytes": int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))),
+            "argument_bytes": int(m.argument_size_in_bytes),
+            "output_bytes": int(m.output_size_in_bytes), "temp_bytes": int(m.temp_size_in_bytes),
+            "peak_bytes": int(m.argument_size_in_bytes + m.output_size_in_bytes
+                              + m.temp_size_in_bytes - m.alias_size_in_bytes),
+            "compile_s": time.perf_counter() - t0}
+
+
+def bench_context_memory(cases: list[str], contexts: list[int], s: Settings) -> list[dict]:
+    """Peak bytes of one forward + backward of the flat mixer and the transformer per context
+    length (published: the mixer about 4x more memory-efficient at long n;
+    docs/published_results.md#causal-language-models)."""
+    records = []
+    for n in contexts:
+        for name in cases:
+            config = _case_config(CONTEXT_MEMORY_CASES[name], s, n_ctx=n)
+            rec = dict(case=name, n_ctx=n, batch=s.batch, **forward_backward_memory(config, s.batch))
+            records.append(rec)
+            _print_row(rec, ["case", "n_ctx", "params_bytes", "temp_bytes", "peak_bytes", "compile_s"])
+    by = {(r["case"], r["n_ctx"]): r for r in records}
+    for n in contexts:
+        mixer, transformer = by.get(("mixer", n)), by.get(("transformer", n))
+        if mixer and transformer:
+            print(f"n_ctx {n}: transformer peak / mixer peak = "
+                  f"{transformer['peak_bytes'] / mixer['peak_bytes']:.2f}")
+    return records
 
 
 MEMORY_CASES = {

@@ -112,6 +112,11 @@ train.combined_shared   memory models, 'combined': the copy pass reuses the clm 
                         the chunks both passes share and decodes only the chunks that hold copy
                         targets (the same loss and gradients up to float rounding, ~30% fewer
                         FLOPs at s = 4); False: two full passes
+train.remat             rematerialisation (activation checkpointing) of every block in the backward
+                        pass: 'none' (keep every activation) | 'block' (keep each block's input,
+                        recompute the rest) | 'matmuls_saved' (also keep the outputs of matmuls
+                        with a weight); same parameters and results, less memory, more compute
+                        (docs/training.md#rematerialisation)
 train.eval_objectives   objectives evaluated (logged as eval/<name>/...); empty: the training one
 train.frozen            comma-separated top-level parameter groups that training leaves unchanged
 train.init_from         workdir whose latest checkpoint initialises the subtrees in train.init_map
@@ -291,6 +296,7 @@ def base_config() -> ml_collections.ConfigDict:
             steps=1000,
             batch_size=16,  # global batch, in sequences, per optimizer step
             grad_accum=1,  # micro-batches per step (batch_size must divide by it)
+            remat="none",  # none | block | matmuls_saved: activations recomputed in the backward pass
             lr=5e-4,
             warmup_steps=500,
             schedule="linear",  # linear | cosine (decay to 0 at the final step)

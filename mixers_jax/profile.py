@@ -12,12 +12,15 @@ WHAT:
   trace   a jax.profiler trace of --steps real steps (random tokens) -> DIR/trace (TensorBoard's
           profile tab), the step time, MFU, and the device time split by op kind
   aot     lower and compile the train step for --mesh on that many *fake CPU devices* and report
-          per-device parameter, optimizer and activation memory without allocating anything
+          per-device parameter, optimizer and activation memory without allocating anything, and
+          the SPMD partitioner's "involuntary full rematerialization" warnings (each one an array
+          replicated on every device and cut again: hidden communication at every step)
   all     jaxpr,hlo,cost,memory
 
 With ``aot`` in WHAT the process sets ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` and
-``JAX_PLATFORMS=cpu`` before JAX loads; everything else in the same call then runs on those fake
-devices too. Without it, ``--mesh`` (default: the config's mesh and sharding preset) uses the real
+``JAX_PLATFORMS=cpu`` before JAX loads, and turns the persistent compilation cache off (so that the
+step is really compiled and its warnings can be counted); everything else in the same call then
+runs on those fake devices too. Without it, ``--mesh`` (default: the config's mesh and sharding preset) uses the real
 devices. The report is written to DIR/profile.json.
 
 Exit status: 0 done; 1 an OSError (e.g. DIR not writable), one line; 2 bad flags, config, --what or
@@ -72,6 +75,8 @@ def _fake_devices_for_aot(argv) -> None:
     flags_env = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
     os.environ["XLA_FLAGS"] = f"{flags_env} --xla_force_host_platform_device_count={n}".strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
+    # A persistent-cache hit compiles nothing, so XLA would log no partitioner warnings to count.
+    os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 
 
 def main(argv: list[str]) -> None:

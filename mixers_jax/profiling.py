@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
+from mixers_jax import compile_log
 from mixers_jax import flops as flops_lib
 from mixers_jax import sharding, trainer
 from mixers_jax import steps as steps_lib
@@ -66,6 +67,19 @@ def setup(config, mesh_text: str | None = None, devices=None):
         "token_bytes": jax.ShapeDtypeStruct((rows, n_ctx), jnp.int32, sharding=bsh),
     }
     return steps, steps.abstract_state, batch
+
+
+def compile_logged(fn, *args):
+    """(``fn.lower(*args).compile()``, the :class:`~mixers_jax.compile_log.CompileLog` of XLA's
+    log during that compile)."""
+    with compile_log.capture() as log:
+        compiled = fn.lower(*args).compile()
+    return compiled, log
+
+
+def remats_text(count: int | None) -> str:
+    """The involuntary-rematerialization count as the AOT table shows it."""
+    return "n/a" if count is None else str(count)
 
 
 def forward_fn(steps):
@@ -338,9 +352,10 @@ def profile(config, what: list[str], out_dir: str, mesh_text: str | None = None,
     def compile_step():
         if "train" not in compiled:
             t0 = time.perf_counter()
-            lowered = steps.train_step.lower(state, batch)
-            compiled["train"] = lowered.compile()
+            compiled["train"], log = compile_logged(steps.train_step, state, batch)
             report["compile_s"] = time.perf_counter() - t0
+            report["involuntary_remats"] = log.involuntary_remats
+            report["involuntary_remat_ops"] = log.remat_operations()
         return compiled["train"]
 
     def compile_forward():
@@ -390,6 +405,9 @@ def profile(config, what: list[str], out_dir: str, mesh_text: str | None = None,
         mem = memory_report(compile_step())
         sb = state_bytes_per_device(state)
         report["memory_per_device"] = dict(mem, params_bytes=sb["params"], opt_state_bytes=sb["opt_state"])
+        ops = report["involuntary_remat_ops"]
+        echo(f"SPMD partitioner: {remats_text(report['involuntary_remats'])} involuntary full "
+             f"rematerializations" + (f" ({', '.join(ops)})" if ops else ""))
         echo(f"per device: params {_fmt_bytes(sb['params'])} | optimizer {_fmt_bytes(sb['opt_state'])} | "
              f"arguments {_fmt_bytes(mem['argument_size_in_bytes'])} | outputs "
              f"{_fmt_bytes(mem['output_size_in_bytes'])} | temporaries (activations, workspace) "
@@ -400,10 +418,12 @@ def profile(config, what: list[str], out_dir: str, mesh_text: str | None = None,
                                          "temp_size_in_bytes")) - (m["alias_size_in_bytes"] or 0)
         m["total_bytes"] = total
         shape = "x".join(str(v) for v in mesh_shape.values())
-        echo("AOT row: | {} | {} | {} | {} | {} | {} | {} | {:.3g} | {:.0f} s |".format(
-            config.name, config.model.kind, shape, _fmt_bytes(m["params_bytes"]),
-            _fmt_bytes(m["opt_state_bytes"]), _fmt_bytes(m["temp_size_in_bytes"]), _fmt_bytes(total),
-            report["analytic_flops_per_token"], report["compile_s"]))
+        echo("AOT row: | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3g} | {:.0f} s |".format(
+            config.name, config.model.kind, shape, config.train.get("remat", "none"),
+            _fmt_bytes(m["params_bytes"]), _fmt_bytes(m["opt_state_bytes"]),
+            _fmt_bytes(m["temp_size_in_bytes"]), _fmt_bytes(total),
+            remats_text(report["involuntary_remats"]), report["analytic_flops_per_token"],
+            report["compile_s"]))
     if "trace" in what:
         report["trace"] = run_trace(config, steps, state, batch, out_dir, n_steps)
         t = report["trace"]

@@ -181,7 +181,7 @@ def build_steps(config, mesh, objective: str | None = None, rules=None, pad_id: 
     if rules is None:
         rules = sharding.resolve(config)[1]
     act_rules = sharding.activation_rules(rules, mesh, activation_dims(config.model))
-    model = build_model(config.model)
+    model = build_model(config.model, remat=config.train.get("remat", "none"))
     ctx = objectives.context(config, pad_id=int(pad_id))
     loss_fn = objectives.build(objective or config.train.objective, ctx)
     eval_fns = {name: objectives.build(name, ctx) for name in eval_objective_names(config.train)}

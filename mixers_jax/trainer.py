@@ -41,6 +41,7 @@ from mixers_jax.objectives import PAIR_OBJECTIVES
 from mixers_jax.errors import UserError
 from mixers_jax.config import input_length
 from mixers_jax.lock import WorkdirLock
+from mixers_jax.models.layers import REMAT_POLICIES
 from mixers_jax.models.specs import DTYPES
 from mixers_jax.steps import MAX_CONSECUTIVE_SKIPS, Steps, TrainState, build_steps, evaluate_all
 
@@ -68,6 +69,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     ckpt_lib.check_keep(t.keep_checkpoints)
     if t.on_divergence not in ON_DIVERGENCE:
         raise UserError(f"train.on_divergence must be one of {ON_DIVERGENCE}, got {t.on_divergence!r}")
+    if t.get("remat", "none") not in REMAT_POLICIES:
+        raise UserError(f"train.remat must be one of {REMAT_POLICIES}, got {t.remat!r}")
     if t.schedule not in ("linear", "cosine"):
         raise UserError(f"train.schedule must be 'linear' or 'cosine', got {t.schedule!r}")
     if config.data.packing not in ("concat", "pad"):

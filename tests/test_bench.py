@@ -67,3 +67,32 @@ def test_train_suite_reports_a_fraction_of_the_same_runs_matmul_rate(capsys):
     assert rec["matmul_fraction"] == pytest.approx(
         rec["flop_rate"] / (rec["matmul_flops_per_s"] * 8))  # the 8 fake test devices
     assert 0 < rec["matmul_fraction"] < 1
+
+
+def test_remat_suite_times_each_policy_against_none(capsys):
+    from mixers_jax import benchmarks as bm
+
+    s = bm.Settings(d_model=32, n_layers=2, n_ctx=16, batch=8, vocab=64, heads=2, steps=1)
+    records = bm.bench_remat(["mixer_none", "mixer_block", "mixer_matmuls_saved"], s)
+    assert [(r["model"], r["remat"]) for r in records] == [
+        ("mixer", "none"), ("mixer", "block"), ("mixer", "matmuls_saved")]
+    assert records[0]["step_vs_none"] is None
+    for r in records[1:]:
+        assert r["step_vs_none"] == pytest.approx(r["step_s"] / records[0]["step_s"])
+        assert r["temp_vs_none"] == pytest.approx(r["temp_bytes"] / records[0]["temp_bytes"])
+    assert "mixer_matmuls_saved" in capsys.readouterr().out
+
+
+def test_context_memory_suite_reports_peaks_and_the_ratio(capsys):
+    """Compile-only: the transformer's attention grows as n², the mixer's activations as n."""
+    from mixers_jax import benchmarks as bm
+
+    s = bm.Settings(d_model=32, n_layers=2, batch=1, vocab=64, heads=2)
+    records = bm.bench_context_memory(["mixer", "transformer"], [32, 256], s)
+    by = {(r["case"], r["n_ctx"]): r for r in records}
+    for r in records:
+        assert r["peak_bytes"] >= r["argument_bytes"] + r["temp_bytes"] >= r["params_bytes"] > 0
+    growth = {c: by[(c, 256)]["temp_bytes"] / by[(c, 32)]["temp_bytes"]
+              for c in ("mixer", "transformer")}
+    assert growth["transformer"] > growth["mixer"], growth
+    assert "n_ctx 256: transformer peak / mixer peak = " in capsys.readouterr().out

@@ -176,11 +176,17 @@ def test_aot_cli_on_16_fake_devices(tmp_path):
     proc = _cli(f"--config={config_path('transformer_clm', 'smoke')}", "--config.train.batch_size=16",
                 "--what=aot", "--mesh=4x2x2", f"--out={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "AOT row: | transformer_clm-smoke | transformer | 4x2x2 |" in proc.stdout, proc.stdout
+    # The row's columns: remat policy, ..., the partitioner's involuntary rematerializations (0).
+    row = next(ln for ln in proc.stdout.splitlines() if ln.startswith("AOT row:"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[:4] == ["transformer_clm-smoke", "transformer", "4x2x2", "none"], row
+    assert cells[8] == "0", row
+    assert "SPMD partitioner: 0 involuntary full rematerializations" in proc.stdout, proc.stdout
     with open(tmp_path / "profile.json", encoding="utf-8") as f:
         report = json.load(f)
     assert report["mesh"] == {"data": 4, "fsdp": 2, "tensor": 2}
     assert report["memory_per_device"]["params_bytes"] > 0
+    assert report["involuntary_remats"] == 0 and report["involuntary_remat_ops"] == []
 
 
 @pytest.mark.parametrize(

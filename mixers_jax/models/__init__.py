@@ -235,9 +235,14 @@ def example_input(model_cfg: Any) -> jax.Array:
     return jnp.zeros((1, input_length(model_cfg)), jnp.int32)
 
 
-def build_model(model_cfg: Any) -> nn.Module:
-    """``config.model`` -> an un-initialised Flax module (tokens [B, n] -> fp32 logits [B, n, V])."""
+def build_model(model_cfg: Any, remat: str = "none") -> nn.Module:
+    """``config.model`` -> an un-initialised Flax module (tokens [B, n] -> fp32 logits [B, n, V]).
+
+    ``remat`` (``train.remat``, one of ``layers.REMAT_POLICIES``) rematerialises every block of
+    every (sub-)model in the backward pass; it changes neither the parameters nor the results."""
     kind = field(model_cfg, "kind")
     if kind not in MODEL_KINDS:
         raise UserError(f"unknown model.kind {kind!r}; choose one of: {', '.join(sorted(MODEL_KINDS))}")
+    if remat != "none":  # read by the specs, inherited by every sub-model (sub_model_config)
+        model_cfg = dict(cfg_to_dict(model_cfg), remat=remat)
     return MODEL_KINDS[kind](model_cfg)

@@ -84,8 +84,12 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, e_BxD: Array) -> Array:
         c, d = int(self.compression), int(self.d_in)
+        # One vector per row, split along the batch like every activation: left free, the SPMD
+        # partitioner splits these small [B, d] arrays along their width to meet the weights and
+        # can only get there by replicating them.
+        e_BxD = nn.with_logical_constraint(e_BxD, ("batch", "act_embed"))
         z = self._linear(d, d // c, "down")(e_BxD) if c > 1 else e_BxD
-        z = quantize(z, self.quant)
+        z = nn.with_logical_constraint(quantize(z, self.quant), ("batch", "act_embed"))
         if self.qat_noise > 0 and self.has_rng("noise"):
             u = jax.random.uniform(self.make_rng("noise"), z.shape, jnp.float32, -1.0, 1.0)
             z = z + (self.qat_noise * u).astype(z.dtype)
@@ -93,4 +97,4 @@ class Bottleneck(nn.Module):
         d_out = int(self.d_out) or d
         if d_out != d:
             e = self._linear(d, d_out, "bridge")(e)
-        return e
+        return nn.with_logical_constraint(e, ("batch", "act_embed"))

@@ -171,7 +171,12 @@ class Embed(nn.Module):
         )
 
     def __call__(self, tokens_BxN: Array) -> Array:
-        return jnp.take(self.embedding, tokens_BxN, axis=0).astype(self.dtype)
+        # The lookup reads a whole (replicated) table: the all-gather FSDP does for every weight,
+        # V·d numbers, less than the B·N·d rows it produces. A lookup into a width-split table
+        # yields width-split rows, which the SPMD partitioner can only turn into batch-split rows
+        # by replicating them (and the gradient's scatter likewise).
+        table_VxD = nn.with_logical_constraint(self.embedding, (None, None))
+        return jnp.take(table_VxD, tokens_BxN, axis=0).astype(self.dtype)
 
     def attend(self, x_BxNxD: Array) -> Array:
         """x·Eᵀ in float32 (the tied LM head)."""
@@ -303,6 +308,70 @@ def scan_blocks_step(block: nn.Module, n_layers: int, x_BxD: Array, pos: Array, 
 
     pos = jnp.asarray(pos, jnp.int32)
     return _layer_scan(n_layers, body, (nn.broadcast, 0))(block, x_BxD, pos, cache)
+
+
+# Rematerialisation (activation checkpointing) policies of the blocks (``train.remat``;
+# docs/training.md#rematerialisation).
+REMAT_POLICIES = ("none", "block", "matmuls_saved")
+
+
+def rematerialized(block_cls: type, policy: str) -> type:
+    """``block_cls`` with its activations recomputed in the backward pass per ``policy``:
+
+    * 'none': ``block_cls`` itself; the backward pass reads every intermediate the forward kept.
+    * 'block': only each block's input is kept; everything inside the block is recomputed from it
+      during the backward pass (about one more forward pass of the blocks).
+    * 'matmuls_saved': the outputs of the matmuls with a weight (dots without batch dimensions:
+      the linears, flat token mixing) are kept as well; norms, activations, attention scores and
+      probabilities and headed mixing (batched dots) are recomputed.
+
+    The parameter tree and the numbers computed are the same under every policy.
+    """
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat policy must be one of {REMAT_POLICIES}, got {policy!r}")
+    if policy == "none":
+        return block_cls
+    save = None if policy == "block" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return nn.remat(block_cls, policy=save, prevent_cse=True)
+
+
+def _apply_block(block: nn.Module, *args):
+    return block(*args)
+
+
+def _apply_block_fwd(block: nn.Module, *args):
+    return nn.vjp(_apply_block, block, *args)
+
+
+def _apply_block_bwd(vjp_fn, y_t):
+    # The backward pass of a rematerialised block recomputes its forward from the saved residuals.
+    # A scheduler may hoist every block's recomputation to the end of the forward pass, keeping
+    # all the activations alive at once and saving nothing (XLA's CPU compiler does, and it drops
+    # optimization barriers before scheduling). So the residuals laid out like the activations
+    # ([B, N, ...]) get a true data dependency on this block's output cotangent: r + 0·g[..., :1]
+    # (local to each device, no collective; r itself for every finite g), and the recomputation
+    # can only start once the backward pass has reached this block.
+    vjp_fn, y_t = jax.lax.optimization_barrier((vjp_fn, y_t))
+    zero_BxN = y_t[..., 0].astype(jnp.float32) * 0.0
+
+    def tie(r):
+        if not jnp.issubdtype(r.dtype, jnp.floating) or r.shape[:2] != zero_BxN.shape:
+            return r
+        return r + zero_BxN.reshape(zero_BxN.shape + (1,) * (r.ndim - 2)).astype(r.dtype)
+
+    return jax.tree.map(tie, vjp_fn)(y_t)
+
+
+_apply_block_in_order = nn.custom_vjp(_apply_block, forward_fn=_apply_block_fwd,
+                                      backward_fn=_apply_block_bwd)
+
+
+def call_block(parent: nn.Module, block: nn.Module, *args, policy: str = "none"):
+    """``block(*args)`` (positional arguments); for a block made by :func:`rematerialized` with a
+    policy other than 'none', its recomputation is scheduled right before its backward pass."""
+    if policy == "none" or parent.is_initializing():
+        return block(*args)
+    return _apply_block_in_order(block, *args)
 
 
 def run_blocks_step(blocks, x_BxD: Array, pos: Array, cache: tuple) -> tuple[Array, tuple]:

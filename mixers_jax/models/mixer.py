@@ -155,10 +155,11 @@ class MaskedMixerLM(nn.Module):
         spec = self.spec
         emb_init = layers.normal(1.0) if (spec.reference or spec.srm) else layers.normal(0.02)
         self.embed = layers.Embed(spec.vocab_size, spec.d_model, emb_init, spec.dtype)
+        block = layers.rematerialized(MixerBlock, spec.remat)
         if spec.scan_layers:  # one block, parameters stacked along 'layers' (blocks/...)
-            self.blocks = MixerBlock(spec, name="blocks")
+            self.blocks = block(spec, name="blocks")
         else:
-            self.blocks = tuple(MixerBlock(spec, name=f"block_{i}") for i in range(spec.n_layers))
+            self.blocks = tuple(block(spec, name=f"block_{i}") for i in range(spec.n_layers))
         if not spec.tie_embeddings:
             self.head = lm_head(spec.vocab_size, layers.linear_inits(spec.reference, spec.d_model,
                                                                      spec.srm)[0], spec.dtype)
@@ -184,7 +185,7 @@ class MaskedMixerLM(nn.Module):
         if self.spec.scan_layers:
             return layers.scan_depth(self.blocks, self.spec.n_layers, depth, x_BxNxD)
         for block in self.blocks[:depth]:
-            x_BxNxD = block(x_BxNxD)
+            x_BxNxD = layers.call_block(self, block, x_BxNxD, policy=self.spec.remat)
         return x_BxNxD
 
     def logits(self, h_BxNxD: Array) -> Array:

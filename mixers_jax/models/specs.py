@@ -45,6 +45,7 @@ class MixerSpec:
     dropout_embed: float = 0.0  # dropout rates (training only; layers.dropout)
     dropout_resid: float = 0.0
     scan_layers: bool = False  # blocks as one scanned block, parameters stacked (layers.scan_blocks)
+    remat: str = "none"  # rematerialisation of the blocks (layers.REMAT_POLICIES)
 
     @property
     def srm(self) -> bool:
@@ -83,6 +84,7 @@ class TransformerSpec:
     dropout_resid: float = 0.0
     dropout_attn: float = 0.0
     scan_layers: bool = False  # blocks as one scanned block, parameters stacked (layers.scan_blocks)
+    remat: str = "none"  # rematerialisation of the blocks (layers.REMAT_POLICIES)
 
     @property
     def gpt(self) -> bool:
@@ -101,6 +103,14 @@ def _check_common(cfg: Any) -> None:
         rate = field(cfg, key, 0.0)
         if not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
             raise UserError(f"model.{key} must be a rate in [0, 1), got {rate!r}")
+    if _remat(cfg) not in layers.REMAT_POLICIES:
+        raise UserError(f"train.remat must be one of {layers.REMAT_POLICIES}, got {_remat(cfg)!r}")
+
+
+def _remat(cfg: Any) -> str:
+    """The blocks' rematerialisation policy: ``train.remat``, which ``build_model`` hands down as
+    the model-config key ``remat`` (absent: 'none')."""
+    return field(cfg, "remat", "none") or "none"
 
 
 def _ablations(cfg: Any, mlps: tuple[str, ...]) -> dict:
@@ -154,6 +164,7 @@ def mixer_spec(cfg: Any) -> MixerSpec:
         tie_embeddings=bool(field(cfg, "tie_embeddings")),
         block=block,
         scan_layers=bool(field(cfg, "scan_layers", False)),
+        remat=_remat(cfg),
         **_dropouts(cfg),
     )
 
@@ -189,5 +200,6 @@ def transformer_spec(cfg: Any) -> TransformerSpec:
         **_ablations(cfg, MLPS),
         transformer=arch,
         scan_layers=bool(field(cfg, "scan_layers", False)),
+        remat=_remat(cfg),
         **_dropouts(cfg, DROPOUTS),
     )

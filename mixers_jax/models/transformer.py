@@ -239,10 +239,11 @@ class TransformerLM(nn.Module):
     def setup(self):
         spec = self.spec
         self.embed = layers.Embed(spec.vocab_size, spec.d_model, layers.normal(0.02), spec.dtype)
+        block = layers.rematerialized(TransformerBlock, spec.remat)
         if spec.scan_layers:  # one block, parameters stacked along 'layers' (blocks/...)
-            self.blocks = TransformerBlock(spec, name="blocks")
+            self.blocks = block(spec, name="blocks")
         else:
-            self.blocks = tuple(TransformerBlock(spec, name=f"block_{i}") for i in range(spec.n_layers))
+            self.blocks = tuple(block(spec, name=f"block_{i}") for i in range(spec.n_layers))
         if spec.layer_norm:
             self.final_norm = norm(spec)
         if spec.gpt:
@@ -280,7 +281,8 @@ class TransformerLM(nn.Module):
             return layers.scan_depth(self.blocks, self.spec.n_layers, depth, x_BxNxD,
                                      positions_BxN=positions_BxN, mask_Bx1xNxN=mask_Bx1xNxN)
         for block in self.blocks[:depth]:
-            x_BxNxD = block(x_BxNxD, positions_BxN=positions_BxN, mask_Bx1xNxN=mask_Bx1xNxN)
+            x_BxNxD = layers.call_block(self, block, x_BxNxD, None, None, positions_BxN,
+                                        mask_Bx1xNxN, policy=self.spec.remat)
         return x_BxNxD
 
     def normalize(self, x: Array) -> Array:

@@ -98,6 +98,17 @@ def memory_workdir(tmp_path_factory):
     return make_workdir(str(base / "memory"), kind="memory", chunks=2, n_ctx=8)
 
 
+@pytest.fixture(scope="module")
+def rmt_workdir(tmp_path_factory):
+    return make_workdir(str(tmp_path_factory.mktemp("memgen_rmt") / "rmt"), kind="rmt", chunks=2,
+                        n_ctx=8)
+
+
+def test_compress_refuses_rmt(rmt_workdir):
+    with pytest.raises(UserError, match="no step form"):
+        codec.encode_bytes(b"some text", load_run(rmt_workdir))
+
+
 def test_compress_round_trip_past_one_chunk(memory_workdir):
     """Windows of chunks·n_ctx − 1 tokens (several chunks each), in lanes; decoding is exact."""
     run = load_run(memory_workdir)
@@ -113,12 +124,11 @@ def _generate(*args):
                           text=True, cwd=REPO, env=env, timeout=120)
 
 
-def test_cli_generates_past_one_chunk(memory_workdir, tmp_path):
+def test_cli_generates_past_one_chunk(memory_workdir, rmt_workdir):
     """12 new tokens after a short prompt cross the chunk boundary at 8 (cached steps)."""
     r = _generate(f"--workdir={memory_workdir}", "--prompt=The", "--max_new_tokens=12",
                   "--temperature=0", "--mode=cached")
     assert r.returncode == 0 and r.stdout.startswith("The") and "stopped" not in r.stdout, r.stderr
-    rmt = make_workdir(str(tmp_path / "rmt"), kind="rmt", chunks=2, n_ctx=8)
-    r = _generate(f"--workdir={rmt}", "--prompt=The", "--mode=cached")
+    r = _generate(f"--workdir={rmt_workdir}", "--prompt=The", "--mode=cached")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and re.match(r"error: .*no step form", lines[0]), r.stderr

@@ -25,6 +25,11 @@ chunk c's token slot i, i.e. the prediction of t^(c)_{i+1} (the chunked objectiv
   tree, checkpoints and ``train.frozen``/``init_map`` groups are the same with and without memory;
   they receive zero gradients.
 
+Step form (``init_cache`` / ``step``, docs/memory_models.md#generation-with-memories): one token
+at stream position p = c·n + i; at i = 0 chunk c−1 is encoded once into slot c−1 and the decoder
+cache is primed with the slots; the token enters the decoder at position s + i (variable: c + i).
+Equals the parallel logits[:, p] up to float rounding.
+
 Parameter groups: ``encoder`` (embed + blocks [+ final_norm]), ``bottleneck`` (down/up/bridge, as
 needed), ``decoder`` (embed + blocks [+ final_norm] + head).
 

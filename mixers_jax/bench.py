@@ -1,5 +1,5 @@
 """Benchmarks: ``python -m mixers_jax.bench --suite=SUITE [--out=FILE.json]``, SUITE one of train,
-mixing, generate, memory, remat, context_memory.
+mixing, generate, memory, memory_generate, remat, context_memory.
 
 Each suite (mixers_jax/benchmarks.py describes them) prints a table and, with ``--out``, writes JSON
 holding the device, the library versions, the settings and one record per case. Compare figures as
@@ -19,8 +19,8 @@ from mixers_jax.errors import UserError
 from mixers_jax.fileio import write_atomic
 
 FLAGS = cli.flag_values()
-_SUITE = flags.DEFINE_enum("suite", "train", ["train", "mixing", "generate", "memory", "remat",
-                                              "context_memory"],
+_SUITE = flags.DEFINE_enum("suite", "train", ["train", "mixing", "generate", "memory",
+                                              "memory_generate", "remat", "context_memory"],
                            "Which benchmark.", flag_values=FLAGS)
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON to this file.", flag_values=FLAGS)
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed repetitions per case (median reported).",
@@ -45,12 +45,12 @@ _CONTEXTS = flags.DEFINE_list("contexts", ["256", "512", "1024", "2048", "4096"]
                               flag_values=FLAGS)
 _GEN_CONTEXTS = flags.DEFINE_list("gen_contexts", ["512", "2048"], "Generate suite n_ctx values.",
                                   flag_values=FLAGS)
-_GEN_BATCHES = flags.DEFINE_list("gen_batches", ["1", "64"], "Generate suite batch sizes.",
-                                 flag_values=FLAGS)
+_GEN_BATCHES = flags.DEFINE_list("gen_batches", ["1", "64"],
+                                 "Generate and memory_generate suites: batch sizes.", flag_values=FLAGS)
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Generate suite: new tokens per row.",
                                    lower_bound=1, flag_values=FLAGS)
-_CHUNKS = flags.DEFINE_list("chunks", ["2", "4", "8", "16"], "Memory suite: chunk counts s.",
-                            flag_values=FLAGS)
+_CHUNKS = flags.DEFINE_list("chunks", ["2", "4", "8", "16"],
+                            "Memory and memory_generate suites: chunk counts s.", flag_values=FLAGS)
 
 
 def _positive_ints(holder) -> list[int]:
@@ -96,6 +96,9 @@ def main(argv: list[str]) -> None:
     elif suite == "context_memory":
         cases = _selected_cases(bm.CONTEXT_MEMORY_CASES)
         contexts = _positive_ints(_CONTEXTS)
+    elif suite == "memory_generate":
+        cases = _selected_cases(bm.MEMGEN_CASES)
+        chunk_counts, batches = _positive_ints(_CHUNKS), _positive_ints(_GEN_BATCHES)
     else:
         cases = _selected_cases(bm.MIXING_CASES)
         contexts = _positive_ints(_CONTEXTS)
@@ -124,6 +127,11 @@ def main(argv: list[str]) -> None:
         records = bm.bench_context_memory(cases, contexts, s)
         settings = dict(d_model=s.d_model, n_layers=s.n_layers, batch=s.batch, vocab=s.vocab,
                         heads=s.heads, dtype=s.dtype, contexts=contexts)
+    elif suite == "memory_generate":
+        records = bm.bench_memory_generate(cases, chunk_counts, batches, s)
+        settings = dict(d_model=s.d_model, n_layers=s.n_layers, chunk_len=s.n_ctx, vocab=s.vocab,
+                        heads=s.heads, dtype=s.dtype, steps=s.steps, chunks=chunk_counts,
+                        batches=batches)
     else:
         records = bm.bench_mixing(contexts, s, cases)
         settings = dict(batch=s.batch, features=s.d_model, dtype=s.dtype, steps=s.steps,

@@ -38,6 +38,11 @@ wall time.
   ``--n_ctx`` tokens vs the full-context model of the same family over the same s·n_ctx tokens, for
   each s in ``--chunks`` (cases memory_mixer, full_mixer, memory_transformer, full_transformer):
   step time, tokens/s, memory, FLOPs; the memory / full-context step-time ratio per s.
+* ``memory_generate``: greedy generation over a whole row of s chunks (cached steps; the memory
+  model encodes each finished chunk once and restarts its decoder on the memory slots) vs the
+  full-context mixer over the same s·n_ctx tokens, for each s in ``--chunks`` and batch in
+  ``--gen_batches``: tokens/s, compile time and the bytes of the carried state; cases
+  memory_mixer, full_mixer.
 """
 from __future__ import annotations
 
@@ -385,6 +390,30 @@ GEN_CASES = {
 }
 
 
+def _time_generation(gen: Generator, batch: int, steps: int, s: Settings) -> dict:
+    """Greedy generation of ``steps`` tokens after a one-token prompt in ``batch`` rows: tokens/s,
+    compile time, the compiled scan's memory and the bytes of the carried cache (0 for 'full')."""
+    prompts = [[3]] * batch
+    t0 = time.perf_counter()
+    compiled = gen.advance.lower(gen.start(prompts), steps).compile()
+    compile_s = time.perf_counter() - t0
+    state_bytes = (sum(x.size * x.dtype.itemsize
+                       for x in jax.tree.leaves(gen.model.init_cache(batch, gen.mode)))
+                   if gen.mode != "full" else 0)
+
+    def once():
+        return compiled(gen.start(prompts))["tokens"]
+
+    wall = _median_time(once, s.steps)
+    rec = {"new_tokens": steps, "tokens_per_s": batch * steps / wall, "s_per_token": wall / steps,
+           "compile_s": compile_s, "memory_bytes": _memory_bytes(compiled),
+           "state_bytes": state_bytes}
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        rec["peak_bytes_in_use"] = int(stats["peak_bytes_in_use"])
+    return rec
+
+
 def bench_generate(cases: list[str], contexts: list[int], batches: list[int], s: Settings) -> list[dict]:
     records = []
     new = s.new_tokens
@@ -399,26 +428,8 @@ def bench_generate(cases: list[str], contexts: list[int], batches: list[int], s:
                 jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, n), jnp.int32))["params"])
             gen = Generator(model, params, cfg, mode=mode, temperature=0.0)
             for b in batches:
-                prompts = [[3]] * b
-                steps = min(new, n - 1)
-                t0 = time.perf_counter()
-                compiled = gen.advance.lower(gen.start(prompts), steps).compile()
-                compile_s = time.perf_counter() - t0
-                state_bytes = (sum(x.size * x.dtype.itemsize
-                                   for x in jax.tree.leaves(model.init_cache(b, mode)))
-                               if mode != "full" else 0)
-
-                def once():
-                    return compiled(gen.start(prompts))["tokens"]
-
-                wall = _median_time(once, s.steps)
-                rec = {"case": name, "mode": mode, "n_ctx": n, "batch": b, "new_tokens": steps,
-                       "tokens_per_s": b * steps / wall, "s_per_token": wall / steps,
-                       "compile_s": compile_s, "memory_bytes": _memory_bytes(compiled),
-                       "state_bytes": state_bytes}
-                stats = jax.devices()[0].memory_stats() or {}
-                if "peak_bytes_in_use" in stats:
-                    rec["peak_bytes_in_use"] = int(stats["peak_bytes_in_use"])
+                rec = {"case": name, "mode": mode, "n_ctx": n, "batch": b,
+                       **_time_generation(gen, b, min(new, n - 1), s)}
                 records.append(rec)
                 _print_row(rec, ["case", "n_ctx", "batch", "tokens_per_s", "s_per_token",
                                  "compile_s", "memory_bytes", "state_bytes"])
@@ -433,6 +444,50 @@ def bench_generate(cases: list[str], contexts: list[int], batches: list[int], s:
             if rec and tr:
                 print(f"n_ctx {n} batch {b}: recurrent / transformer KV-cache tokens/s = "
                       f"{rec['tokens_per_s'] / tr['tokens_per_s']:.2f}x")
+    return records
+
+
+MEMGEN_CASES = ("memory_mixer", "full_mixer")
+
+
+def bench_memory_generate(cases: list[str], chunk_counts: list[int], batches: list[int],
+                          s: Settings) -> list[dict]:
+    """Greedy generation over a whole row of s chunks of n_ctx tokens (s·n_ctx − 1 new tokens after
+    a one-token prompt, cached steps): the memory mixer (decoder at the settings' width and depth,
+    encoder at half of each with k = 4 taps, the proportions of configs/memory.py:cpu) vs the
+    full-context mixer over s·n_ctx tokens (the settings' width and depth), for each s. Random
+    weights: the speed does not depend on training."""
+    records = []
+    for k in chunk_counts:
+        total = k * s.n_ctx
+        for name in cases:
+            cfg = base_config().model
+            full = name == "full_mixer"
+            cfg.update(dict(kind="mixer" if full else "memory", d_model=s.d_model,
+                            n_layers=s.n_layers, vocab_size=s.vocab, heads=s.heads,
+                            n_heads=s.heads, dtype=s.dtype, chunks=k,
+                            n_ctx=total if full else s.n_ctx))
+            if not full:
+                cfg.encoder.update(dict(d_model=max(s.d_model // 2, s.heads),
+                                        n_layers=max(s.n_layers // 2, 1), kernel=4))
+            model = build_model(cfg)
+            params = nn.meta.unbox(jax.jit(model.init)(
+                jax.random.key(0), jnp.zeros((1, total), jnp.int32))["params"])
+            gen = Generator(model, params, cfg, mode="cached", temperature=0.0)
+            for b in batches:
+                rec = {"case": name, "chunks": k, "chunk_len": s.n_ctx, "total_tokens": total,
+                       "batch": b, **_time_generation(gen, b, total - 1, s)}
+                records.append(rec)
+                _print_row(rec, ["case", "chunks", "total_tokens", "batch", "tokens_per_s",
+                                 "compile_s", "state_bytes"])
+    by = {(r["case"], r["chunks"], r["batch"]): r for r in records}
+    for k in chunk_counts:
+        for b in batches:
+            mem, full = by.get(("memory_mixer", k, b)), by.get(("full_mixer", k, b))
+            if mem and full:
+                print(f"s={k} batch {b}: memory / full-context tokens/s = "
+                      f"{mem['tokens_per_s'] / full['tokens_per_s']:.2f}x, state bytes = "
+                      f"{mem['state_bytes'] / full['state_bytes']:.2f}x")
     return records
 
 

@@ -55,6 +55,7 @@ import numpy as np
 from mixers_jax.arithmetic_coder import ArithmeticEncoder
 from mixers_jax.codec_lanes import (CONTEXTS, DEFAULT_BATCH, FrequencySteps, Layout, code_tokens,
                                     decode_tokens, frequencies, resolve_context, window_count)
+from mixers_jax.config import input_length
 from mixers_jax.errors import UserError
 from mixers_jax.metrics import LN2, QUANT_BITS, STORED_EMBEDDING_KINDS, embedding_accounting, stored_numbers
 from mixers_jax.models.autoencoder import Autoencoder, EmbeddingCLM
@@ -137,7 +138,7 @@ def encode_bytes(data: bytes, run, context: str = "auto", batch: int = DEFAULT_B
     tok = run.tokenizer
     tokens, flag = bytes_to_tokens(data, tok, tok.piece_bytes())
     n = len(tokens)
-    layout = Layout.plan(n, int(run.config.model.n_ctx), resolve_context(run.model, context), batch)
+    layout = Layout.plan(n, input_length(run.config.model), resolve_context(run.model, context), batch)
     enc = ArithmeticEncoder()
     nll_bits = code_tokens(tokens, FrequencySteps(run, layout), int(tok.eos_id), enc) if n else 0.0
     payload = enc.finish() if n else b""
@@ -170,7 +171,7 @@ def check_layout_request(stream: bytes, run, context: str | None, batch: int | N
     if context is not None and context not in ("auto", stream_context):
         raise UserError(f"this stream was encoded with --context={stream_context}; decode uses the "
                         f"stream's layout (drop --context or pass --context={stream_context})")
-    if batch is not None and n and Layout.plan(n, int(run.config.model.n_ctx), stream_context,
+    if batch is not None and n and Layout.plan(n, input_length(run.config.model), stream_context,
                                                batch).lanes != lanes:
         raise UserError(f"this stream was encoded in {lanes} lanes (its batch layout); --batch="
                         f"{batch} gives another layout, and decode must use the encoder's (drop "
@@ -259,7 +260,7 @@ def decode_bytes(stream: bytes, run) -> bytes:
     payload = stream[HEADER_BYTES:]
     check_payload(payload, payload_len)
     check_fingerprint(fp, run)
-    layout = Layout(n, int(run.config.model.n_ctx), CONTEXTS[context_code], lanes)
+    layout = Layout(n, input_length(run.config.model), CONTEXTS[context_code], lanes)
     if (flag not in (0, 1) or n > 8 * len(payload) * 64 + 1 or (n == 0) != (length == 0)
             or not layout.is_planned()):
         raise UserError("corrupted stream (inconsistent header)")

@@ -1,7 +1,8 @@
 """The model side of :mod:`mixers_jax.codec`: how a token stream runs through a trained model, in
 lanes advancing in lockstep, to give the arithmetic coder one integer frequency table per token.
 
-**Layout** (:class:`Layout`). N tokens, a batch bound B, windows of n_ctx − 1 tokens:
+**Layout** (:class:`Layout`). N tokens, a batch bound B, windows of n_ctx − 1 tokens (n_ctx: the
+model's whole input, ``config.input_length``: chunks × n_ctx for the chunked memory models):
 W = ⌈N / (n_ctx − 1)⌉. The stream is cut into R lanes of consecutive tokens, lane ℓ holding
 tokens [ℓL, (ℓ+1)L), with R ≤ min(B, W) and no lane empty:
 

@@ -17,6 +17,11 @@ prompt token while t < its prompt length, else the token it sampled at t−1, so
 lengths share one compiled ``lax.scan``. Generation streams text (batch 1: as it is produced; batch
 > 1: every row at the end). Masked mixers and SRMs index their weights by absolute position and the
 transformer was trained up to n_ctx, so generation stops at n_ctx with a message (no sliding).
+
+Chunked memory models ('memory') generate over their whole row of chunks x n_ctx tokens through
+``MemoryLM.step`` (docs/memory_models.md#generation-with-memories): a finished chunk is encoded once
+into a memory, and the decoder restarts on the memory slots and the new chunk's tokens; ``Generator.n_ctx``
+is that row length. The 'rmt' baseline generates with ``full`` only.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixers_jax.config import field
+from mixers_jax.config import field, input_length
 from mixers_jax.errors import UserError
 from mixers_jax.models.mixing import MIXING_OPS
 
@@ -87,7 +92,7 @@ class Generator:
                  top_k: int = 0, top_p: float = 1.0, pad_id: int = 2):
         self.model, self.params = model, params
         self.mode = resolve_mode(model_cfg, mode)
-        self.n_ctx = int(field(model_cfg, "n_ctx"))
+        self.n_ctx = input_length(model_cfg)  # chunks x n_ctx for the chunked memory models
         self.pad_id = int(pad_id)
         self._sample = functools.partial(
             sample_logits, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p)

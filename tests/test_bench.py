@@ -34,9 +34,31 @@ def test_memory_suite_runs_and_writes_records(tmp_path):
     assert by[("memory_mixer", 2)]["flops_per_token"] > by[("full_mixer", 2)]["flops_per_token"]
 
 
+def test_memory_generate_suite_reports_speed_and_state(tmp_path, capsys):
+    """In this process: a whole row generated (s·n − 1 tokens) by both cases; the carried state of
+    the full-context mixer is its mixing inputs, L·(s·n)·d floats; the memory model's is its
+    decoder's L·(n + s)·d floats, the s memory slots and the current chunk's n token ids."""
+    from mixers_jax import bench
+
+    out = tmp_path / "gen.json"
+    status = exit_status(bench, [
+        "bench", "--suite=memory_generate", "--chunks=3", "--n_ctx=8", "--d_model=32",
+        "--n_layers=2", "--vocab=64", "--heads=2", "--gen_batches=1", "--steps=1", f"--out={out}"])
+    printed = capsys.readouterr()
+    assert status == 0, printed.err[-2000:]
+    assert "s=3 batch 1: memory / full-context tokens/s = " in printed.out
+    by = {r["case"]: r for r in json.loads(out.read_text())["records"]}
+    assert set(by) == {"memory_mixer", "full_mixer"}
+    for r in by.values():
+        assert r["new_tokens"] == 23 and r["tokens_per_s"] > 0
+    assert by["full_mixer"]["state_bytes"] == 2 * 24 * 32 * 4
+    assert by["memory_mixer"]["state_bytes"] == 2 * (8 + 3) * 32 * 4 + 3 * 32 * 4 + 8 * 4
+
+
 @pytest.mark.parametrize("args,pattern", [
     (["--suite=speed"], r"--suite"),
     (["--suite=memory", "--cases=memory_mixer,nope"], r"unknown case\(s\) \['nope'\]"),
+    (["--suite=memory_generate", "--chunks=0"], r"--chunks"),
     (["--suite=mixing", "--contexts=256,x"], r"--contexts must be a comma list of positive integers"),
     (["--steps=0"], r"--steps"),
     (["extra"], r"unexpected arguments: extra"),

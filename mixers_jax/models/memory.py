@@ -25,6 +25,11 @@ chunk c's token slot i, i.e. the prediction of t^(c)_{i+1} (the chunked objectiv
   tree, checkpoints and ``train.frozen``/``init_map`` groups are the same with and without memory;
   they receive zero gradients.
 
+Step form (``init_cache`` / ``step``, docs/memory_models.md#generation-with-memories): one token
+at stream position p = c·n + i; at i = 0 chunk c−1 is encoded once into slot c−1 and the decoder
+cache is primed with the slots; the token enters the decoder at position s + i (variable: c + i).
+Equals the parallel logits[:, p] up to float rounding.
+
 Parameter groups: ``encoder`` (embed + blocks [+ final_norm]), ``bottleneck`` (down/up/bridge, as
 needed), ``decoder`` (embed + blocks [+ final_norm] + head).
 
@@ -191,6 +196,55 @@ class MemoryLM(nn.Module):
         return logits, copy_logits
 
 
+    # ----- step form (generation / compression past one chunk) -----
+
+    @nn.nowrap
+    def init_cache(self, batch: int, mode: str = "cached") -> dict:
+        """The state of :meth:`step`: ``slots`` [B, s, d_dec] (m_j once chunk j is encoded, f
+        before), ``chunk`` [B, n] int32 (the current chunk's tokens, encoded when it fills) and
+        ``decoder`` (the decoder's own step cache over its s + n positions)."""
+        d = self.d_decoder
+        return {"slots": jnp.full((batch, self.chunks, d), self.fill, self.embedding.dtype),
+                "chunk": jnp.zeros((batch, self.n_ctx), jnp.int32),
+                "decoder": self.decoder.init_cache(batch, mode)}
+
+    def _start_chunk(self, cache: dict, c: Array) -> dict:
+        """At token 0 of chunk c: m_{c−1} = encode(chunk c−1) into slot c−1 (c ≥ 1, with memory),
+        then a fresh decoder cache primed with the s slots at positions 0..s−1 (fixed slots) or
+        the c used ones at 0..c−1 (variable slots)."""
+        slots = cache["slots"]
+        b, s, d = slots.shape
+        if self.use_memory:
+            xe = self.encoder.embed_tokens(cache["chunk"])[:, None]
+            m_BxD = self.encode(xe)[:, 0]
+            slots = jnp.where(c > 0, jax.lax.dynamic_update_index_in_dim(
+                slots, m_BxD, jnp.maximum(c - 1, 0), axis=1), slots)
+        dec = jax.tree.map(jnp.zeros_like, cache["decoder"])
+        for j in range(s):
+            _, primed = self.decoder.step_embedded(slots[:, j], jnp.int32(j), dec)
+            dec = primed if not self.variable_slots else jax.tree.map(
+                lambda new, old: jnp.where(j < c, new, old), primed, dec)
+        return dict(cache, slots=slots, decoder=dec)
+
+    def step(self, tokens_B: Array, pos: Array, cache: dict) -> tuple[Array, dict]:
+        """Token [B] at stream position ``pos`` (0 ≤ pos < s·n) -> (logits [B, V] for the next
+        token, new cache). Equals ``self(tokens)[:, pos]`` when positions 0..pos−1 were fed in
+        order: chunk c = pos // n, slot i = pos mod n; at i = 0 the previous chunk becomes a memory
+        and the decoder restarts on the slots (:meth:`_start_chunk`); the token then enters the
+        decoder at position s + i (variable slots: c + i)."""
+        n, s = self.n_ctx, self.chunks
+        pos = jnp.asarray(pos, jnp.int32)
+        c, i = pos // n, pos % n
+        cache = nn.cond(i == 0, lambda mdl, cc: mdl._start_chunk(cc, c), lambda mdl, cc: cc,
+                        self, cache)
+        x_BxD = self.decoder.embed(tokens_B).astype(self.embedding.dtype)
+        dec_pos = (c if self.variable_slots else s) + i
+        logits, dec = self.decoder.step_embedded(x_BxD, dec_pos, cache["decoder"])
+        chunk = jax.lax.dynamic_update_index_in_dim(cache["chunk"], tokens_B.astype(jnp.int32), i,
+                                                    axis=1)
+        return logits, dict(cache, chunk=chunk, decoder=dec)
+
+
 class RecurrentMemoryLM(nn.Module):
     """RMT-like baseline: tokens [B, s·n] -> logits [B, s·n, V]
     (docs/memory_models.md#recurrent-memory-baseline).
@@ -235,3 +289,8 @@ class RecurrentMemoryLM(nn.Module):
 
     def __call__(self, tokens_BxL: Array) -> Array:
         return self.run(self.embed(tokens_BxL))
+
+    @nn.nowrap
+    def init_cache(self, batch: int, mode: str = "cached"):
+        raise UserError("the recurrent-memory baseline (model.kind='rmt') has no step form; "
+                        "generate with --mode=full")

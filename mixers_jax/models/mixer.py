@@ -229,10 +229,14 @@ class MaskedMixerLM(nn.Module):
         positions were fed in order."""
         if not self.spec.causal:
             raise UserError("an unmasked (model.causal=False) mixer has no step form")
+        return self.step_embedded(self.embed(tokens_B), pos, cache)
+
+    def step_embedded(self, x_BxD: Array, pos: Array, cache: tuple) -> tuple[Array, tuple]:
+        """:meth:`step` on an input embedding x [B, d] instead of a token (memory slots)."""
         if self.spec.scan_layers:
-            x, cache = scan_blocks_step(self.blocks, self.spec.n_layers, self.embed(tokens_B), pos, cache)
+            x, cache = scan_blocks_step(self.blocks, self.spec.n_layers, x_BxD, pos, cache)
         else:
-            x, cache = run_blocks_step(self.blocks, self.embed(tokens_B), pos, cache)
+            x, cache = run_blocks_step(self.blocks, x_BxD, pos, cache)
         return self.logits(x), cache
 
     @property

@@ -344,7 +344,10 @@ class TransformerLM(nn.Module):
         """Token [B] at position ``pos`` (scalar) -> (logits [B, V] float32, new KV cache)."""
         if not self.spec.causal:
             raise UserError("a bidirectional (model.causal=False) transformer has no step form")
-        x_BxD = self.embed(tokens_B)
+        return self.step_embedded(self.embed(tokens_B), pos, cache)
+
+    def step_embedded(self, x_BxD: Array, pos: Array, cache: tuple) -> tuple[Array, tuple]:
+        """:meth:`step` on an input embedding x [B, d] instead of a token (memory slots)."""
         if self.spec.gpt:
             x_BxD = self.add_positions(x_BxD, jnp.asarray(pos, jnp.int32))
         if self.spec.scan_layers:

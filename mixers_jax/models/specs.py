@@ -25,6 +25,9 @@ DROPOUTS = ("dropout_embed", "dropout_resid", "dropout_attn")  # dropout_attn: t
 # The channel sublayer of a block (docs/ablations.md): the MLP, none, or (transformer only) a second
 # attention in the MLP's place.
 MLPS = ("mlp", "none", "attention")
+# Transformer-mixer hybrids (docs/transformer_baseline.md#hybrids): 'series' (the transfixer) adds a
+# masked token mixing after attention in every block, 'parallel' puts it beside attention.
+HYBRIDS = ("none", "series", "parallel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +86,8 @@ class TransformerSpec:
     dropout_resid: float = 0.0
     dropout_attn: float = 0.0
     scan_layers: bool = False  # blocks as one scanned block, parameters stacked (layers.scan_blocks)
+    hybrid: str = "none"  # 'series' | 'parallel': a token mixing (``token_mixing``) in every block
+    token_mixing: MixingSpec | None = None  # the hybrid's mixing layer (None when hybrid='none')
 
     @property
     def gpt(self) -> bool:
@@ -175,6 +180,9 @@ def transformer_spec(cfg: Any) -> TransformerSpec:
     if kernel != 1:
         raise UserError(
             f"model.kernel={kernel!r}: kernel mixing is a mixer option; a transformer needs kernel=1")
+    hybrid = field(cfg, "hybrid", "none")
+    if hybrid not in HYBRIDS:
+        raise UserError(f"model.hybrid must be one of {HYBRIDS}, got {hybrid!r}")
     return TransformerSpec(
         vocab_size=field(cfg, "vocab_size"),
         n_ctx=field(cfg, "n_ctx"),
@@ -190,4 +198,24 @@ def transformer_spec(cfg: Any) -> TransformerSpec:
         transformer=arch,
         scan_layers=bool(field(cfg, "scan_layers", False)),
         **_dropouts(cfg, DROPOUTS),
+        hybrid=hybrid,
+        token_mixing=None if hybrid == "none" else _hybrid_mixing(cfg),
     )
+
+
+def _hybrid_mixing(cfg: Any) -> MixingSpec:
+    """The token mixing of a transformer-mixer hybrid: the mixer fields ``mixing``, ``heads``,
+    ``mixing_impl``, ``mask_grad``, ``expanded``, ``reference`` (flat, one matrix by default),
+    causal, kernel 1."""
+    mixing, impl, mask_grad = field(cfg, "mixing"), field(cfg, "mixing_impl"), field(cfg, "mask_grad")
+    heads, d, n = field(cfg, "heads"), field(cfg, "d_model"), field(cfg, "n_ctx")
+    if not field(cfg, "causal", True):
+        raise UserError("model.hybrid needs a causal transformer (model.causal=True)")
+    check_mixing(mixing, impl, mask_grad, heads, 1, True)
+    if heads and d % heads:
+        raise UserError(f"model.d_model={d} must be divisible by model.heads={heads}")
+    return MixingSpec(
+        n_ctx=n, d_model=d, mixing=mixing, heads=heads, impl=resolve_impl(impl, n, 1, True),
+        expanded=bool(field(cfg, "expanded")), mask_grad=mask_grad,
+        reference=bool(field(cfg, "reference")), decay=bool(field(cfg, "decay", True)),
+        dtype=layers.dtype_of(field(cfg, "dtype")))

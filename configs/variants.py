@@ -1,0 +1,26 @@
+"""Model variants on the causal-LM budget of ``configs/mixer_clm.py:cpu`` (same data, sizes, steps,
+batch; docs/transformer_baseline.md#hybrids).
+
+    python -m mixers_jax.train --config=configs/variants.py:transfixer --workdir=runs/transfixer
+
+Presets: ``transfixer`` (no preset = this one): the Llama-style transformer with a flat masked
+mixer in series with attention in every block; ``parallel_hybrid``: the mixer beside attention;
+``smoke_transfixer``, ``smoke_parallel_hybrid``: the same at the smoke size (seconds, tests). The
+transformers run at the transformer baseline's learning rate on this budget (5e-4, as
+``configs/transformer_clm.py:cpu``), so the comparison with the baselines is
+``configs/transformer_clm.py:cpu`` and ``configs/mixer_clm.py:cpu`` (README, "Transformer-mixer
+hybrids").
+"""
+from mixers_jax.config import CPU, SMOKE, family_config
+
+_TRANSFORMER = {"model.kind": "transformer", "model.n_heads": 4}
+_HYBRIDS = {"transfixer": {"model.hybrid": "series"}, "parallel_hybrid": {"model.hybrid": "parallel"}}
+PRESETS = {
+    **{name: {**CPU, **_TRANSFORMER, "train.lr": 5e-4, **h} for name, h in _HYBRIDS.items()},
+    **{f"smoke_{name}": {**SMOKE, **_TRANSFORMER, "model.n_heads": 2, **h}
+       for name, h in _HYBRIDS.items()},
+}
+
+
+def get_config(arg=None):
+    return family_config("variants", PRESETS, arg, default="transfixer")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from mixers_jax import flops
+from mixers_jax import flops, objectives
 from mixers_jax.config import base_config, load_config
 from mixers_jax.errors import UserError
 from mixers_jax.models import build_model, layers
@@ -169,3 +169,79 @@ def test_presets_share_the_mixer_cpu_budget(preset, hybrid):
             assert cfg.model[key] == mixer.model[key], key
         assert cfg.train.steps == mixer.train.steps and cfg.train.batch_size == mixer.train.batch_size
         assert cfg.data.to_dict() == mixer.data.to_dict()
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-token prediction (objective 'mtp', docs/objectives.md#mtp)
+# ---------------------------------------------------------------------------------------------
+
+LM_KINDS = {"mixer": dict(kind="mixer"), "transformer": dict(kind="transformer", n_heads=4)}
+
+
+def _batch(tokens):
+    return {"tokens": tokens, "loss_mask": jnp.ones(tokens.shape, jnp.float32),
+            "token_bytes": jnp.ones(tokens.shape, jnp.int32)}
+
+
+@pytest.mark.parametrize("kind", list(LM_KINDS))
+def test_mtp_passes_never_see_their_targets(kind):
+    """Changing token p leaves both passes' outputs at positions < p bit-identical, so output i
+    (pass 1: target t_{i+1}, pass 2: t_{i+2}) never reads either target."""
+    model = build_model(tiny_cfg(**LM_KINDS[kind]))
+    params = {"params": _init(model)}
+    run = jax.jit(lambda t: objectives.mtp_logits(model.apply, params, t))
+    tokens = _tokens()
+    base1, base2 = run(tokens)
+    for p in (1, 7, N - 1):
+        pert1, pert2 = run(tokens.at[:, p].set((tokens[:, p] + 1) % V))
+        np.testing.assert_array_equal(pert1[:, :p], base1[:, :p])
+        np.testing.assert_array_equal(pert2[:, :p], base2[:, :p])
+        assert np.abs(np.asarray(pert1[:, p] - base1[:, p])).max() > 0
+
+
+@pytest.mark.parametrize("kind", list(LM_KINDS))
+def test_mtp_loss_at_i_has_no_gradient_from_later_inputs(kind):
+    """d(pass-2 loss at position i)/d(input embedding at j) is zero for j > i (targets t_{i+1},
+    t_{i+2} included) and not zero for some j ≤ i; the same for pass 1."""
+    model = build_model(tiny_cfg(**LM_KINDS[kind]))
+    params = {"params": _init(model)}
+    tokens = _tokens()
+    i = 6
+
+    def loss_at_i(delta_BxNxD, which):
+        def apply_fn(p, t):  # the model with delta added to its input embeddings
+            x = model.apply(p, t, method="embed_tokens") + delta_BxNxD
+            return model.apply(p, x, method=lambda m, h: m.logits(m.hidden(h)))
+        logits1, logits2 = objectives.mtp_logits(apply_fn, params, tokens)
+        logits, shift = (logits1, 1) if which == 1 else (logits2, 2)
+        return objectives.token_nll(logits[:, i], tokens[:, i + shift]).sum()
+
+    for which in (1, 2):
+        g = np.asarray(jax.grad(loss_at_i)(jnp.zeros((B, N, D)), which))
+        assert np.all(g[:, i + 1:] == 0), which
+        assert np.abs(g[:, : i + 1]).max() > 0, which
+
+
+def test_mtp_loss_is_the_sum_of_both_shifts():
+    cfg = base_config()
+    cfg.model.update(tiny_cfg(kind="mixer").to_dict())
+    mtp = objectives.build("mtp", objectives.context(cfg))
+    model = build_model(cfg.model)
+    params = {"params": _init(model)}
+    tokens = _tokens()
+    loss, sums = mtp(model.apply, params, _batch(tokens))
+    logits1 = model.apply(params, tokens)
+    logits2 = model.apply(params, jnp.argmax(logits1, -1).astype(jnp.int32))
+    l1 = objectives.token_nll(logits1[:, :-1], tokens[:, 1:]).mean()
+    l2 = objectives.token_nll(logits2[:, :-2], tokens[:, 2:]).mean()
+    np.testing.assert_allclose(loss, l1 + l2, rtol=1e-5)
+    assert float(sums["tokens"]) == B * (N - 1) and float(sums["mtp2_tokens"]) == B * (N - 2)
+    clm_loss, _ = objectives.clm(model.apply, params, _batch(tokens))
+    np.testing.assert_allclose(sums["nll"] / sums["tokens"], clm_loss, rtol=1e-6)
+
+
+def test_mtp_is_for_causal_lms_only():
+    cfg = base_config()
+    cfg.model.kind = "memory"
+    with pytest.raises(UserError, match="'mtp' is for causal LMs"):
+        objectives.build("mtp", objectives.context(cfg))

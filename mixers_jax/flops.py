@@ -39,12 +39,13 @@ from mixers_jax.models.mixing import MixingSpec, resolve_impl
 
 def mixer_forward_flops(cfg: Any) -> float:
     """Forward FLOPs per token of the masked mixer LM (docs/masked_mixers.md); the mixing op's share comes
-    from its entry in ``models.mixing.MIXING_OPS``."""
+    from its entry in ``models.mixing.MIXING_OPS``; ``bidirectional``: every block twice."""
     d, L, V = field(cfg, "d_model"), field(cfg, "n_layers"), field(cfg, "vocab_size")
     r = field(cfg, "mlp_ratio", 4)
     ffn = 2.0 * (2 * r * d * d) if field(cfg, "mlp", "mlp") != "none" else 0.0
     head = 2.0 * d * V
-    return L * (token_mixing_flops(cfg) + ffn) + head
+    streams = 2 if field(cfg, "bidirectional", False) else 1  # forward and reverse stream
+    return L * streams * (token_mixing_flops(cfg) + ffn) + head
 
 
 def token_mixing_flops(cfg: Any, kernel: int | None = None) -> float:

@@ -56,6 +56,7 @@ def _xla_flops_per_token(cfg):
         ("transfixer", dict(kind="transformer", n_heads=4, hybrid="series", mixing_impl="dense")),
         ("parallel_hybrid_headed", dict(kind="transformer", n_heads=4, hybrid="parallel",
                                         heads=2)),
+        ("bidirectional_mixer", dict(bidirectional=True, mixing_impl="dense")),
     ],
 )
 def test_flops_per_token_matches_xla(name, overrides):

@@ -245,3 +245,77 @@ def test_mtp_is_for_causal_lms_only():
     cfg.model.kind = "memory"
     with pytest.raises(UserError, match="'mtp' is for causal LMs"):
         objectives.build("mtp", objectives.context(cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bidirectional mixer (model.bidirectional, docs/masked_mixers.md#bidirectional-mixer)
+# ---------------------------------------------------------------------------------------------
+
+
+def _bidi_cfg(**kw):
+    return tiny_cfg(kind="mixer", bidirectional=True, **kw)
+
+
+def test_bidirectional_target_never_leaks():
+    """d(loss at position i)/d(input embedding at i+1) is exactly zero (t_{i+1} is the target);
+    the gradient from i+2 (the reverse stream) and from ≤ i (forward) is not."""
+    model = build_model(_bidi_cfg())
+    params = {"params": _init(model)}
+    tokens = _tokens()
+
+    def loss_at(delta_BxNxD, i):
+        x = model.apply(params, tokens, method="embed_tokens") + delta_BxNxD
+        logits = model.apply(params, x, method=lambda m, h: m.logits(m.hidden(h)))
+        return objectives.token_nll(logits[:, i], tokens[:, i + 1]).sum()
+
+    for i in (0, 7, N - 2):
+        g = np.abs(np.asarray(jax.grad(loss_at)(jnp.zeros((B, N, D)), i))).max(axis=(0, 2))
+        assert g[i + 1] == 0, i
+        assert g[: i + 1].min() > 0, i  # forward stream: every position ≤ i
+        if i + 2 < N:
+            assert g[i + 2:].max() > 0, i  # reverse stream
+
+
+def test_reverse_mix_is_masked_to_j_at_least_i_plus_2():
+    from mixers_jax.models.bidirectional import reverse_mix
+    spec = build_model(_bidi_cfg()).spec.token_mixing
+    mix = TokenMixing(spec)
+    z = jax.random.normal(jax.random.key(3), (B, N, D))
+    p = nn.meta.unbox(mix.init(jax.random.key(4), z))
+    got = reverse_mix(lambda u: mix.apply(p, u), z)
+    w, c = np.asarray(p["params"]["w"]), np.asarray(p["params"]["c"])
+    want = np.zeros((B, N, D), np.float32)
+    for i in range(N):
+        want[:, i] = c[N - 1 - i]
+        for j in range(i + 2, N):
+            want[:, i] += w[N - 1 - i, N + 1 - j] * np.asarray(z[:, j])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bidirectional_parameters_and_default():
+    tree = _shapes(_init(build_model(_bidi_cfg())))
+    assert set(tree["block_0"]) == {"ln_mix", "mix", "ln_rev", "rev", "ln_ffn", "ffn"}
+    assert tree["block_0"]["rev"] == {"w": (N, N), "c": (N,)}
+    plain = build_model(tiny_cfg(kind="mixer"))
+    assert type(plain).__name__ == "MaskedMixerLM"  # bidirectional=False: the plain mixer
+    assert set(_shapes(_init(plain))["block_0"]) == {"ln_mix", "mix", "ln_ffn", "ffn"}
+
+
+def test_bidirectional_flops_are_two_streams():
+    one = flops.flops_per_token(tiny_cfg(kind="mixer", mixing_impl="dense"), training=False)
+    two = flops.flops_per_token(_bidi_cfg(mixing_impl="dense"), training=False)
+    head = 2 * D * V
+    assert two - head == 2 * (one - head)
+
+
+@pytest.mark.parametrize("overrides,match", [(dict(heads=2), "model.heads"),
+                                             (dict(mixing="toeplitz"), "model.mixing"),
+                                             (dict(tie_embeddings=True), "model.tie_embeddings")])
+def test_bidirectional_needs_the_plain_flat_mixer(overrides, match):
+    with pytest.raises(UserError, match=match):
+        build_model(_bidi_cfg(**overrides))
+
+
+def test_bidirectional_has_no_step_form():
+    with pytest.raises(UserError, match="no step form"):
+        build_model(_bidi_cfg()).init_cache(1)

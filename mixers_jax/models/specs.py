@@ -48,6 +48,7 @@ class MixerSpec:
     dropout_embed: float = 0.0  # dropout rates (training only; layers.dropout)
     dropout_resid: float = 0.0
     scan_layers: bool = False  # blocks as one scanned block, parameters stacked (layers.scan_blocks)
+    bidirectional: bool = False  # two streams, forward j ≤ i and reverse j ≥ i+2 (models/bidirectional.py)
 
     @property
     def srm(self) -> bool:
@@ -160,7 +161,23 @@ def mixer_spec(cfg: Any) -> MixerSpec:
         block=block,
         scan_layers=bool(field(cfg, "scan_layers", False)),
         **_dropouts(cfg),
+        bidirectional=_bidirectional(cfg),
     )
+
+
+def _bidirectional(cfg: Any) -> bool:
+    """``model.bidirectional``: only the plain flat mixer (one matrix, kernel 1, mixer block, norms,
+    residuals, MLP, untied, not scanned) has the two-stream form."""
+    if not field(cfg, "bidirectional", False):
+        return False
+    plain = dict(mixing="flat", heads=0, kernel=1, block="mixer", expanded=False, causal=True,
+                 layer_norm=True, residual=True, mlp="mlp", tie_embeddings=False, scan_layers=False,
+                 dropout_embed=0.0, dropout_resid=0.0)
+    other = [k for k, v in plain.items() if field(cfg, k, v) != v]
+    if other:
+        raise UserError(f"model.bidirectional=True needs the plain flat mixer; it does not combine "
+                        f"with model.{other[0]}={field(cfg, other[0])!r}")
+    return True
 
 
 def transformer_spec(cfg: Any) -> TransformerSpec:

@@ -319,3 +319,18 @@ def test_bidirectional_needs_the_plain_flat_mixer(overrides, match):
 def test_bidirectional_has_no_step_form():
     with pytest.raises(UserError, match="no step form"):
         build_model(_bidi_cfg()).init_cache(1)
+
+
+def test_linear_preset_is_affine_in_the_embedding():
+    """configs/variants.py:linear: one flat-mixing block, no norm, no MLP: hidden(x) = x + W x + c,
+    so hidden(a) + hidden(b) − hidden(0) = hidden(a + b) (no nonlinearity anywhere)."""
+    cfg = load_config(config_path("variants", "smoke_linear"))
+    cfg.model.update(dict(vocab_size=V, n_ctx=N, d_model=D))
+    model = build_model(cfg.model)
+    params = {"params": _init(model)}
+    hidden = jax.jit(lambda x: model.apply(params, x, method="hidden"))
+    a, b = (jax.random.normal(jax.random.key(k), (B, N, D)) for k in (5, 6))
+    np.testing.assert_allclose(hidden(a) + hidden(b) - hidden(jnp.zeros_like(a)), hidden(a + b),
+                               rtol=1e-4, atol=1e-4)
+    assert set(params["params"]) == {"embed", "block_0", "head"}
+    assert set(params["params"]["block_0"]) == {"mix"}

@@ -57,6 +57,14 @@ model.n_heads           attention heads of the transformer
 model.rope_theta        RoPE base of the transformer (1e4)
 model.transformer       'llama' (RMSNorm, RoPE, SwiGLU, no biases) | 'gpt' (learned positions,
                         LayerNorm, GELU MLP, biases; docs/transformer_baseline.md)
+model.hybrid            transformer only: 'none' (default) | 'series' (the transfixer: a masked
+                        token mixing after attention in every block, x += Attn(N x); x += Mix(N' x);
+                        x += MLP(N'' x)) | 'parallel' (beside attention, x += Attn(N x) + Mix(N x));
+                        the mixing follows model.mixing, heads, mixing_impl, expanded
+                        (docs/transformer_baseline.md#hybrids)
+model.bidirectional     mixer only: True = the bidirectional flat mixer (a forward stream masked
+                        j <= i and a reverse stream masked j >= i+2, shared FFN, head(f + r);
+                        docs/masked_mixers.md#bidirectional-mixer); no step form
 model.kernel            token-mixing taps k of flat mixing (docs/masked_mixers.md#kernel-mixing; 1 = plain)
 model.causal            False: unmasked (bidirectional) mixing / attention, for encoders
 model.encoder, decoder  sub-models of composite kinds: kind 'mixer' | 'transformer', d_model,
@@ -246,6 +254,8 @@ def base_config() -> ml_collections.ConfigDict:
             n_heads=4,
             rope_theta=10000.0,
             transformer="llama",
+            hybrid="none",
+            bidirectional=False,
             # composite models (autoencoder, embedding_clm, memory, rmt): the encoder and the
             # decoder are each a mixer or a transformer; 0 / '' / -1 inherit the field above.
             encoder=ml_collections.ConfigDict(dict(

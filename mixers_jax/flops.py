@@ -39,33 +39,45 @@ from mixers_jax.models.mixing import MixingSpec, resolve_impl
 
 def mixer_forward_flops(cfg: Any) -> float:
     """Forward FLOPs per token of the masked mixer LM (docs/masked_mixers.md); the mixing op's share comes
-    from its entry in ``models.mixing.MIXING_OPS``."""
-    n, d, L, V = field(cfg, "n_ctx"), field(cfg, "d_model"), field(cfg, "n_layers"), field(cfg, "vocab_size")
-    r, heads = field(cfg, "mlp_ratio", 4), field(cfg, "heads", 0)
+    from its entry in ``models.mixing.MIXING_OPS``; ``bidirectional``: every block twice."""
+    d, L, V = field(cfg, "d_model"), field(cfg, "n_layers"), field(cfg, "vocab_size")
+    r = field(cfg, "mlp_ratio", 4)
+    ffn = 2.0 * (2 * r * d * d) if field(cfg, "mlp", "mlp") != "none" else 0.0
+    head = 2.0 * d * V
+    streams = 2 if field(cfg, "bidirectional", False) else 1  # forward and reverse stream
+    return L * streams * (token_mixing_flops(cfg) + ffn) + head
+
+
+def token_mixing_flops(cfg: Any, kernel: int | None = None) -> float:
+    """Forward FLOPs per token of one token-mixing layer (``mixing``, ``heads``, ``expanded``,
+    ``kernel``, ``causal``, ``mixing_impl``): the op's matrices plus, when headed, the in- and
+    out-projections d -> d. ``kernel`` overrides the config's (a hybrid's mixing has k = 1)."""
+    n, d, heads = field(cfg, "n_ctx"), field(cfg, "d_model"), field(cfg, "heads", 0)
     n_mix = 2 if field(cfg, "expanded", False) else 1
-    kernel, causal = field(cfg, "kernel", 1), field(cfg, "causal", True)
+    kernel = field(cfg, "kernel", 1) if kernel is None else kernel
+    causal = field(cfg, "causal", True)
     impl = resolve_impl(field(cfg, "mixing_impl", "auto"), n, kernel, causal)
     spec = MixingSpec(n_ctx=n, d_model=d, mixing=field(cfg, "mixing", "flat"), heads=heads,
                       impl=impl, kernel=kernel, causal=causal)
     mix = n_mix * spec.op.flops_per_token(spec, d)
     proj = 2.0 * (2 * d * d) if heads else 0.0  # in-projection d->d, out-projection d->d
-    ffn = 2.0 * (2 * r * d * d) if field(cfg, "mlp", "mlp") != "none" else 0.0
-    head = 2.0 * d * V
-    return L * (mix + proj + ffn) + head
+    return mix + proj
 
 
 def transformer_forward_flops(cfg: Any) -> float:
     """Forward FLOPs per token of the Llama-style baseline (docs/transformer_baseline.md#architecture);
     ``transformer='gpt'``: the MLP has two matrices (fc1, fc2), 2·2·r·d² (biases are not counted).
-    Ablations: ``mlp='none'`` counts no MLP, ``mlp='attention'`` a second attention in its place."""
+    Ablations: ``mlp='none'`` counts no MLP, ``mlp='attention'`` a second attention in its place.
+    Hybrids (``hybrid='series' | 'parallel'``): one token mixing per block on top."""
     n, d, L, V = field(cfg, "n_ctx"), field(cfg, "d_model"), field(cfg, "n_layers"), field(cfg, "vocab_size")
     r = field(cfg, "mlp_ratio", 4)
     qkvo = 2.0 * 4 * d * d
     attn = 2.0 * 2 * n * d  # QK^T and AV, full n x n
     n_mlp = 2 if field(cfg, "transformer", "llama") == "gpt" else 3  # fc1, fc2 | gate, up, down
     mlp = {"none": 0.0, "attention": qkvo + attn}.get(field(cfg, "mlp", "mlp"), 2.0 * n_mlp * r * d * d)
+    hybrid = token_mixing_flops(cfg, kernel=1) if field(cfg, "hybrid", "none") != "none" else 0.0
     head = 2.0 * d * V
-    return L * (qkvo + attn + mlp) + head
+    return L * (qkvo + attn + mlp + hybrid) + head
 
 
 def _head_flops(cfg: Any) -> float:

@@ -37,6 +37,10 @@ Objectives (docs/objectives.md):
   ê the min–max normalized occlusion attribution of the model's memory (mixers_jax/attribution.py,
   docs/analysis.md#entropy-weighted-clm); the sums stay those of ``clm``.
 
+* ``mtp`` (kinds 'mixer', 'transformer'): multi-token prediction, two passes (:func:`mtp_logits`):
+  pass 1 on the tokens at shift 1, pass 2 on the argmax of pass 1 at shift 2, L = L_1 + L_2; the
+  plain sums are pass 1's, pass 2's are under ``mtp2_nll`` etc.
+
 The copy objectives read the loss with the chunked (within-chunk) shift for chunked kinds and the
 plain shift for the others (the full-context baselines), on the same inputs and labels; N = the row
 length must be even. Sums are plain token sums over every counted target; ``combined`` returns the
@@ -232,6 +236,35 @@ def _clm_factory(ctx: ObjectiveContext) -> Objective:
         return total / s, sums
 
     return chunked_clm
+
+
+def mtp_logits(apply_fn: Callable, params, tokens_BxN: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The two passes of multi-token prediction (docs/objectives.md#mtp): pass 1 reads the tokens
+    (output i predicts t_{i+1}); pass 2 reads the argmax of pass 1, ĝ_i = argmax_v logits1[i, v]
+    (a guess of t_{i+1} made from t_{≤i}; no gradient), and its output i predicts t_{i+2}. Both
+    outputs at i depend on t_{≤i} only, so neither target is seen."""
+    logits1_BxNxV = apply_fn(params, tokens_BxN)
+    guess_BxN = jax.lax.stop_gradient(jnp.argmax(logits1_BxNxV, axis=-1)).astype(tokens_BxN.dtype)
+    return logits1_BxNxV, apply_fn(params, guess_BxN)
+
+
+def _mtp_factory(ctx: ObjectiveContext) -> Objective:
+    if _chunks(ctx) or ctx.model.kind not in ("mixer", "transformer"):
+        raise UserError(f"objective 'mtp' is for causal LMs (model.kind 'mixer' or 'transformer'), "
+                        f"not {ctx.model.kind!r}")
+
+    def mtp(apply_fn: Callable, params, batch):
+        """L = L_1 + L_2: the token-mean CE of pass 1 at shift 1 and of pass 2 at shift 2; the sums
+        of pass 1 are the plain ones (the next-token figures), pass 2's are under ``mtp2_``."""
+        tokens, mask, nbytes = batch["tokens"], batch["loss_mask"], batch["token_bytes"]
+        logits1, logits2 = mtp_logits(apply_fn, params, tokens)
+        sums1 = shifted_sums(logits1, tokens, mask, nbytes)
+        sums2 = masked_sums(logits2[:, :-2], tokens[:, 2:], mask[:, 2:], nbytes[:, 2:])
+        loss = (sums1["nll"] / jnp.maximum(sums1["tokens"], 1.0)
+                + sums2["nll"] / jnp.maximum(sums2["tokens"], 1.0))
+        return loss, dict(sums1, **{f"mtp2_{k}": v for k, v in sums2.items()})
+
+    return mtp
 
 
 def full_rows(tokens_BxN: jax.Array, pad_id: int) -> jax.Array:
@@ -461,6 +494,7 @@ OBJECTIVES: dict[str, Callable[[ObjectiveContext], Objective]] = {
     "match_cosine": _match_factory("match_cosine"),
     "infonce": _infonce_factory,
     "entropy_weighted_clm": _entropy_weighted_factory,
+    "mtp": _mtp_factory,
 }
 
 

@@ -52,6 +52,11 @@ def _xla_flops_per_token(cfg):
         ("gpt", dict(kind="transformer", transformer="gpt", n_heads=4)),
         ("mixer_no_mlp", dict(mlp="none")),
         ("transformer_mlp_attention", dict(kind="transformer", n_heads=4, mlp="attention")),
+        # transformer-mixer hybrids (docs/transformer_baseline.md#hybrids)
+        ("transfixer", dict(kind="transformer", n_heads=4, hybrid="series", mixing_impl="dense")),
+        ("parallel_hybrid_headed", dict(kind="transformer", n_heads=4, hybrid="parallel",
+                                        heads=2)),
+        ("bidirectional_mixer", dict(bidirectional=True, mixing_impl="dense")),
     ],
 )
 def test_flops_per_token_matches_xla(name, overrides):

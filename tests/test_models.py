@@ -41,6 +41,8 @@ VARIANTS = {
     "transformer_mlp_attention_no_norms": dict(kind="transformer", n_heads=4, mlp="attention",
                                                layer_norm=False),
     "transformer_no_mlp_no_residual": dict(kind="transformer", n_heads=4, mlp="none", residual=False),
+    "transfixer": dict(kind="transformer", n_heads=4, hybrid="series"),
+    "parallel_hybrid_headed": dict(kind="transformer", n_heads=4, hybrid="parallel", heads=2),
 }
 
 

@@ -39,6 +39,11 @@ VARIANTS = {
                                                layer_norm=False),
     "transformer_no_mlp_no_residual": dict(kind="transformer", n_heads=4, mlp="none", residual=False),
     "flat_no_mlp": dict(mlp="none"),
+    # transformer-mixer hybrids (docs/transformer_baseline.md#hybrids): the mixing caches its inputs
+    "transfixer": dict(kind="transformer", n_heads=4, hybrid="series"),
+    "parallel_hybrid_headed": dict(kind="transformer", n_heads=4, hybrid="parallel", heads=2),
+    "transfixer_gpt_mlp_attention": dict(kind="transformer", transformer="gpt", n_heads=4,
+                                         hybrid="series", mlp="attention"),
     # kernel mixing (docs/masked_mixers.md#kernel-mixing, k > 1): cached mixing inputs, per-tap masked row
     "flat_kernel4": dict(kernel=4),
     "flat_kernel3_headed": dict(kernel=3, heads=2),
@@ -223,10 +228,12 @@ SLIDING = [k for k, v in VARIANTS.items() if build_model(tiny_cfg(**v)).slides]
 
 
 def test_which_models_slide():
-    """Toeplitz and structured recurrent mixers (kernel 1) and RoPE transformers; not flat or GPT."""
+    """Toeplitz and structured recurrent mixers (kernel 1) and RoPE transformers; not flat, GPT or
+    hybrids (their mixing has positions < n_ctx only)."""
     assert set(SLIDING) == {k for k, v in VARIANTS.items()
                             if v.get("mixing") in ("toeplitz", "row", "col", "mixed")
-                            or (v.get("kind") == "transformer" and "transformer" not in v)}
+                            or (v.get("kind") == "transformer" and "transformer" not in v
+                                and "hybrid" not in v)}
     flat = build_model(tiny_cfg())
     with pytest.raises(UserError, match="no sliding step"):
         flat.apply({"params": _params(flat)}, jnp.zeros((1,), jnp.int32), N, flat.init_cache(1),

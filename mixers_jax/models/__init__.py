@@ -28,6 +28,7 @@ from mixers_jax.config import cfg_to_dict, field, input_length, sub_model_config
 from mixers_jax.errors import UserError
 from mixers_jax.models import layers
 from mixers_jax.models.autoencoder import EXPANSIONS, INJECTIONS, Autoencoder, EmbeddingCLM
+from mixers_jax.models.bidirectional import BidirectionalMixerLM
 from mixers_jax.models.bottleneck import QUANTS, EmbeddingSpec
 from mixers_jax.models.matcher import EmbeddingMatcher
 from mixers_jax.models.memory import MemoryLM, RecurrentMemoryLM
@@ -42,6 +43,7 @@ __all__ = [
     "register",
     "MODEL_KINDS",
     "Autoencoder",
+    "BidirectionalMixerLM",
     "EmbeddingCLM",
     "EmbeddingMatcher",
     "MaskedMixerLM",
@@ -56,7 +58,8 @@ __all__ = [
 
 
 def _build_mixer(cfg: Any) -> nn.Module:
-    return MaskedMixerLM(mixer_spec(cfg))
+    spec = mixer_spec(cfg)
+    return BidirectionalMixerLM(spec) if spec.bidirectional else MaskedMixerLM(spec)
 
 
 def _build_transformer(cfg: Any) -> nn.Module:

@@ -128,6 +128,18 @@ class MixerBlock(nn.Module):
         return (x, cache) if step else x
 
 
+def token_embedding(spec: MixerSpec) -> nn.Module:
+    """The mixer's token embedding: N(0, 1) (reference or SRM) or N(0, 0.02²)."""
+    emb_init = layers.normal(1.0) if (spec.reference or spec.srm) else layers.normal(0.02)
+    return layers.Embed(spec.vocab_size, spec.d_model, emb_init, spec.dtype)
+
+
+def untied_head(spec: MixerSpec) -> nn.Module:
+    """The mixer's LM head d -> V (no bias), PyTorch-default, N(0, 0.02²) or Kaiming init."""
+    return lm_head(spec.vocab_size, layers.linear_inits(spec.reference, spec.d_model, spec.srm)[0],
+                   spec.dtype)
+
+
 class MaskedMixerLM(nn.Module):
     """Masked mixer LM: tokens [B, n_ctx] int32 -> logits [B, n_ctx, V] float32.
 
@@ -153,16 +165,14 @@ class MaskedMixerLM(nn.Module):
 
     def setup(self):
         spec = self.spec
-        emb_init = layers.normal(1.0) if (spec.reference or spec.srm) else layers.normal(0.02)
-        self.embed = layers.Embed(spec.vocab_size, spec.d_model, emb_init, spec.dtype)
+        self.embed = token_embedding(spec)
         block = layers.rematerialized(MixerBlock, spec.remat)
         if spec.scan_layers:  # one block, parameters stacked along 'layers' (blocks/...)
             self.blocks = block(spec, name="blocks")
         else:
             self.blocks = tuple(block(spec, name=f"block_{i}") for i in range(spec.n_layers))
         if not spec.tie_embeddings:
-            self.head = lm_head(spec.vocab_size, layers.linear_inits(spec.reference, spec.d_model,
-                                                                     spec.srm)[0], spec.dtype)
+            self.head = untied_head(spec)
 
     def embed_tokens(self, tokens_BxN: Array) -> Array:
         if tokens_BxN.ndim != 2 or tokens_BxN.shape[1] != self.n_ctx:

@@ -25,6 +25,9 @@ DROPOUTS = ("dropout_embed", "dropout_resid", "dropout_attn")  # dropout_attn: t
 # The channel sublayer of a block (docs/ablations.md): the MLP, none, or (transformer only) a second
 # attention in the MLP's place.
 MLPS = ("mlp", "none", "attention")
+# Transformer-mixer hybrids (docs/transformer_baseline.md#hybrids): 'series' (the transfixer) adds a
+# masked token mixing after attention in every block, 'parallel' puts it beside attention.
+HYBRIDS = ("none", "series", "parallel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +49,7 @@ class MixerSpec:
     dropout_resid: float = 0.0
     scan_layers: bool = False  # blocks as one scanned block, parameters stacked (layers.scan_blocks)
     remat: str = "none"  # rematerialisation of the blocks (layers.REMAT_POLICIES)
+    bidirectional: bool = False  # two streams, forward j ≤ i and reverse j ≥ i+2 (models/bidirectional.py)
 
     @property
     def srm(self) -> bool:
@@ -85,6 +89,8 @@ class TransformerSpec:
     dropout_attn: float = 0.0
     scan_layers: bool = False  # blocks as one scanned block, parameters stacked (layers.scan_blocks)
     remat: str = "none"  # rematerialisation of the blocks (layers.REMAT_POLICIES)
+    hybrid: str = "none"  # 'series' | 'parallel': a token mixing (``token_mixing``) in every block
+    token_mixing: MixingSpec | None = None  # the hybrid's mixing layer (None when hybrid='none')
 
     @property
     def gpt(self) -> bool:
@@ -166,7 +172,23 @@ def mixer_spec(cfg: Any) -> MixerSpec:
         scan_layers=bool(field(cfg, "scan_layers", False)),
         remat=_remat(cfg),
         **_dropouts(cfg),
+        bidirectional=_bidirectional(cfg),
     )
+
+
+def _bidirectional(cfg: Any) -> bool:
+    """``model.bidirectional``: only the plain flat mixer (one matrix, kernel 1, mixer block, norms,
+    residuals, MLP, untied, not scanned) has the two-stream form."""
+    if not field(cfg, "bidirectional", False):
+        return False
+    plain = dict(mixing="flat", heads=0, kernel=1, block="mixer", expanded=False, causal=True,
+                 layer_norm=True, residual=True, mlp="mlp", tie_embeddings=False, scan_layers=False,
+                 dropout_embed=0.0, dropout_resid=0.0)
+    other = [k for k, v in plain.items() if field(cfg, k, v) != v]
+    if other:
+        raise UserError(f"model.bidirectional=True needs the plain flat mixer; it does not combine "
+                        f"with model.{other[0]}={field(cfg, other[0])!r}")
+    return True
 
 
 def transformer_spec(cfg: Any) -> TransformerSpec:
@@ -186,6 +208,9 @@ def transformer_spec(cfg: Any) -> TransformerSpec:
     if kernel != 1:
         raise UserError(
             f"model.kernel={kernel!r}: kernel mixing is a mixer option; a transformer needs kernel=1")
+    hybrid = field(cfg, "hybrid", "none")
+    if hybrid not in HYBRIDS:
+        raise UserError(f"model.hybrid must be one of {HYBRIDS}, got {hybrid!r}")
     return TransformerSpec(
         vocab_size=field(cfg, "vocab_size"),
         n_ctx=field(cfg, "n_ctx"),
@@ -202,4 +227,24 @@ def transformer_spec(cfg: Any) -> TransformerSpec:
         scan_layers=bool(field(cfg, "scan_layers", False)),
         remat=_remat(cfg),
         **_dropouts(cfg, DROPOUTS),
+        hybrid=hybrid,
+        token_mixing=None if hybrid == "none" else _hybrid_mixing(cfg),
     )
+
+
+def _hybrid_mixing(cfg: Any) -> MixingSpec:
+    """The token mixing of a transformer-mixer hybrid: the mixer fields ``mixing``, ``heads``,
+    ``mixing_impl``, ``mask_grad``, ``expanded``, ``reference`` (flat, one matrix by default),
+    causal, kernel 1."""
+    mixing, impl, mask_grad = field(cfg, "mixing"), field(cfg, "mixing_impl"), field(cfg, "mask_grad")
+    heads, d, n = field(cfg, "heads"), field(cfg, "d_model"), field(cfg, "n_ctx")
+    if not field(cfg, "causal", True):
+        raise UserError("model.hybrid needs a causal transformer (model.causal=True)")
+    check_mixing(mixing, impl, mask_grad, heads, 1, True)
+    if heads and d % heads:
+        raise UserError(f"model.d_model={d} must be divisible by model.heads={heads}")
+    return MixingSpec(
+        n_ctx=n, d_model=d, mixing=mixing, heads=heads, impl=resolve_impl(impl, n, 1, True),
+        expanded=bool(field(cfg, "expanded")), mask_grad=mask_grad,
+        reference=bool(field(cfg, "reference")), decay=bool(field(cfg, "decay", True)),
+        dtype=layers.dtype_of(field(cfg, "dtype")))

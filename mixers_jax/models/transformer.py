@@ -36,6 +36,10 @@ V·d + n·d + L·(4d² + 4d + 2r·d² + r·d + d + 4d) + 2d + d·V
 (embedding, positions, per block q/k/v/o + biases, fc1 + fc2 + biases, two LayerNorms; final
 LayerNorm, head).
 
+``hybrid='series' | 'parallel'`` adds ``block_{i}/mix/...`` (a :class:`TokenMixing`: flat
+``w`` [n, n], ``c`` [n] by default) and, in series, ``block_{i}/mix_norm/scale``; see
+:class:`TransformerBlock`.
+
 Step form with a KV cache: ``model.init_cache(batch)`` gives per layer ``k``, ``v`` [B, H, n_ctx, hd]
 (keys after RoPE); ``model.apply(vars, tokens_B, pos, cache, method='step')`` -> (logits [B, V],
 cache) attends from position ``pos`` to the cached positions ≤ pos. The cache is a ring (position p
@@ -51,6 +55,7 @@ import jax.numpy as jnp
 
 from mixers_jax.errors import UserError
 from mixers_jax.models import layers
+from mixers_jax.models.mixing import TokenMixing
 from mixers_jax.models.specs import TransformerSpec
 
 Array = jax.Array
@@ -185,9 +190,29 @@ class TransformerBlock(nn.Module):
     ``residual=False`` both residual additions (x <- Attn(N x); x <- MLP(N x)), ``mlp='none'`` the
     MLP and its norm (x += Attn(N x)), ``mlp='attention'`` puts a second attention ``mlp_attn`` (its
     own q, k, v, o and, in the step form, its own KV cache ``cache['mlp']``) in the MLP's place.
+
+    Hybrids (docs/transformer_baseline.md#hybrids): ``hybrid='series'`` (the transfixer) adds
+    x += Mix(N' x) (norm ``mix_norm``, mixing ``mix``) between attention and MLP; ``'parallel'``
+    makes the first sublayer x += Attn(N x) + Mix(N x) (one norm). The mixing is a
+    :class:`TokenMixing` (flat by default); in the step form it keeps its inputs in ``cache['mix']``.
     """
 
     spec: TransformerSpec
+
+    @nn.nowrap
+    def _mixing(self, **kw) -> TokenMixing:
+        return TokenMixing(self.spec.token_mixing, **kw, name="mix")
+
+    def _token_mix(self, h: Array, pos: Array | None, cache: dict | None) -> tuple[Array, dict | None]:
+        """The hybrid's token mixing of the normed h: the step form with ``cache['mix']``, or the
+        parallel form over n ≤ n_ctx positions (zero-padded to n_ctx, which a causal mixing
+        never reads back into the first n outputs, then cut)."""
+        if cache is not None:
+            return self._mixing()(h, pos, cache["mix"])
+        n, n_ctx = h.shape[1], self.spec.n_ctx
+        padded = jnp.pad(h, ((0, 0), (0, n_ctx - n), (0, 0))) if n < n_ctx else h
+        y = self._mixing()(padded)[:, :n]
+        return layers.dropout(self, y, self.spec.dropout_resid), None
 
     @nn.compact
     def __call__(self, x_BxNxD: Array, pos: Array | None = None, cache: dict | None = None,
@@ -209,8 +234,21 @@ class TransformerBlock(nn.Module):
             h = attn(h, positions_BxN=positions_BxN, mask_Bx1xNxN=mask_Bx1xNxN)
             return layers.dropout(self, h, spec.dropout_resid), None
 
-        h, new_cache = attend(normed(x_BxNxD, "attn_norm"), "attn", cache)
+        if spec.hybrid != "none" and not step and (positions_BxN is not None
+                                                   or mask_Bx1xNxN is not None):
+            raise ValueError("a transformer-mixer hybrid takes no explicit positions or attention "
+                             "mask (its token mixing has fixed positions 0..n_ctx-1)")
+        h_in = normed(x_BxNxD, "attn_norm")
+        h, new_cache = attend(h_in, "attn", cache)
+        if spec.hybrid == "parallel":  # x += Attn(N x) + Mix(N x)
+            h_mix, mix_cache = self._token_mix(h_in, pos, cache)
+            h = h + h_mix
         x_BxNxD = add(x_BxNxD, h) if step else nn.with_logical_constraint(add(x_BxNxD, h), names)
+        if spec.hybrid == "series":  # the transfixer: x += Mix(N' x) after attention
+            h, mix_cache = self._token_mix(normed(x_BxNxD, "mix_norm"), pos, cache)
+            x_BxNxD = add(x_BxNxD, h) if step else nn.with_logical_constraint(add(x_BxNxD, h), names)
+        if step and spec.hybrid != "none":
+            new_cache = dict(new_cache, mix=mix_cache)
         if spec.mlp == "none":
             return (x_BxNxD, new_cache) if step else x_BxNxD
         h = normed(x_BxNxD, "mlp_norm")
@@ -331,13 +369,19 @@ class TransformerLM(nn.Module):
             )
         if mode != "cached":
             raise ValueError(f"the transformer has only the 'cached' (KV cache) step, not {mode!r}")
+        # (a hybrid's token mixing keeps its inputs, 'cached', under 'mix')
         shape = (batch, spec.n_heads, spec.n_ctx, spec.d_model // spec.n_heads)
 
         def kv() -> dict:
             return {"k": jnp.zeros(shape, spec.dtype), "v": jnp.zeros(shape, spec.dtype)}
 
-        caches = tuple(dict(kv(), mlp=kv()) if spec.mlp == "attention" else kv()
-                       for _ in range(spec.n_layers))
+        def layer_cache() -> dict:
+            cache = dict(kv(), mlp=kv()) if spec.mlp == "attention" else kv()
+            if spec.hybrid != "none":
+                cache["mix"] = TokenMixing(spec.token_mixing, parent=None).init_cache(batch, mode)
+            return cache
+
+        caches = tuple(layer_cache() for _ in range(spec.n_layers))
         return layers.stack_layer_caches(caches) if spec.scan_layers else caches
 
     def step(self, tokens_B: Array, pos: Array, cache: tuple) -> tuple[Array, tuple]:
@@ -358,13 +402,16 @@ class TransformerLM(nn.Module):
 
     @property
     def slides(self) -> bool:
-        """Whether :meth:`slide_step` is defined: causal attention with RoPE (not GPT's table)."""
-        return self.spec.causal and not self.spec.gpt and not self.spec.scan_layers
+        """Whether :meth:`slide_step` is defined: causal attention with RoPE (not GPT's table), no
+        hybrid token mixing."""
+        return (self.spec.causal and not self.spec.gpt and not self.spec.scan_layers
+                and self.spec.hybrid == "none")  # a hybrid's mixing has positions < n_ctx only
 
     def slide_step(self, tokens_B: Array, pos: Array, cache: tuple) -> tuple[Array, tuple]:
         """The step at a position ``pos`` ≥ n_ctx of a longer stream: :meth:`step` itself, whose
         ring cache then holds the last n_ctx positions (module doc). Only for :attr:`slides`."""
         if not self.slides:
-            raise UserError("a GPT transformer (learned positions up to n_ctx) or one with scanned "
-                            "blocks (model.scan_layers) has no sliding step")
+            raise UserError("a GPT transformer (learned positions up to n_ctx), a hybrid "
+                            "(model.hybrid) or one with scanned blocks (model.scan_layers) has no "
+                            "sliding step")
         return self.step(tokens_B, pos, cache)

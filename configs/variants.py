@@ -1,0 +1,38 @@
+"""Model variants on the causal-LM budget of ``configs/mixer_clm.py:cpu`` (same data, sizes, steps,
+batch; docs/transformer_baseline.md#hybrids).
+
+    python -m mixers_jax.train --config=configs/variants.py:transfixer --workdir=runs/transfixer
+
+Presets: ``transfixer`` (no preset = this one): the Llama-style transformer with a flat masked
+mixer in series with attention in every block; ``parallel_hybrid``: the mixer beside attention;
+``bidirectional``: the bidirectional flat mixer (``model.bidirectional``,
+docs/masked_mixers.md#bidirectional-mixer) on ``mixer_clm.py:cpu``; ``linear``: the fully linear mixer, one block of flat mixing with no norm and no MLP
+(embedding -> x + Mix(x) -> head: affine in the embedding); ``mtp``: the flat masked mixer (``mixer_clm.py:cpu`` itself) trained with multi-token prediction
+(objective ``mtp``, docs/objectives.md#mtp); ``smoke_transfixer``, ``smoke_parallel_hybrid``,
+``smoke_bidirectional``, ``smoke_linear``, ``smoke_mtp``: the same at the smoke size (seconds, tests). The
+transformers run at the transformer baseline's learning rate on this budget (5e-4, as
+``configs/transformer_clm.py:cpu``), so the comparison with the baselines is
+``configs/transformer_clm.py:cpu`` and ``configs/mixer_clm.py:cpu`` (README, "Transformer-mixer
+hybrids").
+"""
+from mixers_jax.config import CPU, SMOKE, family_config
+
+_TRANSFORMER = {"model.kind": "transformer", "model.n_heads": 4}
+_HYBRIDS = {"transfixer": {"model.hybrid": "series"}, "parallel_hybrid": {"model.hybrid": "parallel"}}
+# The fully linear mixer (docs/masked_mixers.md#fully-linear-mixer): no nonlinearity, no norm.
+_LINEAR = {"model.n_layers": 1, "model.mlp": "none", "model.layer_norm": False}
+PRESETS = {
+    **{name: {**CPU, **_TRANSFORMER, "train.lr": 5e-4, **h} for name, h in _HYBRIDS.items()},
+    **{f"smoke_{name}": {**SMOKE, **_TRANSFORMER, "model.n_heads": 2, **h}
+       for name, h in _HYBRIDS.items()},
+    "bidirectional": {**CPU, "model.kind": "mixer", "model.bidirectional": True},
+    "smoke_bidirectional": {**SMOKE, "model.kind": "mixer", "model.bidirectional": True},
+    **{name: {**base, "model.kind": "mixer", **_LINEAR}
+       for name, base in (("linear", CPU), ("smoke_linear", SMOKE))},
+    "mtp": {**CPU, "model.kind": "mixer", "train.objective": "mtp"},
+    "smoke_mtp": {**SMOKE, "model.kind": "mixer", "train.objective": "mtp"},
+}
+
+
+def get_config(arg=None):
+    return family_config("variants", PRESETS, arg, default="transfixer")

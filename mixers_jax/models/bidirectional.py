@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from mixers_jax.errors import UserError
 from mixers_jax.models import layers
-from mixers_jax.models.mixer import token_embedding, untied_head
+from mixers_jax.models.mixer import check_row_length, token_embedding, untied_head
 from mixers_jax.models.mixing import TokenMixing
 from mixers_jax.models.specs import MixerSpec
 
@@ -74,9 +74,7 @@ class BidirectionalMixerLM(nn.Module):
         self.head = untied_head(spec)
 
     def embed_tokens(self, tokens_BxN: Array) -> Array:
-        if tokens_BxN.ndim != 2 or tokens_BxN.shape[1] != self.n_ctx:
-            raise UserError(f"a masked mixer takes exactly n_ctx={self.n_ctx} tokens per row; got "
-                            f"input of shape {tuple(tokens_BxN.shape)}")
+        check_row_length(tokens_BxN, self.n_ctx)
         return self.embed(tokens_BxN)
 
     def hidden(self, x_BxNxD: Array) -> Array:

@@ -128,6 +128,17 @@ class MixerBlock(nn.Module):
         return (x, cache) if step else x
 
 
+def check_row_length(tokens_BxN: Array, n_ctx: int) -> None:
+    """``UserError`` unless ``tokens_BxN`` is [B, n_ctx]: a masked mixer's mixing matrices are
+    n_ctx x n_ctx, so it reads rows of exactly that length."""
+    if tokens_BxN.ndim != 2 or tokens_BxN.shape[1] != n_ctx:
+        raise UserError(
+            f"a masked mixer takes exactly n_ctx={n_ctx} tokens per row (its mixing "
+            f"matrices are n_ctx x n_ctx); got input of shape {tuple(tokens_BxN.shape)}; "
+            "pad or truncate to n_ctx"
+        )
+
+
 def token_embedding(spec: MixerSpec) -> nn.Module:
     """The mixer's token embedding: N(0, 1) (reference or SRM) or N(0, 0.02²)."""
     emb_init = layers.normal(1.0) if (spec.reference or spec.srm) else layers.normal(0.02)
@@ -175,12 +186,7 @@ class MaskedMixerLM(nn.Module):
             self.head = untied_head(spec)
 
     def embed_tokens(self, tokens_BxN: Array) -> Array:
-        if tokens_BxN.ndim != 2 or tokens_BxN.shape[1] != self.n_ctx:
-            raise UserError(
-                f"a masked mixer takes exactly n_ctx={self.n_ctx} tokens per row (its mixing "
-                f"matrices are n_ctx x n_ctx); got input of shape {tuple(tokens_BxN.shape)}; "
-                "pad or truncate to n_ctx"
-            )
+        check_row_length(tokens_BxN, self.n_ctx)
         x_BxNxD = layers.dropout(self, self.embed(tokens_BxN), self.spec.dropout_embed)
         return nn.with_logical_constraint(x_BxNxD, ("batch", "length", "act_embed"))
 

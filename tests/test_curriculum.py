@@ -102,3 +102,48 @@ def test_init_from_copies_mapped_groups_and_checks_shapes(tmp_path):
     assert not target.exists()  # nothing written for bad input
     with pytest.raises(UserError, match="does not have"):
         trainer.run(_config(frozen="encoder"), str(tmp_path / "nogroup"))
+
+
+# The cpu_curriculum preset (configs/memory.py) end to end at smoke size: the autoencoder of
+# autoencoder.py:cpu_memory_encoder, then both stages of the curriculum reading its encoder frozen.
+_SMOKE_SIZE = {"model.vocab_size": 320, "model.heads": 2, "model.n_heads": 2,
+               "train.batch_size": 8, "train.log_every": 2, "train.eval_batches": 2,
+               "data.max_documents": 300, "data.tokenizer_max_chars": 300_000}
+
+
+def _preset(name, preset, fields):
+    config = load_config(config_path(name, preset))
+    config.unlock()
+    for key, value in {**_SMOKE_SIZE, **fields}.items():
+        section, _, leaf = key.rpartition(".")
+        node = config
+        for part in section.split("."):
+            node = node[part]
+        node[leaf] = value
+    config.lock()
+    return config
+
+
+def test_cpu_curriculum_preset_end_to_end_at_smoke_size(tmp_path):
+    ae_dir, mem_dir = str(tmp_path / "ae16"), str(tmp_path / "curriculum")
+    ae = trainer.run(_preset("autoencoder", "cpu_memory_encoder", {
+        "model.d_model": 16, "model.n_layers": 1, "train.steps": 2, "train.warmup_steps": 1,
+        "train.eval_every": 2, "train.checkpoint_every": 2}), ae_dir)
+    config = _preset("memory", "cpu_curriculum", {
+        "model.d_model": 32, "model.n_layers": 1, "model.encoder.d_model": 16,
+        "model.encoder.n_layers": 1, "train.init_from": ae_dir, "train.warmup_steps": 1,
+        "train.eval_every": 4, "train.checkpoint_every": 4,
+        "train.eval_objectives": ("clm", "blank_copy")})  # fewer eval compiles than the preset's 5
+    preset_stages = curriculum.stages(load_config(config_path("memory", "cpu_curriculum")))
+    assert [(s.name, str(s.train.objective), str(s.train.frozen)) for s in preset_stages] == [
+        ("blank_copy", "blank_copy", "encoder"), ("combined", "combined", "encoder")]
+    config.unlock()
+    config.train.stages = tuple(dict(s, steps=2) for s in config.train.stages)
+    config.lock()
+    out = trainer.run(config, mem_dir)
+    assert out["final_step"] == 4 and not out["preempted"]
+    assert set(out["evals"]) == {"clm", "blank_copy"}
+    enc_ae, enc_mem = ae["params"]["encoder"], out["params"]["encoder"]
+    blocks = [k for k in enc_ae if k.startswith("block")]
+    assert blocks and all(_equal(enc_ae[k], enc_mem[k]) for k in blocks)  # frozen in both stages
+    assert [line for line in open(f"{mem_dir}/log.txt") if "stage 2/2 'combined'" in line]

@@ -30,9 +30,9 @@ LAYERS = {
     "tools": ["environment", "compile_log", "evaluation", "generation", "structure",
               "arithmetic_coder", "codec_lanes", "codec", "curves", "benchmarks", "profiling",
               "retrieval", "retrieval.*", "search_index", "matching", "figures", "inversion",
-              "entropy", "probes"],
+              "entropy", "probes", "experiments", "sweep_runner", "results_page"],
     "commands": ["train", "evaluate", "generate", "compress", "inspect", "plot", "profile",
-                 "bench", "search", "probe"],
+                 "bench", "search", "probe", "sweep"],
 }
 # Function-local imports are allowed for these top-level packages anywhere ...
 LAZY_OK = {"matplotlib", "pyarrow", "tensorboardX", "bm25s"}

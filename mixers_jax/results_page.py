@@ -171,7 +171,8 @@ SECTIONS: dict[str, Section] = {
         "CLMs. Normalized loss and total bits per byte include the stored embedding "
         "(16 bits per number); for a plain CLM they equal its loss and bits per byte.",
         (("loss", "loss"), ("normalized loss", "normalized_loss"), ("bits per byte", "bpb"),
-         ("total bits per byte", "total_bpb"), *_COMMON), also=("clm_flat", "clm_transformer")),
+         ("total bits per byte", "total_bpb"), *_COMMON), curves=("eval/loss", "eval/clm/normalized_loss"),
+        also=("clm_flat", "clm_transformer")),
     "quant": Section(
         "Quantization sweep", "`evaluate --quant=all` of the embedding-augmented mixer, trained "
         "plainly and with noise QAT: the stored embedding cast to each format after training.",
@@ -215,11 +216,17 @@ def direction(run: Run, runs: dict[str, Run]) -> str:
     if a is None or b is None:
         missing = run.folder if a is None else (other.folder if other else e.other)
         return f"Published: {e.says}. Not measured here ({missing} has no result)."
-    holds = {"<": a < b, ">": a > b, "~": abs(a - b) <= NEAR * abs(b)}[e.op]
     sign = {"<": "<", ">": ">", "~": "≈"}[e.op]
     shown = f"{fmt(e.metric, a)} vs {fmt(e.metric, b)} ({other.exp.label})"
-    verdict = "holds" if holds else "does not hold"
-    return f"Published: {e.says}; {verdict} here ({e.metric} {shown}, expected {sign})."
+    return f"Published: {e.says}; {verdict(e.op, a, b)} here ({e.metric} {shown}, expected {sign})."
+
+
+def verdict(op: str, a: float, b: float) -> str:
+    """'holds' / 'does not hold' for ``a op b``; a difference below 1e-4 (relative, as shown to
+    four digits) is no difference: it satisfies '~' but neither '<' nor '>'."""
+    if abs(a - b) <= 1e-4 * max(1.0, abs(b)):
+        return "holds" if op == "~" else "does not hold (no difference)"
+    return "holds" if {"<": a < b, ">": a > b, "~": abs(a - b) <= NEAR * abs(b)}[op] else "does not hold"
 
 
 def _row(cells: Sequence[str]) -> str:
@@ -271,12 +278,11 @@ def quant_table(rows: Sequence[Run]) -> str:
                 continue
             v = table[q]
             says = ""
-            if base is not None and q != "float16":
-                expected = "~" if qat or q in ("none", "bfloat16") else ">"
-                holds = (abs(v["loss"] - base) <= NEAR * abs(base)) if expected == "~" else v["loss"] > base
+            if base is not None and q not in ("none", "float16"):  # float32 and fp16: the references
+                expected = "~" if qat or q == "bfloat16" else ">"
                 what = ("with noise QAT every format stays close to fp16" if qat else
                         "a 16-bit cast costs little" if expected == "~" else "an 8-bit cast costs more than fp16")
-                says = (f"Published: {what}; {'holds' if holds else 'does not hold'} here "
+                says = (f"Published: {what}; {verdict(expected, v['loss'], base)} here "
                         f"({v['loss']:.4f} vs fp16 {base:.4f}).")
             pub = PUBLISHED_QUANT[q][1 if qat else 0]
             lines.append(_row([f"{run.exp.label} (`{run.folder}`)", q, fmt("steps", v.get("bits_per_number")),

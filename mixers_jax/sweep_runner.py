@@ -11,7 +11,8 @@ and never deletes anything:
 * an experiment whose ``needs`` are not finished is **blocked** (named, not run); the rows that need
   ``--text`` are not run without it;
 * a failing command (exit status not 0) marks the experiment failed and the sweep goes on with the
-  rest; Ctrl-C lets the running command save its checkpoint, then stops the sweep (rerun to resume).
+  rest; Ctrl-C (which reaches the running command too) or SIGTERM (passed on to it) lets the
+  running command save its checkpoint, then stops the sweep (rerun to resume).
 
 Every command's output goes to ``<name>/sweep.log``; ``<name>/sweep.json`` records the commands,
 their exit statuses and wall times (summed over resumes) and, for an equal-wall-time run, the steps
@@ -20,9 +21,11 @@ chosen and the step times they came from. A progress line per experiment:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -212,13 +215,29 @@ class Sweep:
             log.write(f"$ {' '.join(argv)}\n")
             log.flush()
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=self.env)
-            while True:
-                try:
-                    code = proc.wait()
-                    break
-                except KeyboardInterrupt:
-                    continue  # the child got the same SIGINT: wait for it to save and exit
+            with _forward_sigterm(proc):
+                while True:
+                    try:
+                        code = proc.wait()
+                        break
+                    except KeyboardInterrupt:
+                        continue  # the child got the same SIGINT: wait for it to save and exit
         return code, time.time() - t0
+
+
+@contextlib.contextmanager
+def _forward_sigterm(proc: subprocess.Popen):
+    """While ``proc`` runs, SIGTERM to this process is passed on to it (it saves and exits 75,
+    which stops the sweep); outside the main thread signals cannot be caught and nothing changes."""
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def measure_machine(out: str, env: dict | None = None) -> dict:

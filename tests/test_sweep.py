@@ -12,7 +12,8 @@ from mixers_jax.errors import Preempted
 from mixers_jax.experiments import EXPERIMENTS, Experiment
 from mixers_jax.models import build_model, example_input
 from mixers_jax import trainer
-from tests_util import REPO
+from mixers_jax import sweep as sweep_command
+from tests_util import REPO, exit_status
 
 # --------------------------------------------------------------------------- the table
 
@@ -219,3 +220,30 @@ def test_page_from_run_folders_names_missing_runs_and_draws_figures(tmp_path):
     again = tmp_path / "fresh.md"  # a page without markers is written fresh
     results_page.write_page(out, str(again), figures, shown="results")
     assert again.read_text().startswith(f"# Results\n\n{results_page.BEGIN}\n")
+
+
+def test_command_dry_run_and_bad_names(tmp_path, capsys):
+    out = str(tmp_path / "results")
+    assert exit_status(sweep_command, ["sweep", f"--out={out}", "--only=probe_ae", "--dry_run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[1/2] ae_mixer: would run (absent)" and lines[2] == "[2/2] probe_ae: would run (absent)"
+    assert f"--config.train.init_from={out}/ae_mixer" in lines[3]
+    assert not os.path.exists(out)  # a dry run writes nothing
+    assert exit_status(sweep_command, ["sweep", f"--out={out}", "--only=nope"]) == 2
+    assert "error: unknown experiment(s) nope" in capsys.readouterr().err
+
+
+def _abstract_params(config):
+    model = build_model(config.model)
+    example = example_input(config.model)
+    variables = jax.eval_shape(model.init, jax.random.key(0),
+                               jax.ShapeDtypeStruct(example.shape, example.dtype))
+    return jax.tree.map(lambda x: x.shape, variables["params"])
+
+
+def test_memory_probe_encoder_matches_the_memory_model():
+    """probe_memory loads memory_main's encoder: the same parameter shapes (checked abstractly)."""
+    exp, source = experiments.BY_NAME["probe_memory"], experiments.BY_NAME["memory_main"]
+    probe = _apply(load_config(os.path.join(REPO, exp.config)), [o for o in exp.overrides if "{" not in o])
+    memory = load_config(os.path.join(REPO, source.config))
+    assert _abstract_params(probe)["encoder"] == _abstract_params(memory)["encoder"]

@@ -318,7 +318,10 @@ def draw_curves(section_key: str, section: Section, rows: Sequence[Run], path: s
         ax.set_title(tag)
         ax.set_xlabel("training time (s, step × median s/step)" if section.x == "time" else "step")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no run logged it", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(section.title)
     fig.tight_layout()
     curves.save_figure(fig, plt, path, "png")

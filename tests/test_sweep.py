@@ -43,8 +43,11 @@ def _apply(config, overrides):
     return config
 
 
-@pytest.mark.parametrize("exp", [e for e in EXPERIMENTS if any("model." in o for o in e.overrides)],
-                         ids=lambda e: e.name)
+_MODEL_OVERRIDES = list({(e.config, e.overrides): e for e in reversed(EXPERIMENTS)
+                         if any("model." in o for o in e.overrides)}.values())  # one per distinct model
+
+
+@pytest.mark.parametrize("exp", _MODEL_OVERRIDES, ids=lambda e: e.name)
 def test_experiments_with_model_overrides_build(exp):
     """Every preset builds (tests/test_configs.py); here the experiments' own model overrides."""
     overrides = [o for o in exp.overrides if "{" not in o]

@@ -162,8 +162,14 @@ class Sweep:
                 self.line(k, exp, f"blocked: needs {', '.join(blocked)} (not finished)")
                 self.failed.append(exp.name)
                 continue
+            try:
+                plan = self.plan(exp)
+            except UserError as e:
+                self.line(k, exp, f"failed: {e}")
+                self.failed.append(exp.name)
+                continue
             self.line(k, exp, "running")
-            ok, wall = self.run_one(exp)
+            ok, wall = self.run_one(exp, plan)
             if ok:
                 self.line(k, exp, f"done in {format_duration(wall)}")
             else:
@@ -171,7 +177,15 @@ class Sweep:
                 self.failed.append(exp.name)
         return self.failed
 
-    def run_one(self, exp: Experiment) -> tuple[bool, float]:
+    def plan(self, exp: Experiment) -> dict | None:
+        """The equal-wall-time plan of ``exp``: the one recorded in its sweep.json (a resumed run
+        keeps its steps), else computed now; None for other runs. UserError without step times."""
+        if not exp.equal_time:
+            return None
+        recorded = read_json(os.path.join(self.out, exp.name, SWEEP_FILE)) or {}
+        return recorded.get("equal_time") or equal_time_plan(exp, self.out)
+
+    def run_one(self, exp: Experiment, plan: dict | None = None) -> tuple[bool, float]:
         run = os.path.join(self.out, exp.name)
         os.makedirs(run, exist_ok=True)
         record_path = os.path.join(run, SWEEP_FILE)
@@ -179,10 +193,9 @@ class Sweep:
                                             "wall_s": 0.0}
         record["status"] = "running"
         extra: list[str] = []
-        if exp.equal_time:
-            if "equal_time" not in record:  # chosen once: a resumed run keeps its steps
-                record["equal_time"] = equal_time_plan(exp, self.out)
-            extra = list(record["equal_time"]["overrides"])
+        if plan:
+            record["equal_time"] = plan
+            extra = list(plan["overrides"])
         todo = []
         if not os.path.exists(os.path.join(run, RESULTS_FILE)):
             todo.append((os.path.join(run, RESULTS_FILE), train_argv(exp, self.out, self.text_file, extra, self.train_module)))

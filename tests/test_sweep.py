@@ -157,9 +157,22 @@ def test_runner_skips_resumes_blocks_and_records(tmp_path):
     assert argv[-4:] == ["--config.train.steps=50", "--config.train.warmup_steps=5",
                          "--config.train.eval_every=50", "--config.train.checkpoint_every=50"]
 
+    (out / "own" / "tb").rename(out / "own" / "tb_moved")  # no step times: t cannot be planned
+    third = []
+    table.append(Experiment("t2", "clm_time", "T2", "x.py", equal_time="ref", measure="own"))
+    table.append(Experiment("t3", "clm_time", "T3", "x.py", equal_time="ref", measure="own"))
+    (out / "t3").mkdir()  # a run started earlier: its recorded steps are kept
+    (out / "t3" / "sweep.json").write_text(json.dumps(
+        {"name": "t3", "wall_s": 1.0, "commands": [], "equal_time": {"overrides": ["--config.train.steps=77"]}}))
+    assert sweep(third).run() == ["c", "d", "t2"]
+    assert third[-3] == f"[8/9] t2: failed: t2: no step times in {out}/ref and {out}/own"
+    assert not (out / "t2").exists()
+    assert third[-1].startswith("[9/9] t3: done in ")
+    assert json.loads((out / "t3" / "argv1.json").read_text())[-1] == "--config.train.steps=77"
+
     dry = []
     sweep(dry).dry_run()
-    assert dry[0] == "[1/7] a: skipped (finished)" and any(l.startswith("[3/7] c: would run") for l in dry)
+    assert dry[0] == "[1/9] a: skipped (finished)" and any(l.startswith("[3/9] c: would run") for l in dry)
 
 
 # --------------------------------------------------------------------------- the page

@@ -110,7 +110,8 @@ EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("clm_transformer_time", "clm_time", "transformer (4 heads)",
                "configs/transformer_clm.py:cpu", equal_time="clm_flat", measure="clm_transformer",
                needs=("clm_flat", "clm_transformer"),
-               published="TinyStories, equal 12 h budget: mixer d1024 1.81 / 1.86, transformer d1024 2.31 / 2.32",
+               published="TinyStories, equal 12 h budget: mixer d1024 1.81 / 1.86, "
+                         "transformer d1024 2.31 / 2.32",
                expect=Expect(">", "clm_flat", "loss",
                              "in equal time the mixer is ahead (its step is about twice as fast)")),
     # --------------------------------------------------------------- causal LMs, another text
@@ -187,7 +188,8 @@ EXPERIMENTS: tuple[Experiment, ...] = (
                published="parallel memories slightly better than recurrent",
                expect=Expect(">", "memory_main", "clm_loss",
                              "parallel memories are slightly better than recurrent")),
-    Experiment("ae_memory_encoder", "memory", "autoencoder with the memory encoder's shape (curriculum stage 0)",
+    Experiment("ae_memory_encoder", "memory",
+               "autoencoder with the memory encoder's shape (curriculum stage 0)",
                "configs/autoencoder.py:cpu_memory_encoder"),
     Experiment("memory_curriculum", "memory", "curriculum: frozen autoencoder encoder, blank copy, combined",
                "configs/memory.py:cpu_curriculum", ("--config.train.init_from={out}/ae_memory_encoder",),
@@ -247,7 +249,8 @@ def check_expectations() -> list[str]:
     names = [e.name for e in EXPERIMENTS]
     problems += [f"{n} appears twice" for n in sorted({n for n in names if names.count(n) > 1})]
     for e in EXPERIMENTS:
-        refs = list(e.needs) + ([e.expect.other] if e.expect else []) + [x for x in (e.equal_time, e.measure) if x]
+        refs = [*e.needs, *([e.expect.other] if e.expect else []),
+                *(x for x in (e.equal_time, e.measure) if x)]
         problems += [f"{e.name} names unknown {r}" for r in refs if r not in BY_NAME]
         if e.expect and e.expect.op not in OPS:
             problems.append(f"{e.name}: op {e.expect.op!r} not in {OPS}")

@@ -181,12 +181,14 @@ SECTIONS: dict[str, Section] = {
         "Information-retention probes", "`configs/information.py`: the encoder of a trained run frozen, "
         "a fresh mixer decoder d256 L2 reconstructs all n tokens from its one embedding. "
         "Published: FineWeb n512, d1024 probe (CE / I_e / token accuracy).",
-        (("n", "n"), ("H (nats)", "loss"), ("I_e", "I_e"), ("token acc.", "accuracy"), ("wall time", "wall_s"))),
+        (("n", "n"), ("H (nats)", "loss"), ("I_e", "I_e"), ("token acc.", "accuracy"),
+         ("wall time", "wall_s"))),
     "memory": Section(
         "Memory models", "`configs/memory.py` presets: rows of 4 chunks × 16 tokens, V384, the same data "
         "and steps for all; copy accuracies on the copied half only.",
         (("clm loss", "clm_loss"), ("clm bpb", "clm_bpb"), ("clm acc.", "clm_acc"), ("copy acc.", "copy_acc"),
-         ("blank-copy acc.", "blank_copy_acc"), ("blank-copy loss", "blank_copy_loss"), ("wall time", "wall_s")),
+         ("blank-copy acc.", "blank_copy_acc"), ("blank-copy loss", "blank_copy_loss"),
+         ("wall time", "wall_s")),
         curves=("eval/clm/loss", "eval/blank_copy/accuracy")),
 }
 
@@ -245,7 +247,8 @@ def section_table(section: Section, rows: Sequence[Run], runs: dict[str, Run]) -
         extra = ""
         if run.sweep and run.sweep.get("equal_time"):
             plan = run.sweep["equal_time"]
-            extra = f" ({plan['steps']} steps = {plan['ref_steps']} × {plan['ref_step_s']:.3f} / {plan['step_s']:.3f})"
+            extra = (f" ({plan['steps']} steps = {plan['ref_steps']} × {plan['ref_step_s']:.3f} / "
+                     f"{plan['step_s']:.3f})")
         lines.append(_row([f"{run.exp.label} (`{run.folder}`){extra}", *values,
                            run.exp.published or "–", direction(run, runs) or "–"]))
     return "\n".join(lines)
@@ -280,8 +283,9 @@ def quant_table(rows: Sequence[Run]) -> str:
             says = ""
             if base is not None and q not in ("none", "float16"):  # float32 and fp16: the references
                 expected = "~" if qat or q == "bfloat16" else ">"
-                what = ("with noise QAT every format stays close to fp16" if qat else
-                        "a 16-bit cast costs little" if expected == "~" else "an 8-bit cast costs more than fp16")
+                what = ("with noise QAT every format stays close to fp16" if qat
+                        else "a 16-bit cast costs little" if expected == "~"
+                        else "an 8-bit cast costs more than fp16")
                 says = (f"Published: {what}; {verdict(expected, v['loss'], base)} here "
                         f"({v['loss']:.4f} vs fp16 {base:.4f}).")
             pub = PUBLISHED_QUANT[q][1 if qat else 0]
@@ -367,8 +371,8 @@ def _machine_line(machine: dict, wall_s: float, runs_with_time: int, total: int)
     rate = machine.get("matmul_gflops")
     rate_text = f", XLA 1024×1024 fp32 matmul {rate:.1f} GFLOP/s" if rate else ""
     libs = f", jax {machine['jax']}" if machine.get("jax") else ""
-    return (f"The sweep took **{format_duration(wall_s)}** of wall time in all ({runs_with_time} of {total} runs "
-            f"timed) on {cores} cores ({cpu}{rate_text}{libs}).\n")
+    return (f"The sweep took **{format_duration(wall_s)}** of wall time in all ({runs_with_time} of "
+            f"{total} runs timed) on {cores} cores ({cpu}{rate_text}{libs}).\n")
 
 
 def write_page(out: str, page: str, figures: str, experiments: Sequence[Experiment] = EXPERIMENTS,

@@ -80,13 +80,14 @@ def status(exp: Experiment, out: str) -> str:
     """'finished' (results.json and every follow-up output), 'trained' (results.json only),
     'failed' (the last attempt exited non-zero), 'started' (a folder without results), or 'absent'."""
     run = os.path.join(out, exp.name)
+    failed = (read_json(os.path.join(run, SWEEP_FILE)) or {}).get("status") == "failed"
     if os.path.exists(os.path.join(run, RESULTS_FILE)):
         if all(os.path.exists(os.path.join(run, o)) for o, _ in exp.after):
             return "finished"
-        return "failed" if (read_json(os.path.join(run, SWEEP_FILE)) or {}).get("status") == "failed" else "trained"
+        return "failed" if failed else "trained"
     if not os.path.isdir(run):
         return "absent"
-    return "failed" if (read_json(os.path.join(run, SWEEP_FILE)) or {}).get("status") == "failed" else "started"
+    return "failed" if failed else "started"
 
 
 def median_step_time(run: str) -> float | None:
@@ -126,6 +127,9 @@ class Sweep:
         path = self.env.get("PYTHONPATH", "")
         self.env["PYTHONPATH"] = REPO + (os.pathsep + path if path else "")
 
+    def train_argv(self, exp: Experiment, extra: Sequence[str] = ()) -> list[str]:
+        return train_argv(exp, self.out, self.text_file, extra, self.train_module)
+
     def line(self, k: int, exp: Experiment, what: str) -> None:
         self.print(f"[{k}/{len(self.experiments)}] {exp.name}: {what}")
 
@@ -141,10 +145,10 @@ class Sweep:
             if exp.needs_text and not self.text_file:
                 self.line(k, exp, "not run: needs --text=FILE")
                 continue
-            extra = ["<steps from the step times of " f"{exp.equal_time} and {exp.measure}>"] if exp.equal_time else []
+            extra = [f"<steps from the step times of {exp.equal_time} and {exp.measure}>"] if exp.equal_time else []
             self.line(k, exp, f"would run ({state})")
             if state != "trained":
-                self.print("    " + " ".join(train_argv(exp, self.out, self.text_file, extra, self.train_module)))
+                self.print("    " + " ".join(self.train_argv(exp, extra)))
             for _, argv in after_argv(exp, self.out, self.text_file):
                 self.print("    " + " ".join(argv))
 
@@ -173,7 +177,8 @@ class Sweep:
             if ok:
                 self.line(k, exp, f"done in {format_duration(wall)}")
             else:
-                self.line(k, exp, f"failed after {format_duration(wall)}; see {os.path.join(self.out, exp.name, LOG_FILE)}")
+                log = os.path.join(self.out, exp.name, LOG_FILE)
+                self.line(k, exp, f"failed after {format_duration(wall)}; see {log}")
                 self.failed.append(exp.name)
         return self.failed
 
@@ -198,7 +203,7 @@ class Sweep:
             extra = list(plan["overrides"])
         todo = []
         if not os.path.exists(os.path.join(run, RESULTS_FILE)):
-            todo.append((os.path.join(run, RESULTS_FILE), train_argv(exp, self.out, self.text_file, extra, self.train_module)))
+            todo.append((os.path.join(run, RESULTS_FILE), self.train_argv(exp, extra)))
         todo += [(o, argv) for o, argv in after_argv(exp, self.out, self.text_file) if not os.path.exists(o)]
         spent = 0.0
         for output, argv in todo:

@@ -163,7 +163,8 @@ def test_runner_skips_resumes_blocks_and_records(tmp_path):
     table.append(Experiment("t3", "clm_time", "T3", "x.py", equal_time="ref", measure="own"))
     (out / "t3").mkdir()  # a run started earlier: its recorded steps are kept
     (out / "t3" / "sweep.json").write_text(json.dumps(
-        {"name": "t3", "wall_s": 1.0, "commands": [], "equal_time": {"overrides": ["--config.train.steps=77"]}}))
+        {"name": "t3", "wall_s": 1.0, "commands": [],
+         "equal_time": {"overrides": ["--config.train.steps=77"]}}))
     assert sweep(third).run() == ["c", "d", "t2"]
     assert third[-3] == f"[8/9] t2: failed: t2: no step times in {out}/ref and {out}/own"
     assert not (out / "t2").exists()

@@ -65,6 +65,15 @@ model.hybrid            transformer only: 'none' (default) | 'series' (the trans
 model.bidirectional     mixer only: True = the bidirectional flat mixer (a forward stream masked
                         j <= i and a reverse stream masked j >= i+2, shared FFN, head(f + r);
                         docs/masked_mixers.md#bidirectional-mixer); no step form
+model.parallel_mixers   mixer only: P >= 1 token mixings in every block, each with its own
+                        LayerNorm and matrix, outputs summed: x <- x + sum_p Mix_p(LN1_p x)
+                        (1, default: the plain block; docs/masked_mixers.md#parallel-mixers)
+model.softmax_mixer     mixer only: True = softmax over the d features of the (summed) mixing
+                        output before the residual add, x <- x + softmax(Mix(LN1 x))
+                        (docs/masked_mixers.md#softmax-mixer)
+model.position_channel  mixer only: True = before every block the last feature of x is
+                        overwritten with the position i - n//2, in [-n/2, n/2); the width stays
+                        d_model (docs/masked_mixers.md#positional-channel)
 model.kernel            token-mixing taps k of flat mixing (docs/masked_mixers.md#kernel-mixing; 1 = plain)
 model.causal            False: unmasked (bidirectional) mixing / attention, for encoders
 model.encoder, decoder  sub-models of composite kinds: kind 'mixer' | 'transformer', d_model,
@@ -256,6 +265,9 @@ def base_config() -> ml_collections.ConfigDict:
             transformer="llama",
             hybrid="none",
             bidirectional=False,
+            parallel_mixers=1,  # mixer block variants (docs/masked_mixers.md#other-block-variants)
+            softmax_mixer=False,
+            position_channel=False,
             # composite models (autoencoder, embedding_clm, memory, rmt): the encoder and the
             # decoder are each a mixer or a transformer; 0 / '' / -1 inherit the field above.
             encoder=ml_collections.ConfigDict(dict(

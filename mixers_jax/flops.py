@@ -39,13 +39,16 @@ from mixers_jax.models.mixing import MixingSpec, resolve_impl
 
 def mixer_forward_flops(cfg: Any) -> float:
     """Forward FLOPs per token of the masked mixer LM (docs/masked_mixers.md); the mixing op's share comes
-    from its entry in ``models.mixing.MIXING_OPS``; ``bidirectional``: every block twice."""
+    from its entry in ``models.mixing.MIXING_OPS``; ``bidirectional``: every block twice;
+    ``parallel_mixers`` = P: P token mixings per block. ``softmax_mixer`` and ``position_channel``
+    add only elementwise work (not counted)."""
     d, L, V = field(cfg, "d_model"), field(cfg, "n_layers"), field(cfg, "vocab_size")
     r = field(cfg, "mlp_ratio", 4)
     ffn = 2.0 * (2 * r * d * d) if field(cfg, "mlp", "mlp") != "none" else 0.0
     head = 2.0 * d * V
     streams = 2 if field(cfg, "bidirectional", False) else 1  # forward and reverse stream
-    return L * streams * (token_mixing_flops(cfg) + ffn) + head
+    n_mix = int(field(cfg, "parallel_mixers", 1))
+    return L * streams * (n_mix * token_mixing_flops(cfg) + ffn) + head
 
 
 def token_mixing_flops(cfg: Any, kernel: int | None = None) -> float:

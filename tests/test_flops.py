@@ -57,6 +57,8 @@ def _xla_flops_per_token(cfg):
         ("parallel_hybrid_headed", dict(kind="transformer", n_heads=4, hybrid="parallel",
                                         heads=2)),
         ("bidirectional_mixer", dict(bidirectional=True, mixing_impl="dense")),
+        # mixer block variants (docs/masked_mixers.md#other-block-variants)
+        ("parallel_mixers_softmax", dict(parallel_mixers=3, softmax_mixer=True, mixing_impl="dense")),
     ],
 )
 def test_flops_per_token_matches_xla(name, overrides):

@@ -43,6 +43,10 @@ VARIANTS = {
     "transformer_no_mlp_no_residual": dict(kind="transformer", n_heads=4, mlp="none", residual=False),
     "transfixer": dict(kind="transformer", n_heads=4, hybrid="series"),
     "parallel_hybrid_headed": dict(kind="transformer", n_heads=4, hybrid="parallel", heads=2),
+    # mixer block variants (docs/masked_mixers.md#other-block-variants)
+    "parallel_mixers": dict(parallel_mixers=2),
+    "softmax_mixer": dict(softmax_mixer=True),
+    "position_channel": dict(position_channel=True),
 }
 
 

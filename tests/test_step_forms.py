@@ -48,6 +48,11 @@ VARIANTS = {
     "flat_kernel4": dict(kernel=4),
     "flat_kernel3_headed": dict(kernel=3, heads=2),
     "flat_kernel2_expanded_straight_through": dict(kernel=2, expanded=True, mask_grad="straight_through"),
+    # mixer block variants (docs/masked_mixers.md#other-block-variants): P caches per block; the
+    # positional channel takes the step's absolute position
+    "parallel_mixers3_softmax": dict(parallel_mixers=3, softmax_mixer=True),
+    "position_channel_parallel_scanned": dict(position_channel=True, parallel_mixers=2,
+                                              scan_layers=True),
 }
 SRM = {k for k, v in VARIANTS.items() if v.get("mixing") in mixing.SRM_MIXINGS}
 

@@ -73,19 +73,29 @@ class MixerBlock(nn.Module):
     """block='mixer': x <- x + Mix(LN1 x); x <- x + FFN(LN2 x).
     block='srm':   x <- x + FFN(LN2 x); x <- x + Mix(LN1 x), FFN with SiLU, Kaiming init.
 
+    Block options (docs/masked_mixers.md#other-block-variants; defaults leave the block as above):
+    ``parallel_mixers`` = P: Mix(LN1 x) becomes Σ_p Mix_p(LN1_p x), P token mixings with their own
+    LayerNorm (``ln_mix``, ``ln_mix_1``, ...) and matrix (``mix``, ``mix_1``, ...);
+    ``softmax_mixer``: the mixing output goes through a softmax over its d features before the
+    residual add, x <- x + softmax_d(Mix(LN1 x)); ``position_channel``: before the block, the last
+    feature of x is overwritten with the position i − ⌊n/2⌋ ∈ [−n/2, n/2).
+
     ``block(x_BxNxD)`` is the parallel form; ``block(x_BxD, pos, cache)`` -> (x_BxD, cache) the step
-    form at position ``pos`` (the FFN and norms are position-wise, so only the mixing has a cache).
+    form at position ``pos`` (the FFN and norms are position-wise, so only the mixing has a cache;
+    P > 1: a tuple of the P mixings' caches).
     """
 
     spec: MixerSpec
 
     @nn.nowrap
-    def _mixing(self, **kw) -> TokenMixing:
-        return TokenMixing(self.spec.token_mixing, **kw, name="mix")
+    def _mixing(self, p: int = 0, **kw) -> TokenMixing:
+        return TokenMixing(self.spec.token_mixing, **kw, name=numbered("mix", p))
 
     @nn.nowrap
-    def init_cache(self, batch: int, mode: str = "cached") -> dict:
-        return self._mixing(parent=None).init_cache(batch, mode)
+    def init_cache(self, batch: int, mode: str = "cached") -> dict | tuple:
+        caches = tuple(self._mixing(p, parent=None).init_cache(batch, mode)
+                       for p in range(self.spec.parallel_mixers))
+        return caches[0] if len(caches) == 1 else caches
 
     @nn.compact
     def __call__(self, x: Array, pos: Array | None = None, cache: dict | None = None,
@@ -104,13 +114,23 @@ class MixerBlock(nn.Module):
             h = layers.dropout(self, h, spec.dropout_resid)
             return constrain(x + h if spec.residual else h)
 
-        def mix_part(x, cache):
-            h = norm(x, "ln_mix")
+        def mix_one(x, p, cache):
+            h = norm(x, numbered("ln_mix", p))
             if step:
-                h, cache = self._mixing()(h, pos, cache)
-            else:
-                h = self._mixing()(h, keep_BxN=keep_BxN)
-            return residual(x, h), cache
+                return self._mixing(p)(h, pos, cache)
+            return self._mixing(p)(h, keep_BxN=keep_BxN), None
+
+        def mix_part(x, cache):
+            n_mix = spec.parallel_mixers
+            caches = (cache,) if n_mix == 1 else (cache or (None,) * n_mix)
+            h, new = None, []
+            for p in range(n_mix):  # Σ_p Mix_p(LN1_p x)
+                h_p, c_p = mix_one(x, p, caches[p])
+                h = h_p if h is None else h + h_p
+                new.append(c_p)
+            if spec.softmax_mixer:  # softmax over the features of each position
+                h = jax.nn.softmax(h.astype(jnp.float32), axis=-1).astype(h.dtype)
+            return residual(x, h), (new[0] if n_mix == 1 else tuple(new))
 
         def ffn_part(x):
             h = layers.MLP(spec.d_model, spec.mlp_ratio, spec.reference, spec.dtype,
@@ -118,6 +138,8 @@ class MixerBlock(nn.Module):
                            name="ffn")(norm(x, "ln_ffn"))
             return residual(x, h)
 
+        if spec.position_channel:
+            x = with_position_channel(x, spec.n_ctx, pos if step else None)
         has_ffn = spec.mlp != "none"
         if spec.srm:
             x = ffn_part(x) if has_ffn else x
@@ -126,6 +148,27 @@ class MixerBlock(nn.Module):
             x, cache = mix_part(x, cache)
             x = ffn_part(x) if has_ffn else x
         return (x, cache) if step else x
+
+
+def numbered(name: str, p: int) -> str:
+    """The module name of the p-th of a block's parallel mixings: ``name`` for p = 0 (the plain
+    block's), ``name_p`` after it."""
+    return name if p == 0 else f"{name}_{p}"
+
+
+def channel_positions(n_ctx: int, positions: Array) -> Array:
+    """The positional channel's value at ``positions``: i − ⌊n/2⌋, in [−n/2, n/2) for even n."""
+    return positions - n_ctx // 2
+
+
+def with_position_channel(x: Array, n_ctx: int, pos: Array | None = None) -> Array:
+    """x [B, N, d] with feature d−1 of row i set to ``channel_positions(n_ctx, i)``; the step form
+    x [B, d] at position ``pos`` gets ``channel_positions(n_ctx, pos)``."""
+    if pos is not None:
+        value = channel_positions(n_ctx, jnp.asarray(pos, jnp.int32)).astype(x.dtype)
+        return x.at[:, -1].set(value)
+    value_N = channel_positions(n_ctx, jnp.arange(x.shape[1], dtype=jnp.int32)).astype(x.dtype)
+    return x.at[:, :, -1].set(jnp.broadcast_to(value_N, x.shape[:2]))
 
 
 def check_row_length(tokens_BxN: Array, n_ctx: int) -> None:
@@ -257,10 +300,11 @@ class MaskedMixerLM(nn.Module):
 
     @property
     def slides(self) -> bool:
-        """Whether :meth:`slide_step` is defined: causal single-tap mixing of SLIDING_MIXINGS."""
+        """Whether :meth:`slide_step` is defined: causal single-tap mixing of SLIDING_MIXINGS, no
+        positional channel (it holds absolute positions < n_ctx)."""
         mix = self.spec.token_mixing
         return (self.spec.causal and mix.kernel == 1 and mix.mixing in SLIDING_MIXINGS
-                and not self.spec.scan_layers)
+                and not self.spec.scan_layers and not self.spec.position_channel)
 
     def slide_step(self, tokens_B: Array, pos: Array, cache: tuple) -> tuple[Array, tuple]:
         """The step at a position ``pos`` ≥ n_ctx of a longer stream (a cache of mode 'cached'
@@ -271,7 +315,7 @@ class MaskedMixerLM(nn.Module):
         if not self.slides:
             raise UserError(f"{self.spec.token_mixing.mixing!r} mixing has no sliding step (only "
                             f"{SLIDING_MIXINGS} with kernel 1 and causal mixing, blocks not "
-                            "scanned)")
+                            "scanned, no model.position_channel)")
         cache = jax.tree.map(lambda c: jnp.concatenate([c[:, 1:], jnp.zeros_like(c[:, :1])], axis=1),
                              cache)
         return self.step(tokens_B, jnp.int32(self.n_ctx - 1), cache)

@@ -50,6 +50,10 @@ class MixerSpec:
     scan_layers: bool = False  # blocks as one scanned block, parameters stacked (layers.scan_blocks)
     remat: str = "none"  # rematerialisation of the blocks (layers.REMAT_POLICIES)
     bidirectional: bool = False  # two streams, forward j ≤ i and reverse j ≥ i+2 (models/bidirectional.py)
+    # block variants (docs/masked_mixers.md#other-block-variants; mixer.MixerBlock)
+    parallel_mixers: int = 1  # P token mixings per block, each with its own norm, outputs summed
+    softmax_mixer: bool = False  # softmax over the features of the mixing output
+    position_channel: bool = False  # last feature overwritten with i − ⌊n/2⌋ before every block
 
     @property
     def srm(self) -> bool:
@@ -173,7 +177,35 @@ def mixer_spec(cfg: Any) -> MixerSpec:
         remat=_remat(cfg),
         **_dropouts(cfg),
         bidirectional=_bidirectional(cfg),
+        **_block_variants(cfg),
     )
+
+
+# The mixer block variants (docs/masked_mixers.md#other-block-variants) and their defaults.
+BLOCK_VARIANTS = {"parallel_mixers": 1, "softmax_mixer": False, "position_channel": False}
+
+
+def _block_variants(cfg: Any) -> dict:
+    """``model.parallel_mixers`` (an integer >= 1), ``softmax_mixer``, ``position_channel`` (needs
+    d_model >= 2: one feature is the position)."""
+    p = field(cfg, "parallel_mixers", 1)
+    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+        raise UserError(f"model.parallel_mixers must be an integer >= 1, got {p!r}")
+    out = {"parallel_mixers": p, "softmax_mixer": bool(field(cfg, "softmax_mixer", False)),
+           "position_channel": bool(field(cfg, "position_channel", False))}
+    if out["position_channel"] and field(cfg, "d_model") < 2:
+        raise UserError("model.position_channel=True needs model.d_model >= 2 (the last feature "
+                        "holds the position)")
+    return out
+
+
+def _no_block_variants(cfg: Any, what: str) -> None:
+    """``UserError`` when a mixer block variant is set for a model (``what``) that has no mixer
+    blocks of its own."""
+    for key, default in BLOCK_VARIANTS.items():
+        if field(cfg, key, default) != default:
+            raise UserError(f"model.{key} is a masked-mixer block option; {what} does not take it "
+                            f"(got {field(cfg, key)!r})")
 
 
 def _bidirectional(cfg: Any) -> bool:
@@ -183,7 +215,7 @@ def _bidirectional(cfg: Any) -> bool:
         return False
     plain = dict(mixing="flat", heads=0, kernel=1, block="mixer", expanded=False, causal=True,
                  layer_norm=True, residual=True, mlp="mlp", tie_embeddings=False, scan_layers=False,
-                 dropout_embed=0.0, dropout_resid=0.0)
+                 dropout_embed=0.0, dropout_resid=0.0, **BLOCK_VARIANTS)
     other = [k for k, v in plain.items() if field(cfg, k, v) != v]
     if other:
         raise UserError(f"model.bidirectional=True needs the plain flat mixer; it does not combine "
@@ -208,6 +240,7 @@ def transformer_spec(cfg: Any) -> TransformerSpec:
     if kernel != 1:
         raise UserError(
             f"model.kernel={kernel!r}: kernel mixing is a mixer option; a transformer needs kernel=1")
+    _no_block_variants(cfg, "a transformer")
     hybrid = field(cfg, "hybrid", "none")
     if hybrid not in HYBRIDS:
         raise UserError(f"model.hybrid must be one of {HYBRIDS}, got {hybrid!r}")

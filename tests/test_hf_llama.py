@@ -200,3 +200,46 @@ def test_bad_checkpoints_fail_in_one_line_writing_nothing(case, tmp_path, capsys
     assert len(err.splitlines()) == 1 and err.startswith("error: ")
     assert re.search(pattern, err), err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("preset", ["pretrained_decoder", "pretrained_decoder_curriculum"])
+def test_memory_model_with_the_imported_decoder(preset, imported, gqa):
+    """configs/memory.py:pretrained_decoder=DIR: the decoder (shape, tokenizer, parameters) from the
+    imported workdir, frozen with its embedding; the encoder and the memory bridge train (a
+    gradient reaches the bridge). The curriculum's second stage trains everything."""
+    from mixers_jax import curriculum, workdir
+    from mixers_jax.config import load_config, set_fields
+
+    config = load_config(os.path.join(REPO, "configs", "memory.py") + f":{preset}={imported}")
+    assert config.model.decoder.kind == "transformer" and config.model.n_kv_heads == 2
+    config.unlock()
+    set_fields(config, {"model.n_ctx": 8, "model.chunks": 2, "model.encoder.d_model": 16,
+                        "model.encoder.n_layers": 1})
+    config.lock()
+    stage_list = curriculum.stages(config)
+    assert workdir.with_init_tokenizer(config, stage_list).data.tokenizer_model.endswith(
+        "tokenizer.json")
+    model = build_model(config.model)
+    tokens = np.concatenate([np.load(os.path.join(GQA, "input_ids.npy"))] * 2, axis=1)[:, :16]
+    shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"])
+    rng = np.random.default_rng(0)  # random values without compiling init
+    params = jax.tree.map(lambda a: rng.normal(0, 0.1, a.shape).astype(np.float32), shapes)
+    source, _ = workdir.init_source(stage_list[0])
+    params = curriculum.merge_init_params(params, source, stage_list[0], imported)
+    _assert_equal(params["decoder"], gqa[1])
+    labels = [curriculum.param_labels(params, st.train) for st in stage_list]
+    assert set(jax.tree.leaves(labels[0]["decoder"])) == {curriculum.FROZEN}
+    assert set(jax.tree.leaves(labels[0]["bottleneck"])) == {curriculum.TRAINABLE}
+    assert set(jax.tree.leaves(labels[-1]["decoder"])) == (
+        {curriculum.TRAINABLE} if preset.endswith("curriculum") else {curriculum.FROZEN})
+
+    if preset.endswith("curriculum"):
+        return
+
+    def loss(p):  # next-token loss of the last chunk, which reads chunk 0's memory
+        logits = model.apply({"params": p}, tokens)[:, 8:15]
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 9:16, None], -1))
+
+    grads = jax.jit(jax.grad(loss))(params)
+    assert params["bottleneck"]["bridge"]["kernel"].shape == (16, 32)
+    assert float(jnp.abs(grads["bottleneck"]["bridge"]["kernel"]).max()) > 0

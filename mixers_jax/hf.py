@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 
-from absl import flags
+from absl import flags, logging
 
 from mixers_jax import cli
 
@@ -42,6 +42,7 @@ _SHARD_MB = flags.DEFINE_integer("max_shard_mb", 4096, "export: largest safetens
 
 def main(argv: list[str]) -> None:
     action = argv[1]
+    logging.set_verbosity(logging.ERROR)
     from mixers_jax.errors import UserError  # the library and jax: loaded after --help
     from mixers_jax import hf_llama
 

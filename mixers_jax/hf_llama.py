@@ -323,8 +323,12 @@ class Reader:
     def read(self, name: str, slices: tuple) -> np.ndarray:
         return np.asarray(self.handle(name).get_slice(name)[slices])
 
-    def close(self) -> None:
-        self._open.clear()
+    def close(self, path: str | None = None) -> None:
+        """Unmaps ``path`` (default: every file): its pages stop counting as this process's."""
+        for p in [path] if path is not None else list(self._open):
+            handle = self._open.pop(p, None)
+            if handle is not None and hasattr(handle, "__exit__"):
+                handle.__exit__(None, None, None)
 
 
 def check_tensors(reader: Reader, entries: list[Entry], tied: bool) -> None:
@@ -392,6 +396,11 @@ def load_llama(hf_dir: str, *, n_ctx: int = 0, dtype: str = "float32", mesh=None
     reader = Reader(weight_files(hf_dir))
     try:
         check_tensors(reader, entries, bool(fields["tie_embeddings"]))
+        reader.close()
+        # file by file, each unmapped once read: the host holds at most one file's pages at once
+        files = list(dict.fromkeys(reader.files[e.name] for e in entries))
+        entries = sorted(entries, key=lambda e: files.index(reader.files[e.name]))
+        last = {reader.files[e.name]: e.name for e in entries}
         params: dict = {}
         for e in entries:
             shape = tuple(_get(abstract, e.path).shape)
@@ -400,6 +409,8 @@ def load_llama(hf_dir: str, *, n_ctx: int = 0, dtype: str = "float32", mesh=None
                 shape, _get(shardings, e.path),
                 lambda index, e=e, read=read, shape=shape: read_part(e, read, index, shape))
             _set(params, e.path, array)
+            if last[reader.files[e.name]] == e.name:
+                reader.close(reader.files[e.name])
     finally:
         reader.close()
     return fields, params

@@ -40,7 +40,7 @@ from mixers_jax import sharding as sharding_lib
 from mixers_jax import workdir as workdir_lib
 from mixers_jax.config import base_config, field
 from mixers_jax.data.tokenizer import Tokenizer
-from mixers_jax.data.tokenizer_json import looks_like_json
+from mixers_jax.data.tokenizer_json import byte_level_chars, looks_like_json
 from mixers_jax.errors import UserError
 from mixers_jax.fileio import write_atomic
 from mixers_jax.lock import WorkdirLock
@@ -551,3 +551,71 @@ def export_workdir(workdir: str, out_dir: str, *, dtype: str = "float32",
                             else workdir_lib.TOKENIZER_FILE)
     write_atomic(tok_path, blob)
     return files + [tok_path]
+
+
+# --------------------------------------------------------------------------- random checkpoints
+
+
+def filler_tokenizer_json(vocab_size: int) -> bytes:
+    """A byte-level tokenizer.json of ``vocab_size`` entries: ``<s>``, ``</s>``, the 256 bytes and
+    unreachable filler pieces (no merges), for checkpoints with random weights."""
+    if vocab_size < 258:
+        raise UserError(f"a byte-level tokenizer needs at least 258 entries, not {vocab_size}")
+    vocab = {"<s>": 0, "</s>": 1}
+    for ch, _ in sorted(byte_level_chars().items(), key=lambda kv: kv[1]):
+        vocab[ch] = len(vocab)
+    while len(vocab) < vocab_size:
+        vocab[f"\u0120fill{len(vocab)}"] = len(vocab)
+    special = [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
+                "normalized": False, "special": True} for c, i in (("<s>", 0), ("</s>", 1))]
+    spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": special,
+            "normalizer": None,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                              "use_regex": True},
+            "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                        "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                      "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                      "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": vocab, "merges": []}}
+    return json.dumps(spec).encode("utf-8")
+
+
+def write_random_checkpoint(out_dir: str, *, d_model: int, n_layers: int, n_heads: int,
+                            n_kv_heads: int, mlp_hidden: int, vocab_size: int, seed: int = 0,
+                            max_shard_bytes: int = 512 << 20, n_ctx: int = 2048) -> int:
+    """A Llama checkpoint directory with N(0, 0.02²) float32 weights, unit norms, llama3 RoPE
+    scaling and a filler tokenizer.json (for timing imports); shards of at most
+    ``max_shard_bytes``, made and written one at a time. Returns the parameter count."""
+    cfg = base_config().model
+    cfg.update(kind="transformer", d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+               n_kv_heads=n_kv_heads, mlp_hidden=mlp_hidden, vocab_size=vocab_size, n_ctx=n_ctx,
+               rope_theta=500000.0, rope_scaling="llama3", rope_factor=8.0,
+               rope_original_n_ctx=n_ctx // 2)
+    rng = np.random.default_rng(seed)
+    os.makedirs(out_dir, exist_ok=True)
+    entries = tensor_map(cfg)
+    groups, size = [[]], 0
+    for e in entries:
+        nbytes = 4 * int(np.prod(e.hf_shape))
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(e)
+        size += nbytes
+    weight_map, total = {}, 0
+    for k, group in enumerate(groups):
+        name = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {e.name: (np.ones(e.hf_shape, np.float32) if len(e.hf_shape) == 1 else
+                            0.02 * rng.standard_normal(e.hf_shape, dtype=np.float32))
+                   for e in group}
+        safetensors.numpy.save_file(tensors, os.path.join(out_dir, name), metadata={"format": "pt"})
+        weight_map.update({n: name for n in tensors})
+        total += sum(a.nbytes for a in tensors.values())
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    write_atomic(os.path.join(out_dir, INDEX_FILE), json.dumps(index, indent=2, sort_keys=True))
+    write_atomic(os.path.join(out_dir, CONFIG_FILE), json.dumps(hf_config(cfg, 1, 0), indent=2))
+    write_atomic(os.path.join(out_dir, TOKENIZER_JSON), filler_tokenizer_json(vocab_size))
+    return sum(int(np.prod(e.hf_shape)) for e in entries)

@@ -243,3 +243,17 @@ def test_memory_model_with_the_imported_decoder(preset, imported, gqa):
     grads = jax.jit(jax.grad(loss))(params)
     assert params["bottleneck"]["bridge"]["kernel"].shape == (16, 32)
     assert float(jnp.abs(grads["bottleneck"]["bridge"]["kernel"]).max()) > 0
+
+
+def test_random_checkpoint_imports(tmp_path):
+    """The random checkpoints used to time imports: shards, a byte-level filler tokenizer."""
+    d = str(tmp_path / "random")
+    n = hf_llama.write_random_checkpoint(d, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                                         mlp_hidden=24, vocab_size=300, max_shard_bytes=8_000)
+    assert os.path.exists(os.path.join(d, hf_llama.INDEX_FILE))
+    out = str(tmp_path / "workdir")
+    result = hf_llama.import_workdir(d, out, n_ctx=32)
+    assert result["params"] == n == 2 * 300 * 16 + 16 * (16 + 8 + 8 + 16) + 3 * 16 * 24 + 3 * 16
+    tok = load_run(out).tokenizer
+    assert tok.vocab_size == 300 and tok.exact and tok.decode(tok.encode("a\u00e9")) == "a\u00e9"
+    assert exit_status(hf, ["hf", "convert"]) == 2

@@ -457,6 +457,7 @@ def save_llama(params: Any, model_cfg: Any, out_dir: str, *, dtype: str = "float
     for fname, shard in zip(names, shards):
         path = os.path.join(out_dir, fname)
         safetensors.numpy.save_file(dict(shard), path + ".tmp", metadata={"format": "pt"})
+        os.chmod(path + ".tmp", 0o644)
         os.replace(path + ".tmp", path)
         written.append(path)
         weight_map.update({name: fname for name, _ in shard})
@@ -611,6 +612,7 @@ def write_random_checkpoint(out_dir: str, *, d_model: int, n_layers: int, n_head
                             0.02 * rng.standard_normal(e.hf_shape, dtype=np.float32))
                    for e in group}
         safetensors.numpy.save_file(tensors, os.path.join(out_dir, name), metadata={"format": "pt"})
+        os.chmod(os.path.join(out_dir, name), 0o644)
         weight_map.update({n: name for n in tensors})
         total += sum(a.nbytes for a in tensors.values())
         del tensors

@@ -257,3 +257,30 @@ def test_random_checkpoint_imports(tmp_path):
     tok = load_run(out).tokenizer
     assert tok.vocab_size == 300 and tok.exact and tok.decode(tok.encode("a\u00e9")) == "a\u00e9"
     assert exit_status(hf, ["hf", "convert"]) == 2
+
+
+def test_sentencepiece_tokenizer_model_imports_and_exports(tmp_path):
+    """A checkpoint whose tokenizer is a sentencepiece tokenizer.model (Llama 2 style)."""
+    from run_util import sample_text
+
+    d = str(tmp_path / "random")
+    hf_llama.write_random_checkpoint(d, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2,
+                                     mlp_hidden=24, vocab_size=384)
+    os.remove(os.path.join(d, "tokenizer.json"))
+    Tokenizer.train([sample_text()], 384, os.path.join(d, "tokenizer.model"))
+    out = str(tmp_path / "workdir")
+    hf_llama.import_workdir(d, out, n_ctx=32)
+    assert isinstance(load_run(out).tokenizer, Tokenizer)
+    files = hf_llama.export_workdir(out, str(tmp_path / "exported"))
+    assert os.path.basename(files[-1]) == "tokenizer.model"
+
+
+def test_data_refuses_a_tokenizer_json_of_another_vocabulary():
+    from mixers_jax.data import pipeline
+
+    data_cfg = {"tokenizer_model": os.path.join(GQA, "tokenizer.json")}
+    with pytest.raises(UserError, match="tokenizer .*tokenizer.json has 272 pieces but "
+                                        "model.vocab_size is 300"):
+        pipeline.resolve_tokenizer(data_cfg, 300, None, [])
+    tok, path, trained = pipeline.resolve_tokenizer(data_cfg, 272, None, [])
+    assert isinstance(tok, JsonTokenizer) and not trained

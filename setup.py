@@ -16,6 +16,8 @@ setup(
         "orbax-checkpoint>=0.11",
         "grain>=0.2.10",
         "sentencepiece>=0.2",
+        "tokenizers>=0.15",  # Hugging Face tokenizer.json (mixers_jax/data/tokenizer_json.py)
+        "safetensors>=0.4",  # Hugging Face checkpoints (mixers_jax/hf_llama.py)
         "ml_collections>=1.0",
         "tensorboardX>=2.6",
         "absl-py>=2.1",

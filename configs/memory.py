@@ -30,7 +30,19 @@ Presets:
   paper_transformer: 512/512 L16 H4, lr 2e-4, global batch 64, 100k steps. paper_curriculum: the
   transformer curriculum (blank copy with a frozen autoencoder encoder, 100k steps, then combined).
 Give the data with --config.data.source=... for the paper presets.
+* pretrained_decoder=DIR: the decoder is the Llama of DIR, a workdir made by
+  ``python -m mixers_jax.hf import`` (docs/hf_import.md#memory-with-a-pretrained-decoder): its
+  shape (and vocabulary, tokenizer) are read from DIR/config.json, its parameters loaded from DIR
+  (train.init_from, init_map decoder=.) and frozen with its embedding; the mixer encoder (d128 L2)
+  and the memory bridge d128 -> d_decoder are trained, with variable memory slots (no fill vectors
+  before the pretrained decoder's tokens), at the cpu sizes (4 chunks x 16 tokens, 450 steps).
+  pretrained_decoder_trainable=DIR: the same with the decoder trained too (lr 1e-4).
+  pretrained_decoder_curriculum=DIR: the curriculum from it: 225 steps with the decoder frozen,
+  then 225 with everything trained (lr 1e-4).
 """
+import json
+import os
+
 from mixers_jax.config import CPU, PAPER, SMOKE, family_config
 
 # copy_full / blank_copy_full: the same on full rows only (no pad in any chunk), as published.
@@ -84,9 +96,49 @@ PRESETS_DICT = {
                                {"train.stages": _curriculum(100_000, 100_000, 2e-4)}),
 }
 PRESETS = tuple(PRESETS_DICT)
+# Presets that take the imported workdir of their pretrained decoder: --config=...:NAME=DIR.
+PRETRAINED = ("pretrained_decoder", "pretrained_decoder_trainable", "pretrained_decoder_curriculum")
+# The decoder's fields read from the imported workdir's config.json (the Llama's shape).
+_DECODER_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                   "mlp_ratio", "mlp_hidden", "rms_eps", "rope_theta", "rope_scaling", "rope_factor",
+                   "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_n_ctx",
+                   "tie_embeddings", "transformer")
+
+
+def pretrained_decoder(name: str, workdir: str) -> dict:
+    """The fields of preset ``name`` (one of PRETRAINED) with the decoder from ``workdir``."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{name}: {path} does not exist (import one with python -m mixers_jax.hf "
+                         "import)")
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)["model"]
+    if saved.get("kind") != "transformer":
+        raise ValueError(f"{name}: {workdir} holds a {saved.get('kind')!r}, not a transformer")
+    fields = dict(_CPU, **{f"model.{k}": saved[k] for k in _DECODER_FIELDS if k in saved})
+    fields.update({
+        "name": f"memory-{name}", "model.decoder.kind": "transformer", "model.decoder.d_model": 0, "model.decoder.n_layers": 0,
+        "model.encoder.kind": "mixer", "model.memory_slots": "variable",
+        "train.init_from": os.path.abspath(workdir), "train.init_map": "decoder=.",
+        "train.frozen": "decoder", "train.frozen_encoder_embedding": "pretrained_frozen",
+    })
+    if name == "pretrained_decoder_trainable":
+        fields.update({"train.frozen": "", "train.lr": 1e-4})
+    elif name == "pretrained_decoder_curriculum":
+        fields["train.stages"] = (
+            {"name": "frozen_decoder", "objective": "combined", "steps": 225, "frozen": "decoder"},
+            {"name": "joint", "objective": "combined", "steps": 225, "frozen": "",
+             "init_from": "", "lr": 1e-4})
+    return fields
 
 
 def get_config(arg=None):
-    return family_config("memory", PRESETS_DICT, arg, {
+    name, sep, workdir = (arg or "").partition("=")
+    presets = PRESETS_DICT
+    if name in PRETRAINED:
+        if not sep or not workdir:
+            raise ValueError(f"preset {name} needs the imported workdir: {name}=DIR")
+        presets = {arg: pretrained_decoder(name, workdir)}
+    return family_config("memory", presets, arg, {
         "model.kind": "memory", "train.objective": "combined", "train.eval_objectives": _EVAL,
     }, default="cpu")

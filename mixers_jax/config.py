@@ -55,6 +55,13 @@ model.scan_layers       True: the blocks run as one lax.scan over parameters sta
 model.mask_grad         'masked' (default) | 'straight_through' (docs/training.md#causal-mask-gradient)
 model.n_heads           attention heads of the transformer
 model.rope_theta        RoPE base of the transformer (1e4)
+model.n_kv_heads        transformer key/value heads (grouped-query attention; 0: n_heads)
+model.head_dim          transformer per-head width (0: d_model / n_heads)
+model.mlp_hidden        transformer SwiGLU width (0: mlp_ratio x d_model)
+model.rms_eps           transformer RMSNorm epsilon (1e-6)
+model.rope_scaling      'none' | 'linear' (frequencies / rope_factor) | 'llama3' (rope_factor,
+                        rope_low_freq_factor, rope_high_freq_factor, rope_original_n_ctx);
+                        docs/hf_import.md#rope-scaling
 model.transformer       'llama' (RMSNorm, RoPE, SwiGLU, no biases) | 'gpt' (learned positions,
                         LayerNorm, GELU MLP, biases; docs/transformer_baseline.md)
 model.hybrid            transformer only: 'none' (default) | 'series' (the transfixer: a masked
@@ -262,6 +269,16 @@ def base_config() -> ml_collections.ConfigDict:
             # transformer fields
             n_heads=4,
             rope_theta=10000.0,
+            # Llama-family checkpoints (docs/hf_import.md); 0 / 'none' keep the baseline
+            n_kv_heads=0,
+            head_dim=0,
+            mlp_hidden=0,
+            rms_eps=1e-6,
+            rope_scaling="none",
+            rope_factor=1.0,
+            rope_low_freq_factor=1.0,
+            rope_high_freq_factor=4.0,
+            rope_original_n_ctx=8192,
             transformer="llama",
             hybrid="none",
             bidirectional=False,

@@ -71,13 +71,18 @@ def transformer_forward_flops(cfg: Any) -> float:
     """Forward FLOPs per token of the Llama-style baseline (docs/transformer_baseline.md#architecture);
     ``transformer='gpt'``: the MLP has two matrices (fc1, fc2), 2·2·r·d² (biases are not counted).
     Ablations: ``mlp='none'`` counts no MLP, ``mlp='attention'`` a second attention in its place.
-    Hybrids (``hybrid='series' | 'parallel'``): one token mixing per block on top."""
+    Hybrids (``hybrid='series' | 'parallel'``): one token mixing per block on top. Imported Llamas
+    (docs/hf_import.md): q and o have H·hd columns, k and v G·hd, the SwiGLU width is F."""
     n, d, L, V = field(cfg, "n_ctx"), field(cfg, "d_model"), field(cfg, "n_layers"), field(cfg, "vocab_size")
     r = field(cfg, "mlp_ratio", 4)
-    qkvo = 2.0 * 4 * d * d
-    attn = 2.0 * 2 * n * d  # QK^T and AV, full n x n
+    h = field(cfg, "n_heads", 1) or 1
+    hd = field(cfg, "head_dim", 0) or d / h
+    g = field(cfg, "n_kv_heads", 0) or h
+    qkvo = 2.0 * d * hd * (2 * h + 2 * g)  # 2·4d² with full heads of width d/H
+    attn = 2.0 * 2 * n * h * hd  # QK^T and AV, full n x n
     n_mlp = 2 if field(cfg, "transformer", "llama") == "gpt" else 3  # fc1, fc2 | gate, up, down
-    mlp = {"none": 0.0, "attention": qkvo + attn}.get(field(cfg, "mlp", "mlp"), 2.0 * n_mlp * r * d * d)
+    f = field(cfg, "mlp_hidden", 0) or r * d
+    mlp = {"none": 0.0, "attention": qkvo + attn}.get(field(cfg, "mlp", "mlp"), 2.0 * n_mlp * f * d)
     hybrid = token_mixing_flops(cfg, kernel=1) if field(cfg, "hybrid", "none") != "none" else 0.0
     head = 2.0 * d * V
     return L * (qkvo + attn + mlp + hybrid) + head

@@ -8,6 +8,7 @@ A workdir written by ``trainer.run`` holds
 * ``history.jsonl``    one JSON line per start or resume (:func:`record_start`): time, host, pid,
   start step, command line and the settings changed since the previous start;
 * ``tokenizer.model``  the sentencepiece model the run reads text with (also in every checkpoint);
+  a workdir imported from Hugging Face (docs/hf_import.md) has ``tokenizer.json`` instead;
 * ``checkpoints/<step>/`` the items params / opt_state / data / meta (:mod:`mixers_jax.checkpoint`);
 * ``run.lock``         held by the training run while it is live (:mod:`mixers_jax.lock`);
 * ``log.txt``          the progress lines (:class:`Log`); ``tb/`` the tensorboard scalars;
@@ -46,6 +47,7 @@ from mixers_jax.models import build_model, example_input
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.jsonl"
 TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_JSON = "tokenizer.json"  # an imported Hugging Face tokenizer (docs/hf_import.md)
 RESULTS_FILE = "results.json"
 LOG_FILE = "log.txt"
 CHECKPOINTS_DIR = "checkpoints"
@@ -268,13 +270,20 @@ def abstract_params(model_cfg, model=None) -> Any:
     return nn.meta.unbox(shapes)
 
 
+def tokenizer_file(workdir: str) -> str:
+    """The workdir's tokenizer file: ``tokenizer.model``, else an existing ``tokenizer.json``."""
+    path = os.path.join(workdir, TOKENIZER_FILE)
+    json_path = os.path.join(workdir, TOKENIZER_JSON)
+    return json_path if not os.path.exists(path) and os.path.exists(json_path) else path
+
+
 def _config_and_tokenizer(workdir: str) -> tuple[str, ml_collections.ConfigDict, Tokenizer]:
     """(absolute workdir, config, tokenizer) of a workdir; ``UserError`` if either is missing."""
     workdir = os.path.abspath(workdir)
     if not os.path.isdir(workdir):
         raise UserError(f"workdir {workdir} does not exist")
     config = load_config(workdir)
-    tok_path = os.path.join(workdir, TOKENIZER_FILE)
+    tok_path = tokenizer_file(workdir)
     if os.path.exists(tok_path):
         tokenizer = Tokenizer.load(tok_path)
     else:  # a run that read text with another run's tokenizer (init_from): the checkpoint's copy
@@ -355,7 +364,7 @@ def resume_tokenizer(config, workdir: str) -> Tokenizer | None:
         return None
     step, blob = saved
     configured = str(config.data.tokenizer_model or "")
-    path = configured or os.path.join(workdir, TOKENIZER_FILE)
+    path = configured or tokenizer_file(workdir)
     if not os.path.isfile(path):
         if configured:
             return None  # build_data reports the missing file
@@ -404,7 +413,7 @@ def with_init_tokenizer(config, stage_list: list[Stage]):
     sources = init_sources(stage_list)
     if not sources or str(config.data.tokenizer_model):
         return config
-    path = os.path.join(os.path.abspath(sources[0]), TOKENIZER_FILE)
+    path = tokenizer_file(os.path.abspath(sources[0]))
     if not os.path.exists(path):
         raise UserError(f"train.init_from {sources[0]} has no {TOKENIZER_FILE}")
     c = ml_collections.ConfigDict(config.to_dict())

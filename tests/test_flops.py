@@ -52,6 +52,9 @@ def _xla_flops_per_token(cfg):
         ("gpt", dict(kind="transformer", transformer="gpt", n_heads=4)),
         ("mixer_no_mlp", dict(mlp="none")),
         ("transformer_mlp_attention", dict(kind="transformer", n_heads=4, mlp="attention")),
+        # an imported Llama's shape (docs/hf_import.md): GQA, head width, SwiGLU width
+        ("llama_gqa", dict(kind="transformer", n_heads=4, n_kv_heads=2, head_dim=16,
+                           mlp_hidden=40)),
         # transformer-mixer hybrids (docs/transformer_baseline.md#hybrids)
         ("transfixer", dict(kind="transformer", n_heads=4, hybrid="series", mixing_impl="dense")),
         ("parallel_hybrid_headed", dict(kind="transformer", n_heads=4, hybrid="parallel",

@@ -20,7 +20,8 @@ PACKAGE = "mixers_jax"
 LAYERS = {
     "base": ["__init__", "errors", "fileio", "cli"],
     "config": ["config"],
-    "data and models": ["data", "data.chunking", "data.embedded", "data.sources", "data.tokenizer",
+    "data and models": ["data", "data.chunking", "data.embedded", "data.sources", "data.tokenizer_json",
+                        "data.tokenizer",
                         "data.passages", "data.pipeline", "data.pairs", "models", "models.*",
                         "sharding"],
     "training parts": ["attribution", "objectives", "metrics", "ranking", "target_bytes",
@@ -30,9 +31,9 @@ LAYERS = {
     "tools": ["environment", "compile_log", "evaluation", "generation", "structure",
               "arithmetic_coder", "codec_lanes", "codec", "curves", "benchmarks", "profiling",
               "retrieval", "retrieval.*", "search_index", "matching", "figures", "inversion",
-              "entropy", "probes", "experiments", "sweep_runner", "results_page"],
+              "entropy", "probes", "experiments", "sweep_runner", "results_page", "hf_llama"],
     "commands": ["train", "evaluate", "generate", "compress", "inspect", "plot", "profile",
-                 "bench", "search", "probe", "sweep"],
+                 "bench", "search", "probe", "sweep", "hf"],
 }
 # Function-local imports are allowed for these top-level packages anywhere ...
 LAZY_OK = {"matplotlib", "pyarrow", "tensorboardX", "bm25s"}

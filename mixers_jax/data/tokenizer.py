@@ -37,6 +37,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from mixers_jax.data.tokenizer_json import JsonTokenizer, looks_like_json
 from mixers_jax.errors import UserError
 from mixers_jax.fileio import write_atomic
 
@@ -255,18 +256,23 @@ class Tokenizer:
         return UserError(f"tokenizer training failed: {msg.splitlines()[0] if msg else 'unknown error'}")
 
     @classmethod
-    def load(cls, path: str) -> "Tokenizer":
-        """Loads a ``.model`` file. UserError if it is missing or not a sentencepiece model."""
+    def load(cls, path: str) -> "Tokenizer | JsonTokenizer":
+        """Loads a ``.model`` file, or a Hugging Face ``tokenizer.json`` (a
+        :class:`~mixers_jax.data.tokenizer_json.JsonTokenizer`, same methods). UserError if it is
+        missing or neither."""
         try:
             with open(path, "rb") as f:
                 data = f.read()
         except OSError as e:
             raise UserError(f"cannot read tokenizer model {path}: {e.strerror or e}") from None
-        return cls(data, name=path)
+        return JsonTokenizer(data, name=path) if looks_like_json(data) else cls(data, name=path)
 
     @classmethod
-    def from_serialized(cls, data: bytes) -> "Tokenizer":
-        """Rebuilds a tokenizer from :meth:`serialized` bytes (e.g. stored in a checkpoint)."""
+    def from_serialized(cls, data: bytes) -> "Tokenizer | JsonTokenizer":
+        """Rebuilds a tokenizer from :meth:`serialized` bytes (e.g. stored in a checkpoint): a
+        sentencepiece proto or tokenizer.json bytes."""
+        if looks_like_json(data):
+            return JsonTokenizer(data, name="<serialized>")
         return cls(data, name="<serialized>")
 
     def serialized(self) -> bytes:

@@ -199,10 +199,10 @@ def layer_norm(dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
     )
 
 
-def rms_norm(dtype: Dtype, name: str | None = None) -> nn.RMSNorm:
-    """Llama RMSNorm, eps 1e-6, weight 1."""
+def rms_norm(dtype: Dtype, name: str | None = None, eps: float = RMS_NORM_EPS) -> nn.RMSNorm:
+    """Llama RMSNorm, eps 1e-6 (``eps``), weight 1."""
     return nn.RMSNorm(
-        epsilon=RMS_NORM_EPS,
+        epsilon=eps,
         dtype=dtype,
         param_dtype=jnp.float32,
         scale_init=nn.with_logical_partitioning(ones, ("norm",)),

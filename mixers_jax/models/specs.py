@@ -28,6 +28,7 @@ MLPS = ("mlp", "none", "attention")
 # Transformer-mixer hybrids (docs/transformer_baseline.md#hybrids): 'series' (the transfixer) adds a
 # masked token mixing after attention in every block, 'parallel' puts it beside attention.
 HYBRIDS = ("none", "series", "parallel")
+ROPE_SCALINGS = ("none", "linear", "llama3")  # RoPE frequency scaling of Llama-family checkpoints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,11 +96,42 @@ class TransformerSpec:
     remat: str = "none"  # rematerialisation of the blocks (layers.REMAT_POLICIES)
     hybrid: str = "none"  # 'series' | 'parallel': a token mixing (``token_mixing``) in every block
     token_mixing: MixingSpec | None = None  # the hybrid's mixing layer (None when hybrid='none')
+    # Llama-family checkpoints (docs/hf_import.md): grouped-query attention, head width, SwiGLU
+    # width, RMSNorm eps, RoPE frequency scaling; 0 / 'none' keep the baseline
+    n_kv_heads: int = 0  # key/value heads (0: n_heads); n_heads must divide by it
+    head_dim: int = 0  # per-head width (0: d_model / n_heads)
+    mlp_hidden: int = 0  # SwiGLU width (0: mlp_ratio·d_model)
+    rms_eps: float = layers.RMS_NORM_EPS
+    rope_scaling: str = "none"  # 'none' | 'linear' | 'llama3'
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_n_ctx: int = 8192  # llama3 only: the context the frequencies were trained at
 
     @property
     def gpt(self) -> bool:
         """The original-GPT layout (docs/transformer_baseline.md#original-gpt-baseline)."""
         return self.transformer == "gpt"
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_width(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def mlp_width(self) -> int:
+        return self.mlp_hidden or self.mlp_ratio * self.d_model
+
+    @property
+    def rope(self) -> tuple | None:
+        """The RoPE frequency scaling (rope_scaling, factor, low, high, original n_ctx); None: none."""
+        if self.rope_scaling == "none":
+            return None
+        return (self.rope_scaling, self.rope_factor, self.rope_low_freq_factor,
+                self.rope_high_freq_factor, self.rope_original_n_ctx)
 
 
 def _check_common(cfg: Any) -> None:
@@ -234,8 +266,14 @@ def transformer_spec(cfg: Any) -> TransformerSpec:
     arch = field(cfg, "transformer", "llama")
     if arch not in TRANSFORMERS:
         raise UserError(f"model.transformer must be one of {TRANSFORMERS}, got {arch!r}")
-    if arch == "llama" and (d // h) % 2:
-        raise UserError(f"RoPE needs an even head width; d_model/n_heads = {d // h}")
+    llama = _llama_fields(cfg, h)
+    hd = llama["head_dim"] or d // h
+    if arch == "llama" and hd % 2:
+        raise UserError(f"RoPE needs an even head width; d_model/n_heads = {hd}")
+    if arch == "gpt" and any(llama[k] != TransformerSpec.__dataclass_fields__[k].default
+                             for k in ("n_kv_heads", "head_dim", "mlp_hidden", "rope_scaling")):
+        raise UserError("model.n_kv_heads, head_dim, mlp_hidden and rope_scaling are Llama fields; "
+                        "model.transformer='gpt' takes none of them")
     kernel = field(cfg, "kernel", 1)
     if kernel != 1:
         raise UserError(
@@ -262,7 +300,34 @@ def transformer_spec(cfg: Any) -> TransformerSpec:
         **_dropouts(cfg, DROPOUTS),
         hybrid=hybrid,
         token_mixing=None if hybrid == "none" else _hybrid_mixing(cfg),
+        **llama,
     )
+
+
+def _llama_fields(cfg: Any, n_heads: int) -> dict:
+    """The checked Llama-family fields (n_kv_heads, head_dim, mlp_hidden, rms_eps, RoPE scaling)."""
+    out = {}
+    for key in ("n_kv_heads", "head_dim", "mlp_hidden", "rope_original_n_ctx"):
+        default = TransformerSpec.__dataclass_fields__[key].default
+        value = field(cfg, key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UserError(f"model.{key} must be an integer >= 0, got {value!r}")
+        out[key] = value
+    if out["n_kv_heads"] and n_heads % out["n_kv_heads"]:
+        raise UserError(f"model.n_heads={n_heads} must be divisible by model.n_kv_heads="
+                        f"{out['n_kv_heads']}")
+    scaling = field(cfg, "rope_scaling", "none") or "none"
+    if scaling not in ROPE_SCALINGS:
+        raise UserError(f"model.rope_scaling must be one of {ROPE_SCALINGS}, got {scaling!r}")
+    out["rope_scaling"] = scaling
+    for key in ("rms_eps", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+        value = field(cfg, key, TransformerSpec.__dataclass_fields__[key].default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise UserError(f"model.{key} must be a positive number, got {value!r}")
+        out[key] = float(value)
+    if scaling == "llama3" and out["rope_high_freq_factor"] <= out["rope_low_freq_factor"]:
+        raise UserError("model.rope_high_freq_factor must exceed model.rope_low_freq_factor")
+    return out
 
 
 def _hybrid_mixing(cfg: Any) -> MixingSpec:

@@ -1,8 +1,11 @@
 """Llama-style (or original-GPT) transformer baseline (docs/transformer_baseline.md).
 
 embedding -> L x [x += Attn(RMSNorm x); x += SwiGLU(RMSNorm x)] -> final RMSNorm -> head (no bias).
-Full multi-head attention (no GQA), no biases anywhere, RoPE (θ = rope_theta, HF "rotate-half"
-layout), RMSNorm eps 1e-6, SwiGLU intermediate mlp_ratio·d, every weight ~ N(0, 0.02²).
+Full multi-head attention (or grouped-query attention with ``n_kv_heads`` < ``n_heads``), no
+biases anywhere, RoPE (θ = rope_theta, HF "rotate-half" layout, optional ``rope_scaling`` 'linear'
+or 'llama3'), RMSNorm eps ``rms_eps`` (1e-6), SwiGLU intermediate mlp_ratio·d (or ``mlp_hidden``),
+head width d/H (or ``head_dim``), every weight ~ N(0, 0.02²). Llama-family checkpoints load with
+``mixers_jax.hf_llama`` (docs/hf_import.md).
 Causal attention is ``jax.nn.dot_product_attention(q, k, v, is_causal=True)``; inputs may be
 shorter than n_ctx (RoPE positions 0..n−1); ``causal=False`` makes it bidirectional
 (``is_causal=False``, for encoders, docs/autoencoders.md#encoder-and-decoder-choices; no step form).
@@ -15,10 +18,11 @@ Parameter tree and the Hugging Face ``LlamaForCausalLM`` state dict (HF Linear w
 
     embed/embedding [V, d]                     model.embed_tokens.weight
     block_{i}/attn_norm/scale [d]              model.layers.{i}.input_layernorm.weight
-    block_{i}/attn/{q,k,v}/kernel [d, H, hd]   ...self_attn.{q,k,v}_proj.weight.T.reshape(d, H, hd)
+    block_{i}/attn/q/kernel [d, H, hd]         ...self_attn.q_proj.weight.T.reshape(d, H, hd)
+    block_{i}/attn/{k,v}/kernel [d, G, hd]     ...self_attn.{k,v}_proj.weight.T.reshape(d, G, hd)
     block_{i}/attn/o/kernel [H, hd, d]         ...self_attn.o_proj.weight.T.reshape(H, hd, d)
     block_{i}/mlp_norm/scale [d]               model.layers.{i}.post_attention_layernorm.weight
-    block_{i}/mlp/{gate,up}/kernel [d, F]      ...mlp.{gate,up}_proj.weight.T
+    block_{i}/mlp/{gate,up}/kernel [d, F]      ...mlp.{gate,up}_proj.weight.T  (F = mlp_width)
     block_{i}/mlp/down/kernel [F, d]           ...mlp.down_proj.weight.T
     final_norm/scale [d]                       model.norm.weight
     head/kernel [d, V]                         lm_head.weight.T   (absent if tied)
@@ -40,7 +44,7 @@ LayerNorm, head).
 ``w`` [n, n], ``c`` [n] by default) and, in series, ``block_{i}/mix_norm/scale``; see
 :class:`TransformerBlock`.
 
-Step form with a KV cache: ``model.init_cache(batch)`` gives per layer ``k``, ``v`` [B, H, n_ctx, hd]
+Step form with a KV cache: ``model.init_cache(batch)`` gives per layer ``k``, ``v`` [B, G, n_ctx, hd]
 (keys after RoPE); ``model.apply(vars, tokens_B, pos, cache, method='step')`` -> (logits [B, V],
 cache) attends from position ``pos`` to the cached positions ≤ pos. The cache is a ring (position p
 in slot p mod n_ctx), so with RoPE ``pos`` may go past n_ctx: the step then attends to the last
@@ -61,21 +65,51 @@ from mixers_jax.models.specs import TransformerSpec
 Array = jax.Array
 
 
-def rope_cos_sin(n: int, head_dim: int, theta: float) -> tuple[Array, Array]:
-    """cos, sin [n, head_dim] for positions 0..n−1: angle(p, i) = p·θ^(−2i/hd), halves repeated."""
+def rope_inv_freq(head_dim: int, theta: float, scaling: tuple | None = None) -> Array:
+    """ω_i = θ^(−2i/hd), i < hd/2, optionally rescaled (``TransformerSpec.rope``; docs/hf_import.md):
+
+    * ('linear', f, ...): ω_i / f (position interpolation);
+    * ('llama3', f, lo, hi, n₀, ...): with wavelength λ_i = 2π/ω_i, ω_i / f where λ_i > n₀/lo,
+      ω_i where λ_i < n₀/hi, and in between (1−s)·ω_i/f + s·ω_i with s = (n₀/λ_i − lo)/(hi − lo).
+    """
     inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    if scaling is None:
+        return inv_freq
+    kind, factor, low, high, n0 = scaling
+    if kind == "linear":
+        return inv_freq / factor
+    wavelen = 2 * jnp.pi / inv_freq
+    scaled = jnp.where(wavelen > n0 / low, inv_freq / factor, inv_freq)
+    smooth = (n0 / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= n0 / high) & (wavelen <= n0 / low)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(n: int, head_dim: int, theta: float, scaling: tuple | None = None
+                 ) -> tuple[Array, Array]:
+    """cos, sin [n, head_dim] for positions 0..n−1: angle(p, i) = p·ω_i (:func:`rope_inv_freq`),
+    halves repeated."""
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)
     angles_NxK2 = jnp.arange(n, dtype=jnp.float32)[:, None] * inv_freq[None, :]
     angles_NxK = jnp.concatenate([angles_NxK2, angles_NxK2], axis=-1)
     return jnp.cos(angles_NxK), jnp.sin(angles_NxK)
 
 
-def rope_cos_sin_at(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+def rope_cos_sin_at(positions: Array, head_dim: int, theta: float, scaling: tuple | None = None
+                    ) -> tuple[Array, Array]:
     """cos, sin [..., head_dim] at explicit (integer) ``positions`` [...]; see :func:`rope_cos_sin`."""
-    inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)
     inv_freq = layers.leading_axes(inv_freq, positions.ndim + 1)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
+
+
+def repeat_kv(x_BxNxGxK: Array, groups: int, axis: int = 2) -> Array:
+    """Grouped-query attention: each of the G key/value heads serves ``groups`` consecutive query
+    heads (query head j reads kv head j // groups, as Hugging Face's ``repeat_kv``)."""
+    return x_BxNxGxK if groups == 1 else jnp.repeat(x_BxNxGxK, groups, axis=axis)
 
 
 def apply_rope(x_BxNxHxK: Array, cos_NxK: Array, sin_NxK: Array) -> Array:
@@ -93,7 +127,9 @@ def apply_rope(x_BxNxHxK: Array, cos_NxK: Array, sin_NxK: Array) -> Array:
 
 
 class Attention(nn.Module):
-    """Causal (``causal=False``: bidirectional) multi-head self-attention with RoPE, no biases."""
+    """Causal (``causal=False``: bidirectional) multi-head self-attention with RoPE, no biases;
+    with ``n_kv_heads`` < ``n_heads`` grouped-query attention (k, v have n_kv_heads heads, the KV
+    cache too)."""
 
     spec: TransformerSpec
 
@@ -101,7 +137,7 @@ class Attention(nn.Module):
     def __call__(self, x_BxNxD: Array, pos: Array | None = None, cache: dict | None = None,
                  positions_BxN: Array | None = None, mask_Bx1xNxN: Array | None = None):
         spec = self.spec
-        h, hd = spec.n_heads, spec.d_model // spec.n_heads
+        h, hd, g = spec.n_heads, spec.head_width, spec.kv_heads
 
         def linear(features, axes, name, **kw):
             return layers.Linear(features, axes, use_bias=spec.gpt, kernel_init=layers.normal(0.02),
@@ -109,8 +145,8 @@ class Attention(nn.Module):
 
         proj_axes = ("embed", "heads", "head_dim")
         q_BxNxHxK = linear((h, hd), proj_axes, "q")(x_BxNxD)
-        k_BxNxHxK = linear((h, hd), proj_axes, "k")(x_BxNxD)
-        v_BxNxHxK = linear((h, hd), proj_axes, "v")(x_BxNxD)
+        k_BxNxHxK = linear((g, hd), proj_axes, "k")(x_BxNxD)  # H = G heads (G < H: GQA)
+        v_BxNxHxK = linear((g, hd), proj_axes, "v")(x_BxNxD)
 
         def out(a):
             return linear((spec.d_model,), ("heads", "head_dim", "embed"), "o", n_in=2)(a)
@@ -119,7 +155,8 @@ class Attention(nn.Module):
             n = cache["k"].shape[2]
             q_BxHxK, k_BxHxK = q_BxNxHxK, k_BxNxHxK
             if not spec.gpt:  # RoPE at the absolute position (pos may pass n_ctx: sliding)
-                cos_1xK, sin_1xK = rope_cos_sin_at(jnp.asarray(pos)[None], hd, spec.rope_theta)
+                cos_1xK, sin_1xK = rope_cos_sin_at(jnp.asarray(pos)[None], hd, spec.rope_theta,
+                                                   spec.rope)
                 q_BxHxK = apply_rope(q_BxNxHxK[:, None], cos_1xK, sin_1xK)[:, 0]
                 k_BxHxK = apply_rope(k_BxNxHxK[:, None], cos_1xK, sin_1xK)[:, 0]
             slot = pos % n  # a ring: past n_ctx the oldest position is overwritten
@@ -129,19 +166,21 @@ class Attention(nn.Module):
                 cache["v"], v_BxNxHxK.astype(cache["v"].dtype), slot, axis=2)
             # [B, H, n, hd] caches: both products are batched matrix-vector products over (b, h)
             # with no transpose of the cache (a [B, n, H, hd] cache costs one per step on XLA:CPU)
+            k_all, v_all = (repeat_kv(c, h // g, axis=1) for c in (k_cache, v_cache))
             scores = jnp.einsum("bhk,bhjk->bhj", q_BxHxK.astype(jnp.float32),
-                                k_cache.astype(jnp.float32)) / jnp.sqrt(jnp.float32(hd))
+                                k_all.astype(jnp.float32)) / jnp.sqrt(jnp.float32(hd))
             scores = jnp.where(jnp.arange(n)[None, None, :] <= pos, scores, -jnp.inf)
             probs = jax.nn.softmax(scores, axis=-1)
-            a_BxHxK = jnp.einsum("bhj,bhjk->bhk", probs, v_cache.astype(jnp.float32))
+            a_BxHxK = jnp.einsum("bhj,bhjk->bhk", probs, v_all.astype(jnp.float32))
             return out(a_BxHxK.astype(spec.dtype)), {"k": k_cache, "v": v_cache}
         if not spec.gpt:
             if positions_BxN is None:
-                cos, sin = rope_cos_sin(x_BxNxD.shape[1], hd, spec.rope_theta)
+                cos, sin = rope_cos_sin(x_BxNxD.shape[1], hd, spec.rope_theta, spec.rope)
             else:
-                cos, sin = rope_cos_sin_at(positions_BxN, hd, spec.rope_theta)
+                cos, sin = rope_cos_sin_at(positions_BxN, hd, spec.rope_theta, spec.rope)
             q_BxNxHxK = apply_rope(q_BxNxHxK, cos, sin)
             k_BxNxHxK = apply_rope(k_BxNxHxK, cos, sin)
+        k_BxNxHxK, v_BxNxHxK = (repeat_kv(a, h // g) for a in (k_BxNxHxK, v_BxNxHxK))
         if spec.dtype == jnp.float16:  # fp16 scores overflow (XLA:CPU has no f16 attention): fp32 core
             q_BxNxHxK, k_BxNxHxK, v_BxNxHxK = (
                 a.astype(jnp.float32) for a in (q_BxNxHxK, k_BxNxHxK, v_BxNxHxK))
@@ -173,14 +212,16 @@ class Attention(nn.Module):
 
 def norm(spec: TransformerSpec, name: str | None = None) -> nn.Module:
     """RMSNorm (Llama) or LayerNorm with bias (GPT)."""
-    return (layers.layer_norm if spec.gpt else layers.rms_norm)(spec.dtype, name=name)
+    if spec.gpt:
+        return layers.layer_norm(spec.dtype, name=name)
+    return layers.rms_norm(spec.dtype, name=name, eps=spec.rms_eps)
 
 
 def mlp(spec: TransformerSpec) -> nn.Module:
     """SwiGLU (Llama) or the biased GELU MLP d -> r·d -> d, N(0, 0.02²) weights (GPT)."""
     if spec.gpt:
         return layers.MLP(spec.d_model, spec.mlp_ratio, reference=False, dtype=spec.dtype, name="mlp")
-    return layers.SwiGLU(spec.d_model, spec.mlp_ratio * spec.d_model, spec.dtype, name="mlp")
+    return layers.SwiGLU(spec.d_model, spec.mlp_width, spec.dtype, name="mlp")
 
 
 class TransformerBlock(nn.Module):
@@ -370,7 +411,7 @@ class TransformerLM(nn.Module):
         if mode != "cached":
             raise ValueError(f"the transformer has only the 'cached' (KV cache) step, not {mode!r}")
         # (a hybrid's token mixing keeps its inputs, 'cached', under 'mix')
-        shape = (batch, spec.n_heads, spec.n_ctx, spec.d_model // spec.n_heads)
+        shape = (batch, spec.kv_heads, spec.n_ctx, spec.head_width)
 
         def kv() -> dict:
             return {"k": jnp.zeros(shape, spec.dtype), "v": jnp.zeros(shape, spec.dtype)}

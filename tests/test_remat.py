@@ -16,11 +16,13 @@ from tests_util import config_path
 # (id, model overrides on configs/memory.py:smoke; nested dicts update model.encoder / decoder):
 # mixer encoder and decoder with dropout (the recomputed forward must draw the same masks), and
 # transformer encoder and decoder with variable slots (blocks called with a mask and positions).
+# One block each in the encoder and the decoder (every block is the same code; a second one only
+# doubles the compile): two rematerialised blocks per model, one per stack.
 MODELS = [
-    ("memory_mixer_dropout", {"dropout_resid": 0.1, "dropout_embed": 0.1}),
+    ("memory_mixer_dropout", {"dropout_resid": 0.1, "dropout_embed": 0.1, "n_layers": 1}),
     ("memory_transformer_variable", {"encoder": {"kind": "transformer"},
                                      "decoder": {"kind": "transformer"},
-                                     "memory_slots": "variable"}),
+                                     "memory_slots": "variable", "n_layers": 1}),
 ]
 
 

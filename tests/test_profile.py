@@ -154,9 +154,6 @@ def test_profile_steps_captures_a_trace_during_a_real_run(tmp_path):
     config = load_config(config_path("mixer_clm", "smoke"))
     config.unlock()
     config.train.profile_steps = "1:3"
-    # No evaluation at the stop (the smoke preset evaluates at step 3): the trace is what this
-    # test reads, and the evaluation's compile was most of its time.
-    config.train.eval_every = 6
     config.lock()
     summary = trainer.run(config, str(tmp_path / "run"), stop_at_step=3)  # no final evaluation
     assert summary["final_step"] == 3

@@ -94,10 +94,13 @@ def test_train_suite_reports_a_fraction_of_the_same_runs_matmul_rate(capsys):
 def test_remat_suite_times_each_policy_against_none(capsys):
     from mixers_jax import benchmarks as bm
 
-    s = bm.Settings(d_model=32, n_layers=2, n_ctx=16, batch=8, vocab=64, heads=2, steps=1)
-    records = bm.bench_remat(["mixer_none", "mixer_block", "mixer_matmuls_saved"], s)
+    # Two policies: the suite's code is the same for every policy after 'none' (the policies
+    # themselves are compared in test_remat.py); 'matmuls_saved' also checks that a policy name
+    # with an underscore is split from its model name. One layer: the ratios need no depth.
+    s = bm.Settings(d_model=32, n_layers=1, n_ctx=16, batch=8, vocab=64, heads=2, steps=1)
+    records = bm.bench_remat(["mixer_none", "mixer_matmuls_saved"], s)
     assert [(r["model"], r["remat"]) for r in records] == [
-        ("mixer", "none"), ("mixer", "block"), ("mixer", "matmuls_saved")]
+        ("mixer", "none"), ("mixer", "matmuls_saved")]
     assert records[0]["step_vs_none"] is None
     for r in records[1:]:
         assert r["step_vs_none"] == pytest.approx(r["step_s"] / records[0]["step_s"])
@@ -109,7 +112,7 @@ def test_context_memory_suite_reports_peaks_and_the_ratio(capsys):
     """Compile-only: the transformer's attention grows as n², the mixer's activations as n."""
     from mixers_jax import benchmarks as bm
 
-    s = bm.Settings(d_model=32, n_layers=2, batch=1, vocab=64, heads=2)
+    s = bm.Settings(d_model=32, n_layers=1, batch=1, vocab=64, heads=2)
     records = bm.bench_context_memory(["mixer", "transformer"], [32, 256], s)
     by = {(r["case"], r["n_ctx"]): r for r in records}
     for r in records:

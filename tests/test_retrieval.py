@@ -45,15 +45,18 @@ def test_infonce_objective_uses_in_batch_negatives_and_checks_candidates():
     c.model.update(dict(kind="transformer", vocab_size=64, n_ctx=8, d_model=16, n_layers=1, n_heads=2))
     c.train.batch_size, c.retrieval.candidates = 4, 4
     model = build_model(c.model)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    # Jitted: one compile per function instead of one per operation (the same math).
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
     rng = np.random.default_rng(0)
     q, ql = pad_rows([rng.integers(3, 64, size=k) for k in (3, 5, 2, 8)], n_ctx=8, pad_id=2)
     p, pl = pad_rows([rng.integers(3, 64, size=k) for k in (6, 4, 7, 1)], n_ctx=8, pad_id=2)
     batch = dict(query=q, query_length=ql, passage=p, passage_length=pl)
     apply_fn = lambda prm, *a, **k: model.apply({"params": prm}, *a, **k)  # noqa: E731
-    loss, sums = objectives.build("infonce", objectives.context(c))(apply_fn, params, batch)
-    eq = embed_rows(apply_fn, params, jnp.asarray(q), jnp.asarray(ql), -1, "right")
-    ep = embed_rows(apply_fn, params, jnp.asarray(p), jnp.asarray(pl), -1, "right")
+    loss, sums = jax.jit(objectives.build("infonce", objectives.context(c)),
+                         static_argnums=0)(apply_fn, params, batch)
+    embed = jax.jit(lambda prm, t, n: embed_rows(apply_fn, prm, t, n, -1, "right"))
+    eq = embed(params, jnp.asarray(q), jnp.asarray(ql))
+    ep = embed(params, jnp.asarray(p), jnp.asarray(pl))
     want, _ = objectives.info_nce(cosine_matrix(eq, ep), jnp.arange(4), 0.02)
     assert float(loss) == pytest.approx(float(jnp.mean(want)), rel=1e-4)
     assert float(sums["tokens"]) == 4

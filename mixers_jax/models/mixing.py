@@ -333,9 +333,6 @@ def check_mixing(mixing: Any, impl: Any, mask_grad: Any, heads: Any, kernel: Any
                         "(use 'dense' or 'auto')")
 
 
-MIXING_INITS = ("op", "small", "zero")
-
-
 def mixing_inits(spec: MixingSpec, last: bool = True) -> tuple[Callable, Callable]:
     """(weight init, bias init) of one matrix: the op's, or Kaiming with fan_in = n·k in the SRM
     block (``spec.kaiming``); ``spec.init`` 'small': N(0, init_std²) and zeros; 'zero': zeros for

@@ -69,6 +69,14 @@ model.hybrid            transformer only: 'none' (default) | 'series' (the trans
                         x += MLP(N'' x)) | 'parallel' (beside attention, x += Attn(N x) + Mix(N x));
                         the mixing follows model.mixing, heads, mixing_impl, expanded
                         (docs/transformer_baseline.md#hybrids)
+model.hybrid_mix_init   the hybrid mixing's init: 'mixer' (default: the mixer's own, reference=True
+                        U(+-1/sqrt(n)) weights and bias) | 'small' (weights N(0, hybrid_mix_std^2),
+                        bias 0) | 'zero' (the mixing's last linear map, or its output projection
+                        when headed, starts at 0: a zero residual branch);
+                        docs/transformer_baseline.md#hybrid-initialisation
+model.hybrid_mix_std    sigma of hybrid_mix_init='small' (0.002)
+model.embed_init        transformer token embedding: 'llama' N(0, 0.02^2) (default) | 'unit' N(0, 1)
+                        (the mixer's)
 model.bidirectional     mixer only: True = the bidirectional flat mixer (a forward stream masked
                         j <= i and a reverse stream masked j >= i+2, shared FFN, head(f + r);
                         docs/masked_mixers.md#bidirectional-mixer); no step form
@@ -281,6 +289,9 @@ def base_config() -> ml_collections.ConfigDict:
             rope_original_n_ctx=8192,
             transformer="llama",
             hybrid="none",
+            hybrid_mix_init="mixer",
+            hybrid_mix_std=0.002,
+            embed_init="llama",
             bidirectional=False,
             parallel_mixers=1,  # mixer block variants (docs/masked_mixers.md#other-block-variants)
             softmax_mixer=False,

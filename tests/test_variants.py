@@ -163,6 +163,7 @@ def test_hybrid_flops_are_the_transformer_plus_one_mixing_per_block():
 def test_presets_share_the_mixer_cpu_budget(preset, hybrid):
     cfg = load_config(config_path("variants", preset))
     assert cfg.model.kind == "transformer" and cfg.model.hybrid == hybrid
+    assert cfg.model.hybrid_mix_init == "zero"  # docs/transformer_baseline.md#hybrid-initialisation
     if not preset.startswith("smoke"):
         mixer = load_config(config_path("mixer_clm", "cpu"))
         for key in ("n_ctx", "d_model", "n_layers", "vocab_size"):

@@ -33,6 +33,13 @@ Initialisation (``reference`` flag, docs/training.md#initialisation):
   v ~ N(0, 1/n), so the last row (which sums all n taps) has unit gain and earlier rows less; c = 0.
 * kernel k > 1: fan_in n·k (U(±1/√(n·k)); N(0, 1/((i+1)·k))); unmasked flat with reference=False:
   N(0, 1/(n·k)). A two-sided Toeplitz v has the causal v's init.
+
+``init`` overrides these (the token mixing of a transformer-mixer hybrid, ``model.hybrid_mix_init``,
+docs/transformer_baseline.md#hybrid-initialisation): 'small' draws every mixing matrix's weight
+(w or v) N(0, init_std²) and its bias c = 0; 'zero' sets the last linear map of the mixing to zero
+(the last matrix w/v and c, or the output projection ``out`` when headed), so the mixing starts as
+a zero residual branch whose weights still get gradients. Projections, λ and an expanded mixing's
+first matrix keep their init under 'zero'.
 """
 from __future__ import annotations
 
@@ -101,7 +108,7 @@ class MixingSpec:
     what its matrices compute besides their parameters: length n_ctx, width d_model, the op
     (``mixing``), heads (0: one matrix for all features), implementation, expanded (mix -> GELU ->
     mix), mask gradient, reference numerics, decay, Kaiming init (the SRM block), kernel taps k,
-    causal or unmasked, compute dtype."""
+    causal or unmasked, compute dtype, initialisation override (``init``, ``init_std``)."""
 
     n_ctx: int
     d_model: int
@@ -116,6 +123,8 @@ class MixingSpec:
     kernel: int = 1
     causal: bool = True
     dtype: Dtype = jnp.float32
+    init: str = "op"  # 'op' (the inits above) | 'small' (N(0, init_std²), c = 0) | 'zero'
+    init_std: float = 0.002
 
     @property
     def op(self) -> "MixingOp":
@@ -324,9 +333,14 @@ def check_mixing(mixing: Any, impl: Any, mask_grad: Any, heads: Any, kernel: Any
                         "(use 'dense' or 'auto')")
 
 
-def mixing_inits(spec: MixingSpec) -> tuple[Callable, Callable]:
+def mixing_inits(spec: MixingSpec, last: bool = True) -> tuple[Callable, Callable]:
     """(weight init, bias init) of one matrix: the op's, or Kaiming with fan_in = n·k in the SRM
-    block (``spec.kaiming``)."""
+    block (``spec.kaiming``); ``spec.init`` 'small': N(0, init_std²) and zeros; 'zero': zeros for
+    the ``last`` matrix of an unheaded mixing (headed: its output projection is zeroed instead)."""
+    if spec.init == "small":
+        return layers.normal(spec.init_std), layers.zeros
+    if spec.init == "zero" and last and not spec.heads:
+        return layers.zeros, layers.zeros
     if spec.kaiming:
         return kaiming_inits(spec.n_ctx * spec.kernel)
     return spec.op.inits(spec, spec.reference)
@@ -483,7 +497,7 @@ class TokenMixing(nn.Module):
     def _matrix(self, suffix: str) -> dict:
         s, op, h = self.spec, self.spec.op, self.spec.heads
         head_shape, head_axes = ((h,), ("heads",)) if h else ((), ())
-        w_init, c_init = mixing_inits(s)
+        w_init, c_init = mixing_inits(s, last=suffix == self.suffixes[-1])
         shape, axes = op.weight_shape(s)
         out = {op.weight: self.param(op.weight + suffix,
                                      nn.with_logical_partitioning(w_init, head_axes + axes),
@@ -533,8 +547,9 @@ class TokenMixing(nn.Module):
         x = x.astype(spec.dtype)
         k_init, b_init = layers.linear_inits(spec.reference, d, spec.kaiming)
 
-        def linear(features, axes, name, n_in=1):
-            return layers.Linear(features, axes, n_in=n_in, kernel_init=k_init, bias_init=b_init,
+        def linear(features, axes, name, n_in=1, zero=False):
+            return layers.Linear(features, axes, n_in=n_in, kernel_init=layers.zeros if zero else k_init,
+                                 bias_init=layers.zeros if zero else b_init,
                                  dtype=spec.dtype, name=name)
 
         z = x
@@ -552,5 +567,6 @@ class TokenMixing(nn.Module):
                     z = z * keep_BxN.reshape(keep_BxN.shape + (1,) * (z.ndim - 2)).astype(z.dtype)
                 z = self._mix(z, suffix)
         if h:
-            z = linear((d,), ("heads", "head_dim", "embed"), "out", n_in=2)(z)
+            z = linear((d,), ("heads", "head_dim", "embed"), "out", n_in=2,
+                       zero=spec.init == "zero")(z)  # 'zero': the output projection starts at 0
         return (z, cache) if step else z

@@ -29,6 +29,12 @@ MLPS = ("mlp", "none", "attention")
 # masked token mixing after attention in every block, 'parallel' puts it beside attention.
 HYBRIDS = ("none", "series", "parallel")
 ROPE_SCALINGS = ("none", "linear", "llama3")  # RoPE frequency scaling of Llama-family checkpoints
+# The hybrid mixing's initialisation (docs/transformer_baseline.md#hybrid-initialisation): 'mixer'
+# (the mixer's own, default), 'small' (weights N(0, hybrid_mix_std²), zero bias), 'zero' (the
+# mixing's last linear map starts at zero); the MixingSpec.init each one sets.
+HYBRID_MIX_INITS = {"mixer": "op", "small": "small", "zero": "zero"}
+# The transformer's token-embedding init: 'llama' N(0, 0.02²) (default), 'unit' N(0, 1) (the mixer's).
+EMBED_INITS = {"llama": 0.02, "unit": 1.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +113,7 @@ class TransformerSpec:
     rope_low_freq_factor: float = 1.0  # llama3 only
     rope_high_freq_factor: float = 4.0  # llama3 only
     rope_original_n_ctx: int = 8192  # llama3 only: the context the frequencies were trained at
+    embed_std: float = 0.02  # token-embedding init N(0, embed_std²) (model.embed_init)
 
     @property
     def gpt(self) -> bool:
@@ -282,6 +289,12 @@ def transformer_spec(cfg: Any) -> TransformerSpec:
     hybrid = field(cfg, "hybrid", "none")
     if hybrid not in HYBRIDS:
         raise UserError(f"model.hybrid must be one of {HYBRIDS}, got {hybrid!r}")
+    embed_init = field(cfg, "embed_init", "llama")
+    if embed_init not in EMBED_INITS:
+        raise UserError(f"model.embed_init must be one of {tuple(EMBED_INITS)}, got {embed_init!r}")
+    if hybrid == "none" and field(cfg, "hybrid_mix_init", "mixer") != "mixer":
+        raise UserError("model.hybrid_mix_init is the hybrid mixing's init; it needs "
+                        "model.hybrid='series' or 'parallel'")
     return TransformerSpec(
         vocab_size=field(cfg, "vocab_size"),
         n_ctx=field(cfg, "n_ctx"),
@@ -301,6 +314,7 @@ def transformer_spec(cfg: Any) -> TransformerSpec:
         hybrid=hybrid,
         token_mixing=None if hybrid == "none" else _hybrid_mixing(cfg),
         **llama,
+        embed_std=EMBED_INITS[embed_init],
     )
 
 
@@ -333,7 +347,7 @@ def _llama_fields(cfg: Any, n_heads: int) -> dict:
 def _hybrid_mixing(cfg: Any) -> MixingSpec:
     """The token mixing of a transformer-mixer hybrid: the mixer fields ``mixing``, ``heads``,
     ``mixing_impl``, ``mask_grad``, ``expanded``, ``reference`` (flat, one matrix by default),
-    causal, kernel 1."""
+    causal, kernel 1; its init from ``hybrid_mix_init`` and ``hybrid_mix_std``."""
     mixing, impl, mask_grad = field(cfg, "mixing"), field(cfg, "mixing_impl"), field(cfg, "mask_grad")
     heads, d, n = field(cfg, "heads"), field(cfg, "d_model"), field(cfg, "n_ctx")
     if not field(cfg, "causal", True):
@@ -341,8 +355,20 @@ def _hybrid_mixing(cfg: Any) -> MixingSpec:
     check_mixing(mixing, impl, mask_grad, heads, 1, True)
     if heads and d % heads:
         raise UserError(f"model.d_model={d} must be divisible by model.heads={heads}")
+    init, std = _hybrid_mix_init(cfg)
     return MixingSpec(
         n_ctx=n, d_model=d, mixing=mixing, heads=heads, impl=resolve_impl(impl, n, 1, True),
         expanded=bool(field(cfg, "expanded")), mask_grad=mask_grad,
         reference=bool(field(cfg, "reference")), decay=bool(field(cfg, "decay", True)),
-        dtype=layers.dtype_of(field(cfg, "dtype")))
+        dtype=layers.dtype_of(field(cfg, "dtype")), init=init, init_std=std)
+
+
+def _hybrid_mix_init(cfg: Any) -> tuple[str, float]:
+    """(MixingSpec.init, init_std) from ``model.hybrid_mix_init`` and ``hybrid_mix_std`` (> 0)."""
+    name, std = field(cfg, "hybrid_mix_init", "mixer"), field(cfg, "hybrid_mix_std", 0.002)
+    if name not in HYBRID_MIX_INITS:
+        raise UserError(f"model.hybrid_mix_init must be one of {tuple(HYBRID_MIX_INITS)}, "
+                        f"got {name!r}")
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not std > 0:
+        raise UserError(f"model.hybrid_mix_std must be a number > 0, got {std!r}")
+    return HYBRID_MIX_INITS[name], float(std)

@@ -42,7 +42,9 @@ LayerNorm, head).
 
 ``hybrid='series' | 'parallel'`` adds ``block_{i}/mix/...`` (a :class:`TokenMixing`: flat
 ``w`` [n, n], ``c`` [n] by default) and, in series, ``block_{i}/mix_norm/scale``; see
-:class:`TransformerBlock`.
+:class:`TransformerBlock`. Its init is the mixer's unless ``hybrid_mix_init`` says otherwise
+('small': w ~ N(0, σ²), c = 0; 'zero': the mixing's last map starts at zero); ``embed_init='unit'``
+draws the token embedding N(0, 1) instead of N(0, 0.02²).
 
 Step form with a KV cache: ``model.init_cache(batch)`` gives per layer ``k``, ``v`` [B, G, n_ctx, hd]
 (keys after RoPE); ``model.apply(vars, tokens_B, pos, cache, method='step')`` -> (logits [B, V],
@@ -317,7 +319,8 @@ class TransformerLM(nn.Module):
 
     def setup(self):
         spec = self.spec
-        self.embed = layers.Embed(spec.vocab_size, spec.d_model, layers.normal(0.02), spec.dtype)
+        self.embed = layers.Embed(spec.vocab_size, spec.d_model, layers.normal(spec.embed_std),
+                                  spec.dtype)
         block = layers.rematerialized(TransformerBlock, spec.remat)
         if spec.scan_layers:  # one block, parameters stacked along 'layers' (blocks/...)
             self.blocks = block(spec, name="blocks")

@@ -17,10 +17,10 @@ reconstruction CE (objective 'autoencode'). Presets:
 * cpu_recon: the reconstruction preset (docs/autoencoders.md#cpu-reconstruction-presets): mixer/mixer,
   d256, 2+2 layers, n32, V512, 4 mixing heads, unroll, lr 4e-3, 1000 steps of 32 windows.
       python -m mixers_jax.train --config=configs/autoencoder.py:cpu_recon --workdir=runs/recon_mixer
-  reaches eval loss 0.576 and token accuracy 83.2% on held-out windows (0.66 s/step on 2 cores
-  shared with other jobs, load 6-14). The same budget (--workdir=runs/recon_<name>):
-  cpu_recon_transformer (8 heads, unroll, lr 5e-4, the best of 2.5e-4 / 5e-4 / 1e-3 / 2e-3):
-  3.695, 19.5% (1.14 s/step); cpu_recon_unmasked (unmasked encoder): 0.722, 79.2%;
+  reaches eval loss 0.576 and token accuracy 83.2% on held-out windows (4 min 20 s, 0.23 s/step on
+  2 shared cores at load 3-7; 0.66 s/step at load 6-14). The same budget (--workdir=runs/recon_<name>;
+  figures at load 6-14): cpu_recon_transformer (8 heads, unroll, lr 5e-4, the best of
+  2.5e-4 / 5e-4 / 1e-3 / 2e-3): 3.695, 19.5% (6 min 50 s, 0.39 s/step at load 3-7); cpu_recon_unmasked (unmasked encoder): 0.722, 79.2%;
   cpu_recon_both_unmasked (unmasked encoder and decoder): 0.549, 83.9%;
   cpu_recon_mixer_transformer (mixer encoder, transformer decoder d128): 3.693, 16.1%;
   cpu_recon_transformer_mixer (transformer encoder d128, mixer decoder): 2.485, 36.2%.

@@ -18,7 +18,12 @@ Presets (the encoder fields must match the loaded model; a mismatch is a one-lin
 * smoke: seconds, for tests (encoder = mixer_clm.py:smoke).
 * cpu: encoder = mixer_clm.py:cpu (d256 L4 n128 V2048), mixer decoder d256 L2.
   cpu_transformer: encoder = transformer_clm.py:cpu. cpu_autoencoder: encoder =
-  autoencoder.py:cpu (n64, position −1).
+  autoencoder.py:cpu (n64, position −1). cpu_recon: encoder = autoencoder.py:cpu_recon (n32 V512,
+  4 mixing heads; the decoder as well, unroll, lr 4e-3):
+      python -m mixers_jax.train --config=configs/information.py:cpu_recon \
+          --config.train.init_from=runs/recon_mixer --workdir=runs/probe_recon
+  reaches H 0.809, token accuracy 77.0% in 600 steps; without init_from (the untrained control)
+  4.916, 7.9%.
 * paper_mixer: decoder d1024 L8, n512, lr 5e-4, 200k steps, batch 128
   (docs/metrics.md#information-retention-probe);
   paper_transformer: decoder d512 L8, lr 2e-4.
@@ -49,6 +54,9 @@ PRESETS_DICT = {
                                      "model.expansion": "unroll", "train.lr": 5e-4}),
     "cpu_autoencoder": dict(_CPU, **{"model.n_ctx": 64, "model.encoder.n_layers": 2,
                                      "model.encoder.position": -1, "model.n_heads": 8}),
+    "cpu_recon": dict(_CPU, **{"model.n_ctx": 32, "model.vocab_size": 512, "model.encoder.n_layers": 2,
+                               "model.encoder.position": -1, "model.n_heads": 8, "model.heads": 4,
+                               "model.expansion": "unroll", "train.lr": 4e-3}),
     "paper_mixer": _paper("mixer", 1024, 5e-4),
     "paper_transformer": _paper("transformer", 512, 2e-4),
 }

@@ -203,7 +203,7 @@ def _run_folder(out, name, loss, *, results=True, extra=None, quant=None):
 
 def test_page_from_run_folders_names_missing_runs_and_draws_figures(tmp_path):
     out = str(tmp_path / "results")
-    _run_folder(out, "ae_mixer", 5.052)
+    _run_folder(out, "ae_mixer", 5.052, extra={"accuracy": 0.832})
     _run_folder(out, "ae_transformer", 6.240)
     _run_folder(out, "ae_unmasked", 5.0, results=False)  # started, not finished
     _run_folder(out, "eclm_mixer", 3.9, extra={"normalized_loss": 4.2, "total_bpb": 2.6},
@@ -222,8 +222,8 @@ def test_page_from_run_folders_names_missing_runs_and_draws_figures(tmp_path):
     assert "\nold\n" not in text
     assert "9m03s" in text and "on 2 cores (Test CPU, XLA 1024×1024 fp32 matmul 65.0 GFLOP/s)" in text
     ae_row = next(l for l in text.splitlines() if l.startswith("| masked mixer (causal"))
-    assert "| 5.0520 | 7.9% | 2.5390 | 0.4405 | 3.17M | 0.650 | 9m03s |" in ae_row
-    assert "holds here (loss 5.0520 vs 6.2400 (transformer (8 heads, unrolled)), expected <)" in ae_row
+    assert "| 5.0520 | 83.2% | 2.5390 | 0.4405 | 3.17M | 0.650 | 9m03s |" in ae_row
+    assert "holds here (accuracy 83.2% vs 7.9% (transformer (8 heads, unrolled)), expected >)" in ae_row
     assert "not finished: results/ae_unmasked" in text
     assert "| not run: results/ae_both_unmasked |" in text
     assert "not run: results/clm_text_flat (needs `--text=FILE`)" in text

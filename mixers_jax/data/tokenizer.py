@@ -37,7 +37,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from mixers_jax.data.tokenizer_json import JsonTokenizer, looks_like_json
+from mixers_jax.data.tokenizer_json import JsonTokenizer, check_unicode, looks_like_json
 from mixers_jax.errors import UserError
 from mixers_jax.fileio import write_atomic
 
@@ -83,13 +83,6 @@ def _char_counts(docs: Iterable[str], max_chars: int) -> list[int]:
         counts.update(s)
     return sorted(counts.values(), reverse=True)
 
-
-def _check_unicode(text: str) -> None:
-    """UserError if ``text`` cannot be UTF-8 encoded (a lone surrogate)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise UserError(f"text is not valid Unicode (lone surrogate at position {e.start})") from None
 
 
 class Tokenizer:
@@ -308,7 +301,7 @@ class Tokenizer:
                 return self._encode_with_meta(text)
             return self._sp.encode(text)
         except (UnicodeEncodeError, RuntimeError):
-            _check_unicode(text)
+            check_unicode(text)
             raise
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
@@ -321,7 +314,7 @@ class Tokenizer:
                 encoded = self._sp.encode([texts[i] for i in plain], num_threads=_num_threads())
             except (UnicodeEncodeError, RuntimeError):
                 for i in plain:
-                    _check_unicode(texts[i])
+                    check_unicode(texts[i])
                 raise
             for i, ids in zip(plain, encoded):
                 out[i] = ids

@@ -59,6 +59,14 @@ def looks_like_json(blob: bytes) -> bool:
     return blob.lstrip()[:1] == b"{"
 
 
+def check_unicode(text: str) -> None:
+    """UserError if ``text`` cannot be UTF-8 encoded (a lone surrogate); both tokenizers use it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"text is not valid Unicode (lone surrogate at position {e.start})") from None
+
+
 class JsonTokenizer:
     """A ``tokenizer.json``; the same methods as the sentencepiece :class:`Tokenizer`."""
 
@@ -136,20 +144,13 @@ class JsonTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, no special tokens; UserError on a lone surrogate."""
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise UserError(f"text is not valid Unicode (lone surrogate at position {e.start})") from None
+        check_unicode(text)
         return list(self._tok.encode(text, add_special_tokens=False).ids)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         texts = list(texts)
         for t in texts:
-            try:
-                t.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise UserError(f"text is not valid Unicode (lone surrogate at position {e.start})"
-                                ) from None
+            check_unicode(t)
         return [list(e.ids) for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids) -> str:

@@ -15,6 +15,9 @@ numbers at model.embed_bits bits each. Presets:
 * cpu: mixer encoder d128 L2 with a 64-number embedding (compression 2), mixer decoder d256 L4,
   n128, V2048 — the decoder of mixer_clm.py:cpu, so the two runs compare directly.
   cpu_transformer: the same with transformer encoder and decoder.
+* cpu_small, cpu_small_transformer: the same pair on the decoder of mixer_clm.py:cpu_small /
+  transformer_clm.py:cpu_small (d128, V1024, 800 steps), the results page's rows
+  (docs/results.md); a few minutes each on 2 cores.
 * cpu_entropy_weighted (smoke_entropy_weighted): the cpu (smoke) model trained with the
   entropy-weighted CLM objective (each target weighted by 1 − the normalized occlusion attribution
   of the memory, docs/analysis.md#entropy-weighted-clm), evaluated with the plain clm.
@@ -24,10 +27,14 @@ numbers at model.embed_bits bits each. Presets:
 Variants: --config.model.injection=embedding|add, --config.model.embed_quant=float8_e4m3fn,
 --config.model.qat_noise=0.0625 (noise-injection QAT), --config.model.compression=4.
 """
-from mixers_jax.config import CPU, PAPER, SMOKE, family_config
+from mixers_jax.config import CPU, CPU_SMALL, CPU_SMALL_LR, PAPER, SMOKE, family_config
 
 _CPU = dict(CPU, **{"model.encoder.d_model": 128, "model.encoder.n_layers": 2,
                     "model.compression": 2, "model.n_heads": 4})
+# The results page's pair (docs/results.md): the decoder of mixer_clm.py:cpu_small (d128 L4 n128
+# V1024, 800 steps) reading a 64-number embedding (encoder d128 L2, compression 2).
+_CPU_SMALL = dict(CPU_SMALL, **{"model.encoder.d_model": 128, "model.encoder.n_layers": 2,
+                                "model.compression": 2, "model.n_heads": 4})
 
 
 # Entropy-weighted CLM (docs/analysis.md#entropy-weighted-clm): each target weighted by 1 − the
@@ -51,6 +58,10 @@ PRESETS_DICT = {
     "cpu": _CPU,
     "cpu_transformer": dict(_CPU, **{"model.encoder.kind": "transformer",
                                      "model.decoder.kind": "transformer", "train.lr": 5e-4}),
+    "cpu_small": dict(_CPU_SMALL, **{"train.lr": CPU_SMALL_LR["mixer"]}),
+    "cpu_small_transformer": dict(_CPU_SMALL, **{"model.encoder.kind": "transformer",
+                                                 "model.decoder.kind": "transformer",
+                                                 "train.lr": CPU_SMALL_LR["transformer"]}),
     "smoke_entropy_weighted": dict(SMOKE, **{"model.n_heads": 2, "model.encoder.d_model": 16,
                                              "model.compression": 2, **_ENTROPY_WEIGHTED}),
     "cpu_entropy_weighted": dict(_CPU, **_ENTROPY_WEIGHTED),

@@ -17,8 +17,11 @@ Without train.init_from the frozen encoder is the untrained (random) control
 Presets (the encoder fields must match the loaded model; a mismatch is a one-line error):
 * smoke: seconds, for tests (encoder = mixer_clm.py:smoke).
 * cpu: encoder = mixer_clm.py:cpu (d256 L4 n128 V2048), mixer decoder d256 L2.
-  cpu_transformer: encoder = transformer_clm.py:cpu. cpu_autoencoder: encoder =
-  autoencoder.py:cpu (n64, position −1). cpu_recon: encoder = autoencoder.py:cpu_recon (n32 V512,
+  cpu_transformer: encoder = transformer_clm.py:cpu.
+* cpu_small, cpu_small_transformer: encoders = mixer_clm.py:cpu_small / transformer_clm.py:cpu_small
+  (d128 V1024; the results page's probes, docs/results.md), decoder d128 L2 (mixer decoder at
+  lr 4e-3 as in cpu_recon, transformer decoder at 5e-4 as in cpu_transformer).
+* cpu_autoencoder: encoder = autoencoder.py:cpu (n64, position −1). cpu_recon: encoder = autoencoder.py:cpu_recon (n32 V512,
   4 mixing heads; the decoder as well, unroll, lr 4e-3):
       python -m mixers_jax.train --config=configs/information.py:cpu_recon \
           --config.train.init_from=runs/recon_mixer --workdir=runs/probe_recon
@@ -28,12 +31,18 @@ Presets (the encoder fields must match the loaded model; a mismatch is a one-lin
   (docs/metrics.md#information-retention-probe);
   paper_transformer: decoder d512 L8, lr 2e-4.
 """
-from mixers_jax.config import CPU, PAPER, SMOKE, family_config
+from mixers_jax.config import CPU, CPU_SMALL, PAPER, SMOKE, family_config
 
 _PROBE = {"train.frozen": "encoder", "model.encoder.position": -2}
 _CPU = dict(CPU, **_PROBE, **{"model.encoder.n_layers": 4, "model.n_layers": 2,
                               "train.steps": 600, "train.warmup_steps": 50, "train.eval_every": 200,
                               "train.checkpoint_every": 300, "model.n_heads": 4})
+
+# Encoders of mixer_clm.py:cpu_small / transformer_clm.py:cpu_small (d128 L4 n128 V1024), a decoder
+# of the same width.
+_CPU_SMALL = dict(_CPU, **{k: CPU_SMALL[k] for k in ("model.d_model", "model.vocab_size",
+                                                     "data.tokenizer_max_chars")},
+                  **{"train.lr": 4e-3})
 
 
 def _paper(kind, d, lr):
@@ -52,6 +61,11 @@ PRESETS_DICT = {
     "cpu_transformer": dict(_CPU, **{"model.encoder.kind": "transformer",
                                      "model.encoder.position": -1, "model.decoder.kind": "transformer",
                                      "model.expansion": "unroll", "train.lr": 5e-4}),
+    "cpu_small": _CPU_SMALL,
+    "cpu_small_transformer": dict(_CPU_SMALL, **{"model.encoder.kind": "transformer",
+                                                 "model.encoder.position": -1,
+                                                 "model.decoder.kind": "transformer",
+                                                 "model.expansion": "unroll", "train.lr": 5e-4}),
     "cpu_autoencoder": dict(_CPU, **{"model.n_ctx": 64, "model.encoder.n_layers": 2,
                                      "model.encoder.position": -1, "model.n_heads": 8}),
     "cpu_recon": dict(_CPU, **{"model.n_ctx": 32, "model.vocab_size": 512, "model.encoder.n_layers": 2,

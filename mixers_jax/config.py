@@ -459,6 +459,16 @@ CPU = {
     "train.checkpoint_every": 500,
     "data.tokenizer_max_chars": 4_000_000,
 }
+# The `cpu_small` causal-LM family (mixer_clm.py, transformer_clm.py, embedding_clm.py,
+# information.py): the context of `cpu` (n128) at half its width and vocabulary and 800 steps, so
+# that every causal-LM row of the results page (docs/results.md) runs in minutes on 2 cores.
+CPU_SMALL = dict(CPU, **{
+    "model.d_model": 128, "model.vocab_size": 1024, "train.steps": 800, "train.warmup_steps": 80,
+    "train.eval_every": 400, "train.checkpoint_every": 400, "data.tokenizer_max_chars": 2_000_000,
+})
+# The better of two learning rates per kind in 300-step trials of CPU_SMALL (eval loss at step 300:
+# mixer 3e-3 4.074, 8e-3 3.786; transformer 1.5e-3 4.083, 4e-3 4.524).
+CPU_SMALL_LR = {"mixer": 8e-3, "transformer": 1.5e-3}
 # The schedule of the published full-size runs (every family's paper-scale presets add their sizes,
 # batch and learning rate): bf16 compute, 200k steps, 500 warmup steps, one document per row.
 PAPER = {
@@ -471,7 +481,8 @@ PAPER = {
 def clm_presets(kind: str) -> dict[str, dict]:
     """Presets shared by ``configs/mixer_clm.py`` and ``configs/transformer_clm.py``.
 
-    smoke: seconds, for tests. cpu: minutes on 2 cores on the embedded corpus.
+    smoke: seconds, for tests. cpu: minutes on 2 cores on the embedded corpus. cpu_small: the
+    results page's causal LMs (:data:`CPU_SMALL`, learning rates :data:`CPU_SMALL_LR`).
     tinystories / fineweb: the published settings (docs/masked_mixers.md#published-configurations,
     docs/transformer_baseline.md#published-configurations); give the data with
     ``--config.data.source=...``. gpu_mfu: d1024 L16 n1024 bf16 for throughput measurements.
@@ -480,6 +491,7 @@ def clm_presets(kind: str) -> dict[str, dict]:
     return {
         "smoke": dict(SMOKE, **{"model.n_heads": 2}),
         "cpu": dict(CPU, **{"model.n_heads": 4, "train.lr": 1e-3 if mixer else 5e-4}),
+        "cpu_small": dict(CPU_SMALL, **{"model.n_heads": 4, "train.lr": CPU_SMALL_LR[kind]}),
         "tinystories": {
             **PAPER, "model.n_ctx": 512, "model.d_model": 512, "model.n_layers": 8,
             "model.vocab_size": 4096, "model.n_heads": 4, "train.batch_size": 16 if mixer else 32,

@@ -151,8 +151,9 @@ SECTIONS: dict[str, Section] = {
         (("eval loss", "loss"), ("token acc.", "accuracy"), ("bits per byte", "bpb"), ("I_e", "I_e"),
          *_COMMON)),
     "clm": Section(
-        "Causal LMs, equal steps", "`mixer_clm.py:cpu` / `transformer_clm.py:cpu`: d256 L4 n128 V2048, "
-        "the same data, order and steps for all.",
+        "Causal LMs, equal steps", "`mixer_clm.py:cpu_small` / `transformer_clm.py:cpu_small`: d128 L4 "
+        "n128 V1024, 800 steps of 16 rows, the same data, order and steps for all; each kind at the "
+        "best of three learning rates in 300-step trials.",
         (("eval loss", "loss"), ("token acc.", "accuracy"), ("bits per byte", "bpb"), ("steps", "steps"),
          *_COMMON)),
     "clm_time": Section(
@@ -168,8 +169,8 @@ SECTIONS: dict[str, Section] = {
         (("eval loss", "loss"), ("token acc.", "accuracy"), ("bits per byte", "bpb"), ("steps", "steps"),
          *_COMMON)),
     "eclm": Section(
-        "Embedding-augmented CLM vs plain CLM", "`embedding_clm.py:cpu` (the decoder of "
-        "`mixer_clm.py:cpu` reading a 64-number embedding of the whole window) next to the plain "
+        "Embedding-augmented CLM vs plain CLM", "`embedding_clm.py:cpu_small` (the decoder of "
+        "`mixer_clm.py:cpu_small` reading a 64-number embedding of the whole window) next to the plain "
         "CLMs. Normalized loss and total bits per byte include the stored embedding "
         "(16 bits per number); for a plain CLM they equal its loss and bits per byte.",
         (("loss", "loss"), ("normalized loss", "normalized_loss"), ("bits per byte", "bpb"),
@@ -181,7 +182,8 @@ SECTIONS: dict[str, Section] = {
         (), curves=(), also=("eclm_mixer",)),
     "probes": Section(
         "Information-retention probes", "`configs/information.py`: the encoder of a trained run frozen, "
-        "a fresh mixer decoder d256 L2 reconstructs all n tokens from its one embedding. "
+        "a fresh 2-layer decoder of the encoder's kind (d128 for the cpu_small encoders, else d256) "
+        "reconstructs all n tokens from its one embedding. "
         "Published: FineWeb n512, d1024 probe (CE / I_e / token accuracy).",
         (("n", "n"), ("H (nats)", "loss"), ("I_e", "I_e"), ("token acc.", "accuracy"),
          ("wall time", "wall_s"))),

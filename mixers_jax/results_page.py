@@ -212,7 +212,8 @@ def absent_text(run: Run) -> str | None:
 
 
 def direction(run: Run, runs: dict[str, Run]) -> str:
-    """One sentence: the published direction and whether it holds here."""
+    """One sentence: the published direction and whether it holds here; where it does not, a
+    second naming the published-size runs that would decide it."""
     e = run.exp.expect
     if e is None:
         return ""
@@ -224,7 +225,9 @@ def direction(run: Run, runs: dict[str, Run]) -> str:
         return f"Published: {e.says}. Not measured here ({missing} has no result)."
     sign = {"<": "<", ">": ">", "~": "≈"}[e.op]
     shown = f"{fmt(e.metric, a)} vs {fmt(e.metric, b)} ({other.exp.label})"
-    return f"Published: {e.says}; {verdict(e.op, a, b)} here ({e.metric} {shown}, expected {sign})."
+    held = verdict(e.op, a, b)
+    text = f"Published: {e.says}; {held} here ({e.metric} {shown}, expected {sign})."
+    return text if held == "holds" else f"{text} Decided at scale by {e.at_scale}."
 
 
 def verdict(op: str, a: float, b: float) -> str:

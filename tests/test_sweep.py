@@ -206,6 +206,7 @@ def test_page_from_run_folders_names_missing_runs_and_draws_figures(tmp_path):
     _run_folder(out, "ae_mixer", 5.052, extra={"accuracy": 0.832})
     _run_folder(out, "ae_transformer", 6.240)
     _run_folder(out, "ae_unmasked", 5.0, results=False)  # started, not finished
+    _run_folder(out, "ae_transformer_mixer", 4.9)  # below the mixer's loss: the direction fails
     _run_folder(out, "eclm_mixer", 3.9, extra={"normalized_loss": 4.2, "total_bpb": 2.6},
                 quant={"none": 3.9, "float16": 3.9, "bfloat16": 3.91, "int8": 3.95,
                        "float8_e4m3fn": 4.5, "float8_e5m2": 3.8})
@@ -225,6 +226,11 @@ def test_page_from_run_folders_names_missing_runs_and_draws_figures(tmp_path):
     assert "| 5.0520 | 83.2% | 2.5390 | 0.4405 | 3.17M | 0.650 | 9m03s |" in ae_row
     assert "holds here (accuracy 83.2% vs 7.9% (transformer (8 heads, unrolled)), expected >)" in ae_row
     assert "not finished: results/ae_unmasked" in text
+    hybrid_row = next(l for l in text.splitlines() if "`results/ae_transformer_mixer`" in l)
+    assert ("does not hold here (loss 4.9000 vs 5.0520 (masked mixer (causal encoder and decoder)), "
+            "expected >). Decided at scale by `autoencoder.py:tinystories` vs the same with "
+            "`--config.model.encoder.kind=transformer`." in hybrid_row)
+    assert "Decided at scale" not in ae_row
     assert "| not run: results/ae_both_unmasked |" in text
     assert "not run: results/clm_text_flat (needs `--text=FILE`)" in text
     assert "Not measured here (results/ae_unmasked has no result)" in text

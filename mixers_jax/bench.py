@@ -1,5 +1,9 @@
 """Benchmarks: ``python -m mixers_jax.bench --suite=SUITE [--out=FILE.json]``, SUITE one of train,
-mixing, generate, memory, memory_generate, remat, context_memory.
+mixing, generate, memory, memory_generate, remat, context_memory, runs.
+
+``--suite=runs --workdirs=A,B,...`` times the train steps of finished runs (their saved configs, at
+their own batch sizes) in turn, round after round, and prints each one's step time over the
+first's: the ratio an equal-wall-time comparison needs (docs/results.md).
 
 Each suite (mixers_jax/benchmarks.py describes them) prints a table and, with ``--out``, writes JSON
 holding the device, the library versions, the settings and one record per case. Compare figures as
@@ -20,7 +24,8 @@ from mixers_jax.fileio import write_atomic
 
 FLAGS = cli.flag_values()
 _SUITE = flags.DEFINE_enum("suite", "train", ["train", "mixing", "generate", "memory",
-                                              "memory_generate", "remat", "context_memory"],
+                                              "memory_generate", "remat", "context_memory",
+                                              "runs"],
                            "Which benchmark.", flag_values=FLAGS)
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON to this file.", flag_values=FLAGS)
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed repetitions per case (median reported).",
@@ -49,6 +54,8 @@ _GEN_BATCHES = flags.DEFINE_list("gen_batches", ["1", "64"],
                                  "Generate and memory_generate suites: batch sizes.", flag_values=FLAGS)
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Generate suite: new tokens per row.",
                                    lower_bound=1, flag_values=FLAGS)
+_WORKDIRS = flags.DEFINE_list("workdirs", None, "Runs suite: the training workdirs to time.",
+                              flag_values=FLAGS)
 _CHUNKS = flags.DEFINE_list("chunks", ["2", "4", "8", "16"],
                             "Memory and memory_generate suites: chunk counts s.", flag_values=FLAGS)
 
@@ -96,6 +103,9 @@ def main(argv: list[str]) -> None:
     elif suite == "context_memory":
         cases = _selected_cases(bm.CONTEXT_MEMORY_CASES)
         contexts = _positive_ints(_CONTEXTS)
+    elif suite == "runs":
+        if not _WORKDIRS.value:
+            raise UserError("--suite=runs needs --workdirs=DIR[,DIR...]")
     elif suite == "memory_generate":
         cases = _selected_cases(bm.MEMGEN_CASES)
         chunk_counts, batches = _positive_ints(_CHUNKS), _positive_ints(_GEN_BATCHES)
@@ -127,6 +137,9 @@ def main(argv: list[str]) -> None:
         records = bm.bench_context_memory(cases, contexts, s)
         settings = dict(d_model=s.d_model, n_layers=s.n_layers, batch=s.batch, vocab=s.vocab,
                         heads=s.heads, dtype=s.dtype, contexts=contexts)
+    elif suite == "runs":
+        records = bm.bench_runs(_WORKDIRS.value, s)
+        settings = dict(workdirs=_WORKDIRS.value, rounds=s.steps, steps_per_round=bm.RUN_STEPS_PER_ROUND)
     elif suite == "memory_generate":
         records = bm.bench_memory_generate(cases, chunk_counts, batches, s)
         settings = dict(d_model=s.d_model, n_layers=s.n_layers, chunk_len=s.n_ctx, vocab=s.vocab,

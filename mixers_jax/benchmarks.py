@@ -59,6 +59,7 @@ import numpy as np
 from mixers_jax import flops as flops_lib
 from mixers_jax import objectives, sharding
 from mixers_jax import steps as steps_lib
+from mixers_jax import workdir as workdir_lib
 from mixers_jax.config import base_config, input_length
 from mixers_jax.generation import Generator
 from mixers_jax.models import build_model, mixing_blocked, mixing_math
@@ -172,31 +173,39 @@ def bench_train(cases: list[str], s: Settings) -> list[dict]:
     return records
 
 
-def _time_train_step(name: str, config, s: Settings) -> dict:
-    """Median time of one compiled optimizer step of ``config`` on random tokens, with its
-    compile time, memory, analytic and XLA FLOPs per token, parameters and MFU where known."""
-    config.train.update(dict(batch_size=s.batch, steps=10**6, warmup_steps=10))
+def _compiled_train_step(config, batch: int) -> tuple[Callable[[], object], float, object, dict]:
+    """``config``'s optimizer step compiled for ``batch`` rows of random tokens on all devices
+    (data-parallel): (one_step, compile seconds, the compiled executable, {"state": ...})."""
+    config.train.update(dict(batch_size=batch, steps=10**6, warmup_steps=10))
     config.mesh.update(dict(data=-1, fsdp=1, tensor=1))
     mesh = sharding.make_mesh(config.mesh)
     steps = steps_lib.build_steps(config, mesh)
     state = steps.init(jax.random.key(0))
     rng = np.random.default_rng(0)
-    b, n, v = s.batch, input_length(config.model), int(config.model.vocab_size)
+    n, v = input_length(config.model), int(config.model.vocab_size)
     local = {
-        "tokens": rng.integers(3, v, (b, n), dtype=np.int32),
-        "loss_mask": np.ones((b, n), np.float32),
-        "token_bytes": np.full((b, n), 4, np.int32),
+        "tokens": rng.integers(3, v, (batch, n), dtype=np.int32),
+        "loss_mask": np.ones((batch, n), np.float32),
+        "token_bytes": np.full((batch, n), 4, np.int32),
     }
-    batch = sharding.global_batch(local, mesh)
+    batch_arrays = sharding.global_batch(local, mesh)
     t0 = time.perf_counter()
-    compiled = steps.train_step.lower(state, batch).compile()
+    compiled = steps.train_step.lower(state, batch_arrays).compile()
     compile_s = time.perf_counter() - t0
     holder = {"state": state}
 
     def one_step():
-        holder["state"], stats = compiled(holder["state"], batch)
+        holder["state"], stats = compiled(holder["state"], batch_arrays)
         return stats["loss"]
 
+    return one_step, compile_s, compiled, holder
+
+
+def _time_train_step(name: str, config, s: Settings) -> dict:
+    """Median time of one compiled optimizer step of ``config`` on random tokens, with its
+    compile time, memory, analytic and XLA FLOPs per token, parameters and MFU where known."""
+    one_step, compile_s, compiled, holder = _compiled_train_step(config, s.batch)
+    b, n = s.batch, input_length(config.model)
     step_s = _median_time(one_step, s.steps)
     tokens = b * n
     analytic = flops_lib.flops_per_token(config.model, training=True)
@@ -231,6 +240,40 @@ def _case_config(spec: dict, s: Settings, n_ctx: int | None = None):
 
 REMAT_MODELS = {"mixer": TRAIN_CASES["mixer_flat"], "transformer": TRAIN_CASES["transformer"]}
 REMAT_CASES = tuple(f"{m}_{p}" for m in REMAT_MODELS for p in REMAT_POLICIES)
+
+
+RUN_STEPS_PER_ROUND = 3
+
+
+def bench_runs(workdirs: list[str], s: Settings) -> list[dict]:
+    """The train steps of finished runs timed in turn: each run's saved config (config.json) at
+    its own batch size, on random tokens, all compiled first; then ``s.steps`` rounds, in each
+    every run timed for RUN_STEPS_PER_ROUND steps in turn (A, B, A, B, ...), so that a drift in
+    the machine's load reaches every run alike. step_s: the median of the rounds' medians. The
+    ratio of two runs' step_s is what an equal-wall-time comparison needs
+    (docs/results.md); their absolute values are only as good as the machine is quiet."""
+    prepared = []
+    for workdir in workdirs:
+        config = workdir_lib.load_config(workdir)
+        batch = int(config.train.batch_size)
+        one_step, compile_s, _, _ = _compiled_train_step(config, batch)
+        jax.block_until_ready(one_step())  # warm-up
+        prepared.append((workdir, one_step, compile_s, batch * input_length(config.model)))
+    rounds: list[list[float]] = [[] for _ in prepared]
+    for _ in range(s.steps):
+        for times, (_, one_step, _, _) in zip(rounds, prepared):
+            times.append(_median_time(one_step, RUN_STEPS_PER_ROUND))
+    records = []
+    for times, (workdir, _, compile_s, tokens) in zip(rounds, prepared):
+        step_s = statistics.median(times)
+        rec = {"case": workdir, "step_s": step_s, "tokens_per_s": tokens / step_s,
+               "compile_s": compile_s, "rounds": times}
+        records.append(rec)
+        _print_row(rec, ["case", "step_s", "tokens_per_s", "compile_s"])
+    for rec in records[1:]:
+        print(f"{rec['case']} step time / {records[0]['case']} step time = "
+              f"{rec['step_s'] / records[0]['step_s']:.3f}")
+    return records
 
 
 def bench_remat(cases: list[str], s: Settings) -> list[dict]:

@@ -12,8 +12,10 @@ that need it are not run without it).
 
 **Equal wall time** (``equal_time=REF``): the run trains the model of ``measure`` (an equal-steps
 run of the same model) for as many steps as fit into the training time of ``REF``:
-steps = round(steps_REF · t_REF / t_measure), with t the median ``perf/step_s`` both runs logged
-on this machine in this sweep (compile and evaluation excluded), warmup scaled by the same factor
+steps = round(steps_REF · t_REF / t_measure), with t the step time of each finished run's model
+(its saved config and batch) measured by ``bench --suite=runs`` just before, the two timed in turn
+round after round so that the machine's load when each trained does not enter the ratio; warmup
+scaled by the same factor
 and evaluation / checkpoint intervals capped at the new length. The schedule then decays to 0 at
 the last step as in every other run; stopping a run on a clock instead would compare one model
 mid-schedule and make the result depend on the machine's load at the moment it stopped. The

@@ -26,13 +26,11 @@ import json
 import os
 import platform
 import signal
-import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 
-from mixers_jax import curves
 from mixers_jax.errors import Preempted, UserError
 from mixers_jax.experiments import BY_NAME, Experiment, equal_time_overrides, equal_time_steps
 from mixers_jax.fileio import write_atomic
@@ -90,35 +88,46 @@ def status(exp: Experiment, out: str) -> str:
     return "failed" if failed else "started"
 
 
-def median_step_time(run: str) -> float | None:
-    """Median ``perf/step_s`` the trainer logged in ``run`` (compile and evaluation excluded)."""
-    series = curves.read_scalars(os.path.join(run, "tb")).get(STEP_TIME) if os.path.isdir(run) else None
-    return statistics.median(v for _, v in series) if series else None
+TIMING_FILE = "step_times.json"
+
+
+def timing_argv(exp: Experiment, out: str, bench_module: str = "mixers_jax.bench") -> list[str]:
+    """``bench --suite=runs`` timing the train steps of ``exp``'s reference run and of its own
+    equal-steps run in turn, into ``<out>/<exp>/step_times.json``."""
+    ref, own = (os.path.join(out, n) for n in (exp.equal_time, exp.measure))
+    return [sys.executable, "-m", bench_module, "--suite=runs", f"--workdirs={ref},{own}", "--steps=5",
+            f"--out={os.path.join(out, exp.name, TIMING_FILE)}"]
 
 
 def equal_time_plan(exp: Experiment, out: str) -> dict:
     """{steps, overrides, ref_step_s, step_s, ref_steps} of an equal-wall-time run, from the step
-    times of its reference and of its own equal-steps run (both finished); UserError otherwise."""
+    times of its reference and of its own equal-steps run that ``bench --suite=runs`` measured in
+    turn (A, B, A, B, ...; :func:`timing_argv`), so that the machine's load at the time each run
+    trained does not enter the ratio; UserError when the runs or the timings are missing."""
     ref_dir, own_dir = os.path.join(out, exp.equal_time), os.path.join(out, exp.measure)
     ref_config, own_config = (read_json(os.path.join(d, "config.json")) for d in (ref_dir, own_dir))
-    ref_s, own_s = median_step_time(ref_dir), median_step_time(own_dir)
+    timing_path = os.path.join(out, exp.name, TIMING_FILE)
+    step_s = {r.get("case"): r.get("step_s") for r in (read_json(timing_path) or {}).get("records", [])}
+    ref_s, own_s = step_s.get(ref_dir), step_s.get(own_dir)
     if not (ref_config and own_config and ref_s and own_s):
-        raise UserError(f"{exp.name}: no step times in {ref_dir} and {own_dir}")
+        raise UserError(f"{exp.name}: no step times of {ref_dir} and {own_dir} in {timing_path}")
     ref_steps = int(ref_config["train"]["steps"])
     steps = equal_time_steps(ref_steps, ref_s, own_s)
     return {"reference": exp.equal_time, "measure": exp.measure, "ref_steps": ref_steps,
-            "ref_step_s": ref_s, "step_s": own_s, "steps": steps,
+            "ref_step_s": ref_s, "step_s": own_s, "steps": steps, "timing": TIMING_FILE,
             "overrides": list(equal_time_overrides(steps, own_config["train"]))}
 
 
 class Sweep:
     """One pass over ``experiments`` into ``out``; ``print_fn`` gets the progress lines.
-    ``train_module`` is the training command's module (tests give a stand-in)."""
+    ``train_module`` / ``bench_module`` are the training and benchmark commands' modules (tests
+    give stand-ins)."""
 
     def __init__(self, experiments: Sequence[Experiment], out: str, *, text_file: str = "",
                  print_fn: Callable[[str], None] = print, env: dict | None = None,
-                 train_module: str = "mixers_jax.train"):
+                 train_module: str = "mixers_jax.train", bench_module: str = "mixers_jax.bench"):
         self.experiments, self.out = list(experiments), os.path.abspath(out)
+        self.bench_module = bench_module
         self.by_name = {**BY_NAME, **{e.name: e for e in self.experiments}}
         self.train_module = train_module
         self.text_file = os.path.abspath(text_file) if text_file else ""
@@ -184,11 +193,20 @@ class Sweep:
 
     def plan(self, exp: Experiment) -> dict | None:
         """The equal-wall-time plan of ``exp``: the one recorded in its sweep.json (a resumed run
-        keeps its steps), else computed now; None for other runs. UserError without step times."""
+        keeps its steps), else computed now from step times measured now (kept in its
+        step_times.json); None for other runs. UserError without step times."""
         if not exp.equal_time:
             return None
-        recorded = read_json(os.path.join(self.out, exp.name, SWEEP_FILE)) or {}
-        return recorded.get("equal_time") or equal_time_plan(exp, self.out)
+        run = os.path.join(self.out, exp.name)
+        recorded = read_json(os.path.join(run, SWEEP_FILE)) or {}
+        if recorded.get("equal_time"):
+            return recorded["equal_time"]
+        if not os.path.exists(os.path.join(run, TIMING_FILE)):
+            os.makedirs(run, exist_ok=True)
+            code, _ = self.call(timing_argv(exp, self.out, self.bench_module), os.path.join(run, LOG_FILE))
+            if code in (75, 130):
+                raise Preempted(f"interrupted while timing the steps for {exp.name}")
+        return equal_time_plan(exp, self.out)
 
     def run_one(self, exp: Experiment, plan: dict | None = None) -> tuple[bool, float]:
         run = os.path.join(self.out, exp.name)

@@ -61,6 +61,8 @@ def test_memory_generate_suite_reports_speed_and_state(tmp_path, capsys):
     (["--suite=memory_generate", "--chunks=0"], r"--chunks"),
     (["--suite=mixing", "--contexts=256,x"], r"--contexts must be a comma list of positive integers"),
     (["--steps=0"], r"--steps"),
+    (["--suite=runs"], r"--suite=runs needs --workdirs"),
+    (["--suite=runs", "--workdirs=/nonexistent/run"], r"/nonexistent/run is not a training workdir"),
     (["extra"], r"unexpected arguments: extra"),
 ])
 def test_bad_flags_are_one_line_status_2(capsys, args, pattern):
@@ -121,3 +123,30 @@ def test_context_memory_suite_reports_peaks_and_the_ratio(capsys):
               for c in ("mixer", "transformer")}
     assert growth["transformer"] > growth["mixer"], growth
     assert "n_ctx 256: transformer peak / mixer peak = " in capsys.readouterr().out
+
+
+def test_runs_suite_times_saved_configs_in_turn(tmp_path, capsys):
+    """Each workdir's saved model at its own batch, timed round after round; the ratio line."""
+    from mixers_jax import benchmarks as bm
+    from mixers_jax import workdir as workdir_lib
+    from mixers_jax.config import load_config
+
+    dirs = []
+    for name, spec, batch in (("flat", "mixer_clm.py:smoke", 8), ("headed", "mixer_clm.py:smoke", 16)):
+        config = load_config(os.path.join(REPO, "configs", spec))
+        config.unlock()
+        config.model.update(dict(n_ctx=8, d_model=16, n_layers=1, vocab_size=64,
+                                 heads=2 if name == "headed" else 0))
+        config.train.batch_size = batch
+        os.makedirs(tmp_path / name)
+        workdir_lib.write_config(str(tmp_path / name), config)
+        dirs.append(str(tmp_path / name))
+    records = bm.bench_runs(dirs, bm.Settings(steps=2))
+    out = capsys.readouterr().out
+    assert [r["case"] for r in records] == dirs
+    for rec, batch in zip(records, (8, 16)):
+        assert len(rec["rounds"]) == 2 and rec["step_s"] == pytest.approx(sorted(rec["rounds"])[0] / 2
+                                                                           + sorted(rec["rounds"])[1] / 2)
+        assert rec["tokens_per_s"] * rec["step_s"] == pytest.approx(batch * 8)
+    ratio = records[1]["step_s"] / records[0]["step_s"]
+    assert f"{dirs[1]} step time / {dirs[0]} step time = {ratio:.3f}" in out

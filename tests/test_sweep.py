@@ -87,6 +87,16 @@ if mode == "fail" or (mode == "preempt_once" and n == 1):
     sys.exit(75 if mode == "preempt_once" else 1)
 json.dump({"eval": {"loss": 1.0}, "final_step": 3}, open(os.path.join(wd, "results.json"), "w"))
 """
+_FAKE_BENCH = """
+import json, os, sys
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+records = []
+for wd in args["workdirs"].split(","):
+    if not os.path.isdir(os.path.join(wd, "tb")):
+        sys.exit(1)
+    records.append({"case": wd, "step_s": float(open(os.path.join(wd, "step_s")).read())})
+json.dump({"suite": args["suite"], "records": records}, open(args["out"], "w"))
+"""
 _FAKE_AFTER = "import sys; open(sys.argv[1].split('=', 1)[1], 'w').write('{}')\n"
 
 
@@ -105,12 +115,14 @@ def _finished(folder, steps, step_s):
     json.dump({"train": {"steps": steps, "warmup_steps": 10, "eval_every": 50, "checkpoint_every": 50}},
               open(os.path.join(folder, "config.json"), "w"))
     json.dump({"eval": {"loss": 2.0}}, open(os.path.join(folder, "results.json"), "w"))
-    _tb(folder, {"perf/step_s": [(10, step_s), (20, step_s), (30, 99.0)]})  # median: step_s
+    _tb(folder, {"perf/step_s": [(10, 99.0)]})  # logged while training: not what the plan reads
+    open(os.path.join(folder, "step_s"), "w").write(str(step_s))  # what the stand-in bench measures
 
 
 def test_runner_skips_resumes_blocks_and_records(tmp_path):
     (tmp_path / "fake_train.py").write_text(_FAKE_TRAIN)
     (tmp_path / "fake_after.py").write_text(_FAKE_AFTER)
+    (tmp_path / "fake_bench.py").write_text(_FAKE_BENCH)
     out = tmp_path / "results"
     _finished(str(out / "ref"), 100, 0.2)
     _finished(str(out / "own"), 100, 0.4)
@@ -126,7 +138,8 @@ def test_runner_skips_resumes_blocks_and_records(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
 
     def sweep(lines):
-        return sweep_runner.Sweep(table, str(out), print_fn=lines.append, env=env, train_module="fake_train")
+        return sweep_runner.Sweep(table, str(out), print_fn=lines.append, env=env, train_module="fake_train",
+                                  bench_module="fake_bench")
 
     first = []
     with pytest.raises(Preempted, match="during b"):
@@ -153,11 +166,14 @@ def test_runner_skips_resumes_blocks_and_records(tmp_path):
 
     plan = json.loads((out / "t" / "sweep.json").read_text())["equal_time"]
     assert (plan["steps"], plan["ref_step_s"], plan["step_s"]) == (50, pytest.approx(0.2), pytest.approx(0.4))
+    timing = json.loads((out / "t" / "step_times.json").read_text())
+    assert [r["case"] for r in timing["records"]] == [str(out / "ref"), str(out / "own")]
+    assert "--suite=runs" in (out / "t" / "sweep.log").read_text()
     argv = json.loads((out / "t" / "argv1.json").read_text())
     assert argv[-4:] == ["--config.train.steps=50", "--config.train.warmup_steps=5",
                          "--config.train.eval_every=50", "--config.train.checkpoint_every=50"]
 
-    (out / "own" / "tb").rename(out / "own" / "tb_moved")  # no step times: t cannot be planned
+    (out / "own" / "tb").rename(out / "own" / "tb_moved")  # the stand-in bench fails: no plan
     third = []
     table.append(Experiment("t2", "clm_time", "T2", "x.py", equal_time="ref", measure="own"))
     table.append(Experiment("t3", "clm_time", "T3", "x.py", equal_time="ref", measure="own"))
@@ -166,8 +182,9 @@ def test_runner_skips_resumes_blocks_and_records(tmp_path):
         {"name": "t3", "wall_s": 1.0, "commands": [],
          "equal_time": {"overrides": ["--config.train.steps=77"]}}))
     assert sweep(third).run() == ["c", "d", "t2"]
-    assert third[-3] == f"[8/9] t2: failed: t2: no step times in {out}/ref and {out}/own"
-    assert not (out / "t2").exists()
+    assert third[-3] == (f"[8/9] t2: failed: t2: no step times of {out}/ref and {out}/own in "
+                         f"{out}/t2/step_times.json")
+    assert not (out / "t2" / "results.json").exists() and not (out / "t2" / "calls").exists()
     assert third[-1].startswith("[9/9] t3: done in ")
     assert json.loads((out / "t3" / "argv1.json").read_text())[-1] == "--config.train.steps=77"
 

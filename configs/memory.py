@@ -24,6 +24,11 @@ Presets:
   the encoder loaded from --config.train.init_from (an autoencoder workdir from
   autoencoder.py:cpu_memory_encoder, or any model whose encoder matches) and frozen; stage 2 trains
   the combined objective with the encoder still frozen.
+      python -m mixers_jax.train --config=configs/autoencoder.py:cpu_memory_encoder --workdir=runs/ae
+      python -m mixers_jax.train --config=configs/memory.py:cpu_curriculum \
+          --config.train.init_from=runs/ae --workdir=runs/mem_curriculum
+  reaches blank copy 54.7% (loss 1.626) after stage 1 and, at step 450, blank copy 65.9% (1.220),
+  clm loss 2.540 (accuracy 36.0%), copy 37.2% (2 cores shared, load high: 85 s + 13 min 18 s).
 * paper_mixer: encoder d512 k8 L16, decoder d1024 L16, 4 x 256 tokens, V8000, lr 5e-4, 200k steps,
   every block rematerialised with its matmul outputs kept (train.remat=matmuls_saved) so that
   batch 128 fits 80 GB devices on 8 of them.

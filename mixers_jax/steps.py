@@ -31,7 +31,9 @@ def lr_schedule(train_cfg, offset: int = 0) -> Callable[[jax.Array], jax.Array]:
     """Linear warmup from 0, then linear (or cosine) decay to exactly 0 at the final step.
 
     lr(t) = η·t/w for t < w and η·(T−t)/(T−w) afterwards, so the first update uses lr 0.
-    ``offset`` is the first global step of a curriculum stage (t counts from there).
+    ``offset`` is the first global step of a curriculum stage: this is the schedule of a global
+    step (t counts from there), used for the logged lr. The optimizer evaluates it at offset 0 on
+    its own update count, which restarts at 0 with each stage's fresh state (:func:`make_optimizer`).
     """
     peak, warmup, total = float(train_cfg.lr), int(train_cfg.warmup_steps), int(train_cfg.steps)
     warmup = min(warmup, total)
@@ -49,8 +51,12 @@ def lr_schedule(train_cfg, offset: int = 0) -> Callable[[jax.Array], jax.Array]:
     return schedule
 
 
-def make_optimizer(train_cfg, offset: int = 0, labels: Any = None) -> optax.GradientTransformation:
+def make_optimizer(train_cfg, labels: Any = None) -> optax.GradientTransformation:
     """AdamW (weight decay 0 by default, i.e. Adam) after global-norm clipping (docs/training.md#optimizer).
+
+    The lr schedule is evaluated on the optimizer's own update count, which starts at 0 with
+    ``tx.init``: a curriculum stage's fresh optimizer state is at t = 0 of the stage's schedule
+    whatever its first global step (shifting it by that step as well gives t < 0: a negative lr).
 
     ``labels`` (a tree like the params of 'train' / 'frozen', see :func:`param_labels`): frozen
     parameters get exactly zero updates and are left out of the clipping norm and the moments.
@@ -58,7 +64,7 @@ def make_optimizer(train_cfg, offset: int = 0, labels: Any = None) -> optax.Grad
     tx = optax.chain(
         optax.clip_by_global_norm(float(train_cfg.clip_norm)),
         optax.adamw(
-            lr_schedule(train_cfg, offset),
+            lr_schedule(train_cfg),
             b1=float(train_cfg.b1),
             b2=float(train_cfg.b2),
             eps=float(train_cfg.eps),
@@ -174,8 +180,9 @@ def build_steps(config, mesh, objective: str | None = None, rules=None, pad_id: 
     (default: those of the config's sharding preset); ``pad_id`` is the tokenizer's pad (= EOS)
     id, which the copy objectives write. In training the model gets a 'noise' RNG
     (``fold_in(seed, step)``) for noise-injection QAT; evaluation is deterministic. ``offset`` is
-    the first step of the curriculum stage ``config.train`` describes (for the lr schedule);
-    ``train.frozen`` groups get zero updates. ``eval_steps`` holds one eval function per name in
+    the first step of the curriculum stage ``config.train`` describes (for the logged lr; the
+    optimizer counts from the stage's fresh state, see make_optimizer); ``train.frozen`` groups
+    get zero updates. ``eval_steps`` holds one eval function per name in
     ``train.eval_objectives`` (default: the training objective).
     """
     if rules is None:
@@ -201,7 +208,7 @@ def build_steps(config, mesh, objective: str | None = None, rules=None, pad_id: 
         return model.init(rng, example_input(config.model))["params"]
 
     labels = param_labels(nn.meta.unbox(jax.eval_shape(init_params, jax.random.key(0))), config.train)
-    tx = make_optimizer(config.train, offset, labels)
+    tx = make_optimizer(config.train, labels)
     loss_scaled = config.model.dtype == "float16"
     if loss_scaled:
         tx = dynamic_loss_scale(tx)

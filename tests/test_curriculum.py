@@ -53,6 +53,40 @@ def test_stages_split_steps_and_restart_the_schedule():
         curriculum.stages(_config(stages=({"steps": 2, "lr_peak": 1.0},)))
 
 
+def test_a_later_stage_descends_from_its_own_warmup():
+    """The optimizer a later stage trains with (build_steps at the stage's offset, a fresh state at
+    its first global step) applies the stage's own schedule: lr 0 on its first update, then at most
+    lr(1) = η/w per parameter (Adam's first steps), downhill. The stage offset must not reach the
+    optimizer's own step count, which restarts at 0 with the fresh state."""
+    from mixers_jax import sharding
+
+    config = _config(stages=({"objective": "clm", "steps": 20},
+                             {"name": "second", "steps": 4, "frozen": "block_0", "lr": 1e-3,
+                              "warmup_steps": 2}))
+    second = curriculum.stages(config)[1]
+    mesh = sharding.make_mesh(sharding.resolve(config)[0])
+    steps = steps_lib.build_steps(curriculum.stage_config(config, second), mesh,
+                                  offset=second.start)
+    params = jax.device_get(steps.init(jax.random.key(0)).params)
+    state = steps.fresh_state(params, jax.numpy.asarray(second.start, jax.numpy.int32))
+    rng = np.random.default_rng(0)
+    n = int(config.model.n_ctx)
+    batch = {"tokens": rng.integers(3, int(config.model.vocab_size), (8, n)).astype(np.int32),
+             "loss_mask": np.ones((8, n), np.float32), "token_bytes": np.ones((8, n), np.int32)}
+    losses, moved = [], []
+    for _ in range(3):
+        before = jax.device_get(state.params)
+        state, stats = steps.train_step(state, batch)
+        losses.append(float(stats["loss"]))
+        moved.append(max(float(np.max(np.abs(a - b))) for a, b in zip(
+            jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(before))))
+    assert moved[0] == 0.0  # lr 0 on the stage's first update
+    lr1 = float(steps_lib.lr_schedule(second.train, offset=second.start)(second.start + 1))
+    assert lr1 == pytest.approx(5e-4)
+    assert 0.1 * lr1 < moved[1] <= lr1 * 1.001  # Adam's update is at most lr per parameter
+    assert losses[2] < losses[1]  # downhill on the repeated batch
+
+
 def _curriculum_config():
     stages = ({"objective": "clm", "steps": 3},
               {"name": "head_only", "objective": "clm", "steps": 3, "frozen": "embed,block_0,block_1",

@@ -344,13 +344,13 @@ def _byte_windows(text: bytes, starts, n):
 def test_mixer_autoencoder_learns_to_reconstruct_held_out_english():
     """A byte-level (V = 256) mixer AE, d64, L1+1, n16 (8 heads, kernel 4, unrolled decoder
     inputs; docs/autoencoders.md#encoder-and-decoder-choices)
-    trained with Adam for 500 steps of 32 random windows of
+    trained with Adam for 400 steps of 32 random windows of
     the embedded corpus's training documents reconstructs ≥ 90% of the bytes of 256 windows from the
-    held-out documents, none of which occurs anywhere in the training text (0.95-0.97 measured
-    over seven seeds; the test uses seed 0)."""
+    held-out documents, none of which occurs anywhere in the training text (0.93-0.96 measured
+    over four seeds, 0.957 with seed 0, the test's; 500 steps gave 0.95-0.97 over seven seeds)."""
     from mixers_jax.data import embedded, sources
 
-    n, steps, batch = 16, 500, 32
+    n, steps, batch = 16, 400, 32
     train_docs, val_docs = sources.split_documents(embedded.embedded_corpus(), 0.05)
     train = "\n".join(train_docs).encode("utf-8")
     val = "\n".join(val_docs).encode("utf-8")

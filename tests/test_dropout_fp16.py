@@ -98,6 +98,13 @@ def test_bad_dropout_rate_is_a_user_error():
         build_model(_config("mixer", dropout_resid=1.0).model)
 
 
+def _with_scale(state, value):
+    """``state`` with the loss scale set to ``value`` (float32), placed like the scale it replaces:
+    the compiled train step takes it as it is, without compiling again for a new placement."""
+    scale = jax.device_put(jnp.asarray(value, jnp.float32), state.opt_state.scale.sharding)
+    return state.replace(opt_state=state.opt_state._replace(scale=scale))
+
+
 @pytest.mark.parametrize("kind", ["mixer", "transformer"])
 def test_fp16_step_skips_an_injected_overflow_and_continues(kind):
     mesh, config = _mesh(), _config(kind, dtype="float16")
@@ -109,8 +116,7 @@ def test_fp16_step_skips_an_injected_overflow_and_continues(kind):
     assert not bool(stats["skipped"]) and int(stats["skipped_steps"]) == 0
     before = jax.device_get(state)
     # inject an overflow: a loss scale so large that S·loss is inf in float32
-    huge = jnp.asarray(3e38, jnp.float32)
-    state = state.replace(opt_state=state.opt_state._replace(scale=huge))
+    state = _with_scale(state, 3e38)
     state, stats = steps.train_step(state, batch)
     after = jax.device_get(state)
     assert bool(stats["skipped"]) and int(stats["skipped_steps"]) == 1
@@ -120,7 +126,7 @@ def test_fp16_step_skips_an_injected_overflow_and_continues(kind):
     jax.tree.map(np.testing.assert_array_equal, before.opt_state.inner.inner_state,
                  after.opt_state.inner.inner_state)
     assert "finite" not in trainer._non_finite(jax.device_get(stats))  # not divergence
-    state = state.replace(opt_state=state.opt_state._replace(scale=jnp.float32(2.0 ** 10)))
+    state = _with_scale(state, 2.0 ** 10)
     for _ in range(2):
         state, stats = steps.train_step(state, batch)
         assert not bool(stats["skipped"]) and int(stats["skipped_steps"]) == 1

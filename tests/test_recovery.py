@@ -38,9 +38,11 @@ def test_parse_runs_and_roles(tmp_path):
 def _smoke(**train):
     """memory.py:smoke evaluated on its first evaluation objective only (clm: the loss that
     eval_history, hence ρ, reads; the preset's other four are compiled but not read here) and
-    checkpointed only at its last step (the one init_from loads)."""
+    checkpointed only at its last step (the one init_from loads), with one block per stack (ρ is
+    bookkeeping over evaluation losses; a second block only lengthens the compiles)."""
     config = load_config(config_path("memory", "smoke"))
     config.unlock()
+    config.model.n_layers = 1
     config.train.update(dict(eval_objectives=("clm",), checkpoint_every=6), **train)
     return config
 

@@ -153,14 +153,16 @@ SECTIONS: dict[str, Section] = {
     "clm": Section(
         "Causal LMs, equal steps", "`mixer_clm.py:cpu_small` / `transformer_clm.py:cpu_small`: d128 L4 "
         "n128 V1024, 800 steps of 16 rows, the same data, order and steps for all; each kind at the "
-        "best of three learning rates in 300-step trials.",
+        "better of two learning rates in 300-step trials (mixer 8e-3, transformer 1.5e-3; the "
+        "headed and Toeplitz mixers use the flat mixer's).",
         (("eval loss", "loss"), ("token acc.", "accuracy"), ("bits per byte", "bpb"), ("steps", "steps"),
          *_COMMON)),
     "clm_time": Section(
         "Causal LMs, equal wall time", "Each model trained for the training time of the flat mixer's "
-        "equal-steps run on this machine: steps = steps_flat × (flat s/step) / (its s/step), from the "
-        "step times both logged in this sweep; the schedule decays to 0 at the last step. The curves "
-        "are drawn against step × median s/step.",
+        "equal-steps run on this machine: steps = steps_flat × (flat s/step) / (its s/step), the two "
+        "step times measured in turn just before by `bench --suite=runs` (the run's step_times.json); "
+        "the schedule decays to 0 at the last step. The curves are drawn against step × the median "
+        "s/step each run logged.",
         (("eval loss", "loss"), ("token acc.", "accuracy"), ("bits per byte", "bpb"), ("steps", "steps"),
          *_COMMON), curves=("train/loss", "eval/loss"), x="time", also=("clm_flat",)),
     "clm_text": Section(

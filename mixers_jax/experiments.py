@@ -241,8 +241,9 @@ EXPERIMENTS: tuple[Experiment, ...] = (
                              "parallel memories are slightly better than recurrent",
                              at_scale=("`memory.py:paper_mixer` with and without "
                                        "`--config.model.kind=rmt`"))),
-    Experiment("ae_memory_encoder", "memory",
-               "autoencoder with the memory encoder's shape (curriculum stage 0)",
+    Experiment("ae_memory_encoder", "autoencoders",
+               "mixer autoencoder in the memory encoder's shape (n16 V384 d128; the curriculum's "
+               "stage 0)",
                "configs/autoencoder.py:cpu_memory_encoder"),
     Experiment("memory_curriculum", "memory", "curriculum: frozen autoencoder encoder, blank copy, combined",
                "configs/memory.py:cpu_curriculum", ("--config.train.init_from={out}/ae_memory_encoder",),

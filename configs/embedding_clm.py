@@ -29,12 +29,13 @@ Variants: --config.model.injection=embedding|add, --config.model.embed_quant=flo
 """
 from mixers_jax.config import CPU, CPU_SMALL, CPU_SMALL_LR, PAPER, SMOKE, family_config
 
-_CPU = dict(CPU, **{"model.encoder.d_model": 128, "model.encoder.n_layers": 2,
-                    "model.compression": 2, "model.n_heads": 4})
+# The CPU encoder: d128 L2, compression 2 -> a 64-number embedding.
+_CPU_ENCODER = {"model.encoder.d_model": 128, "model.encoder.n_layers": 2, "model.compression": 2,
+                "model.n_heads": 4}
+_CPU = dict(CPU, **_CPU_ENCODER)
 # The results page's pair (docs/results.md): the decoder of mixer_clm.py:cpu_small (d128 L4 n128
-# V1024, 800 steps) reading a 64-number embedding (encoder d128 L2, compression 2).
-_CPU_SMALL = dict(CPU_SMALL, **{"model.encoder.d_model": 128, "model.encoder.n_layers": 2,
-                                "model.compression": 2, "model.n_heads": 4})
+# V1024, 800 steps) reading the same 64-number embedding.
+_CPU_SMALL = dict(CPU_SMALL, **_CPU_ENCODER)
 
 
 # Entropy-weighted CLM (docs/analysis.md#entropy-weighted-clm): each target weighted by 1 − the

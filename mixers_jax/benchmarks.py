@@ -248,7 +248,7 @@ RUN_STEPS_PER_ROUND = 3
 def bench_runs(workdirs: list[str], s: Settings) -> list[dict]:
     """The train steps of finished runs timed in turn: each run's saved config (config.json) at
     its own batch size, on random tokens, all compiled first; then ``s.steps`` rounds, in each
-    every run timed for RUN_STEPS_PER_ROUND steps in turn (A, B, A, B, ...), so that a drift in
+    every run timed for RUN_STEPS_PER_ROUND steps (after one warm-up step) in turn (A, B, A, B, ...), so that a drift in
     the machine's load reaches every run alike. step_s: the median of the rounds' medians. The
     ratio of two runs' step_s is what an equal-wall-time comparison needs
     (docs/results.md); their absolute values are only as good as the machine is quiet."""
@@ -257,7 +257,6 @@ def bench_runs(workdirs: list[str], s: Settings) -> list[dict]:
         config = workdir_lib.load_config(workdir)
         batch = int(config.train.batch_size)
         one_step, compile_s, _, _ = _compiled_train_step(config, batch)
-        jax.block_until_ready(one_step())  # warm-up
         prepared.append((workdir, one_step, compile_s, batch * input_length(config.model)))
     rounds: list[list[float]] = [[] for _ in prepared]
     for _ in range(s.steps):

@@ -67,6 +67,13 @@ _PROBE_MEMORY = ("--config.model.n_ctx=16", "--config.model.vocab_size=384",
                  "--config.model.encoder.heads=4", "--config.model.encoder.kernel=4",
                  "--config.model.encoder.position=-1")
 _TEXT = ("--config.data.source={text}",)
+# Published-size runs that decide a direction several rows share.
+_AT_SCALE_N128 = ("`mixer_clm.py:tinystories` vs `transformer_clm.py:tinystories`, both with "
+                  "`--config.model.n_ctx=128`")
+_AT_SCALE_EQUAL_TIME = ("`mixer_clm.py:tinystories` vs `transformer_clm.py:tinystories` for the "
+                        "same hours on one GPU")
+_AT_SCALE_NO_MEMORY = ("`memory.py:paper_mixer` / `:paper_transformer` with and without "
+                       "`--config.model.use_memory=False`")
 
 EXPERIMENTS: tuple[Experiment, ...] = (
     # --------------------------------------------------------------- autoencoders
@@ -117,8 +124,7 @@ EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("clm_transformer", "clm", "transformer (4 heads)", "configs/transformer_clm.py:cpu_small",
                published="FineWeb n512: 1.58",
                expect=Expect(">", "clm_flat", "loss", "mixers are ahead of transformers at n128",
-                             at_scale=("`mixer_clm.py:tinystories` vs `transformer_clm.py:tinystories`, "
-                                       "both with `--config.model.n_ctx=128`"))),
+                             at_scale=_AT_SCALE_N128)),
     # --------------------------------------------------------------- causal LMs, equal wall time
     Experiment("clm_headed_time", "clm_time", "4-head masked mixer", "configs/mixer_clm.py:cpu_small",
                ("--config.model.heads=4",), equal_time="clm_flat", measure="clm_headed",
@@ -133,22 +139,19 @@ EXPERIMENTS: tuple[Experiment, ...] = (
                          "transformer d1024 2.31 / 2.32",
                expect=Expect(">", "clm_flat", "loss",
                              "in equal time the mixer is ahead (its step is about twice as fast)",
-                             at_scale=("`mixer_clm.py:tinystories` vs `transformer_clm.py:tinystories` "
-                                       "for the same hours on one GPU"))),
+                             at_scale=_AT_SCALE_EQUAL_TIME)),
     # --------------------------------------------------------------- causal LMs, another text
     Experiment("clm_text_flat", "clm_text", "flat masked mixer", "configs/mixer_clm.py:cpu_small", _TEXT,
                needs_text=True),
     Experiment("clm_text_transformer", "clm_text", "transformer (4 heads)",
                "configs/transformer_clm.py:cpu_small", _TEXT, needs_text=True,
                expect=Expect(">", "clm_text_flat", "loss", "mixers are ahead of transformers at n128",
-                             at_scale=("`mixer_clm.py:tinystories` vs `transformer_clm.py:tinystories`, "
-                                       "both with `--config.model.n_ctx=128`"))),
+                             at_scale=_AT_SCALE_N128)),
     Experiment("clm_text_transformer_time", "clm_text", "transformer (4 heads), equal wall time",
                "configs/transformer_clm.py:cpu_small", _TEXT, needs_text=True, equal_time="clm_text_flat",
                measure="clm_text_transformer", needs=("clm_text_flat", "clm_text_transformer"),
                expect=Expect(">", "clm_text_flat", "loss", "in equal time the mixer is ahead",
-                             at_scale=("`mixer_clm.py:tinystories` vs `transformer_clm.py:tinystories` "
-                                       "for the same hours on one GPU"))),
+                             at_scale=_AT_SCALE_EQUAL_TIME)),
     # --------------------------------------------------------------- embedding-augmented CLMs
     Experiment("eclm_mixer", "eclm", "embedding-augmented mixer (64 numbers)",
                "configs/embedding_clm.py:cpu_small", after=(_after_evaluate("quant.json", "--quant=all"),),
@@ -217,8 +220,7 @@ EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("memory_nomemory", "memory", "no-memory control (empty slots)",
                "configs/memory.py:cpu_nomemory",
                expect=Expect(">", "memory_main", "clm_loss", "memory beats no memory",
-                             at_scale=("`memory.py:paper_mixer` / `:paper_transformer` with and without "
-                                       "`--config.model.use_memory=False`"))),
+                             at_scale=_AT_SCALE_NO_MEMORY)),
     Experiment("memory_clm", "memory", "memory mixer, clm objective only", "configs/memory.py:cpu_clm",
                expect=Expect("~", "memory_main", "clm_loss",
                              "the combined objective costs the clm loss little",
@@ -233,8 +235,7 @@ EXPERIMENTS: tuple[Experiment, ...] = (
                                        "`--config.model.kind=mixer` over the whole row"))),
     Experiment("memory_transformer", "memory", "memory transformer", "configs/memory.py:cpu_transformer",
                expect=Expect(">", "memory_nomemory", "blank_copy_acc", "memory beats no memory",
-                             at_scale=("`memory.py:paper_mixer` / `:paper_transformer` with and without "
-                                       "`--config.model.use_memory=False`"))),
+                             at_scale=_AT_SCALE_NO_MEMORY)),
     Experiment("memory_rmt", "memory", "recurrent memory (RMT-like)", "configs/memory.py:cpu_rmt",
                published="parallel memories slightly better than recurrent",
                expect=Expect(">", "memory_main", "clm_loss",

@@ -20,7 +20,8 @@ PACKAGE = "mixers_jax"
 LAYERS = {
     "base": ["__init__", "errors", "fileio", "cli"],
     "config": ["config"],
-    "data and models": ["data", "data.chunking", "data.embedded", "data.sources", "data.tokenizer_json",
+    "data and models": ["data", "data.chunking", "data.embedded", "data.sources", "data.token_table",
+                        "data.tokenizer_json",
                         "data.tokenizer",
                         "data.passages", "data.pipeline", "data.pairs", "models", "models.*",
                         "sharding"],

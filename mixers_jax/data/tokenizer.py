@@ -37,9 +37,9 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from mixers_jax.data.tokenizer_json import JsonTokenizer, check_unicode, looks_like_json
+from mixers_jax.data.token_table import TokenTable, check_unicode
+from mixers_jax.data.tokenizer_json import JsonTokenizer, looks_like_json
 from mixers_jax.errors import UserError
-from mixers_jax.fileio import write_atomic
 
 _log = logging.getLogger(__name__)
 
@@ -49,7 +49,6 @@ MIN_VOCAB = 256 + _N_SPECIAL + 1
 _COVERAGE = 0.9995
 _MIN_COVERAGE = 0.98
 _LINE_CHARS = 2048  # training sentences are cut to at most this many characters
-_PROBE = "  Hello,\tworld!  \u00e9\u4e2d 12\u2581x\r\n\n\x00 "
 
 
 def _num_threads() -> int:
@@ -85,15 +84,15 @@ def _char_counts(docs: Iterable[str], max_chars: int) -> list[int]:
 
 
 
-class Tokenizer:
+class Tokenizer(TokenTable):
     """A sentencepiece model plus the per-token UTF-8 byte table used for bits per byte."""
 
     def __init__(self, proto: bytes, *, name: str = "<memory>"):
-        self._proto = bytes(proto)
+        self._blob = bytes(proto)
         self.name = name
         sp = spm.SentencePieceProcessor()
         try:
-            sp.LoadFromSerializedProto(self._proto)
+            sp.LoadFromSerializedProto(self._blob)
         except Exception as e:
             raise UserError(f"{name}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
         self._sp = sp
@@ -103,18 +102,17 @@ class Tokenizer:
             raise UserError(f"{name}: the tokenizer model has no EOS piece (needed as pad)")
         self.bos_id = int(sp.bos_id())
         self.unk_id = int(sp.unk_id())
-        self._byte_ids = np.full(256, -1, dtype=np.int64)
+        byte_ids = np.full(256, -1, dtype=np.int64)
         for i in range(self.vocab_size):
             if sp.is_byte(i):
                 piece = sp.id_to_piece(i)  # '<0xNN>'
-                self._byte_ids[int(piece[3:5], 16)] = i
-        if (self._byte_ids < 0).any():
+                byte_ids[int(piece[3:5], 16)] = i
+        if (byte_ids < 0).any():
             raise UserError(
                 f"{name}: the tokenizer model lacks byte-fallback pieces, so some text cannot be "
                 "encoded exactly; train it with byte_fallback=True"
             )
-        self._meta_ids = [int(self._byte_ids[b]) for b in _META.encode("utf-8")]
-        self._byte_ids.setflags(write=False)
+        self._meta_ids = [int(byte_ids[b]) for b in _META.encode("utf-8")]
         pieces = []
         for i in range(self.vocab_size):
             if sp.is_byte(i):
@@ -123,18 +121,9 @@ class Tokenizer:
                 pieces.append(b"")
             else:
                 pieces.append(sp.id_to_piece(i).replace(_META, " ").encode("utf-8"))
-        self._piece_bytes = tuple(pieces)
-        table = np.array([len(p) for p in pieces], dtype=np.int32)
-        table.setflags(write=False)
-        self._token_bytes = table
-        ids = self.encode(_PROBE)
-        self.exact = self.decode(ids) == _PROBE and int(table[ids].sum()) == len(_PROBE.encode())
-        if not self.exact:
-            _log.warning(
-                "%s: this tokenizer does not reproduce text exactly (its normalizer changes text); "
-                "bits per byte will be approximate",
-                name,
-            )
+        # piece_bytes: byte pieces <0xNN> that byte; control, unknown and unused pieces nothing;
+        # others the piece's UTF-8 with ▁ read as a space
+        self._set_tables(pieces, byte_ids, " (its normalizer changes text)")
 
     # ---------------------------------------------------------------------------------------------
     # Construction
@@ -268,21 +257,8 @@ class Tokenizer:
             return JsonTokenizer(data, name="<serialized>")
         return cls(data, name="<serialized>")
 
-    def serialized(self) -> bytes:
-        """The model proto, for checkpoints."""
-        return self._proto
-
-    def save(self, path: str) -> None:
-        """Writes the model proto to ``path`` atomically."""
-        write_atomic(path, self._proto)
-
     # ---------------------------------------------------------------------------------------------
     # Use
-
-    @property
-    def pad_id(self) -> int:
-        """pad = eos: pads and EOS targets are both ignored by the loss."""
-        return self.eos_id
 
     def _encode_with_meta(self, text: str) -> list[int]:
         parts = text.split(_META)
@@ -333,24 +309,3 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
-
-    def piece_bytes(self) -> tuple[bytes, ...]:
-        """The bytes each token id stands for in decoded text, indexed by id.
-
-        Byte pieces ``<0xNN>``: that byte; control, unknown and unused pieces: nothing; others the
-        piece's UTF-8 with ``▁`` read as a space. The pieces of ``encode(s)`` join to exactly
-        ``s.encode('utf-8')`` (also where a multi-byte character is split over byte pieces).
-        """
-        return self._piece_bytes
-
-    def byte_token_ids(self) -> np.ndarray:
-        """int64 [256] (read-only): the id of the byte-fallback piece ``<0xNN>`` of each byte."""
-        return self._byte_ids
-
-    def token_bytes(self) -> np.ndarray:
-        """int32 [vocab_size]: UTF-8 bytes each token adds to the decoded text (read-only); the
-        lengths of :meth:`piece_bytes`."""
-        return self._token_bytes
-
-    def __repr__(self) -> str:
-        return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"

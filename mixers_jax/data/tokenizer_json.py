@@ -15,21 +15,17 @@ The EOS (also the pad) is the first of :data:`EOS_NAMES` the vocabulary holds.
 from __future__ import annotations
 
 import json
-import logging
 import re
 from typing import Sequence
 
 import numpy as np
 import tokenizers
 
+from mixers_jax.data.token_table import TokenTable, check_unicode
 from mixers_jax.errors import UserError
-from mixers_jax.fileio import write_atomic
-
-_log = logging.getLogger(__name__)
 
 EOS_NAMES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "<|eot_id|>", "<|im_end|>")
 BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>")
-_PROBE = "  Hello,\tworld!  \u00e9\u4e2d 12\u2581x\r\n\n\x00 "
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
@@ -59,15 +55,7 @@ def looks_like_json(blob: bytes) -> bool:
     return blob.lstrip()[:1] == b"{"
 
 
-def check_unicode(text: str) -> None:
-    """UserError if ``text`` cannot be UTF-8 encoded (a lone surrogate); both tokenizers use it."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise UserError(f"text is not valid Unicode (lone surrogate at position {e.start})") from None
-
-
-class JsonTokenizer:
+class JsonTokenizer(TokenTable):
     """A ``tokenizer.json``; the same methods as the sentencepiece :class:`Tokenizer`."""
 
     def __init__(self, blob: bytes, *, name: str = "<memory>"):
@@ -92,7 +80,7 @@ class JsonTokenizer:
             spec.get("decoder"), "ByteLevel")
         chars = byte_level_chars()
         pieces = [b""] * self.vocab_size
-        self._byte_ids = np.full(256, -1, dtype=np.int64)
+        byte_ids = np.full(256, -1, dtype=np.int64)
         fallback = np.full(256, -1, dtype=np.int64)
         for piece, i in vocab.items():
             m = _BYTE_PIECE.match(piece)
@@ -105,23 +93,14 @@ class JsonTokenizer:
                 pieces[i] = bytes(chars[c] for c in piece)
             else:
                 pieces[i] = piece.replace("\u2581", " ").encode("utf-8")
-            if len(pieces[i]) == 1 and self._byte_ids[pieces[i][0]] < 0:
-                self._byte_ids[pieces[i][0]] = i
-        self._byte_ids = np.where(fallback >= 0, fallback, self._byte_ids)
-        if (self._byte_ids < 0).any():
+            if len(pieces[i]) == 1 and byte_ids[pieces[i][0]] < 0:
+                byte_ids[pieces[i][0]] = i
+        byte_ids = np.where(fallback >= 0, fallback, byte_ids)
+        if (byte_ids < 0).any():
             raise UserError(f"{name}: the tokenizer has no token for byte "
-                            f"0x{int(np.flatnonzero(self._byte_ids < 0)[0]):02X}, so some text "
+                            f"0x{int(np.flatnonzero(byte_ids < 0)[0]):02X}, so some text "
                             "cannot be encoded; use a byte-level or byte-fallback tokenizer")
-        self._byte_ids.setflags(write=False)
-        self._piece_bytes = tuple(pieces)
-        table = np.array([len(p) for p in pieces], dtype=np.int32)
-        table.setflags(write=False)
-        self._token_bytes = table
-        ids = self.encode(_PROBE)
-        self.exact = self.decode(ids) == _PROBE and int(table[ids].sum()) == len(_PROBE.encode())
-        if not self.exact:
-            _log.warning("%s: this tokenizer does not reproduce text exactly; bits per byte will "
-                         "be approximate", name)
+        self._set_tables(pieces, byte_ids)
 
     @classmethod
     def load(cls, path: str) -> "JsonTokenizer":
@@ -130,17 +109,6 @@ class JsonTokenizer:
                 return cls(f.read(), name=path)
         except OSError as e:
             raise UserError(f"cannot read tokenizer {path}: {e.strerror or e}") from None
-
-    def serialized(self) -> bytes:
-        """The tokenizer.json bytes (stored in checkpoints as the sentencepiece proto is)."""
-        return self._blob
-
-    def save(self, path: str) -> None:
-        write_atomic(path, self._blob)
-
-    @property
-    def pad_id(self) -> int:
-        return self.eos_id
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, no special tokens; UserError on a lone surrogate."""
@@ -163,15 +131,3 @@ class JsonTokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self._tok.id_to_token(int(i)) or ""
-
-    def piece_bytes(self) -> tuple[bytes, ...]:
-        return self._piece_bytes
-
-    def byte_token_ids(self) -> np.ndarray:
-        return self._byte_ids
-
-    def token_bytes(self) -> np.ndarray:
-        return self._token_bytes
-
-    def __repr__(self) -> str:
-        return f"JsonTokenizer(name={self.name!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"

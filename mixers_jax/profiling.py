@@ -215,11 +215,52 @@ def op_kind(name: str) -> str:
     return "other"
 
 
-def summarize_trace(trace_dir: str) -> dict[str, Any]:
+_HLO_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
+_HLO_INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%?([\w.\-]+) = (?:\([^=]*?\)|\S+) ([\w\-]+)\((.*)$")
+_COPY_OPS = {"copy", "transpose", "bitcast", "parameter", "tuple", "get-tuple-element"}
+
+
+def hlo_op_kinds(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> op kind for the instructions of a compiled module's text (``as_text()``).
+
+    A fusion takes the kind of what it computes: 'matmul' when its computation holds a dot or a
+    convolution (XLA:CPU also wraps reductions and elementwise work in its library fusions, so a
+    fusion's name says nothing), 'copy/transpose' when it only moves data, else 'fusion'; other
+    instructions are classified by their opcode (:func:`op_kind`)."""
+    bodies: dict[str, set[str]] = {}
+    rows: list[tuple[str, str, str]] = []
+    current = None
+    for line in hlo_text.splitlines():
+        head = _HLO_COMPUTATION.match(line)
+        if head and not line.startswith(" "):
+            current = head.group(1)
+            bodies[current] = set()
+            continue
+        inst = _HLO_INSTRUCTION.match(line)
+        if inst and current is not None:
+            name, opcode, rest = inst.groups()
+            bodies[current].add(opcode)
+            rows.append((name, opcode, rest))
+    kinds = {}
+    for name, opcode, rest in rows:
+        if opcode == "fusion":
+            called = re.search(r"calls=%?([\w.\-]+)", rest)
+            ops = bodies.get(called.group(1), set()) if called else set()
+            kinds[name] = ("matmul" if ops & {"dot", "convolution"} else
+                           "copy/transpose" if ops <= _COPY_OPS else "fusion")
+        else:
+            kinds[name] = op_kind(opcode)
+    return kinds
+
+
+def summarize_trace(trace_dir: str, op_kinds: dict[str, str] | None = None) -> dict[str, Any]:
     """Device time split by op kind, from the Perfetto JSON the profiler writes beside the xplane.
 
     Device events are those of processes named like '/device:GPU:0' or 'TPU:0'; when there are none
-    (CPU), the XLA op events of the host ('XLA Ops' threads) are used instead.
+    (CPU), the host's XLA op events are used: 'XLA Ops' threads, or, for a module compiled with
+    ``xla_cpu_enable_xprof_traceme`` (:func:`run_trace` does that on CPU), the events of the XLA
+    worker threads named like one of ``op_kinds``'s instructions (:func:`hlo_op_kinds`, which also
+    gives their kinds; the executor's enclosing events are not ops and are left out).
     """
     files = []
     for root, _, names in os.walk(trace_dir):
@@ -244,16 +285,23 @@ def summarize_trace(trace_dir: str) -> dict[str, Any]:
         source = "device"
     else:
         op_threads = {k for k, n in tnames.items() if "xla op" in n.lower()}
+        if op_kinds:
+            op_threads |= {k for k, n in tnames.items() if re.search(r"xla|eigen", n, re.I)}
         source = "host XLA ops"
     keep = lambda e: (e.get("pid"), e.get("tid")) in op_threads  # noqa: E731
     totals: dict[str, float] = defaultdict(float)
     for e in events:
         if e.get("ph") == "X" and "dur" in e and keep(e):
-            totals[op_kind(str(e.get("name", "")))] += float(e["dur"])
+            name = str(e.get("name", ""))
+            if op_kinds and not device_pids:
+                if name in op_kinds:
+                    totals[op_kinds[name]] += float(e["dur"])
+                continue
+            totals[(op_kinds or {}).get(name) or op_kind(name)] += float(e["dur"])
     total = sum(totals.values())
     if not total:
-        return {"source": source, "error": "the trace has no per-op events on this platform (the XLA "
-                "CPU runtime records none); the split by op kind needs a GPU or TPU"}
+        return {"source": source, "error": "the trace has no per-op events (on CPU they need a module "
+                "compiled with xla_cpu_enable_xprof_traceme, as --what=trace does)"}
     return {
         "source": source,
         "total_us": total,
@@ -276,8 +324,13 @@ def run_trace(config, steps, state_abstract, batch_abstract, out_dir: str, n_ste
         return {k: jax.device_put(v, batch_abstract[k].sharding) for k, v in local.items()}
 
     state = steps.init(jax.random.key(0))
+    train_step, op_kinds = steps.train_step, None
+    if jax.devices()[0].platform == "cpu":  # XLA:CPU records per-op events only when asked
+        train_step = steps.train_step.lower(state, batch()).compile(
+            compiler_options={"xla_cpu_enable_xprof_traceme": True})
+        op_kinds = hlo_op_kinds(train_step.as_text())
     for _ in range(2):
-        state, stats = steps.train_step(state, batch())
+        state, stats = train_step(state, batch())
     jax.block_until_ready(stats["loss"])
     batches = [batch() for _ in range(n_steps)]
     trace_dir = os.path.join(out_dir, "trace")
@@ -285,7 +338,7 @@ def run_trace(config, steps, state_abstract, batch_abstract, out_dir: str, n_ste
     t0 = time.perf_counter()
     for b in batches:
         with jax.profiler.StepTraceAnnotation("train", step_num=int(jax.device_get(state.step))):
-            state, stats = steps.train_step(state, b)
+            state, stats = train_step(state, b)
     jax.block_until_ready(stats["loss"])
     seconds = (time.perf_counter() - t0) / n_steps
     jax.profiler.stop_trace()
@@ -300,7 +353,7 @@ def run_trace(config, steps, state_abstract, batch_abstract, out_dir: str, n_ste
         "tokens_per_s": tokens / seconds,
         "analytic_flops_per_token": fpt,
         "mfu": flops_lib.mfu(fpt, tokens / seconds, peak_total),
-        "ops": summarize_trace(trace_dir),
+        "ops": summarize_trace(trace_dir, op_kinds),
     }
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from mixers_jax import profiling, trainer
@@ -126,6 +127,37 @@ def test_trace_on_cpu_times_steps_and_writes_a_tensorboard_profile(tmp_path):
     assert t["mfu"] is None  # no known peak for a CPU
     found = [f for _, _, fs in os.walk(t["trace_dir"]) for f in fs]
     assert any(f.endswith(".xplane.pb") for f in found), found
+    shares = t["ops"]["by_kind_share"]  # per-op events of the XLA:CPU worker threads
+    assert shares["matmul"] > 0 and shares["fusion"] > 0 and sum(shares.values()) == pytest.approx(1)
+
+
+def test_hlo_op_kinds_classify_fusions_by_what_they_compute():
+    def f(a, b):
+        return jnp.tanh(a @ b).T.copy() + 1.0, jnp.sum(jnp.exp(a), axis=0)
+
+    a = jnp.ones((64, 32), jnp.float32)
+    text = jax.jit(f).lower(a, a.T).compile().as_text()
+    kinds = profiling.hlo_op_kinds(text)
+    dots = [n for n, line in _instructions(text) if " dot(" in line or "dot" in _called_ops(text, line)]
+    assert dots and all(kinds[n] == "matmul" for n in dots)
+    assert "fusion" in kinds.values()  # the exp/sum and the tanh + 1 are no matmuls
+    assert set(kinds.values()) <= {"matmul", "fusion", "copy/transpose", "collective", "fft", "other"}
+
+
+def _instructions(text):
+    for line in text.splitlines():
+        head = line.strip().removeprefix("ROOT ")
+        if " = " in head and line.startswith("  "):
+            yield head.split(" = ")[0].lstrip("%"), line
+
+
+def _called_ops(text, line):
+    """The opcodes of the computation a fusion line calls (a plain reading of the HLO text)."""
+    if "calls=" not in line:
+        return ""
+    name = line.split("calls=")[1].split(",")[0].split()[0].lstrip("%")
+    body = text.split(f"{name} ", 1)[1].split("\n}", 1)[0] if f"{name} " in text else ""
+    return body
 
 
 def test_summarize_trace_splits_device_time_by_op_kind(tmp_path):

@@ -61,6 +61,9 @@ _CPU = dict(CPU, **{
     "model.encoder.n_layers": 2, "model.encoder.kernel": 4,
     "train.steps": 450, "train.batch_size": 32, "train.lr": 4e-3, "train.warmup_steps": 50,
     "train.eval_every": 225, "train.checkpoint_every": 225,
+    # Speed (README "Speed of the main job's step"): a decoder MLP of 2d instead of 4d, the copy
+    # pass reusing the clm pass's memories (the same loss up to rounding) and scanned blocks.
+    "model.decoder.mlp_ratio": 2, "train.combined_shared": True, "model.scan_layers": True,
 })
 # Kernel mixing is a mixer option: the transformer encoder takes k = 1.
 _TRANSFORMER = {"model.encoder.kind": "transformer", "model.decoder.kind": "transformer",
@@ -88,7 +91,7 @@ PRESETS_DICT = {
     "cpu": _CPU,
     "cpu_nomemory": dict(_CPU, **{"model.use_memory": False}),
     "cpu_clm": dict(_CPU, **{"train.objective": "clm"}),
-    "cpu_full_context": dict(_CPU, **{"model.kind": "mixer", "model.n_ctx": 64}),
+    "cpu_full_context": dict(_CPU, **{"model.kind": "mixer", "model.n_ctx": 64, "model.mlp_ratio": 2}),
     "cpu_transformer": dict(_CPU, **_TRANSFORMER),
     "cpu_rmt": dict(_CPU, **{"model.kind": "rmt"}),
     "cpu_curriculum": dict(_CPU, **{"train.stages": _curriculum(225, 225, 4e-3)}),
@@ -126,6 +129,8 @@ def pretrained_decoder(name: str, workdir: str) -> dict:
         "model.encoder.kind": "mixer", "model.memory_slots": "variable",
         "train.init_from": os.path.abspath(workdir), "train.init_map": "decoder=.",
         "train.frozen": "decoder", "train.frozen_encoder_embedding": "pretrained_frozen",
+        "model.decoder.mlp_ratio": 0,  # the Llama's own MLP width
+        "model.scan_layers": False,  # the decoder's parameter tree as imported (block_i/...)
     })
     if name == "pretrained_decoder_trainable":
         fields.update({"train.frozen": "", "train.lr": 1e-4})

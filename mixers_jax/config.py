@@ -92,7 +92,7 @@ model.position_channel  mixer only: True = before every block the last feature o
 model.kernel            token-mixing taps k of flat mixing (docs/masked_mixers.md#kernel-mixing; 1 = plain)
 model.causal            False: unmasked (bidirectional) mixing / attention, for encoders
 model.encoder, decoder  sub-models of composite kinds: kind 'mixer' | 'transformer', d_model,
-                        n_layers, mixing, heads, kernel, n_heads, causal; 0 / '' / -1 inherit the
+                        n_layers, mixing, heads, kernel, n_heads, mlp_ratio, causal; 0 / '' / -1 inherit the
                         top-level field (resolved by :func:`sub_model_config`). encoder.position: which position's hidden state is the
                         embedding (-1; -2 for encoders taken from causal LMs,
                         docs/autoencoders.md#embedding-position)
@@ -205,7 +205,7 @@ def input_length(model_cfg: Any) -> int:
 # Fields an encoder / decoder sub-config may set for itself, and the value that means "inherit the
 # top-level field" (None: only an absent key inherits; ``causal`` is always the role's own).
 SUB_MODEL_FIELDS = {"d_model": 0, "n_layers": 0, "mixing": "", "heads": -1, "kernel": 0,
-                    "n_heads": 0, "causal": None}
+                    "n_heads": 0, "mlp_ratio": 0, "causal": None}
 
 
 def _inherits(value: Any, sentinel: Any) -> bool:
@@ -217,7 +217,7 @@ def sub_model_config(model_cfg: Any, role: str, n_ctx: int | None = None) -> dic
 
     Inheritance is explicit: the result starts from every top-level (non-dict) model field; each
     field of :data:`SUB_MODEL_FIELDS` that ``model.<role>`` sets to something other than its
-    "inherit" value (0 for d_model / n_layers / kernel / n_heads, '' for mixing, -1 for heads;
+    "inherit" value (0 for d_model / n_layers / kernel / n_heads / mlp_ratio, '' for mixing, -1 for heads;
     an absent key always inherits) overrides it; ``kind`` is ``model.<role>.kind`` ('mixer' when
     absent); ``n_ctx`` (the sub-model's own length, e.g. n_ctx + s for a memory decoder) replaces
     the top-level one when given. Other role fields (e.g. encoder.position) are not copied. Configs
@@ -300,11 +300,11 @@ def base_config() -> ml_collections.ConfigDict:
             # decoder are each a mixer or a transformer; 0 / '' / -1 inherit the field above.
             encoder=ml_collections.ConfigDict(dict(
                 kind="mixer", d_model=0, n_layers=0, mixing="", heads=-1, kernel=0, n_heads=0,
-                causal=True, position=-1,
+                mlp_ratio=0, causal=True, position=-1,
             )),
             decoder=ml_collections.ConfigDict(dict(
                 kind="mixer", d_model=0, n_layers=0, mixing="", heads=-1, kernel=0, n_heads=0,
-                causal=True,
+                mlp_ratio=0, causal=True,
             )),
             compression=1,
             expansion="repeat",

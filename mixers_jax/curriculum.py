@@ -173,8 +173,52 @@ def merge_init_params(params: Any, source_params: Any, stage: Stage, source_name
     return out
 
 
+def _block_count(node: dict) -> int:
+    """L when ``node`` holds unscanned blocks ``block_0`` .. ``block_{L-1}``, else 0."""
+    count = 0
+    while isinstance(node, dict) and f"block_{count}" in node:
+        count += 1
+    return count
+
+
+def _stack(*leaves):
+    if isinstance(leaves[0], jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((len(leaves),) + tuple(leaves[0].shape), leaves[0].dtype)
+    return np.stack([np.asarray(x) for x in leaves])
+
+
+def _unstack(leaf, i: int):
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(tuple(leaf.shape[1:]), leaf.dtype)
+    return np.asarray(leaf)[i]
+
+
+def in_block_layout(tgt_node: dict, src_node: dict) -> dict:
+    """``src_node`` with its blocks in ``tgt_node``'s layout (``model.scan_layers``): unscanned
+    ``block_i/...`` leaves become one ``blocks/...`` leaf stacked along a leading layer axis, or a
+    stacked ``blocks/...`` leaf [L, ...] becomes ``block_0`` .. ``block_{L-1}``. So a run trained
+    with either layout loads into a model with the other (the same weights, layer for layer)."""
+    if not isinstance(src_node, dict) or not isinstance(tgt_node, dict):
+        return src_node
+    if "blocks" in tgt_node and "blocks" not in src_node and _block_count(src_node):
+        count = _block_count(src_node)
+        out = {k: v for k, v in src_node.items() if not k.startswith("block_")}
+        out["blocks"] = jax.tree.map(_stack, *[src_node[f"block_{i}"] for i in range(count)])
+        return out
+    if _block_count(tgt_node) and "block_0" not in src_node and "blocks" in src_node:
+        stacked = src_node["blocks"]
+        depth = _shape(jax.tree.leaves(stacked)[0])[0]
+        out = {k: v for k, v in src_node.items() if k != "blocks"}
+        for i in range(depth):
+            out[f"block_{i}"] = jax.tree.map(lambda leaf, i=i: _unstack(leaf, i), stacked)
+        return out
+    return src_node
+
+
 def _copy_leaves(tgt_node: dict, src_node: dict, prefix: str, skip: str | None, source: str) -> None:
-    """Copies every leaf of ``tgt_node`` from ``src_node`` in place, checking shapes."""
+    """Copies every leaf of ``tgt_node`` from ``src_node`` in place, checking shapes (blocks
+    converted between the scanned and unscanned layouts, :func:`in_block_layout`)."""
+    src_node = in_block_layout(tgt_node, src_node)
     for key in list(tgt_node):
         where = f"{prefix}/{key}"
         if where == skip:
@@ -188,7 +232,7 @@ def _copy_leaves(tgt_node: dict, src_node: dict, prefix: str, skip: str | None, 
             a, b = _shape(tgt_node[key]), _shape(src_node[key])
             if a != b:
                 raise UserError(f"init_from {source}: {where} has shape {a} here but {b} there "
-                                "(a different width, context or vocabulary)")
+                                "(a different width, depth, context or vocabulary)")
             value = src_node[key]
             tgt_node[key] = value if isinstance(value, jax.ShapeDtypeStruct) else np.asarray(value)
 

@@ -130,6 +130,8 @@ def _describe(m: dict) -> str:
             text += f" k{m.get('kernel')}"
     elif m.get("kind") == "transformer":
         text += f" H{m.get('n_heads')}"
+    if m.get("mlp_ratio") not in (None, 4):
+        text += f" r{m.get('mlp_ratio')}"
     return text
 
 

@@ -178,6 +178,28 @@ def test_cpu_curriculum_preset_end_to_end_at_smoke_size(tmp_path):
     assert out["final_step"] == 4 and not out["preempted"]
     assert set(out["evals"]) == {"clm", "blank_copy"}
     enc_ae, enc_mem = ae["params"]["encoder"], out["params"]["encoder"]
-    blocks = [k for k in enc_ae if k.startswith("block")]
-    assert blocks and all(_equal(enc_ae[k], enc_mem[k]) for k in blocks)  # frozen in both stages
+    assert config.model.scan_layers and "blocks" in enc_mem and "block_0" in enc_ae
+    loaded = curriculum.in_block_layout(enc_mem, enc_ae)  # the unscanned AE's blocks, stacked
+    assert _equal(loaded["blocks"], enc_mem["blocks"])  # frozen in both stages
     assert [line for line in open(f"{mem_dir}/log.txt") if "stage 2/2 'combined'" in line]
+
+
+def test_blocks_load_between_the_scanned_and_unscanned_layouts():
+    """init_from between model.scan_layers=True and False: block_i/... <-> blocks/...[i]."""
+    rng = np.random.default_rng(0)
+    unscanned = {"embed": {"embedding": rng.standard_normal((5, 3))},
+                 **{f"block_{i}": {"mix": {"w": rng.standard_normal((4, 4))},
+                                   "ffn": {"b": rng.standard_normal(3)}} for i in range(3)}}
+    scanned = {"embed": {"embedding": np.zeros((5, 3))},
+               "blocks": {"mix": {"w": np.zeros((3, 4, 4))}, "ffn": {"b": np.zeros((3, 3))}}}
+    stacked = curriculum.in_block_layout(scanned, unscanned)
+    assert set(stacked) == {"embed", "blocks"}
+    for i in range(3):
+        np.testing.assert_array_equal(stacked["blocks"]["mix"]["w"][i], unscanned[f"block_{i}"]["mix"]["w"])
+        np.testing.assert_array_equal(stacked["blocks"]["ffn"]["b"][i], unscanned[f"block_{i}"]["ffn"]["b"])
+    back = curriculum.in_block_layout(unscanned, stacked)
+    assert set(back) == set(unscanned) and _equal(back, unscanned)
+    assert curriculum.in_block_layout(unscanned, unscanned) is unscanned  # same layout: unchanged
+    shapes = curriculum.in_block_layout(
+        scanned, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), unscanned))
+    assert shapes["blocks"]["mix"]["w"].shape == (3, 4, 4)  # the shape-only check before loading

@@ -1,6 +1,7 @@
 """Counting the SPMD partitioner's "involuntary full rematerialization" warnings (compile_log.py)
-on 8 fake CPU devices: a deliberately bad sharding is counted, a good one (the tiny memory model's
-train step on 2x2x2) gives 0, and a count that cannot be known is None, not 0."""
+on 8 fake CPU devices: a deliberately bad sharding is counted, good ones (the tiny memory model's
+and embedding-augmented LM's train steps on 2x2x2) give 0, and a count that cannot be known is None,
+not 0."""
 import jax
 import jax.numpy as jnp
 import pytest
@@ -81,3 +82,29 @@ def test_the_tiny_memory_model_step_has_none_and_the_old_lookup_had_some(monkeyp
     log = _memory_step_log(vocab=336)
     assert log.involuntary_remats >= 2, log.text  # the lookup and its gradient's scatter
     assert any(op.startswith("gather ") for op in log.remat_operations()), log.text
+
+
+def _embedding_clm_step_log(vocab):
+    """The CompileLog of the tiny embedding-augmented LM's train step on 2x2x2 (one block per
+    stack; a vocabulary no other test uses, so that it is compiled here)."""
+    config = load_config(config_path("embedding_clm", "smoke"))
+    config.unlock()
+    config.model.vocab_size = vocab
+    config.model.n_layers = 1
+    config.model.encoder.n_layers = 1
+    config.lock()
+    steps, state, batch = profiling.setup(config, "2x2x2")
+    _, log = profiling.compile_logged(steps.train_step, state, batch)
+    assert log.counted
+    return log
+
+
+def test_the_bottleneck_reads_whole_kernels_and_leaves_no_remat(monkeypatch):
+    assert _embedding_clm_step_log(vocab=344).involuntary_remats == 0
+    # Its linears without the explicit kernel gather: the partitioner splits the compressed vector
+    # along its width to meet the width-split 'up' kernel, and can only do so by replicating it.
+    linear = layers.Linear
+    monkeypatch.setattr(layers, "Linear", lambda *a, gather_kernel=False, **k: linear(*a, **k))
+    log = _embedding_clm_step_log(vocab=352)
+    assert log.involuntary_remats >= 1, log.text
+    assert any(op.startswith("sharding_constraint") for op in log.remat_operations()), log.text

@@ -106,7 +106,7 @@ class Compress(nn.Module):
         if c > 1:
             k_init, b_init = layers.linear_inits(self.reference, d)
             z = layers.Linear((d // c,), ("embed", None), kernel_init=k_init, bias_init=b_init,
-                              dtype=self.dtype, name="down")(e_BxD)
+                              dtype=self.dtype, gather_kernel=True, name="down")(e_BxD)
         else:
             z = e_BxD
         z = quantize(z, self.quant)

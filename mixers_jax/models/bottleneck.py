@@ -79,14 +79,15 @@ class Bottleneck(nn.Module):
     def _linear(self, fan_in: int, width: int, name: str) -> layers.Linear:
         k_init, b_init = layers.linear_inits(self.reference, fan_in)
         return layers.Linear((width,), ("embed", None), kernel_init=k_init, bias_init=b_init,
-                             dtype=self.dtype, name=name)
+                             dtype=self.dtype, gather_kernel=True, name=name)
 
     @nn.compact
     def __call__(self, e_BxD: Array) -> Array:
         c, d = int(self.compression), int(self.d_in)
         # One vector per row, split along the batch like every activation: left free, the SPMD
         # partitioner splits these small [B, d] arrays along their width to meet the weights and
-        # can only get there by replicating them.
+        # can only get there by replicating them. The kernels are therefore read whole
+        # (``gather_kernel``: d·d/c numbers each, the all-gather FSDP does for every weight).
         e_BxD = nn.with_logical_constraint(e_BxD, ("batch", "act_embed"))
         z = self._linear(d, d // c, "down")(e_BxD) if c > 1 else e_BxD
         z = nn.with_logical_constraint(quantize(z, self.quant), ("batch", "act_embed"))

@@ -106,6 +106,11 @@ class Linear(nn.Module):
     The kernel has shape ``x.shape[-n_in:] + out_shape`` and logical names ``kernel_axes``; the
     bias has shape ``out_shape`` and the trailing ``len(out_shape)`` names (or ``bias_axes``).
     E.g. a headed projection d -> (H, d/H) has kernel ('embed', 'heads', 'head_dim').
+
+    ``gather_kernel`` reads the whole (replicated) kernel where it is used: the all-gather FSDP does
+    for every weight, made explicit, so that x keeps its batch-split rows; for the small [B, d]
+    vectors of the bottleneck, which the SPMD partitioner would otherwise split along the width to
+    meet a width-split kernel, a move it can only make by replicating them.
     """
 
     out_shape: Sequence[int]
@@ -118,6 +123,7 @@ class Linear(nn.Module):
     param_dtype: Dtype = jnp.float32
     bias_axes: Sequence[str] | None = None
     out_dtype: Dtype | None = None  # e.g. float32 for logits computed from bf16 operands
+    gather_kernel: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -129,6 +135,8 @@ class Linear(nn.Module):
             in_shape + out_shape,
             self.param_dtype,
         )
+        if self.gather_kernel:
+            kernel = nn.with_logical_constraint(kernel, (None,) * kernel.ndim)
         x = x.astype(self.dtype)
         kernel = kernel.astype(self.dtype)
         contract_x = tuple(range(x.ndim - self.n_in, x.ndim))

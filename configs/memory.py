@@ -11,10 +11,11 @@ byte and the copy / blank-copy token accuracy on the copied half (README "Memory
 
 Presets:
 * (none) = cpu: the main job: rows of 4 chunks x 16 tokens, V384, mixer encoder d128 L2 (4 heads,
-  k4), mixer decoder d256 L4 (4 heads), lr 4e-3, 450 steps x 32 rows.
-  --config.train.combined_shared=True: the copy pass reuses the clm pass's memories of chunks 0-1
-  and decodes chunks 2-3 only (the same loss and gradients up to float rounding, 20-30% less
-  CPU time per step; README "Speed of the main job's step").
+  k4), mixer decoder d256 L4 (4 heads, channel MLP 2d: model.decoder.mlp_ratio=2), lr 4e-3,
+  450 steps x 32 rows; scanned blocks (model.scan_layers) and train.combined_shared (the copy
+  pass reuses the clm pass's memories of chunks 0-1 and decodes chunks 2-3 only: the same loss
+  and gradients up to float rounding). Each step takes 0.44 of the time of the earlier preset's
+  (decoder MLP 4d, two full passes, unscanned blocks; README "Speed of the main job's step").
   cpu_nomemory: the same with every memory slot empty (the control). cpu_clm: the memory model
   trained on next-token loss only. cpu_full_context: a plain mixer over the whole s·n_ctx row.
   cpu_transformer: transformer encoder and decoder. cpu_rmt: the recurrent-memory (RMT-like) baseline.
@@ -27,8 +28,8 @@ Presets:
       python -m mixers_jax.train --config=configs/autoencoder.py:cpu_memory_encoder --workdir=runs/ae
       python -m mixers_jax.train --config=configs/memory.py:cpu_curriculum \
           --config.train.init_from=runs/ae --workdir=runs/mem_curriculum
-  reaches blank copy 54.7% (loss 1.626) after stage 1 and, at step 450, blank copy 65.9% (1.220),
-  clm loss 2.540 (accuracy 36.0%), copy 37.2% (2 cores shared, load high: 85 s + 13 min 18 s).
+  reaches blank copy 56.1% (loss 1.598) after stage 1 and, at step 450, blank copy 65.9% (1.232),
+  clm loss 2.583 (accuracy 35.1%), copy 36.8% (2 min 37 s on 2 cores, after the autoencoder's 72 s).
 * paper_mixer: encoder d512 k8 L16, decoder d1024 L16, 4 x 256 tokens, V8000, lr 5e-4, 200k steps,
   every block rematerialised with its matmul outputs kept (train.remat=matmuls_saved) so that
   batch 128 fits 80 GB devices on 8 of them.

@@ -6,7 +6,7 @@ import os
 import jax
 import pytest
 
-from mixers_jax import experiments, results_page, sweep_runner
+from mixers_jax import curriculum, experiments, results_page, sweep_runner
 from mixers_jax.config import load_config
 from mixers_jax.errors import Preempted
 from mixers_jax.experiments import EXPERIMENTS, Experiment
@@ -273,17 +273,28 @@ def test_command_dry_run_and_bad_names(tmp_path, capsys):
     assert "error: unknown experiment(s) nope" in capsys.readouterr().err
 
 
-def _abstract_params(config):
+def _abstract_structs(config):
     model = build_model(config.model)
     example = example_input(config.model)
     variables = jax.eval_shape(model.init, jax.random.key(0),
                                jax.ShapeDtypeStruct(example.shape, example.dtype))
-    return jax.tree.map(lambda x: x.shape, variables["params"])
+    return variables["params"]
+
+
+def _shapes(tree):
+    return jax.tree.map(lambda x: x.shape, tree)
+
+
+def _abstract_params(config):
+    return _shapes(_abstract_structs(config))
 
 
 def test_memory_probe_encoder_matches_the_memory_model():
-    """probe_memory loads memory_main's encoder: the same parameter shapes (checked abstractly)."""
+    """probe_memory loads memory_main's encoder: the same parameter shapes (checked abstractly),
+    the main job's scanned blocks stacked as the probe's unscanned ones (as init_from loads them)."""
     exp, source = experiments.BY_NAME["probe_memory"], experiments.BY_NAME["memory_main"]
     probe = _apply(load_config(os.path.join(REPO, exp.config)), [o for o in exp.overrides if "{" not in o])
     memory = load_config(os.path.join(REPO, source.config))
-    assert _abstract_params(probe)["encoder"] == _abstract_params(memory)["encoder"]
+    probe_enc, memory_enc = _abstract_structs(probe)["encoder"], _abstract_structs(memory)["encoder"]
+    assert "blocks" in memory_enc and "block_0" in probe_enc
+    assert _shapes(curriculum.in_block_layout(probe_enc, memory_enc)) == _shapes(probe_enc)

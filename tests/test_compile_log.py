@@ -56,15 +56,16 @@ def fn_mesh(args):
     return args[1].sharding.mesh
 
 
-def _memory_step_log(vocab):
-    """The CompileLog of the tiny memory model's train step on 2x2x2 (a vocabulary no other test
-    uses, so that it is compiled here and not read from the tests' cache), with one block per
-    stack: every block is the same code and shards the same way, so a second one only lengthens
-    the compile."""
-    config = load_config(config_path("memory", "smoke"))
+def _step_log(family, vocab):
+    """The CompileLog of the tiny ``family`` smoke model's train step on 2x2x2, with one block per
+    stack and a vocabulary no other test uses, so that it is compiled here and not read from the
+    tests' cache: every block is the same code and shards the same way, so a second one only
+    lengthens the compile."""
+    config = load_config(config_path(family, "smoke"))
     config.unlock()
     config.model.vocab_size = vocab
     config.model.n_layers = 1
+    config.model.encoder.n_layers = 1  # one encoder block too (a preset may set its own depth)
     config.lock()
     steps, state, batch = profiling.setup(config, "2x2x2")
     _, log = profiling.compile_logged(steps.train_step, state, batch)
@@ -73,38 +74,23 @@ def _memory_step_log(vocab):
 
 
 def test_the_tiny_memory_model_step_has_none_and_the_old_lookup_had_some(monkeypatch):
-    assert _memory_step_log(vocab=328).involuntary_remats == 0
+    assert _step_log("memory", vocab=328).involuntary_remats == 0
 
     def width_split_lookup(self, tokens_BxN):  # the lookup before the fix: no constraint
         return jnp.take(self.embedding, tokens_BxN, axis=0).astype(self.dtype)
 
     monkeypatch.setattr(layers.Embed, "__call__", width_split_lookup)
-    log = _memory_step_log(vocab=336)
+    log = _step_log("memory", vocab=336)
     assert log.involuntary_remats >= 2, log.text  # the lookup and its gradient's scatter
     assert any(op.startswith("gather ") for op in log.remat_operations()), log.text
 
 
-def _embedding_clm_step_log(vocab):
-    """The CompileLog of the tiny embedding-augmented LM's train step on 2x2x2 (one block per
-    stack; a vocabulary no other test uses, so that it is compiled here)."""
-    config = load_config(config_path("embedding_clm", "smoke"))
-    config.unlock()
-    config.model.vocab_size = vocab
-    config.model.n_layers = 1
-    config.model.encoder.n_layers = 1
-    config.lock()
-    steps, state, batch = profiling.setup(config, "2x2x2")
-    _, log = profiling.compile_logged(steps.train_step, state, batch)
-    assert log.counted
-    return log
-
-
 def test_the_bottleneck_reads_whole_kernels_and_leaves_no_remat(monkeypatch):
-    assert _embedding_clm_step_log(vocab=344).involuntary_remats == 0
+    assert _step_log("embedding_clm", vocab=344).involuntary_remats == 0
     # Its linears without the explicit kernel gather: the partitioner splits the compressed vector
     # along its width to meet the width-split 'up' kernel, and can only do so by replicating it.
     linear = layers.Linear
     monkeypatch.setattr(layers, "Linear", lambda *a, gather_kernel=False, **k: linear(*a, **k))
-    log = _embedding_clm_step_log(vocab=352)
+    log = _step_log("embedding_clm", vocab=352)
     assert log.involuntary_remats >= 1, log.text
     assert any(op.startswith("sharding_constraint") for op in log.remat_operations()), log.text

@@ -24,9 +24,10 @@ wall time.
   ``--new_tokens`` greedy tokens from a one-token prompt) and memory (the compiled generation's XLA
   memory analysis, and the bytes of the carried cache/state) of a structured recurrent mixer
   (mixed heads, SRM block) generating ``recurrent`` (O(d) state), ``cached`` (mixing inputs) and
-  ``full`` (parallel forward per token), and of the transformer with a KV cache at the same width
-  and depth, for each n_ctx in ``--gen_contexts`` and batch in ``--gen_batches``. Cases:
-  srm_recurrent, srm_cached, srm_full, transformer_cached.
+  ``full`` (parallel forward per token), of the flat masked mixer (``cached``) and of the
+  transformer with a KV cache at the same width and depth, for each n_ctx in ``--gen_contexts`` and
+  batch in ``--gen_batches``. Cases: srm_recurrent, srm_cached, srm_full, mixer_cached,
+  transformer_cached.
 * ``remat``: one optimizer step of the flat mixer and the transformer under each
   rematerialisation policy (``train.remat``: none, block, matmuls_saved): step time, its ratio to
   'none' in the same run, and the compiled step's temporaries (activations) per device.
@@ -428,6 +429,7 @@ GEN_CASES = {
     "srm_recurrent": (dict(kind="mixer", mixing="mixed", block="srm"), "recurrent"),
     "srm_cached": (dict(kind="mixer", mixing="mixed", block="srm"), "cached"),
     "srm_full": (dict(kind="mixer", mixing="mixed", block="srm"), "full"),
+    "mixer_cached": (dict(kind="mixer"), "cached"),  # the flat masked mixer
     "transformer_cached": (dict(kind="transformer"), "cached"),
 }
 

@@ -162,6 +162,20 @@ def test_srm_parallel_matches_loops(kind, lam):
     np.testing.assert_allclose(np.asarray(y), _loop_srm(v, lam, c, x, kind == "col", n), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch", [1, 3])  # the einsum form at B = 1, the broadcast sum from 2
+@pytest.mark.parametrize("headed", [False, True])
+def test_cached_mix_step_is_the_row_times_the_cache(batch, headed):
+    rng = np.random.default_rng(batch)
+    n, h, k = 6, 2, 3
+    row = rng.standard_normal((h, n) if headed else (n,)).astype(np.float32)
+    cache = rng.standard_normal((batch, n, h, k) if headed else (batch, n, h * k)).astype(np.float32)
+    want = np.zeros((batch, h, k) if headed else (batch, h * k), np.float32)
+    for j in range(n):  # Σ_j row_j cache_j, one head's row per head
+        want += (row[:, j][None, :, None] if headed else row[j]) * cache[:, j]
+    got = jax.jit(mixing_math.cached_mix_step)(jnp.asarray(row), jnp.asarray(cache))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
 def test_mixed_heads_are_half_column_half_row():
     is_col = np.asarray(mixing_math.srm_is_col("mixed", 4))
     np.testing.assert_array_equal(is_col, [True, True, False, False])

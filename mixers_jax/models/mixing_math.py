@@ -326,9 +326,17 @@ def toeplitz_matrix_row(v_xN: Array, pos: Array) -> Array:
 def cached_mix_step(row_xN: Array, cache: Array) -> Array:
     """Σ_j row_j cache_j: cache [B, n, d] with row [n], or cache [B, n, H, K] with row [H, n].
 
-    A broadcast product summed over j, not an einsum: XLA:CPU lowers the einsum to a dot that first
-    transposes the whole cache (j last) at every step, about 10x slower at a batch of 64."""
+    The same sum in two forms, chosen by the (static) batch: from B = 2 on a broadcast product summed
+    over j, because XLA:CPU lowers the einsum to a dot that first transposes the whole cache (j
+    last) at every step; at B = 1 the einsum, because there the broadcast sum becomes a reduction
+    over the major axis of [n, d] that XLA:CPU runs far slower than the dot. Cached generation at
+    n_ctx 512, d256 L4 (docs/mixing_performance.md#cached-steps): einsum / broadcast tokens/s 15x
+    at B = 1, 0.5x at B = 64."""
     row = row_xN.astype(cache.dtype)
+    if cache.shape[0] == 1:
+        if cache.ndim == 3:
+            return jnp.einsum("j,bjd->bd", row, cache)
+        return jnp.einsum("hj,bjhk->bhk", row, cache)
     if cache.ndim == 3:
         return jnp.sum(row[None, :, None] * cache, axis=1)
     return jnp.sum(row.T[None, :, :, None] * cache, axis=1)

@@ -12,9 +12,9 @@ byte and the copy / blank-copy token accuracy on the copied half (README "Memory
 Presets:
 * (none) = cpu: the main job: rows of 4 chunks x 16 tokens, V384, mixer encoder d128 L2 (4 heads,
   k4), mixer decoder d256 L4 (4 heads, channel MLP 2d: model.decoder.mlp_ratio=2), lr 4e-3,
-  450 steps x 32 rows; scanned blocks (model.scan_layers) and train.combined_shared (the copy
+  600 steps x 32 rows; scanned blocks (model.scan_layers) and train.combined_shared (the copy
   pass reuses the clm pass's memories of chunks 0-1 and decodes chunks 2-3 only: the same loss
-  and gradients up to float rounding). Each step takes 0.44 of the time of the earlier preset's
+  and gradients up to float rounding). Each step takes 0.45 of the time of the earlier preset's
   (decoder MLP 4d, two full passes, unscanned blocks; README "Speed of the main job's step").
   cpu_nomemory: the same with every memory slot empty (the control). cpu_clm: the memory model
   trained on next-token loss only. cpu_full_context: a plain mixer over the whole s·n_ctx row.
@@ -28,8 +28,9 @@ Presets:
       python -m mixers_jax.train --config=configs/autoencoder.py:cpu_memory_encoder --workdir=runs/ae
       python -m mixers_jax.train --config=configs/memory.py:cpu_curriculum \
           --config.train.init_from=runs/ae --workdir=runs/mem_curriculum
-  reaches blank copy 56.1% (loss 1.598) after stage 1 and, at step 450, blank copy 65.9% (1.232),
-  clm loss 2.583 (accuracy 35.1%), copy 36.8% (2 min 37 s on 2 cores, after the autoencoder's 72 s).
+  (300 + 300 steps) reaches blank copy 65.4% (loss 1.211) after stage 1 and, at step 600, blank
+  copy 70.9% (1.034), clm loss 2.442 (accuracy 38.2%), copy 40.3% (2 min 45 s on 2 cores, after
+  the autoencoder's 72 s).
 * paper_mixer: encoder d512 k8 L16, decoder d1024 L16, 4 x 256 tokens, V8000, lr 5e-4, 200k steps,
   every block rematerialised with its matmul outputs kept (train.remat=matmuls_saved) so that
   batch 128 fits 80 GB devices on 8 of them.
@@ -41,10 +42,10 @@ Give the data with --config.data.source=... for the paper presets.
   shape (and vocabulary, tokenizer) are read from DIR/config.json, its parameters loaded from DIR
   (train.init_from, init_map decoder=.) and frozen with its embedding; the mixer encoder (d128 L2)
   and the memory bridge d128 -> d_decoder are trained, with variable memory slots (no fill vectors
-  before the pretrained decoder's tokens), at the cpu sizes (4 chunks x 16 tokens, 450 steps).
+  before the pretrained decoder's tokens), at the cpu sizes (4 chunks x 16 tokens, 600 steps).
   pretrained_decoder_trainable=DIR: the same with the decoder trained too (lr 1e-4).
-  pretrained_decoder_curriculum=DIR: the curriculum from it: 225 steps with the decoder frozen,
-  then 225 with everything trained (lr 1e-4).
+  pretrained_decoder_curriculum=DIR: the curriculum from it: 300 steps with the decoder frozen,
+  then 300 with everything trained (lr 1e-4).
 """
 import json
 import os
@@ -60,8 +61,8 @@ _CPU = dict(CPU, **{
     "model.vocab_size": 384, "model.n_ctx": 16, "model.chunks": 4, "model.d_model": 256,
     "model.n_layers": 4, "model.heads": 4, "model.n_heads": 4, "model.encoder.d_model": 128,
     "model.encoder.n_layers": 2, "model.encoder.kernel": 4,
-    "train.steps": 450, "train.batch_size": 32, "train.lr": 4e-3, "train.warmup_steps": 50,
-    "train.eval_every": 225, "train.checkpoint_every": 225,
+    "train.steps": 600, "train.batch_size": 32, "train.lr": 4e-3, "train.warmup_steps": 50,
+    "train.eval_every": 300, "train.checkpoint_every": 300,
     # Speed (README "Speed of the main job's step"): a decoder MLP of 2d instead of 4d, the copy
     # pass reusing the clm pass's memories (the same loss up to rounding) and scanned blocks.
     "model.decoder.mlp_ratio": 2, "train.combined_shared": True, "model.scan_layers": True,
@@ -95,7 +96,7 @@ PRESETS_DICT = {
     "cpu_full_context": dict(_CPU, **{"model.kind": "mixer", "model.n_ctx": 64, "model.mlp_ratio": 2}),
     "cpu_transformer": dict(_CPU, **_TRANSFORMER),
     "cpu_rmt": dict(_CPU, **{"model.kind": "rmt"}),
-    "cpu_curriculum": dict(_CPU, **{"train.stages": _curriculum(225, 225, 4e-3)}),
+    "cpu_curriculum": dict(_CPU, **{"train.stages": _curriculum(300, 300, 4e-3)}),
     # Rematerialisation, matmul outputs kept: 93 -> 25 GiB per device on 8 devices at batch 128
     # (README "Profiling and ahead-of-time checks").
     "paper_mixer": _paper("mixer", 512, 1024, 5e-4, 128, 200_000,
@@ -137,8 +138,8 @@ def pretrained_decoder(name: str, workdir: str) -> dict:
         fields.update({"train.frozen": "", "train.lr": 1e-4})
     elif name == "pretrained_decoder_curriculum":
         fields["train.stages"] = (
-            {"name": "frozen_decoder", "objective": "combined", "steps": 225, "frozen": "decoder"},
-            {"name": "joint", "objective": "combined", "steps": 225, "frozen": "",
+            {"name": "frozen_decoder", "objective": "combined", "steps": 300, "frozen": "decoder"},
+            {"name": "joint", "objective": "combined", "steps": 300, "frozen": "",
              "init_from": "", "lr": 1e-4})
     return fields
 

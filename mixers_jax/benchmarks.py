@@ -439,14 +439,14 @@ def _time_generation(gen: Generator, batch: int, steps: int, s: Settings) -> dic
     compile time, the compiled scan's memory and the bytes of the carried cache (0 for 'full')."""
     prompts = [[3]] * batch
     t0 = time.perf_counter()
-    compiled = gen.advance.lower(gen.start(prompts), steps).compile()
+    compiled = gen.lower_advance(gen.start(prompts), steps).compile()
     compile_s = time.perf_counter() - t0
     state_bytes = (sum(x.size * x.dtype.itemsize
                        for x in jax.tree.leaves(gen.model.init_cache(batch, gen.mode)))
                    if gen.mode != "full" else 0)
 
     def once():
-        return compiled(gen.start(prompts))["tokens"]
+        return compiled(gen.start(prompts), gen.params)["tokens"]
 
     wall = _median_time(once, s.steps)
     rec = {"new_tokens": steps, "tokens_per_s": batch * steps / wall, "s_per_token": wall / steps,

@@ -62,11 +62,13 @@ _CPU = dict(CPU, **{
     "model.n_layers": 4, "model.heads": 4, "model.n_heads": 4, "model.encoder.d_model": 128,
     "model.encoder.n_layers": 2, "model.encoder.kernel": 4,
     "train.steps": 600, "train.batch_size": 32, "train.lr": 4e-3, "train.warmup_steps": 50,
-    "train.eval_every": 300, "train.checkpoint_every": 300,
     # Speed (README "Speed of the main job's step"): a decoder MLP of 2d instead of 4d, the copy
     # pass reusing the clm pass's memories (the same loss up to rounding) and scanned blocks.
     "model.decoder.mlp_ratio": 2, "train.combined_shared": True, "model.scan_layers": True,
 })
+# Half the CPU budget: the evaluation / checkpoint interval and each curriculum stage's length.
+_HALF = _CPU["train.steps"] // 2
+_CPU.update({"train.eval_every": _HALF, "train.checkpoint_every": _HALF})
 # Kernel mixing is a mixer option: the transformer encoder takes k = 1.
 _TRANSFORMER = {"model.encoder.kind": "transformer", "model.decoder.kind": "transformer",
                 "model.encoder.kernel": 1, "train.lr": 5e-4}
@@ -96,7 +98,7 @@ PRESETS_DICT = {
     "cpu_full_context": dict(_CPU, **{"model.kind": "mixer", "model.n_ctx": 64, "model.mlp_ratio": 2}),
     "cpu_transformer": dict(_CPU, **_TRANSFORMER),
     "cpu_rmt": dict(_CPU, **{"model.kind": "rmt"}),
-    "cpu_curriculum": dict(_CPU, **{"train.stages": _curriculum(300, 300, 4e-3)}),
+    "cpu_curriculum": dict(_CPU, **{"train.stages": _curriculum(_HALF, _HALF, 4e-3)}),
     # Rematerialisation, matmul outputs kept: 93 -> 25 GiB per device on 8 devices at batch 128
     # (README "Profiling and ahead-of-time checks").
     "paper_mixer": _paper("mixer", 512, 1024, 5e-4, 128, 200_000,
@@ -138,8 +140,8 @@ def pretrained_decoder(name: str, workdir: str) -> dict:
         fields.update({"train.frozen": "", "train.lr": 1e-4})
     elif name == "pretrained_decoder_curriculum":
         fields["train.stages"] = (
-            {"name": "frozen_decoder", "objective": "combined", "steps": 300, "frozen": "decoder"},
-            {"name": "joint", "objective": "combined", "steps": 300, "frozen": "",
+            {"name": "frozen_decoder", "objective": "combined", "steps": _HALF, "frozen": "decoder"},
+            {"name": "joint", "objective": "combined", "steps": _HALF, "frozen": "",
              "init_from": "", "lr": 1e-4})
     return fields
 
